@@ -1,0 +1,188 @@
+//! Test harness: one private PostgreSQL cluster per test binary, a template database with
+//! the legacy table and every migration applied, and a fresh database per test.
+//!
+//! The cluster lives in a static for the whole binary; `localpg`'s watchdog stops and
+//! removes it when the process ends, even after a panic.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use cutover::{connect, fixture, localpg::LocalPg, migrate};
+use tokio_postgres::{Client, Config};
+
+const TEMPLATE: &str = "cutover_template";
+
+static CLUSTER: OnceLock<LocalPg> = OnceLock::new();
+static TEMPLATE_READY: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+static NEXT_DB: AtomicUsize = AtomicUsize::new(0);
+
+/// The binary's cluster, started on first use.
+pub fn cluster() -> &'static LocalPg {
+    CLUSTER.get_or_init(|| LocalPg::start().unwrap_or_else(|e| panic!("test cluster: {e}")))
+}
+
+/// A database of the test cluster.
+pub struct TestDb {
+    pub name: String,
+}
+
+impl TestDb {
+    pub fn config(&self) -> Config {
+        cluster().config(&self.name)
+    }
+
+    pub fn url(&self) -> String {
+        cluster().url(&self.name)
+    }
+
+    pub async fn client(&self) -> Client {
+        connect::connect(&self.config())
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.name))
+    }
+}
+
+/// A superuser connection to the cluster's `postgres` database.
+pub async fn admin() -> Client {
+    connect::connect(&cluster().config("postgres"))
+        .await
+        .expect("connect to the test cluster")
+}
+
+async fn create_db(template: &str) -> TestDb {
+    let name = format!(
+        "test_{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::Relaxed)
+    );
+    admin()
+        .await
+        .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+        .await
+        .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+    TestDb { name }
+}
+
+/// A new database with nothing in it.
+pub async fn empty_db() -> TestDb {
+    create_db("template0").await
+}
+
+/// A new database with the legacy table (empty) and every migration applied.
+pub async fn migrated_db() -> TestDb {
+    TEMPLATE_READY
+        .get_or_init(|| async {
+            admin()
+                .await
+                .batch_execute(&format!("CREATE DATABASE {TEMPLATE}"))
+                .await
+                .expect("create the template database");
+            let config = cluster().config(TEMPLATE);
+            {
+                let client = connect::connect(&config)
+                    .await
+                    .expect("connect to template");
+                fixture::create_legacy_table(&client)
+                    .await
+                    .expect("create the legacy table");
+            }
+            migrate::run(&config, &migrate::MigrationSet::embedded(), false)
+                .await
+                .expect("migrate the template database");
+        })
+        .await;
+    create_db(TEMPLATE).await
+}
+
+/// A copy of the server installation without one extension's files, for the tests of
+/// what happens when an extension is missing. Mirrors the bin, lib and share directories'
+/// absolute layout under a temporary root, so the server finds its files relative to
+/// itself as it does in the real installation.
+pub struct InstallWithout {
+    pub root: tempfile::TempDir,
+    pub bindir: PathBuf,
+}
+
+pub fn install_without_extension(extension: &str) -> InstallWithout {
+    let pg_config = |flag: &str| -> PathBuf {
+        let out = Command::new(cluster().bindir().join("pg_config"))
+            .arg(flag)
+            .output()
+            .or_else(|_| Command::new("pg_config").arg(flag).output())
+            .expect("pg_config runs");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    };
+    let (bindir, sharedir, pkglibdir) = (
+        cluster().bindir().to_owned(),
+        pg_config("--sharedir"),
+        pg_config("--pkglibdir"),
+    );
+    let root = tempfile::Builder::new()
+        .prefix("cutover-pginstall-")
+        .tempdir()
+        .expect("temp dir");
+    let under = |p: &Path| {
+        root.path()
+            .join(p.strip_prefix("/").expect("absolute path"))
+    };
+
+    let new_bin = under(&bindir);
+    std::fs::create_dir_all(&new_bin).unwrap();
+    for exe in ["postgres", "initdb", "pg_ctl"] {
+        // A copy, not a symlink: the server resolves symlinks to find its own location.
+        std::fs::copy(bindir.join(exe), new_bin.join(exe)).unwrap();
+    }
+    let new_lib = under(&pkglibdir);
+    if !new_lib.exists() {
+        std::fs::create_dir_all(new_lib.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&pkglibdir, &new_lib).unwrap();
+    }
+    let new_share = under(&sharedir);
+    std::fs::create_dir_all(new_share.parent().unwrap()).unwrap();
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(&sharedir)
+        .arg(&new_share)
+        .status()
+        .unwrap();
+    assert!(status.success(), "copy {}", sharedir.display());
+    for entry in std::fs::read_dir(new_share.join("extension")).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == format!("{extension}.control") || name.starts_with(&format!("{extension}--")) {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+    // The server runs as the postgres user when the tests run as root.
+    Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(root.path())
+        .status()
+        .unwrap();
+    InstallWithout {
+        root,
+        bindir: new_bin,
+    }
+}
+
+/// Runs the `cutover` binary; returns (exit code, stdout, stderr).
+pub fn cutover(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cutover"));
+    cmd.args(args).env_remove("DATABASE_URL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run cutover");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
