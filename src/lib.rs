@@ -9,6 +9,16 @@
 //!
 //! What exists today, in the order the work flows:
 //!
+//! - [`listener`]: accepts clients, answers SSL/GSS/cancel negotiation, enforces the client
+//!   limit, owns start and graceful shutdown; [`tls`] terminates TLS.
+//! - [`session`]: one client session — upstream connection with the client's own startup,
+//!   then the frame relay ([`session::relay`]) where the stages plug in.
+//! - [`classify`]: the cheap pre-check that leaves statements not on the legacy table
+//!   unparsed.
+//! - [`upstream`]: connections to PostgreSQL; [`cancel`]: the proxy's cancel keys.
+//! - [`wire`]: the frame codec (no I/O).
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`metrics`]: every metric, in one place.
+//! - [`config`]: `cutover serve` configuration (TOML file + flags).
 //! - [`connect`]: reaching a PostgreSQL server from a URL, with errors an operator can act on.
 //! - [`migrate`]: `cutover migrate` (the recorded, checksummed migrations of `migrations/`)
 //!   and the seed's integrity checks of the `fature_v2` tree.
@@ -17,7 +27,17 @@
 //! - [`localpg`]: a private, throwaway PostgreSQL cluster started from the system binaries
 //!   (tests and the demo).
 
+pub mod admin;
+pub mod cancel;
+pub mod classify;
+pub mod config;
 pub mod connect;
 pub mod fixture;
+pub mod listener;
 pub mod localpg;
+pub mod metrics;
 pub mod migrate;
+pub mod session;
+pub mod tls;
+pub mod upstream;
+pub mod wire;

@@ -48,6 +48,9 @@ pub struct Options {
     /// Server binaries to use instead of the system's (a test builds an installation
     /// without `ltree` this way).
     pub bindir: Option<PathBuf>,
+    /// `pg_hba.conf` lines placed before the default trust rules (e.g. to require md5 or
+    /// SCRAM from some roles).
+    pub hba: Vec<String>,
 }
 
 /// A running private cluster. Stopped and removed on drop.
@@ -89,7 +92,7 @@ impl LocalPg {
             run_as,
         };
         pg.spawn_watchdog()?;
-        pg.initdb(&options.settings)?;
+        pg.initdb(&options.settings, &options.hba)?;
         pg.start_server()?;
         Ok(pg)
     }
@@ -167,7 +170,7 @@ impl LocalPg {
         Err(LocalPgError::Step { step, detail })
     }
 
-    fn initdb(&self, settings: &[(String, String)]) -> Result<(), LocalPgError> {
+    fn initdb(&self, settings: &[(String, String)], hba: &[String]) -> Result<(), LocalPgError> {
         let mut cmd = self.command("initdb");
         cmd.arg("-D")
             .arg(self.data_dir())
@@ -193,6 +196,12 @@ impl LocalPg {
         let mut existing = fs::read_to_string(&path)?;
         existing.push_str(&conf);
         fs::write(&path, existing)?;
+
+        let mut rules = hba.join("\n");
+        rules.push_str(
+            "\nlocal all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n",
+        );
+        fs::write(self.data_dir().join("pg_hba.conf"), rules)?;
         Ok(())
     }
 

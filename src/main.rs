@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use cutover::{connect, migrate};
+use cutover::{config::FileConfig, connect, listener, migrate};
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +18,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the proxy: applications connect to --listen as they would to PostgreSQL; each
+    /// session gets its own upstream connection, authenticated with the client's own
+    /// credentials. SIGTERM stops accepting, lets sessions finish for the grace period,
+    /// then closes them with 57P01.
+    Serve(ServeArgs),
     /// Apply the migrations (fature_v2 schema, cutover state) in order, each in a
     /// transaction, recorded in cutover.schema_migrations with a checksum.
     ///
@@ -35,6 +40,43 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file; the flags below override its values.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address for applications [default: 127.0.0.1:6432]
+    #[arg(long, value_name = "IP:PORT")]
+    listen: Option<String>,
+    /// PostgreSQL with the legacy table and fature_v2: postgres://[USER[:PASSWORD]@]HOST[:PORT]/DB.
+    /// Its user and password are only for the proxy's own connections.
+    #[arg(
+        long,
+        env = "CUTOVER_UPSTREAM",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    upstream: Option<String>,
+    /// Address of /metrics, /healthz and /readyz, or "off" [default: 127.0.0.1:9187]
+    #[arg(long, value_name = "IP:PORT")]
+    admin: Option<String>,
+    /// Client connections served at once; the next gets FATAL 53300 [default: 1000]
+    #[arg(long, value_name = "N")]
+    max_client_connections: Option<usize>,
+    /// Largest message accepted from a client, in bytes [default: 1 GiB]
+    #[arg(long, value_name = "BYTES")]
+    max_message_bytes: Option<usize>,
+    /// Seconds sessions may go on after SIGTERM before they are closed [default: 30]
+    #[arg(long, value_name = "SECONDS")]
+    shutdown_grace: Option<u64>,
+    /// PEM certificate for TLS to clients (with --tls-key)
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS to clients (with --tls-cert)
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -65,6 +107,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Serve(args) => serve(args).await,
         Command::Migrate {
             database_url,
             migrations_dir,
@@ -80,4 +123,49 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let file = match &args.config {
+        Some(path) => FileConfig::from_toml(path)?,
+        None => FileConfig::default(),
+    };
+    let flags = FileConfig {
+        listen: args.listen,
+        upstream: args.upstream,
+        admin: args.admin,
+        max_client_connections: args.max_client_connections,
+        max_message_bytes: args.max_message_bytes,
+        shutdown_grace_seconds: args.shutdown_grace,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+    };
+    let config = file.overridden_by(flags).validate()?;
+    let running = listener::start(config).await?;
+    eprintln!(
+        "cutover: listening on {}{}",
+        running.addr,
+        running
+            .admin_addr
+            .map(|a| format!(", admin on http://{a}"))
+            .unwrap_or_default()
+    );
+    let token = running.shutdown_token();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("cutover: shutting down");
+        token.cancel();
+    });
+    running.wait().await;
+    Ok(ExitCode::SUCCESS)
 }

@@ -14,7 +14,13 @@ use std::{
     },
 };
 
-use cutover::{connect, fixture, localpg::LocalPg, migrate};
+use cutover::{
+    config::FileConfig,
+    connect, fixture,
+    listener::{self, Running},
+    localpg::{LocalPg, Options},
+    migrate,
+};
 use tokio_postgres::{Client, Config};
 
 const TEMPLATE: &str = "cutover_template";
@@ -23,9 +29,59 @@ static CLUSTER: OnceLock<LocalPg> = OnceLock::new();
 static TEMPLATE_READY: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
 static NEXT_DB: AtomicUsize = AtomicUsize::new(0);
 
+/// Roles that must authenticate with a password, by method: (role, password, method).
+/// Every other role is trusted.
+pub const PASSWORD_ROLES: &[(&str, &str, &str)] = &[
+    ("md5_user", "md5-secret", "md5"),
+    ("scram_user", "scram-secret", "scram-sha-256"),
+    ("clear_user", "clear-secret", "password"),
+];
+
 /// The binary's cluster, started on first use.
 pub fn cluster() -> &'static LocalPg {
-    CLUSTER.get_or_init(|| LocalPg::start().unwrap_or_else(|e| panic!("test cluster: {e}")))
+    CLUSTER.get_or_init(|| {
+        let hba = PASSWORD_ROLES
+            .iter()
+            .map(|(role, _, method)| format!("host all {role} 127.0.0.1/32 {method}"))
+            .collect();
+        let pg = LocalPg::start_with(Options {
+            hba,
+            ..Options::default()
+        })
+        .unwrap_or_else(|e| panic!("test cluster: {e}"));
+        let mut sql = String::new();
+        for (role, password, method) in PASSWORD_ROLES {
+            let encryption = if *method == "md5" {
+                "md5"
+            } else {
+                "scram-sha-256"
+            };
+            sql.push_str(&format!(
+                "SET password_encryption = '{encryption}'; \
+                 CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}';\n"
+            ));
+        }
+        let psql = pg.bindir().join("psql");
+        let out = Command::new(psql)
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &pg.url("postgres"),
+                "-c",
+                &sql,
+            ])
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "create roles: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg
+    })
 }
 
 /// A database of the test cluster.
@@ -185,4 +241,109 @@ pub fn cutover(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A proxy started in-process in front of the test cluster.
+pub struct Proxy {
+    pub running: Option<Running>,
+    pub addr: std::net::SocketAddr,
+    pub admin: Option<std::net::SocketAddr>,
+}
+
+impl Proxy {
+    /// A URL for `dbname` through the proxy, as `user` (no password).
+    pub fn url_as(&self, user: &str, dbname: &str) -> String {
+        format!("postgres://{user}@127.0.0.1:{}/{dbname}", self.addr.port())
+    }
+
+    pub fn url(&self, dbname: &str) -> String {
+        self.url_as(cutover::localpg::SUPERUSER, dbname)
+    }
+
+    pub fn config(&self, dbname: &str) -> Config {
+        let mut config = Config::new();
+        config
+            .host("127.0.0.1")
+            .port(self.addr.port())
+            .user(cutover::localpg::SUPERUSER)
+            .dbname(dbname);
+        config
+    }
+
+    pub async fn client(&self, dbname: &str) -> Client {
+        connect::connect(&self.config(dbname))
+            .await
+            .unwrap_or_else(|e| panic!("connect through the proxy: {e}"))
+    }
+
+    /// Scrapes /metrics.
+    pub async fn metrics(&self) -> String {
+        let admin = self.admin.expect("admin endpoint enabled");
+        http_get(admin, "/metrics").await.1
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+/// Starts a proxy with default settings (admin endpoint on a free port).
+pub async fn proxy() -> Proxy {
+    proxy_with(|_| {}).await
+}
+
+pub async fn proxy_with(adjust: impl FnOnce(&mut FileConfig)) -> Proxy {
+    let mut file = FileConfig {
+        listen: Some("127.0.0.1:0".into()),
+        admin: Some("127.0.0.1:0".into()),
+        upstream: Some(format!(
+            "postgres://127.0.0.1:{}/postgres",
+            cluster().port()
+        )),
+        // Tests end with their clients still open; do not wait for them.
+        shutdown_grace_seconds: Some(0),
+        ..FileConfig::default()
+    };
+    adjust(&mut file);
+    let running = listener::start(file.validate().expect("valid test config"))
+        .await
+        .expect("start the proxy");
+    Proxy {
+        addr: running.addr,
+        admin: running.admin_addr,
+        running: Some(running),
+    }
+}
+
+/// A minimal HTTP/1.0 GET; returns (status, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("admin endpoint");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of a metric line (exact labels as rendered), or 0.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }

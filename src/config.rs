@@ -1,0 +1,251 @@
+//! `cutover serve` configuration: a TOML file (optional) overridden by command-line flags,
+//! validated into [`ServeConfig`] with every problem reported at once.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use crate::connect;
+
+/// The configuration file, as written (every field optional; flags override).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Address the proxy listens on for applications.
+    pub listen: Option<String>,
+    /// PostgreSQL that holds the legacy table and fature_v2. Its user and password, when
+    /// given, are only for the proxy's own connections (shadow, control); applications
+    /// authenticate with their own.
+    pub upstream: Option<String>,
+    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz).
+    pub admin: Option<String>,
+    /// Client connections served at once; the next gets FATAL 53300.
+    pub max_client_connections: Option<usize>,
+    /// Largest protocol message accepted from a client, in bytes.
+    pub max_message_bytes: Option<usize>,
+    /// After SIGTERM, how long sessions may go on before they are closed with 57P01.
+    pub shutdown_grace_seconds: Option<u64>,
+    /// TLS for client connections: both files in PEM.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9187";
+pub const DEFAULT_MAX_CLIENTS: usize = 1000;
+/// PostgreSQL refuses messages over 1 GB; so do we, by default.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 30;
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Where the upstream PostgreSQL is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddr {
+    Tcp { host: String, port: u16 },
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamAddr::Tcp { host, port } => write!(f, "{host}:{port}"),
+            UpstreamAddr::Unix(dir) => write!(f, "{}", dir.display()),
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub upstream: UpstreamAddr,
+    /// The whole upstream URL, for the proxy's own connections (later: shadow, control).
+    pub upstream_config: tokio_postgres::Config,
+    pub admin: Option<SocketAddr>,
+    pub max_client_connections: usize,
+    pub max_message_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+impl FileConfig {
+    pub fn from_toml(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))?;
+        toml::from_str(&text).map_err(|e| {
+            let (line, col) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((1, 1));
+            ConfigError(vec![format!(
+                "{}:{line}:{col}: {}",
+                path.display(),
+                e.message()
+            )])
+        })
+    }
+
+    /// Fields set in `other` win.
+    pub fn overridden_by(self, other: FileConfig) -> FileConfig {
+        FileConfig {
+            listen: other.listen.or(self.listen),
+            upstream: other.upstream.or(self.upstream),
+            admin: other.admin.or(self.admin),
+            max_client_connections: other.max_client_connections.or(self.max_client_connections),
+            max_message_bytes: other.max_message_bytes.or(self.max_message_bytes),
+            shutdown_grace_seconds: other.shutdown_grace_seconds.or(self.shutdown_grace_seconds),
+            tls_cert: other.tls_cert.or(self.tls_cert),
+            tls_key: other.tls_key.or(self.tls_key),
+        }
+    }
+
+    /// Validates every field, reporting all problems together.
+    pub fn validate(self) -> Result<ServeConfig, ConfigError> {
+        let mut problems = Vec::new();
+        let mut addr = |name: &str, value: &str| -> Option<SocketAddr> {
+            value
+                .parse()
+                .map_err(|_| problems.push(format!("{name}: {value:?} is not an IP:PORT address")))
+                .ok()
+        };
+        let listen = addr("listen", self.listen.as_deref().unwrap_or(DEFAULT_LISTEN));
+        let admin = match self.admin.as_deref() {
+            Some("" | "off") => Some(None),
+            other => addr("admin", other.unwrap_or(DEFAULT_ADMIN)).map(Some),
+        };
+
+        let upstream = match self.upstream.as_deref() {
+            None => {
+                problems
+                    .push("upstream: required (e.g. postgres://db.internal:5432/fature)".into());
+                None
+            }
+            Some(url) => match connect::parse_url(url) {
+                Ok(config) => upstream_addr(&config)
+                    .map(|addr| (addr, config))
+                    .map_err(|e| problems.push(format!("upstream: {e}")))
+                    .ok(),
+                Err(e) => {
+                    problems.push(format!("upstream: {e}"));
+                    None
+                }
+            },
+        };
+
+        let max_clients = self.max_client_connections.unwrap_or(DEFAULT_MAX_CLIENTS);
+        if max_clients == 0 {
+            problems.push("max_client_connections: must be at least 1".into());
+        }
+        let max_message = self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+        if max_message < 1024 {
+            problems.push("max_message_bytes: must be at least 1024".into());
+        }
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => {
+                problems.push("tls_cert and tls_key: give both or neither".into());
+                None
+            }
+        };
+
+        match (listen, admin, upstream) {
+            (Some(listen), Some(admin), Some((upstream, upstream_config)))
+                if problems.is_empty() =>
+            {
+                Ok(ServeConfig {
+                    listen,
+                    upstream,
+                    upstream_config,
+                    admin,
+                    max_client_connections: max_clients,
+                    max_message_bytes: max_message,
+                    shutdown_grace: self
+                        .shutdown_grace_seconds
+                        .map(Duration::from_secs)
+                        .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+                    tls,
+                })
+            }
+            _ => Err(ConfigError(problems)),
+        }
+    }
+}
+
+fn upstream_addr(config: &tokio_postgres::Config) -> Result<UpstreamAddr, String> {
+    use tokio_postgres::config::Host;
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    match config.get_hosts() {
+        [] => Err("the URL names no host".into()),
+        [Host::Tcp(host)] => Ok(UpstreamAddr::Tcp {
+            host: host.clone(),
+            port,
+        }),
+        [Host::Unix(dir)] => Ok(UpstreamAddr::Unix(dir.join(format!(".s.PGSQL.{port}")))),
+        _ => Err("several hosts are not supported; give one".into()),
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let file = FileConfig {
+            upstream: Some("postgres://db:5433/app".into()),
+            listen: Some("0.0.0.0:7000".into()),
+            ..FileConfig::default()
+        };
+        let flags = FileConfig {
+            listen: Some("127.0.0.1:7001".into()),
+            ..FileConfig::default()
+        };
+        let config = file.overridden_by(flags).validate().unwrap();
+        assert_eq!(config.listen, "127.0.0.1:7001".parse().unwrap());
+        assert_eq!(
+            config.upstream,
+            UpstreamAddr::Tcp {
+                host: "db".into(),
+                port: 5433
+            }
+        );
+        assert_eq!(config.admin, Some(DEFAULT_ADMIN.parse().unwrap()));
+        assert_eq!(config.max_client_connections, DEFAULT_MAX_CLIENTS);
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let err = FileConfig {
+            listen: Some("nowhere".into()),
+            max_client_connections: Some(0),
+            tls_cert: Some("c.pem".into()),
+            ..FileConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(err.0.len(), 4, "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cutover.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:1\"\nlisten_adress = \"x\"\n").unwrap();
+        let err = FileConfig::from_toml(&path).unwrap_err();
+        assert!(err.0[0].contains("cutover.toml:2:1"), "{err}");
+    }
+}

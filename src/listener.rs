@@ -1,0 +1,359 @@
+//! The listener: accepts client connections, answers the initial negotiation (SSLRequest,
+//! GSSENCRequest, CancelRequest), enforces the client limit, and hands each StartupMessage
+//! to a [`session`](crate::session). Owns the proxy's lifecycle: start, SIGTERM-style
+//! shutdown (stop accepting; let sessions finish for the grace period; then close them with
+//! 57P01), and the admin endpoint beside it.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tokio_postgres::error::SqlState;
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin,
+    classify::Precheck,
+    config::ServeConfig,
+    session::{self, Shared},
+    tls,
+    wire::{self, Initial},
+};
+
+/// How long a new connection may take to send its startup packet (PostgreSQL's
+/// `authentication_timeout` default).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The legacy table's name, until the rules say it (issue 4).
+pub const LEGACY_TABLE: &str = "affiliates";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("cannot serve the admin endpoint on {addr}: {source}")]
+    Admin { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// A running proxy.
+pub struct Running {
+    /// The address applications connect to (the real port when configured with port 0).
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts the shutdown (as SIGTERM does) and waits until every session is closed.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.done.await;
+    }
+
+    /// A handle that starts the shutdown from elsewhere (a signal handler).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the proxy has stopped.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Binds the listener and the admin endpoint and starts serving.
+pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
+    let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let shared = Arc::new(Shared::new(config, Precheck::new(LEGACY_TABLE)));
+    let shutdown = CancellationToken::new();
+
+    let admin_addr = match shared.config.admin {
+        Some(admin_addr) => Some(
+            admin::serve(admin_addr, Arc::clone(&shared), shutdown.clone())
+                .await
+                .map_err(|source| StartError::Admin {
+                    addr: admin_addr,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+
+    let done = tokio::spawn(accept_loop(listener, tls, shared, shutdown.clone()));
+    tracing::info!(%addr, ?admin_addr, "cutover is listening");
+    Ok(Running {
+        addr,
+        admin_addr,
+        shutdown,
+        done,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let sessions = Arc::new(AtomicUsize::new(0));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = Arc::clone(&shared);
+        let tls = tls.clone();
+        let sessions = Arc::clone(&sessions);
+        tracker.spawn(async move {
+            if let Err(error) = handle(stream, tls, shared, sessions).await {
+                tracing::debug!(%peer, %error, "connection ended during negotiation");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(
+        sessions = tracker.len(),
+        grace_s = shared.config.shutdown_grace.as_secs(),
+        "shutting down: no new connections; waiting for sessions"
+    );
+    tracker.close();
+    if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            sessions = tracker.len(),
+            "grace period over: closing sessions"
+        );
+        shared.terminate.cancel();
+        // Sessions close at their next frame boundary; do not wait forever for one that
+        // is stuck mid-frame.
+        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    }
+}
+
+/// Negotiates the initial packets of one connection, then runs its session.
+async fn handle(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    sessions: Arc<AtomicUsize>,
+) -> io::Result<()> {
+    let mut client = ClientStream::Plain(stream);
+    let mut buf = BytesMut::with_capacity(512);
+    let mut negotiated_ssl = false;
+    let startup =
+        loop {
+            let initial =
+                match tokio::time::timeout(STARTUP_TIMEOUT, read_initial(&mut client, &mut buf))
+                    .await
+                {
+                    Ok(Ok(Some(initial))) => initial,
+                    Ok(Ok(None)) => return Ok(()),
+                    Ok(Err(Violation(message))) => {
+                        shared.metrics.protocol_violations.increment(1);
+                        session::refuse(&mut client, &SqlState::PROTOCOL_VIOLATION, &message).await;
+                        return Ok(());
+                    }
+                    Err(_) => return Ok(()), // PostgreSQL closes silently on a startup timeout too.
+                };
+            match initial {
+                Initial::SslRequest if !negotiated_ssl => {
+                    negotiated_ssl = true;
+                    // Bytes sent after an SSLRequest but before our answer would be read as
+                    // if they had been encrypted: refuse them (CVE-2021-23214).
+                    if !buf.is_empty() {
+                        session::refuse(
+                            &mut client,
+                            &SqlState::PROTOCOL_VIOLATION,
+                            "unencrypted data after SSL request",
+                        )
+                        .await;
+                        return Ok(());
+                    }
+                    match (&tls, client) {
+                        (Some(acceptor), ClientStream::Plain(mut tcp)) => {
+                            tcp.write_all(b"S").await?;
+                            client = ClientStream::Tls(Box::new(acceptor.accept(tcp).await?));
+                        }
+                        (_, mut other) => {
+                            other.write_all(b"N").await?;
+                            client = other;
+                        }
+                    }
+                }
+                Initial::GssEncRequest => client.write_all(b"N").await?,
+                Initial::SslRequest => {
+                    session::refuse(
+                        &mut client,
+                        &SqlState::PROTOCOL_VIOLATION,
+                        "duplicate SSL request",
+                    )
+                    .await;
+                    return Ok(());
+                }
+                Initial::CancelRequest { pid, secret } => {
+                    let known = shared
+                        .cancel
+                        .forward(&shared.config.upstream, pid, &secret)
+                        .await;
+                    let counter = if known {
+                        &shared.metrics.cancel_forwarded
+                    } else {
+                        &shared.metrics.cancel_unknown
+                    };
+                    counter.increment(1);
+                    return Ok(());
+                }
+                Initial::Startup(startup) => break startup,
+            }
+        };
+    if !buf.is_empty() {
+        session::refuse(
+            &mut client,
+            &SqlState::PROTOCOL_VIOLATION,
+            "unexpected data after the startup packet",
+        )
+        .await;
+        return Ok(());
+    }
+
+    if shared.terminate.is_cancelled() {
+        shared.metrics.rejected_shutdown.increment(1);
+        session::refuse(
+            &mut client,
+            &SqlState::CANNOT_CONNECT_NOW,
+            "the cutover proxy is shutting down",
+        )
+        .await;
+        return Ok(());
+    }
+    let active = sessions.fetch_add(1, Ordering::AcqRel) + 1;
+    let _slot = SlotGuard(sessions);
+    if active > shared.config.max_client_connections {
+        shared.metrics.rejected_limit.increment(1);
+        session::refuse(
+            &mut client,
+            &SqlState::TOO_MANY_CONNECTIONS,
+            "sorry, too many clients already (cutover max_client_connections)",
+        )
+        .await;
+        return Ok(());
+    }
+    shared.metrics.accepted.increment(1);
+    let id = shared.next_session_id();
+    session::run(client, startup, id, shared).await;
+    Ok(())
+}
+
+struct Violation(String);
+
+/// Reads until one initial packet is complete. `None`: the client closed.
+async fn read_initial(
+    client: &mut ClientStream,
+    buf: &mut BytesMut,
+) -> Result<Option<Initial>, Violation> {
+    loop {
+        match wire::take_initial(buf) {
+            Ok(Some(initial)) => return Ok(Some(initial)),
+            Ok(None) => {}
+            Err(error) => return Err(Violation(format!("invalid startup packet: {error}"))),
+        }
+        match client.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+struct SlotGuard(Arc<AtomicUsize>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A client connection, plain or TLS.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! One client session: from a StartupMessage to the last byte.
+//!
+//! Session mode: each client gets its own upstream connection, opened with the client's own
+//! startup packet, so the server authenticates the client itself (trust, cleartext, md5,
+//! SCRAM) and the proxy never sees a password. After that the session relays frames both
+//! ways ([`relay`]); the stages that classify, route and rewrite plug into the relay's
+//! client-side inspection, where the cheap pre-check already runs.
+//!
+//! What the client gets when something fails (never a hang, never a panic):
+//! - the upstream cannot be reached: FATAL 08001, then close;
+//! - the upstream goes away mid-session: FATAL 08006 (unless the server said why), close;
+//! - a malformed or oversized message: FATAL 08P01, close;
+//! - the proxy shuts down and the grace period ends: FATAL 57P01, close.
+
+pub mod relay;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU32, Ordering},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_postgres::error::SqlState;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{
+    cancel::CancelKeys,
+    classify::Precheck,
+    config::ServeConfig,
+    metrics::ProxyMetrics,
+    upstream,
+    wire::{
+        Startup,
+        messages::{Severity, error_response},
+    },
+};
+
+/// What every session shares.
+pub struct Shared {
+    pub config: ServeConfig,
+    pub cancel: Arc<CancelKeys>,
+    pub metrics: ProxyMetrics,
+    pub precheck: Precheck,
+    /// Fired when the shutdown grace period ends: sessions close with 57P01.
+    pub terminate: CancellationToken,
+    next_id: AtomicU32,
+}
+
+impl Shared {
+    pub fn new(config: ServeConfig, precheck: Precheck) -> Self {
+        Self {
+            config,
+            cancel: Arc::default(),
+            metrics: ProxyMetrics::new(),
+            precheck,
+            terminate: CancellationToken::new(),
+            // Session ids double as the process ids handed to clients for cancelling;
+            // start at a random point so they do not look like the server's.
+            next_id: AtomicU32::new(rand::random::<u32>() >> 1),
+        }
+    }
+
+    pub fn next_session_id(&self) -> u32 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Sends a proxy-made error to the client and flushes; errors writing it are moot (the
+/// connection is being closed anyway).
+pub async fn refuse<C: AsyncWrite + Unpin>(client: &mut C, code: &SqlState, message: &str) {
+    let _ = client
+        .write_all(&error_response(Severity::Fatal, code, message))
+        .await;
+    let _ = client.flush().await;
+    let _ = client.shutdown().await;
+}
+
+/// Runs a session whose StartupMessage has been read.
+pub async fn run<C>(mut client: C, startup: Startup, id: u32, shared: Arc<Shared>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let (user, database) = startup.user_and_database();
+    let span = tracing::info_span!(
+        "session",
+        session_id = id,
+        user,
+        database,
+        application_name = startup.param("application_name").unwrap_or("")
+    );
+    async move {
+        let mut upstream = match upstream::connect(&shared.config.upstream).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                shared.metrics.upstream_connect_failed.increment(1);
+                tracing::warn!(%error, upstream = %shared.config.upstream, "cannot reach upstream");
+                let message = format!(
+                    "cutover cannot connect to the database server at {}: {error}",
+                    shared.config.upstream
+                );
+                refuse(
+                    &mut client,
+                    &SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                    &message,
+                )
+                .await;
+                return;
+            }
+        };
+        if let Err(error) = upstream.write_all(&startup.raw).await {
+            shared.metrics.upstream_connect_failed.increment(1);
+            let message = format!("cutover lost the database server during startup: {error}");
+            refuse(
+                &mut client,
+                &SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                &message,
+            )
+            .await;
+            return;
+        }
+        let end = relay::Relay::new(&mut client, &mut upstream, id, &shared)
+            .run()
+            .await;
+        tracing::debug!(?end, "session ended");
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,382 @@
+//! The relay: frames from the client to the upstream and back, as the peers sent them.
+//!
+//! Both directions run concurrently in the session's task (a client may pipeline more than
+//! the sockets' buffers hold while the server answers, so a relay that only moves one way
+//! at a time can deadlock). Each direction reads what is available, walks the frame
+//! headers, looks at the few frames it must (whole), streams the rest — a 50 MB DataRow is
+//! forwarded as it arrives, never buffered whole — and writes everything it read in one
+//! write. Frames are forwarded byte for byte, except during startup: the server's
+//! BackendKeyData (replaced by the proxy's key) and SASL mechanism list (no `-PLUS`).
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_postgres::error::SqlState;
+
+use super::Shared;
+use crate::{
+    cancel::KeyGuard,
+    wire::{
+        self, WireError,
+        messages::{self, AUTH_SASL, backend, frontend},
+    },
+};
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum End {
+    /// The client closed its socket (its transaction, if any, rolls back upstream).
+    ClientClosed,
+    /// The client said Terminate.
+    ClientTerminated,
+    /// The upstream closed (after a FATAL it sent, or unexpectedly: the client got 08006).
+    UpstreamClosed,
+    /// Closed by the proxy's shutdown (57P01).
+    Shutdown,
+    /// A malformed or oversized client message (08P01).
+    ProtocolViolation(WireError),
+}
+
+/// Bytes asked of the socket per read when the buffer runs low.
+const READ_CHUNK: usize = 16 * 1024;
+/// No server message is refused for size: PostgreSQL itself bounds them.
+const MAX_SERVER_MESSAGE: usize = usize::MAX;
+
+pub struct Relay<'a, C, U> {
+    client: &'a mut C,
+    upstream: &'a mut U,
+    id: u32,
+    shared: &'a Shared,
+}
+
+impl<'a, C, U> Relay<'a, C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    pub fn new(client: &'a mut C, upstream: &'a mut U, id: u32, shared: &'a Shared) -> Self {
+        Self {
+            client,
+            upstream,
+            id,
+            shared,
+        }
+    }
+
+    pub async fn run(self) -> End {
+        let shared = self.shared;
+        shared.metrics.clients.increment(1.0);
+        let (mut client_rd, mut client_wr) = tokio::io::split(self.client);
+        let (mut upstream_rd, mut upstream_wr) = tokio::io::split(self.upstream);
+
+        // Whether the client has been sent only whole frames, so that a proxy-made error
+        // can be written to it without cutting a frame in two.
+        let client_at_boundary = AtomicBool::new(true);
+        let mut to_upstream = ClientToServer {
+            shared,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            streaming: 0,
+        };
+        let mut to_client = ServerToClient {
+            shared,
+            id: self.id,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            streaming: 0,
+            last_was_fatal: false,
+            key_guard: None,
+            at_boundary: &client_at_boundary,
+        };
+
+        let end = tokio::select! {
+            end = to_upstream.run(&mut client_rd, &mut upstream_wr) => end,
+            end = to_client.run(&mut upstream_rd, &mut client_wr) => end,
+        };
+        shared.metrics.clients.decrement(1.0);
+
+        let (code, message) = match &end {
+            End::ProtocolViolation(error) => {
+                shared.metrics.protocol_violations.increment(1);
+                tracing::warn!(%error, "protocol violation");
+                (
+                    SqlState::PROTOCOL_VIOLATION,
+                    format!("invalid frontend message: {error}"),
+                )
+            }
+            End::Shutdown => (
+                SqlState::ADMIN_SHUTDOWN,
+                "terminating connection because the cutover proxy is shutting down".to_owned(),
+            ),
+            End::UpstreamClosed if !to_client.last_was_fatal => {
+                shared.metrics.upstream_lost.increment(1);
+                (
+                    SqlState::CONNECTION_FAILURE,
+                    "server closed the connection unexpectedly (connection to the database server through cutover was lost)".to_owned(),
+                )
+            }
+            _ => return end,
+        };
+        if client_at_boundary.load(Relaxed) {
+            let mut client = client_rd.unsplit(client_wr);
+            super::refuse(&mut client, &code, &message).await;
+        }
+        end
+    }
+}
+
+/// Client → upstream.
+struct ClientToServer<'s> {
+    shared: &'s Shared,
+    buf: BytesMut,
+    /// Bytes of a frame still to stream through without looking.
+    streaming: usize,
+}
+
+impl ClientToServer<'_> {
+    async fn run<R, W>(&mut self, client: &mut R, upstream: &mut W) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let max = self.shared.config.max_message_bytes;
+        loop {
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            match client.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return End::ClientClosed,
+                Ok(_) => {}
+            }
+            let mut ready = 0;
+            let mut terminate = false;
+            loop {
+                if self.streaming > 0 {
+                    let take = self.streaming.min(self.buf.len() - ready);
+                    ready += take;
+                    self.streaming -= take;
+                    if self.streaming > 0 {
+                        break;
+                    }
+                }
+                let header = match wire::header(&self.buf[ready..], max) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => break,
+                    Err(e) => return End::ProtocolViolation(e),
+                };
+                let available = self.buf.len() - ready;
+                match header.tag {
+                    frontend::QUERY | frontend::PARSE | frontend::TERMINATE => {
+                        if available < header.total {
+                            self.buf.reserve(header.total - available);
+                            break;
+                        }
+                        self.inspect(header.tag, &self.buf[ready + 5..ready + header.total]);
+                        terminate |= header.tag == frontend::TERMINATE;
+                        ready += header.total;
+                    }
+                    tag => {
+                        if tag == frontend::EXECUTE {
+                            self.shared.metrics.passthrough_queries.increment(1);
+                        }
+                        if available >= header.total {
+                            ready += header.total;
+                        } else {
+                            ready += available;
+                            self.streaming = header.total - available;
+                            break;
+                        }
+                    }
+                }
+            }
+            if ready > 0 {
+                if upstream.write_all(&self.buf[..ready]).await.is_err() {
+                    // The upstream is gone. Give the other direction a moment to relay
+                    // what the server said before closing (a FATAL error, usually).
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    return End::UpstreamClosed;
+                }
+                self.buf.advance(ready);
+            }
+            if terminate {
+                let _ = upstream.flush().await;
+                return End::ClientTerminated;
+            }
+        }
+    }
+
+    /// The place where classification (and later routing and rewriting) plugs in. Today:
+    /// the pre-check, and passthrough counting.
+    fn inspect(&self, tag: u8, body: &[u8]) {
+        let metrics = &self.shared.metrics;
+        let sql = match tag {
+            frontend::QUERY => {
+                metrics.passthrough_queries.increment(1);
+                messages::query_text(body)
+            }
+            frontend::PARSE => messages::parse_text(body).map(|(_, sql)| sql),
+            _ => None,
+        };
+        if let Some(sql) = sql {
+            if self.shared.precheck.mentions_table(sql) {
+                metrics.precheck_legacy.increment(1);
+            } else {
+                metrics.precheck_other.increment(1);
+            }
+        }
+    }
+}
+
+/// Upstream → client.
+struct ServerToClient<'s> {
+    shared: &'s Shared,
+    id: u32,
+    buf: BytesMut,
+    streaming: usize,
+    /// The last frame relayed was a FATAL error: an upstream close is expected.
+    last_was_fatal: bool,
+    key_guard: Option<KeyGuard>,
+    at_boundary: &'s AtomicBool,
+}
+
+/// What to do with an inspected server frame.
+enum Action {
+    Forward,
+    Replace(Bytes),
+}
+
+impl ServerToClient<'_> {
+    async fn run<R, W>(&mut self, upstream: &mut R, client: &mut W) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        // One future for the whole session: creating it per read would take a lock.
+        let terminate = self.shared.terminate.clone();
+        let terminated = terminate.cancelled();
+        tokio::pin!(terminated);
+        loop {
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            let read = tokio::select! {
+                biased;
+                _ = &mut terminated, if self.streaming == 0 => return End::Shutdown,
+                read = upstream.read_buf(&mut self.buf) => read,
+            };
+            match read {
+                Ok(0) | Err(_) => return End::UpstreamClosed,
+                Ok(_) => {}
+            }
+            let mut ready = 0;
+            loop {
+                if self.streaming > 0 {
+                    let take = self.streaming.min(self.buf.len() - ready);
+                    ready += take;
+                    self.streaming -= take;
+                    if self.streaming > 0 {
+                        break;
+                    }
+                }
+                let Ok(Some(header)) = wire::header(&self.buf[ready..], MAX_SERVER_MESSAGE) else {
+                    // Incomplete (or, from a real server, impossible) header: wait for more.
+                    break;
+                };
+                let available = self.buf.len() - ready;
+                match header.tag {
+                    backend::AUTHENTICATION
+                    | backend::BACKEND_KEY_DATA
+                    | backend::ERROR_RESPONSE
+                    | backend::READY_FOR_QUERY => {
+                        if available < header.total {
+                            self.buf.reserve(header.total - available);
+                            break;
+                        }
+                        let body = &self.buf[ready + 5..ready + header.total];
+                        let action = inspect_server_frame(
+                            header.tag,
+                            body,
+                            &mut self.last_was_fatal,
+                            &mut self.key_guard,
+                            self.shared,
+                            self.id,
+                        );
+                        match action {
+                            Action::Forward => ready += header.total,
+                            Action::Replace(frame) => {
+                                if !self.write(client, ready, &frame).await {
+                                    return End::ClientClosed;
+                                }
+                                self.buf.advance(header.total);
+                                ready = 0;
+                            }
+                        }
+                    }
+                    _ => {
+                        self.last_was_fatal = false;
+                        if available >= header.total {
+                            ready += header.total;
+                        } else {
+                            ready += available;
+                            self.streaming = header.total - available;
+                            break;
+                        }
+                    }
+                }
+            }
+            self.at_boundary.store(false, Relaxed);
+            if ready > 0 && !self.write(client, ready, &[]).await {
+                return End::ClientClosed;
+            }
+            self.at_boundary.store(self.streaming == 0, Relaxed);
+        }
+    }
+
+    /// Writes the first `ready` buffered bytes, then `extra`, and drops the former.
+    async fn write<W: AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut W,
+        ready: usize,
+        extra: &[u8],
+    ) -> bool {
+        if ready > 0 {
+            if client.write_all(&self.buf[..ready]).await.is_err() {
+                return false;
+            }
+            self.buf.advance(ready);
+        }
+        extra.is_empty() || client.write_all(extra).await.is_ok()
+    }
+}
+
+/// Looks at one whole server frame of the kinds the relay inspects.
+fn inspect_server_frame(
+    tag: u8,
+    body: &[u8],
+    last_was_fatal: &mut bool,
+    key_guard: &mut Option<KeyGuard>,
+    shared: &Shared,
+    id: u32,
+) -> Action {
+    *last_was_fatal = false;
+    match tag {
+        backend::ERROR_RESPONSE => {
+            *last_was_fatal = messages::parse_error(body).is_fatal();
+            Action::Forward
+        }
+        backend::AUTHENTICATION if messages::auth_code(body) == Some(AUTH_SASL) => {
+            match messages::sasl_without_channel_binding(body) {
+                Some(frame) => Action::Replace(frame),
+                None => Action::Forward,
+            }
+        }
+        backend::BACKEND_KEY_DATA => match messages::parse_backend_key(body) {
+            Some((pid, secret)) => {
+                let (ours, guard) = shared.cancel.register(id, pid, secret);
+                *key_guard = Some(guard);
+                Action::Replace(messages::backend_key_frame(id, &ours))
+            }
+            None => Action::Forward,
+        },
+        _ => Action::Forward,
+    }
+}

@@ -1,0 +1,230 @@
+//! The few messages the proxy decodes or builds, each as the protocol documentation
+//! describes it (https://www.postgresql.org/docs/current/protocol-message-formats.html).
+//! Bodies here exclude the type byte and length.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio_postgres::error::SqlState;
+
+use super::{frame, take_cstr};
+
+/// Frontend message types the proxy looks at.
+pub mod frontend {
+    pub const QUERY: u8 = b'Q';
+    pub const PARSE: u8 = b'P';
+    pub const EXECUTE: u8 = b'E';
+    pub const TERMINATE: u8 = b'X';
+}
+
+/// Backend message types the proxy looks at.
+pub mod backend {
+    pub const AUTHENTICATION: u8 = b'R';
+    pub const BACKEND_KEY_DATA: u8 = b'K';
+    pub const ERROR_RESPONSE: u8 = b'E';
+    pub const READY_FOR_QUERY: u8 = b'Z';
+}
+
+/// Authentication request codes (the first Int32 of an `R` message).
+pub const AUTH_OK: u32 = 0;
+pub const AUTH_SASL: u32 = 10;
+
+/// ErrorResponse severities the proxy emits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+/// An ErrorResponse frame built by the proxy itself (errors from PostgreSQL are relayed
+/// untouched, never rebuilt).
+pub fn error_response(severity: Severity, code: &SqlState, message: &str) -> Bytes {
+    let mut body = BytesMut::with_capacity(message.len() + 32);
+    for (field, value) in [
+        (b'S', severity.as_str()),
+        (b'V', severity.as_str()),
+        (b'C', code.code()),
+        (b'M', message),
+    ] {
+        body.put_u8(field);
+        body.put_slice(value.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    frame(backend::ERROR_RESPONSE, &body)
+}
+
+/// The fields of an ErrorResponse or NoticeResponse the proxy needs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ErrorFields {
+    /// The non-localized severity (`V`), or the localized one (`S`) from old servers.
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorFields {
+    pub fn is_fatal(&self) -> bool {
+        self.severity == "FATAL" || self.severity == "PANIC"
+    }
+}
+
+pub fn parse_error(mut body: &[u8]) -> ErrorFields {
+    let mut fields = ErrorFields::default();
+    let mut localized = String::new();
+    while let Some((&kind, rest)) = body.split_first() {
+        if kind == 0 {
+            break;
+        }
+        body = rest;
+        let Some(value) = take_cstr(&mut body) else {
+            break;
+        };
+        let value = String::from_utf8_lossy(value).into_owned();
+        match kind {
+            b'V' => fields.severity = value,
+            b'S' => localized = value,
+            b'C' => fields.code = value,
+            b'M' => fields.message = value,
+            _ => {}
+        }
+    }
+    if fields.severity.is_empty() {
+        fields.severity = localized;
+    }
+    fields
+}
+
+/// The authentication request code of an `R` message.
+pub fn auth_code(body: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(body.get(..4)?.try_into().ok()?))
+}
+
+/// An AuthenticationSASL body without the `-PLUS` mechanisms: channel binding binds to the
+/// TLS connection it runs on, and the client's TLS connection ends at the proxy.
+/// `None` when there was nothing to strip.
+pub fn sasl_without_channel_binding(body: &[u8]) -> Option<Bytes> {
+    let mut rest = body.get(4..)?;
+    let mut kept = BytesMut::with_capacity(body.len());
+    kept.put_slice(&body[..4]);
+    let mut stripped = false;
+    while let Some(mechanism) = take_cstr(&mut rest) {
+        if mechanism.is_empty() {
+            break;
+        }
+        if mechanism.ends_with(b"-PLUS") {
+            stripped = true;
+            continue;
+        }
+        kept.put_slice(mechanism);
+        kept.put_u8(0);
+    }
+    kept.put_u8(0);
+    stripped.then(|| frame(backend::AUTHENTICATION, &kept))
+}
+
+/// BackendKeyData: the backend's process id and secret key (4 bytes in protocol 3.0, up to
+/// 256 in 3.2).
+pub fn parse_backend_key(body: &[u8]) -> Option<(u32, Bytes)> {
+    let pid = u32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+    let secret = body.get(4..).filter(|s| !s.is_empty())?;
+    Some((pid, Bytes::copy_from_slice(secret)))
+}
+
+pub fn backend_key_frame(pid: u32, secret: &[u8]) -> Bytes {
+    let mut body = BytesMut::with_capacity(4 + secret.len());
+    body.put_u32(pid);
+    body.put_slice(secret);
+    frame(backend::BACKEND_KEY_DATA, &body)
+}
+
+/// A CancelRequest packet for an upstream backend.
+pub fn cancel_request(pid: u32, secret: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(12 + secret.len());
+    out.put_u32(12 + secret.len() as u32);
+    out.put_u32(super::CANCEL_REQUEST);
+    out.put_u32(pid);
+    out.put_slice(secret);
+    out.freeze()
+}
+
+/// ReadyForQuery's transaction status: `I` idle, `T` in a transaction, `E` failed transaction.
+pub fn ready_status(body: &[u8]) -> Option<u8> {
+    body.first().copied()
+}
+
+/// The SQL text of a Query message.
+pub fn query_text(body: &[u8]) -> Option<&[u8]> {
+    let mut rest = body;
+    take_cstr(&mut rest)
+}
+
+/// The statement name and SQL text of a Parse message.
+pub fn parse_text(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut rest = body;
+    let name = take_cstr(&mut rest)?;
+    let sql = take_cstr(&mut rest)?;
+    Some((name, sql))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(frame: &Bytes) -> &[u8] {
+        &frame[5..]
+    }
+
+    #[test]
+    fn built_errors_parse_back() {
+        let f = error_response(Severity::Fatal, &SqlState::TOO_MANY_CONNECTIONS, "full");
+        assert_eq!(f[0], b'E');
+        let fields = parse_error(body(&f));
+        assert_eq!(fields.code, "53300");
+        assert_eq!(fields.message, "full");
+        assert!(fields.is_fatal());
+    }
+
+    #[test]
+    fn plus_mechanisms_are_stripped() {
+        let mut b = BytesMut::new();
+        b.put_u32(AUTH_SASL);
+        b.put_slice(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
+        let stripped = sasl_without_channel_binding(&b).expect("had a -PLUS");
+        assert_eq!(&stripped[5..], b"\0\0\0\x0aSCRAM-SHA-256\0\0");
+
+        let mut plain = BytesMut::new();
+        plain.put_u32(AUTH_SASL);
+        plain.put_slice(b"SCRAM-SHA-256\0\0");
+        assert_eq!(sasl_without_channel_binding(&plain), None);
+    }
+
+    #[test]
+    fn keys_and_cancels() {
+        let f = backend_key_frame(7, &[9, 9, 9, 9]);
+        assert_eq!(
+            parse_backend_key(body(&f)),
+            Some((7, Bytes::from_static(&[9, 9, 9, 9])))
+        );
+        assert_eq!(parse_backend_key(&[0, 0, 0, 7]), None);
+        let c = cancel_request(7, &[1, 2, 3, 4]);
+        assert_eq!(c.len(), 16);
+    }
+
+    #[test]
+    fn statement_texts() {
+        assert_eq!(query_text(b"SELECT 1\0"), Some(&b"SELECT 1"[..]));
+        assert_eq!(
+            parse_text(b"s1\0SELECT $1\0\0\0"),
+            Some((&b"s1"[..], &b"SELECT $1"[..]))
+        );
+        assert_eq!(parse_text(b"s1"), None);
+    }
+}

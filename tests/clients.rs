@@ -1,0 +1,161 @@
+//! Real clients through the proxy, compared with what they get directly: psql, pgbench
+//! (and, in tests/clients/, scripts for psycopg, asyncpg, node-postgres and JDBC).
+
+mod support;
+
+use std::{path::Path, process::Command};
+
+use support::{cluster, proxy, proxy_with};
+
+fn bin(name: &str) -> std::path::PathBuf {
+    cluster().bindir().join(name)
+}
+
+/// Runs a client program off the runtime's threads (the proxy under test runs on them).
+async fn run(mut cmd: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().expect("run a client program"))
+        .await
+        .unwrap()
+}
+
+/// Runs psql on `url` with the script; returns stdout, then stderr.
+async fn psql_transcript(url: &str, script: &Path) -> String {
+    let mut cmd = Command::new(bin("psql"));
+    cmd.args(["-X", "-a", "-f"])
+        .arg(script)
+        .arg(url)
+        .env("PGCLIENTENCODING", "UTF8")
+        .stdin(std::process::Stdio::null());
+    let out = run(cmd).await;
+    format!(
+        "{}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_sees_the_same_through_the_proxy() {
+    let p = proxy().await;
+    let (direct_db, proxied_db) = (support::empty_db().await, support::empty_db().await);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("copy_input.tsv");
+    std::fs::write(&input, "10\tdez\t10.00\n11\tonze\t\\N\n").unwrap();
+    let script = dir.path().join("script.sql");
+    let text =
+        include_str!("clients/psql_script.sql").replace("COPY_INPUT", input.to_str().unwrap());
+    std::fs::write(&script, text).unwrap();
+
+    let direct = psql_transcript(&direct_db.url(), &script).await;
+    let through = psql_transcript(&p.url(&proxied_db.name), &script).await;
+    assert!(
+        direct.contains("big_equal") && direct.contains("ERROR:  division by zero"),
+        "{direct}"
+    );
+    assert!(
+        direct.contains("NOTICE:  a notice from plpgsql"),
+        "{direct}"
+    );
+    assert!(direct.contains("11\tonze\t\\N"), "{direct}");
+    assert_eq!(through, direct);
+    p.shutdown().await;
+}
+
+async fn pgbench(args: &[&str], port: u16, db: &str) -> String {
+    let mut cmd = Command::new(bin("pgbench"));
+    cmd.args(args).args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        "postgres",
+        db,
+    ]);
+    let out = run(cmd).await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?}: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_initializes_and_runs_in_every_protocol_mode() {
+    let p = proxy().await;
+    let db = support::empty_db().await;
+    let port = p.addr.port();
+    pgbench(&["-i", "-s", "1", "-q"], port, &db.name).await;
+    for mode in ["simple", "extended", "prepared"] {
+        for script in ["-S", "-N", "-b tpcb-like"] {
+            let mut args = vec!["-M", mode, "-c", "4", "-j", "2", "-t", "100", "-n"];
+            args.extend(script.split(' '));
+            let out = pgbench(&args, port, &db.name).await;
+            assert!(
+                out.contains("number of transactions actually processed: 400/400"),
+                "{mode} {script}: {out}"
+            );
+            assert!(!out.contains("number of failed transactions: 1"), "{out}");
+        }
+    }
+    // pgbench's history rows all arrived: 4 clients x 100 tx x 2 writing scripts x 3 modes.
+    let client = db.client().await;
+    let history: i64 = client
+        .query_one("SELECT count(*) FROM pgbench_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(history, 2400);
+    p.shutdown().await;
+}
+
+fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("generate a certificate");
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.cert.pem()).unwrap();
+    std::fs::write(&k, cert.signing_key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+async fn psql_conninfo(url: &str) -> (bool, String) {
+    let mut cmd = Command::new(bin("psql"));
+    cmd.args(["-X", "-c", "\\conninfo", "-c", "SELECT 42 AS answer", url]);
+    let out = run(cmd).await;
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_terminated_when_configured_and_declined_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let p = proxy_with(|c| {
+        c.tls_cert = Some(cert);
+        c.tls_key = Some(key);
+    })
+    .await;
+    let (ok, out) = psql_conninfo(&format!("{}?sslmode=require", p.url("postgres"))).await;
+    assert!(
+        ok && out.contains("SSL connection (protocol: TLSv1.3"),
+        "{out}"
+    );
+    assert!(out.contains("42"), "{out}");
+    p.shutdown().await;
+
+    let plain = proxy().await;
+    let (ok, out) = psql_conninfo(&format!("{}?sslmode=require", plain.url("postgres"))).await;
+    assert!(!ok && out.contains("does not support SSL"), "{out}");
+    let (ok, out) = psql_conninfo(&format!("{}?sslmode=prefer", plain.url("postgres"))).await;
+    assert!(ok && !out.contains("SSL connection"), "{out}");
+    // SCRAM over TLS to the proxy: no -PLUS offered, so libpq does plain SCRAM.
+    plain.shutdown().await;
+}

@@ -1,0 +1,540 @@
+//! The proxy with tokio-postgres and raw sockets: what a client gets through it is what it
+//! gets from PostgreSQL directly, and every failure has its defined answer.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use support::{cluster, metric, proxy, proxy_with};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage, error::SqlState, types::Type};
+
+async fn simple_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_owned))
+                    .collect(),
+            ),
+            SimpleQueryMessage::CommandComplete(n) => Some(vec![Some(format!("complete {n}"))]),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn simple_and_extended_queries_match_direct() {
+    let p = proxy().await;
+    let db = support::empty_db().await;
+    let direct = db.client().await;
+    let through = p.client(&db.name).await;
+
+    let setup = "CREATE TABLE t (id int PRIMARY KEY, n numeric(10,2), at timestamptz,
+                     j jsonb, a int[], b bytea, s text);
+                 INSERT INTO t VALUES
+                     (1, 10.50, '2024-01-02 03:04:05+00', '{\"k\": [1, 2]}', '{1,2,3}', '\\x00ff', 'olá'),
+                     (2, NULL, NULL, NULL, NULL, NULL, NULL)";
+    direct.batch_execute(setup).await.unwrap();
+
+    let multi =
+        "SELECT * FROM t ORDER BY id; SELECT count(*) FROM t; UPDATE t SET s = s WHERE id = 1";
+    assert_eq!(
+        simple_rows(&through, multi).await,
+        simple_rows(&direct, multi).await
+    );
+
+    // Extended protocol, binary results, parameters of several types.
+    let sql = "SELECT id, n, at, j, a, b, s FROM t WHERE id = ANY($1) ORDER BY id";
+    let ids: Vec<i32> = vec![1, 2];
+    let a = direct.query(sql, &[&ids]).await.unwrap();
+    let b = through.query(sql, &[&ids]).await.unwrap();
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        for i in 0..x.len() {
+            let (xv, yv): (Option<&[u8]>, Option<&[u8]>) = (raw(x, i), raw(y, i));
+            assert_eq!(xv, yv, "column {i}");
+        }
+    }
+
+    // Named statements, prepared once and executed many times.
+    let stmt = through
+        .prepare_typed("SELECT $1::int + 1", &[Type::INT4])
+        .await
+        .unwrap();
+    for i in 0..50 {
+        let row = through.query_one(&stmt, &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), i + 1);
+    }
+    p.shutdown().await;
+}
+
+/// The raw bytes of a column as the server sent them (binary format).
+fn raw(row: &tokio_postgres::Row, i: usize) -> Option<&[u8]> {
+    struct Raw<'a>(Option<&'a [u8]>);
+    impl<'a> tokio_postgres::types::FromSql<'a> for Raw<'a> {
+        fn from_sql(
+            _: &Type,
+            raw: &'a [u8],
+        ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+            Ok(Raw(Some(raw)))
+        }
+        fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+            Ok(Raw(None))
+        }
+        fn accepts(_: &Type) -> bool {
+            true
+        }
+    }
+    row.get::<_, Raw>(i).0
+}
+
+#[tokio::test]
+async fn errors_arrive_with_every_field_and_the_session_goes_on() {
+    let p = proxy().await;
+    let db = support::empty_db().await;
+    let direct = db.client().await;
+    let through = p.client(&db.name).await;
+    direct
+        .batch_execute("CREATE TABLE u (id int PRIMARY KEY CHECK (id > 0))")
+        .await
+        .unwrap();
+    for sql in [
+        "INSERT INTO u VALUES (-1)",
+        "SELEC 1",
+        "SELECT 1/0",
+        "SELECT * FROM missing_table",
+    ] {
+        let a = direct.batch_execute(sql).await.unwrap_err();
+        let b = through.batch_execute(sql).await.unwrap_err();
+        let (a, b) = (a.as_db_error().unwrap(), b.as_db_error().unwrap());
+        assert_eq!(a.code(), b.code(), "{sql}");
+        assert_eq!(a.message(), b.message());
+        assert_eq!(a.severity(), b.severity());
+        assert_eq!(a.detail(), b.detail());
+        assert_eq!(a.constraint(), b.constraint());
+        assert_eq!(a.table(), b.table());
+        assert_eq!(a.position(), b.position());
+        assert_eq!(a.routine(), b.routine());
+    }
+    // An error inside a transaction, then rollback: same semantics as direct.
+    through.batch_execute("BEGIN").await.unwrap();
+    assert!(through.batch_execute("SELECT 1/0").await.is_err());
+    let err = through.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
+    through.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        simple_rows(&through, "SELECT 7").await[0][0].as_deref(),
+        Some("7")
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn copy_both_ways_and_a_50_mb_value() {
+    let p = proxy().await;
+    let db = support::empty_db().await;
+    let through = p.client(&db.name).await;
+    through
+        .batch_execute("CREATE TABLE c (id int, s text)")
+        .await
+        .unwrap();
+
+    let sink = through.copy_in("COPY c FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    let mut data = String::new();
+    for i in 0..10_000 {
+        data.push_str(&format!("{i}\trow {i}\n"));
+    }
+    sink.send(bytes::Bytes::from(data.clone())).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 10_000);
+
+    let out: Vec<bytes::Bytes> = through
+        .copy_out("COPY (SELECT * FROM c ORDER BY id) TO STDOUT")
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let out: Vec<u8> = out.concat();
+    assert_eq!(out, data.as_bytes());
+
+    // 50 MB one way and back, through both the Bind and the DataRow paths.
+    let big = "x".repeat(50 << 20);
+    let row = through
+        .query_one("SELECT length($1::text), $1::text", &[&big])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 50 << 20);
+    assert_eq!(row.get::<_, &str>(1).len(), big.len());
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn portals_with_row_limits_suspend_and_resume() {
+    let p = proxy().await;
+    let mut through = p.client("postgres").await;
+    let tx = through.transaction().await.unwrap();
+    let stmt = tx
+        .prepare("SELECT g FROM generate_series(1, 10) g")
+        .await
+        .unwrap();
+    let portal = tx.bind(&stmt, &[]).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let rows = tx.query_portal(&portal, 3).await.unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        seen.extend(rows.iter().map(|r| r.get::<_, i32>(0)));
+    }
+    assert_eq!(seen, (1..=10).collect::<Vec<_>>());
+    tx.commit().await.unwrap();
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn notifications_and_notices_are_relayed() {
+    let p = proxy().await;
+    let (listener, mut connection) = p.config("postgres").connect(NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            let _ = tx.send(message);
+        }
+    });
+    listener.batch_execute("LISTEN cutover_test").await.unwrap();
+    listener
+        .batch_execute("DO $$ BEGIN RAISE NOTICE 'hello %', 42; END $$")
+        .await
+        .unwrap();
+    let notifier = cluster().config("postgres").connect(NoTls).await.unwrap();
+    tokio::spawn(notifier.1);
+    notifier
+        .0
+        .batch_execute("NOTIFY cutover_test, 'payload'")
+        .await
+        .unwrap();
+
+    let (mut notice, mut notification) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (notice.is_none() || notification.is_none()) && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(AsyncMessage::Notice(n))) => notice = Some(n.message().to_owned()),
+            Ok(Some(AsyncMessage::Notification(n))) => {
+                notification = Some((n.channel().to_owned(), n.payload().to_owned()))
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(notice.as_deref(), Some("hello 42"));
+    assert_eq!(
+        notification,
+        Some(("cutover_test".into(), "payload".into()))
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancel_reaches_the_right_backend() {
+    let p = proxy().await;
+    let through = p.client("postgres").await;
+    let other = p.client("postgres").await;
+    let token = through.cancel_token();
+    let started = Instant::now();
+    let sleeper = tokio::spawn(async move { through.batch_execute("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let err = sleeper.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The other session was not touched.
+    assert_eq!(
+        simple_rows(&other, "SELECT 1").await[0][0].as_deref(),
+        Some("1")
+    );
+    let text = p.metrics().await;
+    assert!(
+        metric(
+            &text,
+            "cutover_cancel_requests_total{outcome=\"forwarded\"}"
+        ) >= 1.0
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn password_methods_are_relayed_and_wrong_passwords_get_the_server_error() {
+    let p = proxy().await;
+    for (role, password, _method) in support::PASSWORD_ROLES {
+        let mut config = p.config("postgres");
+        config.user(*role).password(*password);
+        let (client, conn) = config
+            .connect(NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("{role}: {e}"));
+        tokio::spawn(conn);
+        let rows = simple_rows(&client, "SELECT current_user").await;
+        assert_eq!(rows[0][0].as_deref(), Some(*role));
+
+        config.password("wrong");
+        let through = config
+            .connect(NoTls)
+            .await
+            .err()
+            .expect("wrong password refused");
+        let mut direct_config = cluster().config("postgres");
+        direct_config.user(*role).password("wrong");
+        let direct = direct_config.connect(NoTls).await.err().unwrap();
+        assert_eq!(through.code(), Some(&SqlState::INVALID_PASSWORD), "{role}");
+        assert_eq!(
+            through.as_db_error().map(|e| e.message()),
+            direct.as_db_error().map(|e| e.message())
+        );
+    }
+    p.shutdown().await;
+}
+
+/// Connects with a raw socket and completes a trust startup; returns the socket.
+async fn raw_session(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut body = Vec::new();
+    body.extend_from_slice(&196_608u32.to_be_bytes());
+    body.extend_from_slice(b"user\0postgres\0database\0postgres\0\0");
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    s.write_all(&packet).await.unwrap();
+    // Read until ReadyForQuery.
+    let mut seen = Vec::new();
+    while !seen.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed during startup");
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    s
+}
+
+/// Reads everything until the peer closes; returns the bytes.
+async fn read_to_close(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    out
+}
+
+/// The SQLSTATE of the first ErrorResponse in `bytes`.
+fn first_error_code(bytes: &[u8]) -> Option<String> {
+    let at = bytes.iter().position(|b| *b == b'E')?;
+    let fields = cutover::wire::messages::parse_error(&bytes[at + 5..]);
+    Some(fields.code)
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_messages_get_08p01_and_a_close() {
+    let p = proxy_with(|c| c.max_message_bytes = Some(64 * 1024)).await;
+
+    let mut s = raw_session(p.addr).await;
+    s.write_all(&[b'Q', 0, 0, 0, 2]).await.unwrap();
+    assert_eq!(
+        first_error_code(&read_to_close(&mut s).await).as_deref(),
+        Some("08P01")
+    );
+
+    let mut s = raw_session(p.addr).await;
+    let mut huge = vec![b'Q'];
+    huge.extend_from_slice(&(1_000_000u32).to_be_bytes());
+    s.write_all(&huge).await.unwrap();
+    assert_eq!(
+        first_error_code(&read_to_close(&mut s).await).as_deref(),
+        Some("08P01")
+    );
+
+    // A bad startup packet too.
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(&[0, 0, 0, 2, 0, 0, 0, 0]).await.unwrap();
+    assert_eq!(
+        first_error_code(&read_to_close(&mut s).await).as_deref(),
+        Some("08P01")
+    );
+
+    // Unknown message types are relayed, and the server answers them as it would.
+    let mut s = raw_session(p.addr).await;
+    s.write_all(&[b'!', 0, 0, 0, 4]).await.unwrap();
+    assert_eq!(
+        first_error_code(&read_to_close(&mut s).await).as_deref(),
+        Some("08P01")
+    );
+
+    let text = p.metrics().await;
+    assert!(metric(&text, "cutover_protocol_violations_total") >= 3.0);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_08001() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let p = proxy_with(|c| c.upstream = Some(format!("postgres://127.0.0.1:{port}/x"))).await;
+    let err = p.config("postgres").connect(NoTls).await.err().unwrap();
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION)
+    );
+    let (status, _) = support::http_get(p.admin.unwrap(), "/readyz").await;
+    assert_eq!(status, 503);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_vanishes_mid_session_is_08006() {
+    // A stand-in server: accepts the startup, says ready, then drops the connection when
+    // the first query arrives, without a word.
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = fake.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = fake.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        s.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I'])
+            .await
+            .unwrap();
+        let _ = s.read(&mut buf).await;
+        drop(s);
+    });
+    let p = proxy_with(|c| c.upstream = Some(format!("postgres://127.0.0.1:{port}/x"))).await;
+    let (client, conn) = p.config("postgres").connect(NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    let conn_err = conn.await.unwrap().err();
+    let code = err
+        .code()
+        .cloned()
+        .or_else(|| conn_err.as_ref().and_then(|e| e.code().cloned()));
+    assert_eq!(
+        code,
+        Some(SqlState::CONNECTION_FAILURE),
+        "{err} / {conn_err:?}"
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_releases_its_transaction() {
+    let p = proxy().await;
+    let db = support::empty_db().await;
+    let direct = db.client().await;
+    direct
+        .batch_execute("CREATE TABLE l (id int PRIMARY KEY); INSERT INTO l VALUES (1)")
+        .await
+        .unwrap();
+    let (holder, conn) = p.config(&db.name).connect(NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    holder
+        .batch_execute("BEGIN; SELECT * FROM l WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    drop(holder);
+    conn.abort();
+    direct
+        .batch_execute("SET lock_timeout = '10s'")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    direct
+        .batch_execute("SELECT * FROM l WHERE id = 1 FOR UPDATE")
+        .await
+        .expect("the lock is released once the client is gone");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_client_limit_answers_53300() {
+    let p = proxy_with(|c| c.max_client_connections = Some(2)).await;
+    let a = p.client("postgres").await;
+    let b = p.client("postgres").await;
+    let err = p.config("postgres").connect(NoTls).await.err().unwrap();
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS));
+    drop(a);
+    // The slot frees when the session ends.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match p.config("postgres").connect(NoTls).await {
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                assert_eq!(
+                    simple_rows(&c, "SELECT 1").await[0][0].as_deref(),
+                    Some("1")
+                );
+                break;
+            }
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("slot never freed: {e}"),
+        }
+    }
+    drop(b);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_refuses_new_clients_then_closes_sessions_with_57p01() {
+    let p = proxy_with(|c| c.shutdown_grace_seconds = Some(1)).await;
+    let addr = p.addr;
+    let admin = p.admin.unwrap();
+    let (client, conn) = p.config("postgres").connect(NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let running = p.running.unwrap();
+    let token = running.shutdown_token();
+    let stopped = tokio::spawn(running.wait());
+    token.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no new connections"
+    );
+    // Within the grace period the session still works.
+    assert_eq!(
+        simple_rows(&client, "SELECT 1").await[0][0].as_deref(),
+        Some("1")
+    );
+    let _ = admin;
+    stopped.await.unwrap();
+    let conn_result = conn.await.unwrap();
+    let err = conn_result.expect_err("the session was closed with an error");
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err}");
+}
+
+#[tokio::test]
+async fn admin_endpoint_serves_health_readiness_and_metrics() {
+    let p = proxy().await;
+    let c = p.client("postgres").await;
+    c.batch_execute("SELECT 1").await.unwrap();
+    c.query("SELECT * FROM pg_class WHERE relname = 'affiliates'", &[])
+        .await
+        .unwrap();
+    let admin = p.admin.unwrap();
+    assert_eq!(support::http_get(admin, "/healthz").await.0, 200);
+    assert_eq!(support::http_get(admin, "/readyz").await.0, 200);
+    let text = p.metrics().await;
+    assert!(
+        metric(
+            &text,
+            "cutover_queries_total{query_type=\"passthrough\",served_by=\"legacy\"}"
+        ) >= 2.0,
+        "{text}"
+    );
+    assert!(metric(&text, "cutover_precheck_total{result=\"legacy_table\"}") >= 1.0);
+    assert!(metric(&text, "cutover_client_connections") >= 1.0);
+    p.shutdown().await;
+}
