@@ -159,3 +159,128 @@ async fn tls_is_terminated_when_configured_and_declined_otherwise() {
     // SCRAM over TLS to the proxy: no -PLUS offered, so libpq does plain SCRAM.
     plain.shutdown().await;
 }
+
+/// Runs a scenario program against a fresh database directly and through the proxy, and
+/// asserts the two transcripts are equal (and non-trivial).
+async fn same_transcript(program: &str, args: &[&str], expect: &[&str]) {
+    let p = proxy().await;
+    let (direct_db, proxied_db) = (support::empty_db().await, support::empty_db().await);
+    let transcript = |url: String| {
+        let mut cmd = Command::new(program);
+        cmd.args(args).arg(url);
+        async move {
+            let out = run(cmd).await;
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "{program} {args:?} failed:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout
+        }
+    };
+    let direct = transcript(direct_db.url()).await;
+    let through = transcript(p.url(&proxied_db.name)).await;
+    for needle in expect {
+        assert!(direct.contains(needle), "{needle:?} not in:\n{direct}");
+    }
+    assert_eq!(through, direct);
+    p.shutdown().await;
+}
+
+fn clients_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_sees_the_same_through_the_proxy() {
+    let script = clients_dir().join("psycopg_scenario.py");
+    same_transcript(
+        "python3",
+        &[script.to_str().unwrap()],
+        &[
+            "\"pipeline\"",
+            "\"copy out\"",
+            "\"22012\"",
+            "52428800",
+            "\"named cursor\"",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_sees_the_same_through_the_proxy() {
+    let script = clients_dir().join("asyncpg_scenario.py");
+    same_transcript(
+        "python3",
+        &[script.to_str().unwrap()],
+        &[
+            "\"copy_records_to_table\"",
+            "\"23505\"",
+            "\"cursor\"",
+            "\"after rollback\", \"um\"",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_sees_the_same_through_the_proxy() {
+    let script = clients_dir().join("node/scenario.js");
+    assert!(
+        clients_dir().join("node/node_modules/pg").exists(),
+        "node-postgres is not installed: run `npm ci --prefix tests/clients/node` (.ci/run does)"
+    );
+    same_transcript(
+        "node",
+        &[script.to_str().unwrap()],
+        &[
+            "[\"cursor\",[[1,2,3,4,5]",
+            "\"42P01\"",
+            "[\"notice\",\"hi\"]",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jdbc_sees_the_same_through_the_proxy() {
+    let jar = "/usr/share/java/postgresql.jar";
+    assert!(
+        Path::new(jar).exists(),
+        "the PostgreSQL JDBC driver is not installed: apt install libpostgresql-jdbc-java (.ci/run does)"
+    );
+    let source = clients_dir().join("JdbcScenario.java");
+    // JDBC takes jdbc:postgresql://host:port/db URLs.
+    let p = proxy().await;
+    let (direct_db, proxied_db) = (support::empty_db().await, support::empty_db().await);
+    let transcript = |url: String| {
+        let mut cmd = Command::new("java");
+        cmd.args(["-cp", jar]).arg(&source).arg(url);
+        async move {
+            let out = run(cmd).await;
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "java: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout
+        }
+    };
+    let jdbc = |port: u16, db: &str| format!("jdbc:postgresql://127.0.0.1:{port}/{db}");
+    let direct = transcript(jdbc(cluster().port(), &direct_db.name)).await;
+    let through = transcript(jdbc(p.addr.port(), &proxied_db.name)).await;
+    for needle in [
+        "batch\t[1, 1",
+        "prepared\t8 8.125",
+        "cursor\t1@",
+        "error\t23505",
+        "multi\t20;count=4;last;",
+    ] {
+        assert!(direct.contains(needle), "{needle:?} not in:\n{direct}");
+    }
+    assert_eq!(through, direct);
+    p.shutdown().await;
+}
