@@ -25,6 +25,8 @@ pub struct FileConfig {
     pub max_message_bytes: Option<usize>,
     /// After SIGTERM, how long sessions may go on before they are closed with 57P01.
     pub shutdown_grace_seconds: Option<u64>,
+    /// Threads that run client sessions (default: one per CPU core).
+    pub worker_threads: Option<usize>,
     /// TLS for client connections: both files in PEM.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -64,6 +66,7 @@ pub struct ServeConfig {
     pub max_client_connections: usize,
     pub max_message_bytes: usize,
     pub shutdown_grace: Duration,
+    pub worker_threads: usize,
     pub tls: Option<TlsFiles>,
 }
 
@@ -100,6 +103,7 @@ impl FileConfig {
             max_client_connections: other.max_client_connections.or(self.max_client_connections),
             max_message_bytes: other.max_message_bytes.or(self.max_message_bytes),
             shutdown_grace_seconds: other.shutdown_grace_seconds.or(self.shutdown_grace_seconds),
+            worker_threads: other.worker_threads.or(self.worker_threads),
             tls_cert: other.tls_cert.or(self.tls_cert),
             tls_key: other.tls_key.or(self.tls_key),
         }
@@ -142,6 +146,9 @@ impl FileConfig {
         if max_clients == 0 {
             problems.push("max_client_connections: must be at least 1".into());
         }
+        if self.worker_threads == Some(0) {
+            problems.push("worker_threads: must be at least 1".into());
+        }
         let max_message = self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
         if max_message < 1024 {
             problems.push("max_message_bytes: must be at least 1024".into());
@@ -170,6 +177,9 @@ impl FileConfig {
                         .shutdown_grace_seconds
                         .map(Duration::from_secs)
                         .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+                    worker_threads: self.worker_threads.unwrap_or_else(|| {
+                        std::thread::available_parallelism().map_or(2, |n| n.get())
+                    }),
                     tls,
                 })
             }

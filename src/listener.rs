@@ -19,7 +19,7 @@ use std::{
 use bytes::BytesMut;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, tcp},
 };
 use tokio_postgres::error::SqlState;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
@@ -29,8 +29,9 @@ use crate::{
     admin,
     classify::Precheck,
     config::ServeConfig,
-    session::{self, Shared},
+    session::{self, Shared, relay::Duplex},
     tls,
+    upstream::Half,
     wire::{self, Initial},
 };
 
@@ -124,6 +125,14 @@ async fn accept_loop(
 ) {
     let tracker = TaskTracker::new();
     let sessions = Arc::new(AtomicUsize::new(0));
+    let workers = match Workers::start(shared.config.worker_threads, &tracker) {
+        Ok(workers) => workers,
+        Err(error) => {
+            tracing::error!(%error, "cannot start session threads");
+            return;
+        }
+    };
+    let mut next_worker = 0usize;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -139,16 +148,21 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let shared = Arc::clone(&shared);
-        let tls = tls.clone();
-        let sessions = Arc::clone(&sessions);
-        tracker.spawn(async move {
-            if let Err(error) = handle(stream, tls, shared, sessions).await {
-                tracing::debug!(%peer, %error, "connection ended during negotiation");
-            }
-        });
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        let job = Job {
+            stream,
+            peer,
+            tls: tls.clone(),
+            shared: Arc::clone(&shared),
+            sessions: Arc::clone(&sessions),
+        };
+        next_worker = (next_worker + 1) % workers.senders.len();
+        let _ = workers.senders[next_worker].send(job);
     }
     drop(listener);
+    drop(workers);
     tracing::info!(
         sessions = tracker.len(),
         grace_s = shared.config.shutdown_grace.as_secs(),
@@ -284,6 +298,69 @@ async fn handle(
     Ok(())
 }
 
+/// A connection handed to a session thread.
+struct Job {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    sessions: Arc<AtomicUsize>,
+}
+
+/// Session threads, each with its own single-threaded runtime. Connections are dealt to
+/// them in turn; a session then lives on one thread, so relaying a query never hands work
+/// between threads (no cross-thread wake-ups, no work stealing), as in a thread-per-core
+/// server. This is what keeps the proxy at pgbouncer's speed.
+struct Workers {
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<Job>>,
+}
+
+impl Workers {
+    fn start(count: usize, tracker: &TaskTracker) -> io::Result<Self> {
+        let mut senders = Vec::with_capacity(count);
+        for n in 0..count.max(1) {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let tracker = tracker.clone();
+            std::thread::Builder::new()
+                .name(format!("cutover-sessions-{n}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        while let Some(job) = rx.recv().await {
+                            tracker.spawn(run_job(job));
+                        }
+                        // The listener is gone: drive this thread's sessions to their end.
+                        tracker.wait().await;
+                    })
+                })?;
+            senders.push(tx);
+        }
+        Ok(Self { senders })
+    }
+}
+
+async fn run_job(job: Job) {
+    let Job {
+        stream,
+        peer,
+        tls,
+        shared,
+        sessions,
+    } = job;
+    let stream = match TcpStream::from_std(stream) {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(%peer, %error, "cannot register a connection");
+            return;
+        }
+    };
+    if let Err(error) = handle(stream, tls, shared, sessions).await {
+        tracing::debug!(%peer, %error, "connection ended during negotiation");
+    }
+}
+
 struct Violation(String);
 
 /// Reads until one initial packet is complete. `None`: the client closed.
@@ -354,6 +431,30 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+type TlsHalves<'a> = (
+    tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>,
+    tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>,
+);
+
+impl Duplex for ClientStream {
+    type Read<'a> = Half<tcp::ReadHalf<'a>, tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>>;
+    type Write<'a> = Half<tcp::WriteHalf<'a>, tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>>;
+
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        match self {
+            ClientStream::Plain(s) => {
+                let (r, w) = s.split();
+                (Half::Left(r), Half::Left(w))
+            }
+            ClientStream::Tls(s) => {
+                // TLS state is shared by both directions: these halves take a lock.
+                let (r, w): TlsHalves<'_> = tokio::io::split(s.as_mut());
+                (Half::Right(r), Half::Right(w))
+            }
         }
     }
 }

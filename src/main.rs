@@ -71,6 +71,9 @@ struct ServeArgs {
     /// Seconds sessions may go on after SIGTERM before they are closed [default: 30]
     #[arg(long, value_name = "SECONDS")]
     shutdown_grace: Option<u64>,
+    /// Threads that run client sessions [default: one per CPU core]
+    #[arg(long, value_name = "N")]
+    worker_threads: Option<usize>,
     /// PEM certificate for TLS to clients (with --tls-key)
     #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
@@ -89,7 +92,13 @@ fn main() -> ExitCode {
         .init();
 
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Accepting, the admin endpoint and the other commands; sessions run on their own
+    // threads (see the listener).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -137,6 +146,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_client_connections: args.max_client_connections,
         max_message_bytes: args.max_message_bytes,
         shutdown_grace_seconds: args.shutdown_grace,
+        worker_threads: args.worker_threads,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
     };

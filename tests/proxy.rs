@@ -538,3 +538,177 @@ async fn admin_endpoint_serves_health_readiness_and_metrics() {
     assert!(metric(&text, "cutover_client_connections") >= 1.0);
     p.shutdown().await;
 }
+
+/// Reads frames until one of type `until` (inclusive); returns (tag, body) pairs.
+async fn frames_until(
+    s: &mut tokio::net::TcpStream,
+    buf: &mut bytes::BytesMut,
+    until: u8,
+) -> Vec<(u8, bytes::Bytes)> {
+    let mut frames = Vec::new();
+    loop {
+        while let Some((tag, body)) = cutover::wire::take_frame(buf, usize::MAX).unwrap() {
+            let done = tag == until;
+            frames.push((tag, body));
+            if done {
+                return frames;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read_buf(buf))
+            .await
+            .expect("a reply within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed; frames so far: {frames:?}");
+    }
+}
+
+fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
+
+#[tokio::test]
+async fn a_newer_protocol_minor_is_negotiated_by_the_server_as_directly() {
+    let p = proxy().await;
+    let packet = startup_packet(
+        (3 << 16) | 9,
+        &[
+            ("user", "postgres"),
+            ("database", "postgres"),
+            ("_pq_.future_option", "x"),
+        ],
+    );
+    let mut replies = Vec::new();
+    for port in [cluster().port(), p.addr.port()] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(&packet).await.unwrap();
+        let mut buf = bytes::BytesMut::new();
+        let frames = frames_until(&mut s, &mut buf, b'Z').await;
+        let negotiate = frames.iter().find(|(t, _)| *t == b'v').cloned();
+        replies.push(negotiate);
+    }
+    assert!(replies[0].is_some(), "the server negotiates down");
+    assert_eq!(replies[0], replies[1]);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn function_calls_and_parameter_status_changes_are_relayed() {
+    let p = proxy().await;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(&startup_packet(
+        196_608,
+        &[("user", "postgres"), ("database", "postgres")],
+    ))
+    .await
+    .unwrap();
+    let mut buf = bytes::BytesMut::new();
+    frames_until(&mut s, &mut buf, b'Z').await;
+
+    // FunctionCall (F): int4pl (oid 177) of 40 and 2, binary arguments and result.
+    let mut body = Vec::new();
+    body.extend_from_slice(&177u32.to_be_bytes());
+    body.extend_from_slice(&1u16.to_be_bytes()); // one format code for all arguments
+    body.extend_from_slice(&1u16.to_be_bytes()); // binary
+    body.extend_from_slice(&2u16.to_be_bytes()); // two arguments
+    for v in [40i32, 2] {
+        body.extend_from_slice(&4u32.to_be_bytes());
+        body.extend_from_slice(&v.to_be_bytes());
+    }
+    body.extend_from_slice(&1u16.to_be_bytes()); // binary result
+    s.write_all(&cutover::wire::frame(b'F', &body))
+        .await
+        .unwrap();
+    let frames = frames_until(&mut s, &mut buf, b'Z').await;
+    let (_, result) = frames
+        .iter()
+        .find(|(t, _)| *t == b'V')
+        .expect("FunctionCallResponse");
+    assert_eq!(&result[..], &[0, 0, 0, 4, 0, 0, 0, 42]);
+
+    // SET application_name: the server reports the change (ParameterStatus, S).
+    s.write_all(&cutover::wire::frame(
+        b'Q',
+        b"SET application_name = 'renamed'\0",
+    ))
+    .await
+    .unwrap();
+    let frames = frames_until(&mut s, &mut buf, b'Z').await;
+    assert!(
+        frames
+            .iter()
+            .any(|(t, b)| *t == b'S' && b.starts_with(b"application_name\0renamed\0")),
+        "{frames:?}"
+    );
+
+    // Terminate: the proxy closes the session.
+    s.write_all(&[b'X', 0, 0, 0, 4]).await.unwrap();
+    let rest = read_to_close(&mut s).await;
+    assert!(rest.is_empty());
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn pipelined_extended_batch_with_an_error_discards_until_sync_like_the_server() {
+    // Parse/Bind/Execute ×3 with the middle one failing, then one Sync, sent at once;
+    // the bytes back through the proxy equal the bytes back from the server directly.
+    let p = proxy().await;
+    let mut replies = Vec::new();
+    for port in [cluster().port(), p.addr.port()] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(&startup_packet(
+            196_608,
+            &[("user", "postgres"), ("database", "postgres")],
+        ))
+        .await
+        .unwrap();
+        let mut buf = bytes::BytesMut::new();
+        frames_until(&mut s, &mut buf, b'Z').await;
+        let mut batch = Vec::new();
+        for sql in ["SELECT 1", "SELECT 1/0", "SELECT 3"] {
+            batch.extend_from_slice(&cutover::wire::frame(
+                b'P',
+                format!("\0{sql}\0\0\0").as_bytes(),
+            ));
+            batch.extend_from_slice(&cutover::wire::frame(b'B', b"\0\0\0\0\0\0\0\0"));
+            batch.extend_from_slice(&cutover::wire::frame(b'E', b"\0\0\0\0\0"));
+        }
+        batch.extend_from_slice(&cutover::wire::frame(b'S', b""));
+        s.write_all(&batch).await.unwrap();
+        let frames = frames_until(&mut s, &mut buf, b'Z').await;
+        // Error fields name a source line that is the same either way; keep the tags and
+        // the non-error bodies.
+        replies.push(
+            frames
+                .into_iter()
+                .map(|(t, b)| {
+                    if t == b'E' {
+                        (t, bytes::Bytes::new())
+                    } else {
+                        (t, b)
+                    }
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    let tags: Vec<u8> = replies[0].iter().map(|(t, _)| *t).collect();
+    assert_eq!(
+        tags, b"12DC1EZ",
+        "SELECT 1 answered, 1/0 failed at Bind, SELECT 3 skipped"
+    );
+    assert_eq!(replies[0], replies[1]);
+    p.shutdown().await;
+}

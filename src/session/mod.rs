@@ -19,7 +19,7 @@ use std::sync::{
     atomic::{AtomicU32, Ordering},
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -77,10 +77,7 @@ pub async fn refuse<C: AsyncWrite + Unpin>(client: &mut C, code: &SqlState, mess
 }
 
 /// Runs a session whose StartupMessage has been read.
-pub async fn run<C>(mut client: C, startup: Startup, id: u32, shared: Arc<Shared>)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
+pub async fn run<C: relay::Duplex>(mut client: C, startup: Startup, id: u32, shared: Arc<Shared>) {
     let (user, database) = startup.user_and_database();
     let span = tracing::info_span!(
         "session",

@@ -40,8 +40,24 @@ pub enum End {
 
 /// Bytes asked of the socket per read when the buffer runs low.
 const READ_CHUNK: usize = 16 * 1024;
+/// A buffer grown past this (a large message inspected whole) is released once empty.
+const KEEP_BUFFER: usize = 1 << 20;
 /// No server message is refused for size: PostgreSQL itself bounds them.
 const MAX_SERVER_MESSAGE: usize = usize::MAX;
+
+/// A socket that can be read and written at the same time from one task.
+pub trait Duplex: AsyncRead + AsyncWrite + Unpin {
+    type Read<'a>: AsyncRead + Unpin
+    where
+        Self: 'a;
+    type Write<'a>: AsyncWrite + Unpin
+    where
+        Self: 'a;
+
+    /// Borrowed halves; for plain sockets these are free (no lock, unlike
+    /// `tokio::io::split`), which matters on a path crossed twice per query.
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+}
 
 pub struct Relay<'a, C, U> {
     client: &'a mut C,
@@ -50,11 +66,7 @@ pub struct Relay<'a, C, U> {
     shared: &'a Shared,
 }
 
-impl<'a, C, U> Relay<'a, C, U>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
+impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
     pub fn new(client: &'a mut C, upstream: &'a mut U, id: u32, shared: &'a Shared) -> Self {
         Self {
             client,
@@ -67,8 +79,8 @@ where
     pub async fn run(self) -> End {
         let shared = self.shared;
         shared.metrics.clients.increment(1.0);
-        let (mut client_rd, mut client_wr) = tokio::io::split(self.client);
-        let (mut upstream_rd, mut upstream_wr) = tokio::io::split(self.upstream);
+        let (mut client_rd, mut client_wr) = self.client.halves();
+        let (mut upstream_rd, mut upstream_wr) = self.upstream.halves();
 
         // Whether the client has been sent only whole frames, so that a proxy-made error
         // can be written to it without cutting a frame in two.
@@ -93,6 +105,7 @@ where
             end = to_client.run(&mut upstream_rd, &mut client_wr) => end,
         };
         shared.metrics.clients.decrement(1.0);
+        drop((client_rd, client_wr, upstream_rd, upstream_wr));
 
         let (code, message) = match &end {
             End::ProtocolViolation(error) => {
@@ -117,8 +130,7 @@ where
             _ => return end,
         };
         if client_at_boundary.load(Relaxed) {
-            let mut client = client_rd.unsplit(client_wr);
-            super::refuse(&mut client, &code, &message).await;
+            super::refuse(self.client, &code, &message).await;
         }
         end
     }
@@ -197,6 +209,7 @@ impl ClientToServer<'_> {
                 }
                 self.buf.advance(ready);
             }
+            release_if_large(&mut self.buf);
             if terminate {
                 let _ = upstream.flush().await;
                 return End::ClientTerminated;
@@ -327,6 +340,7 @@ impl ServerToClient<'_> {
             if ready > 0 && !self.write(client, ready, &[]).await {
                 return End::ClientClosed;
             }
+            release_if_large(&mut self.buf);
             self.at_boundary.store(self.streaming == 0, Relaxed);
         }
     }
@@ -345,6 +359,13 @@ impl ServerToClient<'_> {
             self.buf.advance(ready);
         }
         extra.is_empty() || client.write_all(extra).await.is_ok()
+    }
+}
+
+/// Gives back the memory of a buffer that grew for one large message.
+fn release_if_large(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > KEEP_BUFFER {
+        *buf = BytesMut::new();
     }
 }
 
