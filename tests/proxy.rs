@@ -712,3 +712,57 @@ async fn pipelined_extended_batch_with_an_error_discards_until_sync_like_the_ser
     assert_eq!(replies[0], replies[1]);
     p.shutdown().await;
 }
+
+#[tokio::test]
+async fn gssenc_is_declined_and_startup_parameters_reach_the_server() {
+    let p = proxy().await;
+    // GSSENCRequest: 'N', then a normal startup on the same connection.
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30])
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"N");
+    s.write_all(&startup_packet(
+        196_608,
+        &[
+            ("user", "postgres"),
+            ("database", "postgres"),
+            ("application_name", "through-cutover"),
+            (
+                "options",
+                "-c search_path=custom_path -c statement_timeout=1234",
+            ),
+        ],
+    ))
+    .await
+    .unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let frames = frames_until(&mut s, &mut buf, b'Z').await;
+    assert!(
+        frames
+            .iter()
+            .any(|(t, b)| *t == b'S' && b.starts_with(b"application_name\0through-cutover\0"))
+    );
+    // The proxy's own key, not the server's: 4-byte secret in protocol 3.0.
+    let (_, key) = frames
+        .iter()
+        .find(|(t, _)| *t == b'K')
+        .expect("BackendKeyData");
+    assert_eq!(key.len(), 8);
+    s.write_all(&cutover::wire::frame(
+        b'Q',
+        b"SHOW search_path; SHOW statement_timeout\0",
+    ))
+    .await
+    .unwrap();
+    let frames = frames_until(&mut s, &mut buf, b'Z').await;
+    let rows: Vec<&[u8]> = frames
+        .iter()
+        .filter(|(t, _)| *t == b'D')
+        .map(|(_, b)| &b[6..])
+        .collect();
+    assert_eq!(rows, [&b"custom_path"[..], &b"1234ms"[..]]);
+    p.shutdown().await;
+}
