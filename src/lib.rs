@@ -19,6 +19,8 @@
 //! - [`wire`]: the frame codec (no I/O).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`metrics`]: every metric, in one place.
 //! - [`config`]: `cutover serve` configuration (TOML file + flags).
+//! - [`rules`]: the rule files (table and column map, query types), validated with
+//!   `file:line:column` diagnostics; [`classify::fingerprint`] names statements.
 //! - [`connect`]: reaching a PostgreSQL server from a URL, with errors an operator can act on.
 //! - [`migrate`]: `cutover migrate` (the recorded, checksummed migrations of `migrations/`)
 //!   and the seed's integrity checks of the `fature_v2` tree.
@@ -37,6 +39,7 @@ pub mod listener;
 pub mod localpg;
 pub mod metrics;
 pub mod migrate;
+pub mod rules;
 pub mod session;
 pub mod tls;
 pub mod upstream;

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use cutover::{config::FileConfig, connect, listener, migrate};
+use cutover::{config::FileConfig, connect, listener, migrate, rules};
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +18,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Validate and explain the rule files.
+    #[command(subcommand)]
+    Rules(RulesCommand),
     /// Run the proxy: applications connect to --listen as they would to PostgreSQL; each
     /// session gets its own upstream connection, authenticated with the client's own
     /// credentials. SIGTERM stops accepting, lets sessions finish for the grace period,
@@ -39,6 +42,22 @@ enum Command {
         /// List what would be applied, change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Validate the rule files; print every problem as FILE:LINE:COLUMN: MESSAGE and exit 1
+    /// if there is any. With --database-url, also check them against the database: tables
+    /// and columns exist, and every target SQL prepares with the parameters and the result
+    /// columns (names and types) of its legacy statement.
+    Check {
+        /// Directory of the rule files
+        #[arg(default_value = "rules")]
+        dir: PathBuf,
+        /// PostgreSQL holding both schemas (optional)
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
     },
 }
 
@@ -117,6 +136,9 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve(args).await,
+        Command::Rules(RulesCommand::Check { dir, database_url }) => {
+            rules_check(&dir, database_url).await
+        }
         Command::Migrate {
             database_url,
             migrations_dir,
@@ -177,5 +199,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         token.cancel();
     });
     running.wait().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rules_check(
+    dir: &std::path::Path,
+    database_url: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let set = match rules::RuleSet::load_dir(dir) {
+        Ok(set) => set,
+        Err(rules::RulesError(diagnostics)) => {
+            for d in &diagnostics {
+                println!("{d}");
+            }
+            eprintln!("{}: {} problem(s)", dir.display(), diagnostics.len());
+            return Ok(ExitCode::from(1));
+        }
+    };
+    if let Some(url) = database_url {
+        let client = connect::connect(&connect::parse_url(&url)?).await?;
+        let problems = rules::check_against_database(&client, &set).await?;
+        if !problems.is_empty() {
+            for d in &problems {
+                println!("{d}");
+            }
+            eprintln!(
+                "{}: {} problem(s) against the database",
+                dir.display(),
+                problems.len()
+            );
+            return Ok(ExitCode::from(1));
+        }
+    }
+    println!(
+        "{}: ok: {} → {}, {} query types",
+        dir.display(),
+        set.table.legacy,
+        set.table.target,
+        set.query_types.len()
+    );
     Ok(ExitCode::SUCCESS)
 }

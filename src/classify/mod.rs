@@ -6,6 +6,8 @@
 //! pass will be parsed, fingerprinted and given a query type (rules, issue 4); a false
 //! positive (the name inside a string or another identifier) only costs a parse.
 
+pub mod fingerprint;
+
 /// The pre-check for one legacy table name.
 #[derive(Debug, Clone)]
 pub struct Precheck {

@@ -1,0 +1,270 @@
+//! Rule files: the customer's set is valid (offline and against a migrated database), and
+//! every kind of broken file is reported at its file:line:column.
+
+mod support;
+
+use std::path::PathBuf;
+
+use cutover::rules::{Diagnostic, RuleSet, Stage};
+
+const TABLE: &str = r#"[table]
+legacy = "public.affiliates"
+target = "fature_v2.affiliates_optimized"
+key = "affiliate_id"
+columns = ["affiliate_id", "parent_affiliate_id", "external_id", "name", "email", "status",
+    "registration_date", "level_1_referrals", "total_deposits", "total_bets",
+    "total_withdrawals", "total_cpa_earned", "total_rev_earned", "total_commissions_paid",
+    "created_at", "updated_at"]
+[columns.level_1_referrals]
+target = "direct_referrals_count"
+derived = true
+"#;
+
+/// Lines of TABLE, so that the snippets' line numbers below are easy to read.
+const TABLE_LINES: usize = 11;
+
+fn check(snippet: &str) -> Vec<Diagnostic> {
+    let text = format!("{TABLE}{snippet}");
+    match RuleSet::from_sources(&[(PathBuf::from("rules/test.toml"), text)]) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0,
+    }
+}
+
+/// Asserts exactly one diagnostic, at `line` (counted within the snippet) and `column`.
+fn assert_one(snippet: &str, line: usize, column: usize, needle: &str) {
+    let diagnostics = check(snippet);
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:#?}");
+    let d = &diagnostics[0];
+    let shown = d.to_string();
+    assert_eq!(
+        (d.line, d.column),
+        (TABLE_LINES + line, column),
+        "position of {shown}"
+    );
+    assert!(shown.starts_with("rules/test.toml:"), "{shown}");
+    assert!(shown.contains(needle), "{needle:?} not in {shown}");
+}
+
+#[test]
+fn a_valid_snippet_passes() {
+    assert!(
+        check("[[query_type]]\nname = \"ok\"\nmatch = \"SELECT * FROM affiliates\"\n").is_empty()
+    );
+}
+
+#[test]
+fn unknown_columns_are_pointed_at() {
+    assert_one(
+        "[columns.email_addr]\ntarget = \"email\"\n",
+        1,
+        10,
+        "column \"email_addr\" is not in public.affiliates",
+    );
+    assert_one(
+        "[[query_type]]\nname = \"q\"\nmatch = \"SELECT 1 FROM affiliates\"\n[query_type.compare]\nignore_columns = [\"updated_at\", \"nope\"]\n",
+        5,
+        33,
+        "column \"nope\" is not in public.affiliates",
+    );
+}
+
+#[test]
+fn bad_toml_is_pointed_at() {
+    assert_one("[[query_type]]\nname = \"q\nmatch = 1\n", 2, 10, "");
+    assert_one(
+        "[[query_type]]\nname = \"q\"\nmatch = \"SELECT 1 FROM affiliates\"\nstagee = \"shadow\"\n",
+        4,
+        1,
+        "unknown field `stagee`",
+    );
+}
+
+#[test]
+fn stages_and_percents_are_checked() {
+    let qt = "[[query_type]]\nname = \"q\"\nmatch = \"SELECT 1 FROM affiliates\"\n";
+    assert_one(
+        &format!("{qt}stage = \"shaddow\"\n"),
+        4,
+        9,
+        "unknown stage \"shaddow\"",
+    );
+    assert_one(
+        &format!("{qt}stage = \"cutover\"\npercent = 140\n"),
+        5,
+        11,
+        "percent 140 is not between 0 and 100",
+    );
+    assert_one(
+        &format!("{qt}stage = \"cutover\"\n"),
+        4,
+        9,
+        "needs a percent",
+    );
+    assert_one(
+        &format!("{qt}stage = \"shadow\"\npercent = 10\n"),
+        5,
+        11,
+        "only to stage \"cutover\"",
+    );
+    assert_one(
+        &format!("{qt}bucket = \"nope\"\n"),
+        4,
+        10,
+        "bucket \"nope\"",
+    );
+    assert_one(
+        &format!("{qt}sample_rate = 1.5\n"),
+        4,
+        15,
+        "sample_rate 1.5",
+    );
+}
+
+#[test]
+fn duplicates_and_unparsable_sql_are_refused() {
+    let dup = "[[query_type]]\nname = \"q\"\nmatch = \"SELECT 1 FROM affiliates\"\n\
+               [[query_type]]\nname = \"q\"\nmatch = \"SELECT 2 FROM affiliates\"\n";
+    assert_one(dup, 5, 8, "duplicate query type name \"q\"");
+    let same = "[[query_type]]\nname = \"a\"\nmatch = \"SELECT 1 FROM affiliates\"\n\
+                [[query_type]]\nname = \"b\"\nmatch = \"select 2 from AFFILIATES\"\n";
+    assert_one(
+        same,
+        6,
+        9,
+        "matches the same statements as query type \"a\"",
+    );
+    assert_one(
+        "[[query_type]]\nname = \"q\"\nmatch = \"SELECT * FROM affiliates\"\ntarget = \"SELEC broken\"\n",
+        4,
+        10,
+        "target: the SQL does not parse",
+    );
+    assert_one(
+        "[[query_type]]\nname = \"q\"\nmatch = \"SELECT FROM WHERE\"\n",
+        3,
+        9,
+        "match: the SQL does not parse",
+    );
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let text = "[[query_type]]\nname = \"Q-1\"\nmatch = \"SELECT 1 FROM affiliates\"\nstage = \"nope\"\n\
+                [query_type.compare]\nignore_columns = [\"x\"]\nnumeric_tolerance = \"-1\"\n";
+    let diagnostics = check(text);
+    assert_eq!(diagnostics.len(), 4, "{diagnostics:#?}");
+}
+
+#[test]
+fn the_customer_rules_are_valid_offline() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let set = RuleSet::load_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(set.table.legacy.to_string(), "public.affiliates");
+    assert_eq!(set.query_types.len(), 17);
+    assert!(set.query_types.iter().all(|q| q.stage == Stage::Legacy));
+    // Every statement of the workload file has its query type, by fingerprint.
+    let workload = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/workloads/fature_app.sql"),
+    );
+    if let Ok(workload) = workload {
+        for (ty, sql) in workload_statements(&workload) {
+            let fp = cutover::classify::fingerprint::fingerprint(&sql).unwrap();
+            let found = set.query_type_for(&fp).map(|q| q.name.as_str());
+            if ty.starts_with('(') {
+                assert_eq!(found, None, "{sql}");
+            } else {
+                assert_eq!(found, Some(ty.as_str()), "{sql}");
+            }
+        }
+    }
+}
+
+/// (type, statement) pairs of the workload file's "-- type:" blocks.
+pub fn workload_statements(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("-- type:") {
+            let ty = rest.split_whitespace().next().unwrap_or_default();
+            let ty = if ty.starts_with('(') {
+                "(passthrough)"
+            } else {
+                ty
+            };
+            out.push((ty.to_owned(), String::new()));
+        } else if let Some((_, sql)) = out.last_mut()
+            && !line.trim_start().starts_with("--")
+        {
+            sql.push_str(line);
+            sql.push('\n');
+        }
+    }
+    for (_, sql) in &mut out {
+        *sql = sql.trim().trim_end_matches(';').to_owned();
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_customer_rules_hold_against_a_migrated_database() {
+    let db = support::migrated_db().await;
+    let (code, out, err) = support::cutover(
+        &["rules", "check", "rules", "--database-url", &db.url()],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok: public.affiliates → fature_v2.affiliates_optimized, 17 query types"));
+}
+
+#[tokio::test]
+async fn target_sql_that_does_not_prepare_or_match_is_refused_against_the_database() {
+    let db = support::migrated_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let snippet = "[[query_type]]\nname = \"wrong_table\"\nmatch = \"SELECT name FROM affiliates WHERE affiliate_id = $1\"\n\
+                   target = \"SELECT name FROM fature_v2.nope WHERE affiliate_id = $1\"\n\
+                   [[query_type]]\nname = \"wrong_type\"\nmatch = \"SELECT affiliate_id FROM affiliates WHERE status = $1\"\n\
+                   target = \"SELECT affiliate_id::int4 FROM fature_v2.affiliates_optimized WHERE status = $1\"\n\
+                   [[query_type]]\nname = \"wrong_count\"\nmatch = \"SELECT name FROM affiliates\"\n\
+                   target = \"SELECT name, email FROM fature_v2.affiliates_optimized\"\n";
+    std::fs::write(dir.path().join("t.toml"), format!("{TABLE}{snippet}")).unwrap();
+    let (code, out, _) = support::cutover(
+        &[
+            "rules",
+            "check",
+            dir.path().to_str().unwrap(),
+            "--database-url",
+            &db.url(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].ends_with(&format!("t.toml:{}:10: wrong_table: the target SQL does not prepare: relation \"fature_v2.nope\" does not exist", TABLE_LINES + 4)), "{out}");
+    assert!(lines[1].contains("wrong_type: column affiliate_id int4 of the target SQL does not match legacy's affiliate_id int8"), "{out}");
+    assert!(
+        lines[2].contains("wrong_count: the target SQL returns 2 columns, the legacy statement 1"),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_check_command_prints_every_diagnostic_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.toml"),
+        format!("{TABLE}[[query_type]]\nname = \"q\"\nmatch = \"SELECT 1 FROM affiliates\"\nstage = \"cutover\"\npercent = 140\n"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("b.toml"), "[[query_type]]\nname = \"q\"\n").unwrap();
+    let (code, out, _) = support::cutover(&["rules", "check", dir.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains(&format!("a.toml:{}:11: percent 140", TABLE_LINES + 5)),
+        "{out}"
+    );
+    assert!(
+        out.contains("b.toml:1:1: query type \"q\": give match"),
+        "{out}"
+    );
+}
