@@ -21,6 +21,7 @@
 //! - [`config`]: `cutover serve` configuration (TOML file + flags).
 //! - [`rules`]: the rule files (table and column map, query types), validated with
 //!   `file:line:column` diagnostics; [`classify::fingerprint`] names statements.
+//! - [`rewrite`]: a statement on the legacy table as the same statement on the target.
 //! - [`connect`]: reaching a PostgreSQL server from a URL, with errors an operator can act on.
 //! - [`migrate`]: `cutover migrate` (the recorded, checksummed migrations of `migrations/`)
 //!   and the seed's integrity checks of the `fature_v2` tree.
@@ -39,6 +40,7 @@ pub mod listener;
 pub mod localpg;
 pub mod metrics;
 pub mod migrate;
+pub mod rewrite;
 pub mod rules;
 pub mod session;
 pub mod tls;
