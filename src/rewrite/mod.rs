@@ -46,6 +46,10 @@ pub struct Rewriter {
     schema: String,
     table: String,
     columns: HashSet<String>,
+    /// Legacy columns in table order: (legacy name, target name, derived).
+    order: Vec<(String, String, bool)>,
+    key: String,
+    target: ObjectName,
     /// `SELECT <legacy columns from target columns> FROM <target>`, parsed once.
     view: Box<Query>,
 }
@@ -81,6 +85,16 @@ impl Rewriter {
             schema: table.legacy.schema.clone(),
             table: table.legacy.name.clone(),
             columns: table.columns.iter().map(|c| c.legacy.clone()).collect(),
+            order: table
+                .columns
+                .iter()
+                .map(|c| (c.legacy.clone(), c.target.clone(), c.derived))
+                .collect(),
+            key: table.key.clone(),
+            target: ObjectName::from(vec![
+                Ident::with_quote('"', table.target.schema.clone()),
+                Ident::with_quote('"', table.target.name.clone()),
+            ]),
             view,
         }
     }
@@ -117,6 +131,9 @@ impl Rewriter {
     fn rewrite_one(&self, statement: &mut Statement) -> Result<(), String> {
         let query = match statement {
             Statement::Query(q) => q,
+            Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => {
+                return self.rewrite_write(statement);
+            }
             other => {
                 let kind = other
                     .to_string()
@@ -124,15 +141,9 @@ impl Rewriter {
                     .next()
                     .unwrap_or("")
                     .to_uppercase();
-                return Err(
-                    if matches!(kind.as_str(), "INSERT" | "UPDATE" | "DELETE" | "MERGE") {
-                        format!(
-                            "{kind} statements are mirrored row by row (dual-write), not rewritten"
-                        )
-                    } else {
-                        format!("{kind} statements on the legacy table are not rewritten")
-                    },
-                );
+                return Err(format!(
+                    "{kind} statements on the legacy table are not rewritten"
+                ));
             }
         };
         // Two passes: FROM clauses are visited after the select list, so whole-row
@@ -156,6 +167,306 @@ impl Rewriter {
             Some(problem) => Err(problem),
             None => Ok(()),
         }
+    }
+
+    /// INSERT, UPDATE and DELETE whose target is the legacy table: the target table is
+    /// renamed, mapped columns are renamed where they belong to it, RETURNING keeps the
+    /// legacy names, and a write to a derived column is refused. Other references to the
+    /// legacy table (subqueries, FROM, USING) are substituted as in reads.
+    fn rewrite_write(&self, statement: &mut Statement) -> Result<(), String> {
+        let mut substituted = HashSet::new();
+        let visible = match statement {
+            Statement::Insert(insert) => {
+                let sqlparser::ast::TableObject::TableName(name) = &mut insert.table else {
+                    return Err("INSERT into a table function is not rewritten".into());
+                };
+                if !self.is_legacy(name) {
+                    return self.rewrite_other_write(statement);
+                }
+                *name = self.target.clone();
+                if insert.columns.is_empty()
+                    && let Some(source) = &insert.source
+                {
+                    // Without a column list the values follow the legacy table's order: name
+                    // those columns, so they land in the right ones (and derived ones refuse).
+                    let SetExpr::Values(values) = source.body.as_ref() else {
+                        return Err(
+                            "INSERT … SELECT without a column list: name the columns".into()
+                        );
+                    };
+                    let n = values.rows.first().map_or(0, |row| row.content.len());
+                    insert.columns = self
+                        .order
+                        .iter()
+                        .take(n)
+                        .map(|(l, _, _)| ObjectName::from(vec![Ident::new(l.clone())]))
+                        .collect();
+                }
+                let names_key = insert.columns.iter().any(|c| {
+                    matches!(c.0.last(), Some(ObjectNamePart::Identifier(i)) if folded(i) == self.key)
+                });
+                if !names_key {
+                    return Err(format!(
+                        "the INSERT leaves {} to legacy's default (its sequence), which the target does not have: give the query type an explicit target",
+                        self.key
+                    ));
+                }
+                for column in &mut insert.columns {
+                    self.rename_written(column)?;
+                }
+                // The renamed table stays visible under its legacy name.
+                insert.table_alias.get_or_insert_with(|| {
+                    sqlparser::ast::TableAliasWithoutColumns {
+                        explicit: true,
+                        alias: Ident::new(self.table.clone()),
+                    }
+                });
+                if let Some(sqlparser::ast::OnInsert::OnConflict(conflict)) = &mut insert.on {
+                    match &mut conflict.conflict_target {
+                        Some(sqlparser::ast::ConflictTarget::Columns { columns, .. }) => {
+                            for c in columns.iter_mut() {
+                                self.rename_ident(c);
+                            }
+                        }
+                        Some(sqlparser::ast::ConflictTarget::OnConstraint(_)) => {
+                            return Err(
+                                "ON CONFLICT ON CONSTRAINT names a legacy constraint".into()
+                            );
+                        }
+                        _ => {}
+                    }
+                    if let sqlparser::ast::OnConflictAction::DoUpdate(update) = &mut conflict.action
+                    {
+                        for a in &mut update.assignments {
+                            self.rename_assignment(a)?;
+                        }
+                    }
+                }
+                let visible = insert
+                    .table_alias
+                    .as_ref()
+                    .map_or_else(|| self.table.clone(), |a| folded(&a.alias));
+                self.alias_back_returning(insert.returning.as_mut(), &visible);
+                visible
+            }
+            Statement::Update(update) => {
+                let TableFactor::Table { name, alias, .. } = &mut update.table.relation else {
+                    return Err("UPDATE of a derived table is not rewritten".into());
+                };
+                if !self.is_legacy(name) || !update.table.joins.is_empty() {
+                    return self.rewrite_other_write(statement);
+                }
+                *name = self.target.clone();
+                let visible = folded(&alias.get_or_insert_with(|| self.legacy_alias()).name);
+                for a in &mut update.assignments {
+                    self.rename_assignment(a)?;
+                }
+                if let Some(
+                    sqlparser::ast::UpdateTableFromKind::AfterSet(from)
+                    | sqlparser::ast::UpdateTableFromKind::BeforeSet(from),
+                ) = &mut update.from
+                {
+                    self.substitute_in(from, &mut substituted)?;
+                }
+                self.alias_back_returning(update.returning.as_mut(), &visible);
+                visible
+            }
+            Statement::Delete(delete) => {
+                let (sqlparser::ast::FromTable::WithFromKeyword(from)
+                | sqlparser::ast::FromTable::WithoutKeyword(from)) = &mut delete.from;
+                let [only] = from.as_mut_slice() else {
+                    return Err("DELETE from several tables is not rewritten".into());
+                };
+                let TableFactor::Table { name, alias, .. } = &mut only.relation else {
+                    return Err("DELETE from a derived table is not rewritten".into());
+                };
+                if !self.is_legacy(name) {
+                    return self.rewrite_other_write(statement);
+                }
+                *name = self.target.clone();
+                let visible = folded(&alias.get_or_insert_with(|| self.legacy_alias()).name);
+                if let Some(using) = &mut delete.using {
+                    self.substitute_in(using, &mut substituted)?;
+                }
+                self.alias_back_returning(delete.returning.as_mut(), &visible);
+                visible
+            }
+            _ => unreachable!("only writes get here"),
+        };
+        let mut renamer = RenameColumns {
+            rewriter: self,
+            visible,
+            depth: 0,
+            substituted: &mut substituted,
+            problem: None,
+        };
+        let _ = statement.visit(&mut renamer);
+        if let Some(problem) = renamer.problem {
+            return Err(problem);
+        }
+        let mut check = Check {
+            rewriter: self,
+            aliases: substituted,
+            problem: None,
+        };
+        let _ = statement.visit(&mut check);
+        check.problem.map_or(Ok(()), Err)
+    }
+
+    /// A write to another table that reads the legacy one (in a subquery, FROM or USING):
+    /// the reads are substituted, the written table is left alone.
+    fn rewrite_other_write(&self, statement: &mut Statement) -> Result<(), String> {
+        let mut substitute = Substitute {
+            rewriter: self,
+            aliases: HashSet::new(),
+            problem: None,
+        };
+        let _ = statement.visit(&mut substitute);
+        if let Some(problem) = substitute.problem {
+            return Err(problem);
+        }
+        let mut check = Check {
+            rewriter: self,
+            aliases: substitute.aliases,
+            problem: None,
+        };
+        let _ = statement.visit(&mut check);
+        check.problem.map_or(Ok(()), Err)
+    }
+
+    fn substitute_in(
+        &self,
+        tables: &mut [sqlparser::ast::TableWithJoins],
+        aliases: &mut HashSet<String>,
+    ) -> Result<(), String> {
+        let mut substitute = Substitute {
+            rewriter: self,
+            aliases: HashSet::new(),
+            problem: None,
+        };
+        for t in tables {
+            let _ = t.visit(&mut substitute);
+        }
+        aliases.extend(substitute.aliases);
+        substitute.problem.map_or(Ok(()), Err)
+    }
+
+    /// `AS <legacy name>`: keeps references qualified by the table's name valid.
+    fn legacy_alias(&self) -> TableAlias {
+        TableAlias {
+            explicit: true,
+            name: Ident::new(self.table.clone()),
+            columns: Vec::new(),
+            at: None,
+        }
+    }
+
+    /// The target name of a legacy column (unchanged when not mapped).
+    fn mapped(&self, legacy: &str) -> Option<&(String, String, bool)> {
+        self.order.iter().find(|(l, _, _)| l == legacy)
+    }
+
+    fn rename_ident(&self, ident: &mut Ident) {
+        if let Some((_, target, _)) = self.mapped(&folded(ident))
+            && *target != folded(ident)
+        {
+            *ident = Ident::new(target.clone());
+        }
+    }
+
+    /// A column the statement writes: renamed, or refused if derived.
+    fn rename_written(&self, column: &mut ObjectName) -> Result<(), String> {
+        let Some(ObjectNamePart::Identifier(ident)) = column.0.last_mut() else {
+            return Ok(());
+        };
+        let name = folded(ident);
+        if let Some((legacy, _, true)) = self.mapped(&name) {
+            return Err(format!(
+                "the statement writes {legacy}, which the target derives itself; give the query type an explicit target"
+            ));
+        }
+        self.rename_ident(ident);
+        Ok(())
+    }
+
+    fn rename_assignment(&self, assignment: &mut sqlparser::ast::Assignment) -> Result<(), String> {
+        match &mut assignment.target {
+            sqlparser::ast::AssignmentTarget::ColumnName(c) => self.rename_written(c),
+            sqlparser::ast::AssignmentTarget::Tuple(cs) => {
+                cs.iter_mut().try_for_each(|c| self.rename_written(c))
+            }
+        }
+    }
+
+    /// RETURNING keeps the legacy names: `*` becomes the legacy column list and a mapped
+    /// column is aliased back (`direct_referrals_count AS level_1_referrals`).
+    fn alias_back_returning(
+        &self,
+        returning: Option<&mut Vec<sqlparser::ast::SelectItem>>,
+        visible: &str,
+    ) {
+        use sqlparser::ast::SelectItem;
+        let Some(items) = returning else { return };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items.drain(..) {
+            match item {
+                SelectItem::Wildcard(_) => {
+                    for (legacy, _, _) in &self.order {
+                        out.push(SelectItem::ExprWithAlias {
+                            expr: Expr::Identifier(Ident::new(legacy.clone())),
+                            alias: Ident::new(legacy.clone()),
+                        });
+                    }
+                }
+                SelectItem::QualifiedWildcard(kind, _)
+                    if kind.to_string().to_lowercase() == visible =>
+                {
+                    for (legacy, _, _) in &self.order {
+                        out.push(SelectItem::ExprWithAlias {
+                            expr: Expr::CompoundIdentifier(vec![
+                                Ident::new(visible.to_owned()),
+                                Ident::new(legacy.clone()),
+                            ]),
+                            alias: Ident::new(legacy.clone()),
+                        });
+                    }
+                }
+                SelectItem::UnnamedExpr(expr) => {
+                    let last = match &expr {
+                        Expr::Identifier(i) => Some(folded(i)),
+                        Expr::CompoundIdentifier(parts) => parts.last().map(folded),
+                        _ => None,
+                    };
+                    match last {
+                        Some(name) if self.mapped(&name).is_some_and(|(l, t, _)| l != t) => {
+                            out.push(SelectItem::ExprWithAlias {
+                                expr,
+                                alias: Ident::new(name),
+                            });
+                        }
+                        _ => out.push(SelectItem::UnnamedExpr(expr)),
+                    }
+                }
+                other => out.push(other),
+            }
+        }
+        *items = out;
+    }
+
+    /// Whether any of the statements refers to the legacy table (relations anywhere, and
+    /// COPY's table, which the relation visitor does not see).
+    pub fn concerns(&self, statements: &[Statement]) -> bool {
+        let mut found = false;
+        for statement in statements {
+            let _ = sqlparser::ast::visit_relations(statement, |name| {
+                found |= self.is_legacy(name);
+                ControlFlow::<()>::Continue(())
+            });
+        }
+        found
+            || statements.iter().any(|s| {
+                matches!(s, Statement::Copy { source: sqlparser::ast::CopySource::Table { table_name, .. }, .. } if self.is_legacy(table_name))
+            })
     }
 
     /// Whether an object name refers to the legacy table (under the default search_path).
@@ -237,12 +548,7 @@ impl VisitorMut for Substitute<'_> {
         if args.is_some() {
             return self.refuse("the legacy table is called like a function".into());
         }
-        let alias = alias.take().unwrap_or_else(|| TableAlias {
-            explicit: true,
-            name: Ident::new(self.rewriter.table.clone()),
-            columns: Vec::new(),
-            at: None,
-        });
+        let alias = alias.take().unwrap_or_else(|| self.rewriter.legacy_alias());
         self.aliases.insert(folded(&alias.name));
         *factor = TableFactor::Derived {
             lateral: false,
@@ -267,6 +573,77 @@ impl VisitorMut for Substitute<'_> {
             return self.refuse(format!(
                 "the string '{text}' names the legacy table; references inside strings (such as ::regclass) cannot be rewritten"
             ));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Renames the written table's mapped columns in a write statement's expressions, and
+/// substitutes legacy reads inside its subqueries.
+struct RenameColumns<'r, 'a> {
+    rewriter: &'r Rewriter,
+    /// The name under which the written table is visible (its alias, or its name).
+    visible: String,
+    /// Subquery nesting: unqualified names inside a subquery may belong to another table.
+    depth: usize,
+    substituted: &'a mut HashSet<String>,
+    problem: Option<String>,
+}
+
+impl VisitorMut for RenameColumns<'_, '_> {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, _query: &mut Query) -> ControlFlow<()> {
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _query: &mut Query) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &mut TableFactor) -> ControlFlow<()> {
+        if self.depth == 0 {
+            return ControlFlow::Continue(());
+        }
+        let mut substitute = Substitute {
+            rewriter: self.rewriter,
+            aliases: HashSet::new(),
+            problem: None,
+        };
+        let flow = substitute.pre_visit_table_factor(factor);
+        self.substituted.extend(substitute.aliases);
+        if let Some(p) = substitute.problem {
+            self.problem.get_or_insert(p);
+        }
+        flow
+    }
+
+    fn post_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        let rw = self.rewriter;
+        match expr {
+            Expr::Identifier(ident) => {
+                let name = folded(ident);
+                if let Some((_, target, _)) = rw.mapped(&name)
+                    && *target != name
+                {
+                    if self.depth > 0 {
+                        self.problem.get_or_insert(format!(
+                            "unqualified {name} inside a subquery of a write: qualify it with the table it belongs to"
+                        ));
+                        return ControlFlow::Break(());
+                    }
+                    *ident = Ident::new(target.clone());
+                }
+            }
+            Expr::CompoundIdentifier(parts) if parts.len() == 2 => {
+                let qualifier = folded(&parts[0]);
+                if qualifier == self.visible || (qualifier == "excluded" && self.depth == 0) {
+                    rw.rename_ident(&mut parts[1]);
+                }
+            }
+            _ => {}
         }
         ControlFlow::Continue(())
     }
@@ -373,6 +750,49 @@ mod tests {
     }
 
     #[test]
+    fn writes_rename_the_table_and_alias_returning_back() {
+        let t = target(
+            "UPDATE affiliates SET status = $1, updated_at = now() WHERE affiliate_id = $2 AND level_1_referrals > 0 RETURNING *",
+        );
+        assert!(
+            t.starts_with(
+                "UPDATE \"fature_v2\".\"affiliates_optimized\" AS affiliates SET status = $1"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("direct_referrals_count > 0"), "{t}");
+        assert!(t.contains("RETURNING affiliate_id AS affiliate_id"), "{t}");
+        assert!(
+            t.contains("direct_referrals_count AS level_1_referrals"),
+            "{t}"
+        );
+        let t = target("INSERT INTO affiliates VALUES (1, NULL, 'x', 'n')");
+        assert!(
+            t.contains("(affiliate_id, parent_affiliate_id, external_id, name) VALUES"),
+            "{t}"
+        );
+        let t = target(
+            "DELETE FROM affiliates a USING affiliates p WHERE a.parent_affiliate_id = p.affiliate_id AND p.level_1_referrals = 0 RETURNING a.level_1_referrals",
+        );
+        assert!(
+            t.starts_with("DELETE FROM \"fature_v2\".\"affiliates_optimized\" a USING (SELECT"),
+            "{t}"
+        );
+        assert!(t.contains("p.level_1_referrals = 0"), "{t}");
+        assert!(
+            t.ends_with("RETURNING a.direct_referrals_count AS level_1_referrals"),
+            "{t}"
+        );
+        let t = target(
+            "INSERT INTO affiliates (affiliate_id, external_id, name, registration_date) VALUES ($1, $2, $3, now()) ON CONFLICT (external_id) DO UPDATE SET name = EXCLUDED.name",
+        );
+        assert!(
+            t.contains("ON CONFLICT(external_id) DO UPDATE SET name = EXCLUDED.name"),
+            "{t}"
+        );
+    }
+
+    #[test]
     fn other_tables_and_ctes_are_left_alone() {
         let t = target(
             "WITH RECURSIVE d AS (SELECT affiliate_id FROM affiliates UNION ALL SELECT a.affiliate_id FROM affiliates a JOIN d ON a.parent_affiliate_id = d.affiliate_id) SELECT count(*) FROM d, other_table o",
@@ -392,7 +812,13 @@ mod tests {
         assert!(
             refused("WITH affiliates AS (SELECT 1) SELECT * FROM affiliates").contains("shadows")
         );
-        assert!(refused("UPDATE affiliates SET name = 'x'").contains("dual-write"));
+        assert!(refused("UPDATE affiliates SET level_1_referrals = 0").contains("derives itself"));
+        assert!(
+            refused("INSERT INTO affiliates (affiliate_id, level_1_referrals) VALUES (1, 1)")
+                .contains("derives itself")
+        );
+        assert!(refused("INSERT INTO affiliates (external_id) VALUES ('x')").contains("sequence"));
+        assert!(refused("TRUNCATE affiliates").contains("not rewritten"));
         assert!(refused("SELEC * FROM affiliates").contains("parser"));
     }
 }
