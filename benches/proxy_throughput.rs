@@ -4,12 +4,13 @@
 //! client connections. A program, not a test: it prints what it measured and asserts
 //! nothing.
 //!
-//!     cargo bench --bench proxy_throughput              # 15 s per measurement
-//!     cargo bench --bench proxy_throughput -- 5         # 5 s per measurement
+//!     cargo bench --bench proxy_throughput              # 10 s per measurement, 3 rounds
+//!     cargo bench --bench proxy_throughput -- 5 1       # 5 s, 1 round
 //!
-//! Every target gets the same pgbench invocation (8 clients, 2 threads); the modes are
-//! interleaved (direct, cutover, pgbouncer, next mode) so that drift in the machine's speed
-//! affects all three alike.
+//! Every target gets the same pgbench invocation (8 clients, 2 threads). Each mode is
+//! measured in rounds, each round running direct, cutover and pgbouncer back to back in a
+//! rotating order, and the median of the rounds is printed: on a small shared machine one
+//! run moves by ±10%, and the proxies must be compared under the same conditions.
 
 use std::{
     net::TcpListener,
@@ -112,6 +113,7 @@ fn start_cutover(upstream_port: u16) -> (Killed, u16) {
             &format!("postgres://127.0.0.1:{upstream_port}/postgres"),
         ])
         .args(["--max-client-connections", "2000"])
+        .args(["--rules", concat!(env!("CARGO_MANIFEST_DIR"), "/rules")])
         .stderr(Stdio::null())
         .spawn()
         .expect("start cutover");
@@ -207,10 +209,9 @@ async fn idle_connections(port: u16, n: usize) -> Vec<tokio_postgres::Client> {
 }
 
 fn main() {
-    let seconds: u64 = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(15);
+    let numbers: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let seconds = numbers.first().copied().unwrap_or(10);
+    let rounds = numbers.get(1).copied().unwrap_or(3).max(1) as usize;
     let pg = LocalPg::start_with(Options {
         settings: vec![("max_connections".into(), "1200".into())],
         ..Options::default()
@@ -245,7 +246,7 @@ fn main() {
     }
 
     println!(
-        "pgbench -S, {CLIENTS} clients, {THREADS} threads, {seconds} s each, scale 10; {} cores",
+        "pgbench -S, {CLIENTS} clients, {THREADS} threads, {seconds} s each, median of {rounds} rounds, scale 10; {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(

@@ -27,6 +27,8 @@ pub struct FileConfig {
     pub shutdown_grace_seconds: Option<u64>,
     /// Threads that run client sessions (default: one per CPU core).
     pub worker_threads: Option<usize>,
+    /// Directory of the rule files (default: rules).
+    pub rules: Option<PathBuf>,
     /// TLS for client connections: both files in PEM.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -67,6 +69,7 @@ pub struct ServeConfig {
     pub max_message_bytes: usize,
     pub shutdown_grace: Duration,
     pub worker_threads: usize,
+    pub rules: PathBuf,
     pub tls: Option<TlsFiles>,
 }
 
@@ -104,6 +107,7 @@ impl FileConfig {
             max_message_bytes: other.max_message_bytes.or(self.max_message_bytes),
             shutdown_grace_seconds: other.shutdown_grace_seconds.or(self.shutdown_grace_seconds),
             worker_threads: other.worker_threads.or(self.worker_threads),
+            rules: other.rules.or(self.rules),
             tls_cert: other.tls_cert.or(self.tls_cert),
             tls_key: other.tls_key.or(self.tls_key),
         }
@@ -177,6 +181,7 @@ impl FileConfig {
                         .shutdown_grace_seconds
                         .map(Duration::from_secs)
                         .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+                    rules: self.rules.unwrap_or_else(|| PathBuf::from("rules")),
                     worker_threads: self.worker_threads.unwrap_or_else(|| {
                         std::thread::available_parallelism().map_or(2, |n| n.get())
                     }),

@@ -27,7 +27,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin,
-    classify::Precheck,
+    classify::Classifier,
     config::ServeConfig,
     session::{self, Shared, relay::Duplex},
     tls,
@@ -39,9 +39,6 @@ use crate::{
 /// `authentication_timeout` default).
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The legacy table's name, until the rules say it (issue 4).
-pub const LEGACY_TABLE: &str = "affiliates";
-
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
@@ -50,6 +47,8 @@ pub enum StartError {
     Admin { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("refusing to start: {0}")]
+    Rules(#[from] crate::rules::RulesError),
 }
 
 /// A running proxy.
@@ -82,6 +81,7 @@ impl Running {
 /// Binds the listener and the admin endpoint and starts serving.
 pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+    // Rules first: a proxy with broken rules does not start.
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -92,7 +92,8 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         addr: config.listen,
         source,
     })?;
-    let shared = Arc::new(Shared::new(config, Precheck::new(LEGACY_TABLE)));
+    let rules = crate::rules::RuleSet::load_dir(&config.rules)?;
+    let shared = Arc::new(Shared::new(config, Classifier::new(Arc::new(rules))));
     let shutdown = CancellationToken::new();
 
     let admin_addr = match shared.config.admin {

@@ -59,6 +59,19 @@ enum RulesCommand {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: Option<String>,
     },
+    /// Show what the proxy will do with a statement: its query type (named by a rule, or
+    /// automatic from its fingerprint), fingerprint, stage, bucket, and the SQL it becomes on
+    /// the target — or why it is not routable and stays on legacy.
+    Explain {
+        /// The statement (as the application sends it: literals or $n parameters)
+        sql: String,
+        /// Directory of the rule files
+        #[arg(long, default_value = "rules")]
+        rules: PathBuf,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -90,6 +103,9 @@ struct ServeArgs {
     /// Seconds sessions may go on after SIGTERM before they are closed [default: 30]
     #[arg(long, value_name = "SECONDS")]
     shutdown_grace: Option<u64>,
+    /// Directory of the rule files; invalid rules stop the proxy from starting [default: rules]
+    #[arg(long, value_name = "DIR")]
+    rules: Option<PathBuf>,
     /// Threads that run client sessions [default: one per CPU core]
     #[arg(long, value_name = "N")]
     worker_threads: Option<usize>,
@@ -139,6 +155,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Rules(RulesCommand::Check { dir, database_url }) => {
             rules_check(&dir, database_url).await
         }
+        Command::Rules(RulesCommand::Explain { sql, rules, json }) => {
+            rules_explain(&sql, &rules, json)
+        }
         Command::Migrate {
             database_url,
             migrations_dir,
@@ -169,6 +188,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_message_bytes: args.max_message_bytes,
         shutdown_grace_seconds: args.shutdown_grace,
         worker_threads: args.worker_threads,
+        rules: args.rules,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
     };
@@ -238,5 +258,17 @@ async fn rules_check(
         set.table.target,
         set.query_types.len()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rules_explain(sql: &str, dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let set = std::sync::Arc::new(rules::RuleSet::load_dir(dir)?);
+    let classifier = cutover::classify::Classifier::new(set);
+    let explained = cutover::classify::explain(&classifier, sql);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&explained)?);
+    } else {
+        print!("{}", explained);
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -32,13 +32,11 @@ pub struct ProxyMetrics {
     pub accepted: Counter,
     pub rejected_limit: Counter,
     pub rejected_shutdown: Counter,
-    /// `cutover_queries_total{query_type="passthrough",served_by="legacy"}`: Query and Execute
-    /// messages relayed unchanged.
-    pub passthrough_queries: Counter,
-    /// `cutover_precheck_total{result}`: statements (Query, Parse) that do / do not mention
-    /// the legacy table by name; only the former will ever be parsed.
-    pub precheck_legacy: Counter,
-    pub precheck_other: Counter,
+    /// `cutover_queries_total{query_type,served_by}`: Query and Execute messages, by query
+    /// type. `query_type` is a rule's name, or one of `passthrough` (not on the legacy
+    /// table), `automatic` (on it, but no rule names it) and `unparsable` (names the table,
+    /// the parser cannot read it; relayed to legacy untouched).
+    pub queries: QueryCounters,
     /// `cutover_upstream_errors_total{kind}`.
     pub upstream_connect_failed: Counter,
     pub upstream_lost: Counter,
@@ -57,17 +55,40 @@ impl ProxyMetrics {
             accepted: counter!("cutover_client_connections_total", "outcome" => "accepted"),
             rejected_limit: counter!("cutover_client_connections_total", "outcome" => "rejected_limit"),
             rejected_shutdown: counter!("cutover_client_connections_total", "outcome" => "rejected_shutdown"),
-            passthrough_queries: counter!(
-                "cutover_queries_total", "query_type" => PASSTHROUGH, "served_by" => "legacy"
-            ),
-            precheck_legacy: counter!("cutover_precheck_total", "result" => "legacy_table"),
-            precheck_other: counter!("cutover_precheck_total", "result" => "other"),
+            queries: QueryCounters::new(&[]),
             upstream_connect_failed: counter!("cutover_upstream_errors_total", "kind" => "connect"),
             upstream_lost: counter!("cutover_upstream_errors_total", "kind" => "lost"),
             protocol_violations: counter!("cutover_protocol_violations_total"),
             cancel_forwarded: counter!("cutover_cancel_requests_total", "outcome" => "forwarded"),
             cancel_unknown: counter!("cutover_cancel_requests_total", "outcome" => "unknown_key"),
         }
+    }
+}
+
+/// `cutover_queries_total` handles, one per query type label.
+#[derive(Clone)]
+pub struct QueryCounters {
+    pub passthrough: Counter,
+    pub automatic: Counter,
+    pub unparsable: Counter,
+    named: std::collections::HashMap<String, Counter>,
+}
+
+impl QueryCounters {
+    /// Counters for the fixed labels and for each rule-named query type.
+    pub fn new(names: &[&str]) -> Self {
+        let served = |query_type: &str| counter!("cutover_queries_total", "query_type" => query_type.to_owned(), "served_by" => "legacy");
+        Self {
+            passthrough: served(PASSTHROUGH),
+            automatic: served("automatic"),
+            unparsable: served("unparsable"),
+            named: names.iter().map(|n| (n.to_string(), served(n))).collect(),
+        }
+    }
+
+    /// The counter of a rule-named query type (automatic if the name is unknown).
+    pub fn named(&self, name: &str) -> &Counter {
+        self.named.get(name).unwrap_or(&self.automatic)
     }
 }
 

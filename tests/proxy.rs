@@ -534,7 +534,6 @@ async fn admin_endpoint_serves_health_readiness_and_metrics() {
         ) >= 2.0,
         "{text}"
     );
-    assert!(metric(&text, "cutover_precheck_total{result=\"legacy_table\"}") >= 1.0);
     assert!(metric(&text, "cutover_client_connections") >= 1.0);
     p.shutdown().await;
 }
@@ -765,4 +764,80 @@ async fn gssenc_is_declined_and_startup_parameters_reach_the_server() {
         .collect();
     assert_eq!(rows, [&b"custom_path"[..], &b"1234ms"[..]]);
     p.shutdown().await;
+}
+
+#[tokio::test]
+async fn statements_are_counted_by_query_type_in_both_protocols() {
+    let p = proxy().await;
+    let db = support::migrated_db().await;
+    let c = p.client(&db.name).await;
+    let series =
+        |t: &str| format!("cutover_queries_total{{query_type=\"{t}\",served_by=\"legacy\"}}");
+    let before = p.metrics().await;
+
+    // Simple protocol, literals.
+    c.simple_query("SELECT * FROM affiliates WHERE affiliate_id = 1")
+        .await
+        .unwrap();
+    // Extended protocol: one Parse, three Bind/Execute.
+    let stmt = c
+        .prepare("SELECT * FROM affiliates WHERE affiliate_id = $1")
+        .await
+        .unwrap();
+    for id in [1i64, 2, 3] {
+        c.query(&stmt, &[&id]).await.unwrap();
+    }
+    // No rule names it: automatic.
+    c.simple_query("SELECT email FROM affiliates WHERE name = 'x'")
+        .await
+        .unwrap();
+    // The parser cannot read it: relayed untouched, and the client gets its answer.
+    let rows = c
+        .simple_query(
+            "SELECT affiliate_id FROM affiliates WHERE affiliate_id = 1 FOR NO KEY UPDATE",
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        rows.last(),
+        Some(SimpleQueryMessage::CommandComplete(0))
+    ));
+
+    let after = p.metrics().await;
+    let delta = |t: &str| metric(&after, &series(t)) - metric(&before, &series(t));
+    assert_eq!(delta("affiliate_by_id"), 4.0, "{after}");
+    assert_eq!(delta("automatic"), 1.0);
+    assert_eq!(delta("unparsable"), 1.0);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_rules_stop_the_proxy_from_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[[query_type]]\nname = \"x\"\nstage = \"nope\"\n",
+    )
+    .unwrap();
+    let config = cutover::config::FileConfig {
+        listen: Some("127.0.0.1:0".into()),
+        admin: Some("off".into()),
+        upstream: Some(format!(
+            "postgres://127.0.0.1:{}/postgres",
+            cluster().port()
+        )),
+        rules: Some(dir.path().to_owned()),
+        ..Default::default()
+    }
+    .validate()
+    .unwrap();
+    let err = cutover::listener::start(config)
+        .await
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("refusing to start") && text.contains("bad.toml:"),
+        "{text}"
+    );
 }

@@ -268,3 +268,20 @@ fn the_check_command_prints_every_diagnostic_and_exits_1() {
         "{out}"
     );
 }
+
+#[test]
+fn a_query_type_past_legacy_needs_a_route() {
+    let snippet = "[[query_type]]\nname = \"q\"\nmatch = \"SELECT ctid FROM affiliates\"\nstage = \"shadow\"\n";
+    assert_one(snippet, 3, 9, "not routable (system column ctid");
+    // The same at stage legacy is fine, and so is a write in shadow (mirrored by dual-write).
+    assert!(
+        check("[[query_type]]\nname = \"q\"\nmatch = \"SELECT ctid FROM affiliates\"\n").is_empty()
+    );
+    assert!(check("[[query_type]]\nname = \"w\"\nmatch = \"UPDATE affiliates SET level_1_referrals = 1\"\nstage = \"shadow\"\n").is_empty());
+    assert_one(
+        "[[query_type]]\nname = \"w\"\nmatch = \"UPDATE affiliates SET level_1_referrals = 1\"\nstage = \"target\"\n",
+        3,
+        9,
+        "derives itself",
+    );
+}

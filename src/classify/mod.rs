@@ -89,6 +89,8 @@ pub struct Classifier {
     precheck: Precheck,
     rules: Arc<RuleSet>,
     rewriter: Rewriter,
+    /// Explicit targets, parsed once, by query type name.
+    plans: std::collections::HashMap<String, Result<crate::rewrite::TargetPlan, String>>,
     cache: Cache<String, Arc<Classification>>,
 }
 
@@ -97,9 +99,21 @@ pub const CACHE_ENTRIES: usize = 10_000;
 
 impl Classifier {
     pub fn new(rules: Arc<RuleSet>) -> Self {
+        let plans = rules
+            .query_types
+            .iter()
+            .filter_map(|qt| {
+                let (target, example) = qt.target_sql.as_ref().zip(qt.example_sql.as_ref())?;
+                Some((
+                    qt.name.clone(),
+                    crate::rewrite::TargetPlan::new(example, target),
+                ))
+            })
+            .collect();
         Self {
             precheck: Precheck::new(&rules.table.legacy.name),
             rewriter: Rewriter::new(&rules.table),
+            plans,
             cache: Cache::new(CACHE_ENTRIES),
             rules,
         }
@@ -133,8 +147,9 @@ impl Classifier {
         let mut normalized = statements.clone();
         let fp = fingerprint::of_statements(&mut normalized);
         let rule = self.rules.query_type_for(&fp);
-        let (route, explicit_target) = match rule.and_then(|r| r.target_sql.as_ref()) {
-            Some(target) => (Rewrite::Target(target.clone()), true),
+        let (route, explicit_target) = match rule.and_then(|r| self.plans.get(&r.name)) {
+            Some(Ok(plan)) => (plan.bind(&statements), true),
+            Some(Err(reason)) => (Rewrite::NotRoutable(reason.clone()), true),
             None => (self.rewriter.rewrite_statements(statements), false),
         };
         let defaults = &self.rules.defaults;
@@ -147,6 +162,122 @@ impl Classifier {
             route,
             explicit_target,
         })
+    }
+}
+
+/// What `cutover rules explain` says about a statement.
+#[derive(Debug, serde::Serialize)]
+pub struct Explanation {
+    /// passthrough, unparsable, or query_type.
+    pub kind: &'static str,
+    pub query_type: Option<String>,
+    /// A rule names the query type (otherwise automatic).
+    pub named: Option<bool>,
+    pub fingerprint: Option<String>,
+    pub fingerprint_text: Option<String>,
+    pub stage: Option<String>,
+    pub bucket: Option<String>,
+    /// The SQL served on the target side.
+    pub target_sql: Option<String>,
+    /// rule (the rule's own target SQL) or rewritten.
+    pub target_from: Option<&'static str>,
+    /// Why the statement stays on legacy.
+    pub not_routable: Option<String>,
+    pub note: String,
+}
+
+pub fn explain(classifier: &Classifier, sql: &str) -> Explanation {
+    let legacy = classifier.rules().table.legacy.to_string();
+    let empty = |kind, note: String| Explanation {
+        kind,
+        query_type: None,
+        named: None,
+        fingerprint: None,
+        fingerprint_text: None,
+        stage: None,
+        bucket: None,
+        target_sql: None,
+        target_from: None,
+        not_routable: None,
+        note,
+    };
+    match &*classifier.classify(sql) {
+        Classification::Passthrough => empty(
+            "passthrough",
+            format!(
+                "does not concern {legacy}: relayed unchanged (never parsed unless its text names the table)"
+            ),
+        ),
+        Classification::Unparsable { reason } => {
+            let mut e = empty(
+                "unparsable",
+                format!(
+                    "names {legacy}, but the SQL parser cannot read it: relayed to legacy untouched and counted"
+                ),
+            );
+            e.not_routable = Some(reason.clone());
+            e
+        }
+        Classification::Typed(t) => {
+            let (target_sql, not_routable) = match &t.route {
+                Rewrite::Target(sql) => (Some(sql.clone()), None),
+                Rewrite::NotRoutable(why) => (None, Some(why.clone())),
+            };
+            let note = match (&not_routable, t.named) {
+                (Some(_), _) => "not routable: stays on legacy whatever the stage".to_owned(),
+                (None, true) => "served as its stage says".to_owned(),
+                (None, false) => {
+                    "no rule names it: an automatic query type with the default stage".to_owned()
+                }
+            };
+            Explanation {
+                kind: "query_type",
+                query_type: Some(t.query_type.clone()),
+                named: Some(t.named),
+                fingerprint: Some(t.fingerprint.id.clone()),
+                fingerprint_text: Some(t.fingerprint.text.clone()),
+                stage: Some(t.stage.to_string()),
+                bucket: Some(match &t.bucket {
+                    Bucket::Session => "session".to_owned(),
+                    Bucket::Param(n) => format!("${n}"),
+                    Bucket::Column(c) => format!("column {c}"),
+                }),
+                target_from: target_sql.as_ref().map(|_| {
+                    if t.explicit_target {
+                        "rule"
+                    } else {
+                        "rewritten"
+                    }
+                }),
+                target_sql,
+                not_routable,
+                note,
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Explanation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let line = |f: &mut std::fmt::Formatter<'_>, k: &str, v: &Option<String>| match v {
+            Some(v) => writeln!(f, "{k:<13} {v}"),
+            None => Ok(()),
+        };
+        let query_type = self.query_type.as_ref().map(|q| match self.named {
+            Some(true) => format!("{q} (named by a rule)"),
+            _ => format!("{q} (automatic)"),
+        });
+        writeln!(f, "{:<13} {}", "kind", self.kind)?;
+        line(f, "query type", &query_type)?;
+        line(f, "fingerprint", &self.fingerprint)?;
+        line(f, "normalized", &self.fingerprint_text)?;
+        line(f, "stage", &self.stage)?;
+        line(f, "bucket", &self.bucket)?;
+        if let (Some(sql), Some(from)) = (&self.target_sql, self.target_from) {
+            writeln!(f, "{:<13} ({from}) {sql}", "target SQL")?;
+        }
+        line(f, "not routable", &self.not_routable)?;
+        writeln!(f, "{:<13} {}", "note", self.note)
     }
 }
 

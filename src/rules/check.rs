@@ -72,15 +72,27 @@ pub async fn check_against_database(
         }
     }
 
+    let rewriter = crate::rewrite::Rewriter::new(table);
     for qt in &rules.query_types {
-        let (Some(target), Matcher::Fingerprint(_), Some(match_location)) =
-            (&qt.target_sql, &qt.matcher, &qt.match_location)
+        let (Matcher::Fingerprint(_), Some(example), Some(match_location)) =
+            (&qt.matcher, &qt.example_sql, &qt.match_location)
         else {
             continue;
         };
-        let target_location = qt.target_location.as_ref().unwrap_or(&qt.location);
-        let Some(example) = &qt.example_sql else {
-            continue;
+        // The explicit target, or the rewritten statement (checked the same way: a client
+        // must not be able to tell which side answered).
+        let (target, target_location, what) = match &qt.target_sql {
+            Some(t) => (
+                t.clone(),
+                qt.target_location.as_ref().unwrap_or(&qt.location),
+                "the target SQL",
+            ),
+            None => match rewriter.rewrite(example) {
+                crate::rewrite::Rewrite::Target(t) => {
+                    (t, match_location, "the rewritten statement")
+                }
+                crate::rewrite::Rewrite::NotRoutable(_) => continue,
+            },
         };
         let legacy = match client.prepare(example).await {
             Ok(s) => s,
@@ -93,11 +105,11 @@ pub async fn check_against_database(
                 continue;
             }
         };
-        let prepared = match client.prepare(target).await {
+        let prepared = match client.prepare(&target).await {
             Ok(s) => s,
             Err(e) => {
                 problems.push(target_location.diagnostic(format!(
-                    "{}: the target SQL does not prepare: {}",
+                    "{}: {what} does not prepare: {}",
                     qt.name,
                     db_message(&e)
                 )));
@@ -106,7 +118,7 @@ pub async fn check_against_database(
         };
         if prepared.params().len() > legacy.params().len() {
             problems.push(target_location.diagnostic(format!(
-                "{}: the target SQL takes {} parameters, the legacy statement {}",
+                "{}: {what} takes {} parameters, the legacy statement {}",
                 qt.name,
                 prepared.params().len(),
                 legacy.params().len()
@@ -115,7 +127,7 @@ pub async fn check_against_database(
         for (i, (t, l)) in prepared.params().iter().zip(legacy.params()).enumerate() {
             if t != l {
                 problems.push(target_location.diagnostic(format!(
-                    "{}: parameter ${} is {} in the target SQL but {} in the legacy statement",
+                    "{}: parameter ${} is {} in {what} but {} in the legacy statement",
                     qt.name,
                     i + 1,
                     t.name(),
@@ -132,7 +144,7 @@ pub async fn check_against_database(
         let (want, got) = (shape(&legacy), shape(&prepared));
         if want.len() != got.len() {
             problems.push(target_location.diagnostic(format!(
-                "{}: the target SQL returns {} columns, the legacy statement {}",
+                "{}: {what} returns {} columns, the legacy statement {}",
                 qt.name,
                 got.len(),
                 want.len()
@@ -142,7 +154,7 @@ pub async fn check_against_database(
         for ((wn, wt), (gn, gt)) in want.iter().zip(&got) {
             if wn != gn || wt != gt {
                 problems.push(target_location.diagnostic(format!(
-                    "{}: column {gn} {} of the target SQL does not match legacy's {wn} {}",
+                    "{}: column {gn} {} of {what} does not match legacy's {wn} {}",
                     qt.name,
                     gt.name(),
                     wt.name()

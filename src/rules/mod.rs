@@ -418,6 +418,9 @@ impl Builder {
             }
         }
 
+        if let Some(table) = &table {
+            self.routability(table, &query_types);
+        }
         match table {
             Some(table) if self.diagnostics.is_empty() => Ok(RuleSet {
                 table,
@@ -426,6 +429,35 @@ impl Builder {
                 by_fingerprint,
             }),
             _ => Err(RulesError(self.diagnostics)),
+        }
+    }
+
+    /// A query type past `legacy` must have somewhere to go on the target: its own target
+    /// SQL, or a statement the rewriter can carry over. (Writes are mirrored row by row
+    /// until `target`, so they need a route only from there on.)
+    fn routability(&mut self, table: &TableMap, query_types: &[QueryType]) {
+        let rewriter = crate::rewrite::Rewriter::new(table);
+        for qt in query_types {
+            let (None, Some(example)) = (&qt.target_sql, &qt.example_sql) else {
+                continue;
+            };
+            let crate::rewrite::Rewrite::NotRoutable(reason) = rewriter.rewrite(example) else {
+                continue;
+            };
+            let upper = example.trim_start().to_ascii_uppercase();
+            let read = upper.starts_with("SELECT") || upper.starts_with("WITH");
+            let needs_route = match qt.stage {
+                Stage::Legacy => false,
+                Stage::Shadow | Stage::Cutover(_) => read,
+                Stage::Target | Stage::Complete => true,
+            };
+            if needs_route {
+                let at = qt.match_location.as_ref().unwrap_or(&qt.location);
+                self.diagnostics.push(at.diagnostic(format!(
+                    "{}: stage {} needs a route to the target, but the statement is not routable ({reason}); give it a target",
+                    qt.name, qt.stage
+                )));
+            }
         }
     }
 

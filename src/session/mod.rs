@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use crate::{
     cancel::CancelKeys,
-    classify::Precheck,
+    classify::Classifier,
     config::ServeConfig,
     metrics::ProxyMetrics,
     upstream,
@@ -41,19 +41,28 @@ pub struct Shared {
     pub config: ServeConfig,
     pub cancel: Arc<CancelKeys>,
     pub metrics: ProxyMetrics,
-    pub precheck: Precheck,
+    /// Statement classification with the rule set loaded at start.
+    pub classifier: Classifier,
     /// Fired when the shutdown grace period ends: sessions close with 57P01.
     pub terminate: CancellationToken,
     next_id: AtomicU32,
 }
 
 impl Shared {
-    pub fn new(config: ServeConfig, precheck: Precheck) -> Self {
+    pub fn new(config: ServeConfig, classifier: Classifier) -> Self {
+        let mut metrics = ProxyMetrics::new();
+        let names: Vec<&str> = classifier
+            .rules()
+            .query_types
+            .iter()
+            .map(|q| q.name.as_str())
+            .collect();
+        metrics.queries = crate::metrics::QueryCounters::new(&names);
         Self {
             config,
             cancel: Arc::default(),
-            metrics: ProxyMetrics::new(),
-            precheck,
+            metrics,
+            classifier,
             terminate: CancellationToken::new(),
             // Session ids double as the process ids handed to clients for cancelling;
             // start at a random point so they do not look like the server's.

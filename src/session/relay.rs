@@ -8,15 +8,21 @@
 //! write. Frames are forwarded byte for byte, except during startup: the server's
 //! BackendKeyData (replaced by the proxy's key) and SASL mechanism list (no `-PLUS`).
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicBool, Ordering::Relaxed},
+};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
 
+use metrics::Counter;
+
 use super::Shared;
 use crate::{
     cancel::KeyGuard,
+    classify::Classification,
     wire::{
         self, WireError,
         messages::{self, AUTH_SASL, backend, frontend},
@@ -40,6 +46,9 @@ pub enum End {
 
 /// Bytes asked of the socket per read when the buffer runs low.
 const READ_CHUNK: usize = 16 * 1024;
+/// Bytes of a Bind that hold its portal's and statement's names (each at most 64 bytes
+/// from any real driver); the rest of the message streams through.
+const BIND_PREFIX: usize = 256;
 /// A buffer grown past this (a large message inspected whole) is released once empty.
 const KEEP_BUFFER: usize = 1 << 20;
 /// No server message is refused for size: PostgreSQL itself bounds them.
@@ -89,6 +98,11 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
             shared,
             buf: BytesMut::with_capacity(READ_CHUNK),
             streaming: 0,
+            statements: Statements {
+                shared,
+                statements: HashMap::new(),
+                portals: HashMap::new(),
+            },
         };
         let mut to_client = ServerToClient {
             shared,
@@ -142,6 +156,16 @@ struct ClientToServer<'s> {
     buf: BytesMut,
     /// Bytes of a frame still to stream through without looking.
     streaming: usize,
+    statements: Statements<'s>,
+}
+
+/// What the session knows of its statements: the query type counter of each prepared
+/// statement and portal (the unnamed ones under the empty name), so that an Execute counts
+/// as what was parsed.
+struct Statements<'s> {
+    shared: &'s Shared,
+    statements: HashMap<Box<[u8]>, Counter>,
+    portals: HashMap<Box<[u8]>, Counter>,
 }
 
 impl ClientToServer<'_> {
@@ -177,18 +201,33 @@ impl ClientToServer<'_> {
                 };
                 let available = self.buf.len() - ready;
                 match header.tag {
-                    frontend::QUERY | frontend::PARSE | frontend::TERMINATE => {
+                    frontend::QUERY
+                    | frontend::PARSE
+                    | frontend::EXECUTE
+                    | frontend::CLOSE
+                    | frontend::TERMINATE => {
                         if available < header.total {
                             self.buf.reserve(header.total - available);
                             break;
                         }
-                        self.inspect(header.tag, &self.buf[ready + 5..ready + header.total]);
+                        self.statements
+                            .inspect(header.tag, &self.buf[ready + 5..ready + header.total]);
                         terminate |= header.tag == frontend::TERMINATE;
                         ready += header.total;
                     }
                     tag => {
-                        if tag == frontend::EXECUTE {
-                            self.shared.metrics.passthrough_queries.increment(1);
+                        if tag == frontend::BIND {
+                            // Bind starts with the portal's and the statement's names; its
+                            // parameters (possibly large) stream through unread.
+                            let prefix = header.total.min(BIND_PREFIX);
+                            if available < prefix {
+                                self.buf.reserve(prefix - available);
+                                break;
+                            }
+                            let names = &self.buf[ready + 5..ready + prefix];
+                            if let Some((portal, statement)) = messages::bind_names(names) {
+                                self.statements.bind(portal, statement);
+                            }
                         }
                         if available >= header.total {
                             ready += header.total;
@@ -216,25 +255,64 @@ impl ClientToServer<'_> {
             }
         }
     }
+}
+
+impl Statements<'_> {
+    fn bind(&mut self, portal: &[u8], statement: &[u8]) {
+        let counter = self.statements.get(statement).cloned();
+        let counter = counter.unwrap_or_else(|| self.shared.metrics.queries.passthrough.clone());
+        self.portals.insert(portal.into(), counter);
+    }
 
     /// The place where classification (and later routing and rewriting) plugs in. Today:
-    /// the pre-check, and passthrough counting.
-    fn inspect(&self, tag: u8, body: &[u8]) {
-        let metrics = &self.shared.metrics;
-        let sql = match tag {
+    /// each statement is classified (the pre-check first, so statements that do not name
+    /// the legacy table are never parsed) and counted under its query type.
+    fn inspect(&mut self, tag: u8, body: &[u8]) {
+        match tag {
             frontend::QUERY => {
-                metrics.passthrough_queries.increment(1);
-                messages::query_text(body)
+                if let Some(sql) = messages::query_text(body) {
+                    self.counter_for(sql).increment(1);
+                }
             }
-            frontend::PARSE => messages::parse_text(body).map(|(_, sql)| sql),
-            _ => None,
+            frontend::PARSE => {
+                if let Some((name, sql)) = messages::parse_text(body) {
+                    let counter = self.counter_for(sql);
+                    self.statements.insert(name.into(), counter);
+                }
+            }
+            frontend::EXECUTE => {
+                let portal = messages::execute_portal(body).unwrap_or_default();
+                match self.portals.get(portal) {
+                    Some(counter) => counter.increment(1),
+                    None => self.shared.metrics.queries.passthrough.increment(1),
+                }
+            }
+            frontend::CLOSE => {
+                if let Some((kind, name)) = messages::close_target(body) {
+                    let map = if kind == b'S' {
+                        &mut self.statements
+                    } else {
+                        &mut self.portals
+                    };
+                    map.remove(name);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The `cutover_queries_total` counter of a statement's query type.
+    fn counter_for(&self, sql: &[u8]) -> Counter {
+        let queries = &self.shared.metrics.queries;
+        let Ok(sql) = std::str::from_utf8(sql) else {
+            // Not UTF-8 (another client_encoding): never parsed, relayed as it is.
+            return queries.passthrough.clone();
         };
-        if let Some(sql) = sql {
-            if self.shared.precheck.mentions_table(sql) {
-                metrics.precheck_legacy.increment(1);
-            } else {
-                metrics.precheck_other.increment(1);
-            }
+        match &*self.shared.classifier.classify(sql) {
+            Classification::Passthrough => queries.passthrough.clone(),
+            Classification::Unparsable { .. } => queries.unparsable.clone(),
+            Classification::Typed(t) if t.named => queries.named(&t.query_type).clone(),
+            Classification::Typed(_) => queries.automatic.clone(),
         }
     }
 }

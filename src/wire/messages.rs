@@ -11,7 +11,9 @@ use super::{frame, take_cstr};
 pub mod frontend {
     pub const QUERY: u8 = b'Q';
     pub const PARSE: u8 = b'P';
+    pub const BIND: u8 = b'B';
     pub const EXECUTE: u8 = b'E';
+    pub const CLOSE: u8 = b'C';
     pub const TERMINATE: u8 = b'X';
 }
 
@@ -174,6 +176,27 @@ pub fn parse_text(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((name, sql))
 }
 
+/// The portal and statement names at the start of a Bind message (the rest need not be
+/// there).
+pub fn bind_names(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut rest = body;
+    let portal = take_cstr(&mut rest)?;
+    let statement = take_cstr(&mut rest)?;
+    Some((portal, statement))
+}
+
+/// The portal name of an Execute message.
+pub fn execute_portal(body: &[u8]) -> Option<&[u8]> {
+    let mut rest = body;
+    take_cstr(&mut rest)
+}
+
+/// What a Close message closes: `S` (statement) or `P` (portal), and its name.
+pub fn close_target(body: &[u8]) -> Option<(u8, &[u8])> {
+    let (&kind, mut rest) = body.split_first()?;
+    Some((kind, take_cstr(&mut rest)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +249,11 @@ mod tests {
             Some((&b"s1"[..], &b"SELECT $1"[..]))
         );
         assert_eq!(parse_text(b"s1"), None);
+        assert_eq!(
+            bind_names(b"p1\0s1\0\0\x01"),
+            Some((&b"p1"[..], &b"s1"[..]))
+        );
+        assert_eq!(execute_portal(b"\0\0\0\0\0"), Some(&b""[..]));
+        assert_eq!(close_target(b"Sname\0"), Some((b'S', &b"name"[..])));
     }
 }

@@ -304,6 +304,7 @@ pub async fn proxy_with(adjust: impl FnOnce(&mut FileConfig)) -> Proxy {
         )),
         // Tests end with their clients still open; do not wait for them.
         shutdown_grace_seconds: Some(0),
+        rules: Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules")),
         ..FileConfig::default()
     };
     adjust(&mut file);
