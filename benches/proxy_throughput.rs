@@ -209,7 +209,10 @@ async fn idle_connections(port: u16, n: usize) -> Vec<tokio_postgres::Client> {
 }
 
 fn main() {
-    let numbers: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let numbers: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let seconds = numbers.first().copied().unwrap_or(10);
     let rounds = numbers.get(1).copied().unwrap_or(3).max(1) as usize;
     let pg = LocalPg::start_with(Options {

@@ -39,6 +39,15 @@ type Answer = Result<(Vec<String>, Vec<Vec<Option<String>>>, Vec<u64>), String>;
 /// inside the caller's transaction under a savepoint that is rolled back after.
 async fn answer(client: &Client, sql: &str) -> Answer {
     client.batch_execute("SAVEPOINT corpus").await.unwrap();
+    // Sequences ignore rollbacks: put the id sequence back, so both sides draw the same ids.
+    let seq = client
+        .query_one(
+            "SELECT last_value, is_called FROM public.affiliates_affiliate_id_seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (last, called): (i64, bool) = (seq.get(0), seq.get(1));
     let described = client.prepare(sql).await.map(|s| {
         s.columns()
             .iter()
@@ -71,6 +80,13 @@ async fn answer(client: &Client, sql: &str) -> Answer {
     };
     client
         .batch_execute("ROLLBACK TO SAVEPOINT corpus")
+        .await
+        .unwrap();
+    client
+        .execute(
+            "SELECT setval('public.affiliates_affiliate_id_seq', $1, $2)",
+            &[&last, &called],
+        )
         .await
         .unwrap();
     result

@@ -285,3 +285,47 @@ fn a_query_type_past_legacy_needs_a_route() {
         "derives itself",
     );
 }
+
+#[test]
+fn explain_says_what_the_proxy_will_do() {
+    let (code, out, err) = support::cutover(
+        &[
+            "rules",
+            "explain",
+            "select * from AFFILIATES where affiliate_id = 42",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("affiliate_by_id (named by a rule)"), "{out}");
+    assert!(
+        out.contains("SELECT * FROM affiliates WHERE affiliate_id = ?"),
+        "{out}"
+    );
+    assert!(out.contains("(rewritten) SELECT * FROM (SELECT"), "{out}");
+
+    let (_, out, _) = support::cutover(
+        &[
+            "rules",
+            "explain",
+            "--json",
+            "WITH RECURSIVE up AS (SELECT affiliate_id, parent_affiliate_id, 0 AS distance FROM affiliates WHERE affiliate_id = 77 UNION ALL SELECT a.affiliate_id, a.parent_affiliate_id, up.distance + 1 FROM affiliates a JOIN up ON a.affiliate_id = up.parent_affiliate_id) SELECT affiliate_id, distance FROM up WHERE distance > 0 ORDER BY distance",
+        ],
+        &[],
+    );
+    let json: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(json["query_type"], "upline");
+    assert_eq!(json["target_from"], "rule");
+    assert!(
+        json["target_sql"]
+            .as_str()
+            .unwrap()
+            .contains("descendant_id = 77"),
+        "{json}"
+    );
+
+    let (_, out, _) = support::cutover(&["rules", "explain", "SELECT ctid FROM affiliates"], &[]);
+    assert!(out.contains("not routable  system column ctid"), "{out}");
+    let (_, out, _) = support::cutover(&["rules", "explain", "SELECT now()"], &[]);
+    assert!(out.contains("passthrough"), "{out}");
+}

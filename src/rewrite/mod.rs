@@ -49,6 +49,8 @@ pub struct Rewriter {
     /// Legacy columns in table order: (legacy name, target name, derived).
     order: Vec<(String, String, bool)>,
     key: String,
+    /// The key's value for an INSERT that leaves it to legacy's default.
+    key_default: Option<Expr>,
     target: ObjectName,
     /// `SELECT <legacy columns from target columns> FROM <target>`, parsed once.
     view: Box<Query>,
@@ -91,6 +93,20 @@ impl Rewriter {
                 .map(|c| (c.legacy.clone(), c.target.clone(), c.derived))
                 .collect(),
             key: table.key.clone(),
+            key_default: table.key_default.as_deref().and_then(|sql| {
+                // Validated when the rules loaded: `SELECT <expr>` parses.
+                let mut statements = fingerprint::parse(&format!("SELECT {sql}")).ok()?;
+                let Some(Statement::Query(q)) = statements.pop() else {
+                    return None;
+                };
+                let SetExpr::Select(select) = *q.body else {
+                    return None;
+                };
+                match select.projection.into_iter().next()? {
+                    sqlparser::ast::SelectItem::UnnamedExpr(e) => Some(e),
+                    _ => None,
+                }
+            }),
             target: ObjectName::from(vec![
                 Ident::with_quote('"', table.target.schema.clone()),
                 Ident::with_quote('"', table.target.name.clone()),
@@ -175,6 +191,7 @@ impl Rewriter {
     /// legacy table (subqueries, FROM, USING) are substituted as in reads.
     fn rewrite_write(&self, statement: &mut Statement) -> Result<(), String> {
         let mut substituted = HashSet::new();
+        let mut add_key_default = false;
         let visible = match statement {
             Statement::Insert(insert) => {
                 let sqlparser::ast::TableObject::TableName(name) = &mut insert.table else {
@@ -206,10 +223,22 @@ impl Rewriter {
                     matches!(c.0.last(), Some(ObjectNamePart::Identifier(i)) if folded(i) == self.key)
                 });
                 if !names_key {
-                    return Err(format!(
-                        "the INSERT leaves {} to legacy's default (its sequence), which the target does not have: give the query type an explicit target",
-                        self.key
-                    ));
+                    // The key comes from legacy's default: the target gets the same one,
+                    // added once the statement is checked (its string names the sequence).
+                    let (Some(_), Some(source)) = (&self.key_default, insert.source.as_ref())
+                    else {
+                        return Err(format!(
+                            "the INSERT leaves {} to legacy's default (its sequence), which the target does not have: set [table] key_default, or give the query type an explicit target",
+                            self.key
+                        ));
+                    };
+                    if !matches!(source.body.as_ref(), SetExpr::Values(_)) {
+                        return Err(format!(
+                            "INSERT … SELECT that leaves {} to its default is not rewritten",
+                            self.key
+                        ));
+                    }
+                    add_key_default = true;
                 }
                 for column in &mut insert.columns {
                     self.rename_written(column)?;
@@ -310,7 +339,22 @@ impl Rewriter {
             problem: None,
         };
         let _ = statement.visit(&mut check);
-        check.problem.map_or(Ok(()), Err)
+        if let Some(problem) = check.problem {
+            return Err(problem);
+        }
+        if add_key_default
+            && let (Statement::Insert(insert), Some(default)) = (statement, &self.key_default)
+            && let Some(source) = insert.source.as_mut()
+            && let SetExpr::Values(values) = source.body.as_mut()
+        {
+            for row in &mut values.rows {
+                row.content.insert(0, default.clone());
+            }
+            insert
+                .columns
+                .insert(0, ObjectName::from(vec![Ident::new(self.key.clone())]));
+        }
+        Ok(())
     }
 
     /// A write to another table that reads the legacy one (in a subquery, FROM or USING):
@@ -979,7 +1023,11 @@ mod tests {
             refused("INSERT INTO affiliates (affiliate_id, level_1_referrals) VALUES (1, 1)")
                 .contains("derives itself")
         );
-        assert!(refused("INSERT INTO affiliates (external_id) VALUES ('x')").contains("sequence"));
+        let t = target("INSERT INTO affiliates (external_id) VALUES ('x'), ('y')");
+        assert!(t.contains("(affiliate_id, external_id) VALUES (nextval('public.affiliates_affiliate_id_seq'), 'x'), (nextval("), "{t}");
+        assert!(
+            refused("INSERT INTO affiliates (external_id) SELECT 'x'").contains("INSERT … SELECT")
+        );
         assert!(refused("TRUNCATE affiliates").contains("not rewritten"));
         assert!(refused("SELEC * FROM affiliates").contains("parser"));
     }

@@ -137,6 +137,10 @@ pub struct TableMap {
     pub legacy: TableName,
     pub target: TableName,
     pub key: String,
+    /// SQL for the key's value when an INSERT leaves it to legacy's default (its sequence,
+    /// e.g. `nextval('public.affiliates_affiliate_id_seq')`): the target uses the same
+    /// sequence, so ids never collide, whichever side is written first.
+    pub key_default: Option<String>,
     /// Every legacy column, in table order.
     pub columns: Vec<ColumnMap>,
     /// Where `[table]` is written.
@@ -542,10 +546,25 @@ impl Builder {
         if maps.iter().any(|m| m.legacy == key && m.derived) {
             self.at(path, text, &raw.key, "the key cannot be a derived column");
         }
+        let key_default = raw.key_default.as_ref().and_then(|d| {
+            match fingerprint::parse(&format!("SELECT {}", d.get_ref())) {
+                Ok(_) => Some(d.get_ref().trim().to_owned()),
+                Err(e) => {
+                    self.at(
+                        path,
+                        text,
+                        d,
+                        format!("key_default is not an SQL expression: {e}"),
+                    );
+                    None
+                }
+            }
+        });
         Some(TableMap {
             legacy: legacy?,
             target: target?,
             key,
+            key_default,
             columns: maps,
             location,
         })

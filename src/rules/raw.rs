@@ -23,6 +23,8 @@ pub struct RawTable {
     pub key: Spanned<String>,
     /// The legacy table's columns, in table order.
     pub columns: Spanned<Vec<Spanned<String>>>,
+    /// The key's default on legacy (its sequence), for writes served by the target.
+    pub key_default: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
