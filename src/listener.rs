@@ -7,23 +7,21 @@
 use std::{
     io,
     net::SocketAddr,
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::BytesMut;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream, tcp},
 };
 use tokio_postgres::error::SqlState;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{either::Either, sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin,
@@ -31,7 +29,6 @@ use crate::{
     config::ServeConfig,
     session::{self, Shared, relay::Duplex},
     tls,
-    upstream::Half,
     wire::{self, Initial},
 };
 
@@ -192,7 +189,7 @@ async fn handle(
     shared: Arc<Shared>,
     sessions: Arc<AtomicUsize>,
 ) -> io::Result<()> {
-    let mut client = ClientStream::Plain(stream);
+    let mut client: ClientStream = Either::Left(stream);
     let mut buf = BytesMut::with_capacity(512);
     let mut negotiated_ssl = false;
     let startup =
@@ -225,9 +222,9 @@ async fn handle(
                         return Ok(());
                     }
                     match (&tls, client) {
-                        (Some(acceptor), ClientStream::Plain(mut tcp)) => {
+                        (Some(acceptor), Either::Left(mut tcp)) => {
                             tcp.write_all(b"S").await?;
-                            client = ClientStream::Tls(Box::new(acceptor.accept(tcp).await?));
+                            client = Either::Right(Box::new(acceptor.accept(tcp).await?));
                         }
                         (_, mut other) => {
                             other.write_all(b"N").await?;
@@ -390,71 +387,23 @@ impl Drop for SlotGuard {
     }
 }
 
-/// A client connection, plain or TLS.
-pub enum ClientStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for ClientStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-type TlsHalves<'a> = (
-    tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>,
-    tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>,
-);
+/// A client connection: plain TCP, or TLS over it.
+pub type ClientStream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 impl Duplex for ClientStream {
-    type Read<'a> = Half<tcp::ReadHalf<'a>, tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>>;
-    type Write<'a> = Half<tcp::WriteHalf<'a>, tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>>;
+    type Read<'a> = Either<tcp::ReadHalf<'a>, tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>>;
+    type Write<'a> = Either<tcp::WriteHalf<'a>, tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>>;
 
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
         match self {
-            ClientStream::Plain(s) => {
+            Either::Left(s) => {
                 let (r, w) = s.split();
-                (Half::Left(r), Half::Left(w))
+                (Either::Left(r), Either::Left(w))
             }
-            ClientStream::Tls(s) => {
+            Either::Right(s) => {
                 // TLS state is shared by both directions: these halves take a lock.
-                let (r, w): TlsHalves<'_> = tokio::io::split(s.as_mut());
-                (Half::Right(r), Half::Right(w))
+                let (r, w) = tokio::io::split(s.as_mut());
+                (Either::Right(r), Either::Right(w))
             }
         }
     }

@@ -164,25 +164,40 @@ impl Rewriter {
         };
         // Two passes: FROM clauses are visited after the select list, so whole-row
         // references can only be recognized once every substituted alias is known.
+        let aliases = self.substitute_reads(query.as_mut())?;
+        self.check(query.as_mut(), aliases)
+    }
+
+    /// Replaces every legacy table reference in `node` by the derived target; returns the
+    /// names under which they are visible.
+    fn substitute_reads<V: VisitMut + ?Sized>(
+        &self,
+        node: &mut V,
+    ) -> Result<HashSet<String>, String> {
         let mut substitute = Substitute {
             rewriter: self,
-            aliases: HashSet::new(),
-            problem: None,
+            found: Findings::default(),
         };
-        let _ = query.visit(&mut substitute);
-        if let Some(problem) = substitute.problem {
-            return Err(problem);
-        }
+        let _ = node.visit(&mut substitute);
+        substitute.found.result()
+    }
+
+    /// Refuses what substitution cannot carry over (strings naming the table, whole-row
+    /// references to `aliases`, system columns) and fixes schema-qualified columns.
+    fn check<V: VisitMut + ?Sized>(
+        &self,
+        node: &mut V,
+        aliases: HashSet<String>,
+    ) -> Result<(), String> {
         let mut check = Check {
             rewriter: self,
-            aliases: substitute.aliases,
-            problem: None,
+            found: Findings {
+                aliases,
+                problem: None,
+            },
         };
-        let _ = query.visit(&mut check);
-        match check.problem {
-            Some(problem) => Err(problem),
-            None => Ok(()),
-        }
+        let _ = node.visit(&mut check);
+        check.found.result().map(|_| ())
     }
 
     /// INSERT, UPDATE and DELETE whose target is the legacy table: the target table is
@@ -333,15 +348,7 @@ impl Rewriter {
         if let Some(problem) = renamer.problem {
             return Err(problem);
         }
-        let mut check = Check {
-            rewriter: self,
-            aliases: substituted,
-            problem: None,
-        };
-        let _ = statement.visit(&mut check);
-        if let Some(problem) = check.problem {
-            return Err(problem);
-        }
+        self.check(statement, substituted)?;
         if add_key_default
             && let (Statement::Insert(insert), Some(default)) = (statement, &self.key_default)
             && let Some(source) = insert.source.as_mut()
@@ -360,22 +367,8 @@ impl Rewriter {
     /// A write to another table that reads the legacy one (in a subquery, FROM or USING):
     /// the reads are substituted, the written table is left alone.
     fn rewrite_other_write(&self, statement: &mut Statement) -> Result<(), String> {
-        let mut substitute = Substitute {
-            rewriter: self,
-            aliases: HashSet::new(),
-            problem: None,
-        };
-        let _ = statement.visit(&mut substitute);
-        if let Some(problem) = substitute.problem {
-            return Err(problem);
-        }
-        let mut check = Check {
-            rewriter: self,
-            aliases: substitute.aliases,
-            problem: None,
-        };
-        let _ = statement.visit(&mut check);
-        check.problem.map_or(Ok(()), Err)
+        let aliases = self.substitute_reads(statement)?;
+        self.check(statement, aliases)
     }
 
     fn substitute_in(
@@ -383,16 +376,10 @@ impl Rewriter {
         tables: &mut [sqlparser::ast::TableWithJoins],
         aliases: &mut HashSet<String>,
     ) -> Result<(), String> {
-        let mut substitute = Substitute {
-            rewriter: self,
-            aliases: HashSet::new(),
-            problem: None,
-        };
         for t in tables {
-            let _ = t.visit(&mut substitute);
+            aliases.extend(self.substitute_reads(t)?);
         }
-        aliases.extend(substitute.aliases);
-        substitute.problem.map_or(Ok(()), Err)
+        Ok(())
     }
 
     /// `AS <legacy name>`: keeps references qualified by the table's name valid.
@@ -543,19 +530,31 @@ fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// The first pass: legacy table references become the derived target.
-struct Substitute<'r> {
-    rewriter: &'r Rewriter,
-    /// Names under which substituted tables are visible (aliases, or the table's name).
+/// What a pass found: the aliases of substituted tables, and the first reason to refuse.
+#[derive(Default)]
+struct Findings {
     aliases: HashSet<String>,
     problem: Option<String>,
 }
 
-impl Substitute<'_> {
+impl Findings {
     fn refuse(&mut self, reason: String) -> ControlFlow<()> {
         self.problem.get_or_insert(reason);
         ControlFlow::Break(())
     }
+
+    fn result(self) -> Result<HashSet<String>, String> {
+        match self.problem {
+            Some(problem) => Err(problem),
+            None => Ok(self.aliases),
+        }
+    }
+}
+
+/// The first pass: legacy table references become the derived target.
+struct Substitute<'r> {
+    rewriter: &'r Rewriter,
+    found: Findings,
 }
 
 impl VisitorMut for Substitute<'_> {
@@ -568,13 +567,15 @@ impl VisitorMut for Substitute<'_> {
                 .iter()
                 .find(|cte| folded(&cte.alias.name) == self.rewriter.table)
         {
-            return self.refuse(format!(
+            return self.found.refuse(format!(
                 "a CTE named {} shadows the legacy table",
                 cte.alias.name
             ));
         }
         if let SetExpr::Table(_) = query.body.as_ref() {
-            return self.refuse("TABLE statements are not rewritten".into());
+            return self
+                .found
+                .refuse("TABLE statements are not rewritten".into());
         }
         ControlFlow::Continue(())
     }
@@ -590,10 +591,12 @@ impl VisitorMut for Substitute<'_> {
             return ControlFlow::Continue(());
         }
         if args.is_some() {
-            return self.refuse("the legacy table is called like a function".into());
+            return self
+                .found
+                .refuse("the legacy table is called like a function".into());
         }
         let alias = alias.take().unwrap_or_else(|| self.rewriter.legacy_alias());
-        self.aliases.insert(folded(&alias.name));
+        self.found.aliases.insert(folded(&alias.name));
         *factor = TableFactor::Derived {
             lateral: false,
             subquery: self.rewriter.view.clone(),
@@ -614,7 +617,7 @@ impl VisitorMut for Substitute<'_> {
             _ => return ControlFlow::Continue(()),
         };
         if text.to_lowercase().contains(&self.rewriter.table) {
-            return self.refuse(format!(
+            return self.found.refuse(format!(
                 "the string '{text}' names the legacy table; references inside strings (such as ::regclass) cannot be rewritten"
             ));
         }
@@ -653,13 +656,14 @@ impl VisitorMut for RenameColumns<'_, '_> {
         }
         let mut substitute = Substitute {
             rewriter: self.rewriter,
-            aliases: HashSet::new(),
-            problem: None,
+            found: Findings::default(),
         };
         let flow = substitute.pre_visit_table_factor(factor);
-        self.substituted.extend(substitute.aliases);
-        if let Some(p) = substitute.problem {
-            self.problem.get_or_insert(p);
+        match substitute.found.result() {
+            Ok(aliases) => self.substituted.extend(aliases),
+            Err(p) => {
+                self.problem.get_or_insert(p);
+            }
         }
         flow
     }
@@ -696,15 +700,7 @@ impl VisitorMut for RenameColumns<'_, '_> {
 /// The second pass: references the substitution cannot carry over.
 struct Check<'r> {
     rewriter: &'r Rewriter,
-    aliases: HashSet<String>,
-    problem: Option<String>,
-}
-
-impl Check<'_> {
-    fn refuse(&mut self, reason: String) -> ControlFlow<()> {
-        self.problem.get_or_insert(reason);
-        ControlFlow::Break(())
-    }
+    found: Findings,
 }
 
 impl VisitorMut for Check<'_> {
@@ -717,10 +713,11 @@ impl VisitorMut for Check<'_> {
                 if SYSTEM_COLUMNS.contains(&name.as_str()) && !self.rewriter.columns.contains(&name)
                 {
                     return self
+                        .found
                         .refuse(format!("system column {name} does not exist on the target"));
                 }
-                if self.aliases.contains(&name) && !self.rewriter.columns.contains(&name) {
-                    return self.refuse(format!(
+                if self.found.aliases.contains(&name) && !self.rewriter.columns.contains(&name) {
+                    return self.found.refuse(format!(
                         "{name} is a whole-row reference to the legacy table; its type is the legacy row type"
                     ));
                 }
@@ -731,6 +728,7 @@ impl VisitorMut for Check<'_> {
                     && SYSTEM_COLUMNS.contains(&last.as_str())
                 {
                     return self
+                        .found
                         .refuse(format!("system column {last} does not exist on the target"));
                 }
                 // schema.table.column → table.column (the derived table has no schema).
