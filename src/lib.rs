@@ -22,6 +22,9 @@
 //! - [`rules`]: the rule files (table and column map, query types), validated with
 //!   `file:line:column` diagnostics; [`classify::fingerprint`] names statements.
 //! - [`rewrite`]: a statement on the legacy table as the same statement on the target.
+//! - [`compare`]: the two sides' answers compared (canonical values, multisets, ties,
+//!   tolerances) and which statements cannot be compared (pure functions; the shadow that
+//!   feeds them is issue 5).
 //! - [`connect`]: reaching a PostgreSQL server from a URL, with errors an operator can act on.
 //! - [`migrate`]: `cutover migrate` (the recorded, checksummed migrations of `migrations/`)
 //!   and the seed's integrity checks of the `fature_v2` tree.
@@ -33,6 +36,7 @@
 pub mod admin;
 pub mod cancel;
 pub mod classify;
+pub mod compare;
 pub mod config;
 pub mod connect;
 pub mod fixture;
