@@ -18,6 +18,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Compare legacy and target row by row in one snapshot (every mapped column, chunked by
+    /// key range), run the seed's integrity and post-migration checks and its performance
+    /// criteria; exit 1 on any drift or failed check.
+    Verify {
+        /// PostgreSQL holding both schemas
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// Directory of the rule files (the table and column map)
+        #[arg(long, default_value = "rules")]
+        rules: PathBuf,
+        /// Keys compared per query
+        #[arg(long, default_value_t = cutover::migrate::verify::DEFAULT_CHUNK)]
+        chunk: i64,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate and explain the rule files.
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -152,6 +169,26 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve(args).await,
+        Command::Verify {
+            database_url,
+            rules: dir,
+            chunk,
+            json,
+        } => {
+            let set = rules::RuleSet::load_dir(&dir)?;
+            let client = connect::connect(&connect::parse_url(&database_url)?).await?;
+            let report = migrate::verify::verify(&client, &set.table, chunk).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::Rules(RulesCommand::Check { dir, database_url }) => {
             rules_check(&dir, database_url).await
         }

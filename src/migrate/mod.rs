@@ -7,9 +7,11 @@
 //! binary does not know, stops the run before anything is applied. Concurrent runs (several
 //! replicas starting at once) serialize on an advisory lock.
 //!
-//! Also holds the seed's integrity checks of the `fature_v2` tree ([`integrity`]).
+//! Also holds the seed's integrity checks of the `fature_v2` tree ([`integrity`]) and
+//! `cutover verify` ([`verify`]).
 
 pub mod integrity;
+pub mod verify;
 
 use std::{
     fmt, fs, io,

@@ -1,0 +1,439 @@
+//! `cutover verify`: proof that the target holds what legacy holds.
+//!
+//! In one `REPEATABLE READ READ ONLY` snapshot: every mapped column of every key compared
+//! both ways, chunked by key range so it scales (missing in the target, extra in the target,
+//! different, per column); the seed's integrity checks ([`super::integrity`]); and the seed's
+//! post-migration checks — counts, parent links, top performers, and its performance criteria
+//! measured (level-1 query < 10 ms, level-5 query < 50 ms).
+//!
+//! Derived columns (legacy's `level_1_referrals`) are compared too, but a difference there is
+//! legacy's counter drifting from the truth the target recomputes: reported apart, it does not
+//! fail verification. A legacy parent that no longer exists matches a target root recorded in
+//! `fature_v2.detached_affiliates` (the children of a deleted affiliate).
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use super::integrity;
+use crate::rules::TableMap;
+
+/// Keys compared per query.
+pub const DEFAULT_CHUNK: i64 = 50_000;
+
+/// Differing keys kept per problem, to show.
+const SAMPLE: usize = 10;
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub legacy_table: String,
+    pub target_table: String,
+    pub legacy_rows: i64,
+    pub target_rows: i64,
+    /// Keys in legacy but not in the target.
+    pub missing: Problem,
+    /// Keys in the target but not in legacy.
+    pub extra: Problem,
+    /// Keys on both sides whose mapped, non-derived columns differ.
+    pub different: Problem,
+    /// Per column (legacy name): how many keys differ there.
+    pub columns: Vec<(String, i64)>,
+    /// Derived columns: legacy's value differs from the target's (informational).
+    pub derived: Vec<(String, Problem)>,
+    pub checks: Vec<Check>,
+    pub performance: Vec<Timing>,
+    pub ok: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Problem {
+    pub count: i64,
+    pub sample_keys: Vec<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub group: String,
+    pub name: String,
+    pub value: String,
+    pub passed: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Timing {
+    pub name: String,
+    pub millis: f64,
+    pub limit_millis: f64,
+    pub passed: bool,
+}
+
+impl Problem {
+    fn add(&mut self, key: i64) {
+        self.count += 1;
+        if self.sample_keys.len() < SAMPLE {
+            self.sample_keys.push(key);
+        }
+    }
+}
+
+fn q(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Runs every comparison and check in one snapshot.
+pub async fn verify(
+    client: &Client,
+    table: &TableMap,
+    chunk: i64,
+) -> Result<Report, tokio_postgres::Error> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let result = verify_in_snapshot(client, table, chunk.max(1)).await;
+    let _ = client.batch_execute("COMMIT").await;
+    result
+}
+
+async fn verify_in_snapshot(
+    client: &Client,
+    table: &TableMap,
+    chunk: i64,
+) -> Result<Report, tokio_postgres::Error> {
+    let legacy = format!("{}.{}", q(&table.legacy.schema), q(&table.legacy.name));
+    let target = format!("{}.{}", q(&table.target.schema), q(&table.target.name));
+    let key = q(&table.key);
+    let mut report = Report {
+        legacy_table: table.legacy.to_string(),
+        target_table: table.target.to_string(),
+        ..Report::default()
+    };
+
+    let bounds = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM {legacy}), (SELECT count(*) FROM {target}),
+                        LEAST((SELECT min({key}) FROM {legacy}), (SELECT min({key}) FROM {target}))::int8,
+                        GREATEST((SELECT max({key}) FROM {legacy}), (SELECT max({key}) FROM {target}))::int8"
+            ),
+            &[],
+        )
+        .await?;
+    report.legacy_rows = bounds.get(0);
+    report.target_rows = bounds.get(1);
+    let (lo, hi): (Option<i64>, Option<i64>) = (bounds.get(2), bounds.get(3));
+
+    // One query per chunk: the keys that are missing, extra, or differ in some column.
+    let plain: Vec<_> = table
+        .columns
+        .iter()
+        .filter(|c| !c.derived && c.legacy != table.key)
+        .collect();
+    let derived: Vec<_> = table.columns.iter().filter(|c| c.derived).collect();
+    let parent = plain
+        .iter()
+        .find(|c| c.legacy == "parent_affiliate_id")
+        .map(|c| c.legacy.clone());
+    let detached = client
+        .query_one(
+            "SELECT to_regclass('fature_v2.detached_affiliates') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get::<_, bool>(0);
+    let column_diff = |c: &crate::rules::ColumnMap| -> String {
+        let base = format!("l.{} IS DISTINCT FROM t.{}", q(&c.legacy), q(&c.target));
+        if Some(&c.legacy) == parent.as_ref() && detached {
+            // A child of a deleted affiliate: legacy keeps the dangling id, the target made it
+            // a root and recorded the former parent.
+            format!(
+                "({base} AND NOT (t.{} IS NULL AND EXISTS (SELECT 1 FROM fature_v2.detached_affiliates d
+                   WHERE d.affiliate_id = t.{key} AND d.former_parent_id = l.{})))",
+                q(&c.target),
+                q(&c.legacy)
+            )
+        } else {
+            base
+        }
+    };
+    let flags: Vec<String> = plain.iter().map(|c| column_diff(c)).collect();
+    let derived_flags: Vec<String> = derived
+        .iter()
+        .map(|c| format!("l.{} IS DISTINCT FROM t.{}", q(&c.legacy), q(&c.target)))
+        .collect();
+    let any = flags
+        .iter()
+        .chain(&derived_flags)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let sql = format!(
+        "SELECT coalesce(l.{key}, t.{key})::int8, l.{key} IS NULL, t.{key} IS NULL{}{}
+         FROM (SELECT * FROM {legacy} WHERE {key} BETWEEN $1 AND $2) l
+         FULL JOIN (SELECT * FROM {target} WHERE {key} BETWEEN $1 AND $2) t ON l.{key} = t.{key}
+         WHERE l.{key} IS NULL OR t.{key} IS NULL OR {}",
+        flags.iter().map(|f| format!(", {f}")).collect::<String>(),
+        derived_flags
+            .iter()
+            .map(|f| format!(", {f}"))
+            .collect::<String>(),
+        if any.is_empty() {
+            "false".to_owned()
+        } else {
+            any
+        }
+    );
+    let statement = client.prepare(&sql).await?;
+    let mut per_column = vec![0i64; plain.len()];
+    let mut per_derived: Vec<Problem> = derived.iter().map(|_| Problem::default()).collect();
+    // Chunks of at most `chunk` keys (of either side), so sparse keys cost nothing.
+    let next_bound = client
+        .prepare(&format!(
+            "SELECT max(k)::int8 FROM (
+                 SELECT k FROM (
+                     (SELECT {key} AS k FROM {legacy} WHERE {key} >= $1 ORDER BY {key} LIMIT $2)
+                     UNION
+                     (SELECT {key} FROM {target} WHERE {key} >= $1 ORDER BY {key} LIMIT $2)
+                 ) keys ORDER BY k LIMIT $2
+             ) chunk"
+        ))
+        .await?;
+    if let (Some(lo), Some(_)) = (lo, hi) {
+        let mut from = lo;
+        loop {
+            let to: Option<i64> = client
+                .query_one(&next_bound, &[&from, &chunk])
+                .await?
+                .get(0);
+            let Some(to) = to else { break };
+            for row in client.query(&statement, &[&from, &to]).await? {
+                let key_value: i64 = row.get(0);
+                let (extra, missing): (bool, bool) = (row.get(1), row.get(2));
+                if extra {
+                    report.extra.add(key_value);
+                    continue;
+                }
+                if missing {
+                    report.missing.add(key_value);
+                    continue;
+                }
+                let mut differs = false;
+                for (i, count) in per_column.iter_mut().enumerate() {
+                    if row.get::<_, bool>(3 + i) {
+                        *count += 1;
+                        differs = true;
+                    }
+                }
+                if differs {
+                    report.different.add(key_value);
+                }
+                for (j, problem) in per_derived.iter_mut().enumerate() {
+                    if row.get::<_, bool>(3 + plain.len() + j) {
+                        problem.add(key_value);
+                    }
+                }
+            }
+            match to.checked_add(1) {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+    }
+    report.columns = plain
+        .iter()
+        .zip(per_column)
+        .filter(|(_, n)| *n > 0)
+        .map(|(c, n)| (c.legacy.clone(), n))
+        .collect();
+    report.derived = derived
+        .iter()
+        .zip(per_derived)
+        .map(|(c, p)| (c.legacy.clone(), p))
+        .collect();
+
+    // The seed's IntegrityValidator, in the same snapshot.
+    for check in integrity::CHECKS {
+        let offending: i64 = client.query_one(check.sql, &[]).await?.get(0);
+        report.checks.push(Check {
+            group: check.group.to_owned(),
+            name: check.name.to_owned(),
+            value: offending.to_string(),
+            passed: offending == 0,
+        });
+    }
+
+    // The seed's PostMigrationValidator: counts and links.
+    let counts = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM {legacy} WHERE parent_affiliate_id IS NOT NULL),
+                        (SELECT count(*) FROM {target} WHERE parent_affiliate_id IS NOT NULL)"
+            ),
+            &[],
+        )
+        .await;
+    report.checks.push(Check {
+        group: "post_migration".into(),
+        name: "row_counts".into(),
+        value: format!("{} = {}", report.legacy_rows, report.target_rows),
+        passed: report.legacy_rows == report.target_rows,
+    });
+    if let Ok(row) = counts {
+        let (l, t): (i64, i64) = (row.get(0), row.get(1));
+        let detached_count: i64 = if detached {
+            client
+                .query_one("SELECT count(*) FROM fature_v2.detached_affiliates", &[])
+                .await?
+                .get(0)
+        } else {
+            0
+        };
+        report.checks.push(Check {
+            group: "post_migration".into(),
+            name: "parent_links".into(),
+            value: format!("{l} = {t} + {detached_count} detached"),
+            passed: l == t + detached_count,
+        });
+    }
+    if let Some(counter) = derived.first() {
+        // Top performers: the target's ranking against legacy's truth (children counted),
+        // since legacy's own counter may have drifted.
+        let top = |sql: String| async move {
+            client.query(&sql, &[]).await.map(|rows| {
+                rows.iter()
+                    .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let truth = top(format!(
+            "SELECT p.{key}::int8, count(c.{key})::int8 AS n FROM {legacy} p JOIN {legacy} c ON c.parent_affiliate_id = p.{key}
+             GROUP BY p.{key} ORDER BY n DESC, p.{key} LIMIT 10"
+        ))
+        .await?;
+        let ours = top(format!(
+            "SELECT {key}::int8, {}::int8 AS n FROM {target} WHERE {} > 0 ORDER BY n DESC, {key} LIMIT 10",
+            q(&counter.target),
+            q(&counter.target)
+        ))
+        .await?;
+        report.checks.push(Check {
+            group: "post_migration".into(),
+            name: "top_performers".into(),
+            value: if truth == ours {
+                "same top 10".into()
+            } else {
+                format!("legacy {truth:?} vs target {ours:?}")
+            },
+            passed: truth == ours,
+        });
+
+        // Performance criteria of the plan, on the affiliate with the most referrals.
+        if let Some(&(leader, _)) = ours.first() {
+            for (name, depth, limit) in [("level-1 query", 1, 10.0), ("level-5 query", 5, 50.0)] {
+                let stmt = client
+                    .prepare(
+                        "SELECT count(*) FROM fature_v2.hierarchy_index
+                         WHERE ancestor_id = $1 AND level_distance <= $2 AND is_active",
+                    )
+                    .await?;
+                let mut best = Duration::MAX;
+                for _ in 0..5 {
+                    let started = Instant::now();
+                    client.query_one(&stmt, &[&leader, &depth]).await?;
+                    best = best.min(started.elapsed());
+                }
+                let millis = best.as_secs_f64() * 1000.0;
+                report.performance.push(Timing {
+                    name: name.into(),
+                    millis,
+                    limit_millis: limit,
+                    passed: millis < limit,
+                });
+            }
+        }
+    }
+
+    report.ok = report.missing.count == 0
+        && report.extra.count == 0
+        && report.different.count == 0
+        && report.checks.iter().all(|c| c.passed)
+        && report.performance.iter().all(|p| p.passed);
+    Ok(report)
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mark = |ok: bool| if ok { "ok" } else { "FAIL" };
+        writeln!(
+            f,
+            "verify {} ↔ {} (one snapshot)",
+            self.legacy_table, self.target_table
+        )?;
+        writeln!(
+            f,
+            "  rows         legacy {}  target {}",
+            self.legacy_rows, self.target_rows
+        )?;
+        for (label, p) in [
+            ("missing", &self.missing),
+            ("extra", &self.extra),
+            ("different", &self.different),
+        ] {
+            writeln!(
+                f,
+                "  {label:<12} {:>6}  {}{}",
+                p.count,
+                mark(p.count == 0),
+                if p.sample_keys.is_empty() {
+                    String::new()
+                } else {
+                    format!("  keys {:?}", p.sample_keys)
+                }
+            )?;
+        }
+        for (column, n) in &self.columns {
+            writeln!(f, "    column {column}: {n} keys differ")?;
+        }
+        for (column, p) in &self.derived {
+            writeln!(
+                f,
+                "  derived      {column}: {} legacy values differ from the target's recomputed ones (informational){}",
+                p.count,
+                if p.sample_keys.is_empty() {
+                    String::new()
+                } else {
+                    format!("  keys {:?}", p.sample_keys)
+                }
+            )?;
+        }
+        for c in &self.checks {
+            writeln!(
+                f,
+                "  {:<24} {:<30} {:>12}  {}",
+                c.group,
+                c.name,
+                c.value,
+                mark(c.passed)
+            )?;
+        }
+        for p in &self.performance {
+            writeln!(
+                f,
+                "  performance  {:<16} {:>8.2} ms (< {} ms)  {}",
+                p.name,
+                p.millis,
+                p.limit_millis,
+                mark(p.passed)
+            )?;
+        }
+        write!(
+            f,
+            "result: {}",
+            if self.ok {
+                "OK"
+            } else {
+                "DRIFT OR FAILED CHECKS"
+            }
+        )
+    }
+}
