@@ -15,21 +15,6 @@ use rand::{RngExt, SeedableRng, rngs::ChaCha8Rng};
 use rust_decimal::Decimal;
 use tokio_postgres::{Client, error::SqlState};
 
-const COLUMNS: &str = "affiliate_id, parent_affiliate_id, external_id, name, email, status,
-    registration_date, total_deposits, total_bets, total_withdrawals, total_cpa_earned,
-    total_rev_earned, total_commissions_paid, created_at, updated_at";
-
-/// Copies the legacy rows into v2 through its own per-row triggers, parents first.
-async fn copy_through_triggers(client: &Client) {
-    client
-        .batch_execute(&format!(
-            "INSERT INTO fature_v2.affiliates_optimized ({COLUMNS})
-             SELECT {COLUMNS} FROM public.affiliates ORDER BY affiliate_id"
-        ))
-        .await
-        .expect("copy legacy rows through the v2 triggers");
-}
-
 async fn assert_integrity(client: &Client, when: &str) {
     let results = integrity::run(client).await.expect("integrity checks run");
     let failed: Vec<_> = results.iter().filter(|r| !r.passed()).collect();
@@ -68,7 +53,7 @@ async fn random_moves_deletes_and_statuses_keep_the_tree_exact() {
     fixture::load(&client, &TreeSpec::clean(10_000))
         .await
         .unwrap();
-    copy_through_triggers(&client).await;
+    support::copy_legacy_into_target(&client).await;
     assert_integrity(&client, "after the build").await;
 
     let mut model = parents(&client).await;

@@ -76,22 +76,7 @@ async fn simple_and_extended_queries_match_direct() {
 
 /// The raw bytes of a column as the server sent them (binary format).
 fn raw(row: &tokio_postgres::Row, i: usize) -> Option<&[u8]> {
-    struct Raw<'a>(Option<&'a [u8]>);
-    impl<'a> tokio_postgres::types::FromSql<'a> for Raw<'a> {
-        fn from_sql(
-            _: &Type,
-            raw: &'a [u8],
-        ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-            Ok(Raw(Some(raw)))
-        }
-        fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-            Ok(Raw(None))
-        }
-        fn accepts(_: &Type) -> bool {
-            true
-        }
-    }
-    row.get::<_, Raw>(i).0
+    cutover::compare::raw_column(row, i)
 }
 
 #[tokio::test]

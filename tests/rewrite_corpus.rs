@@ -15,10 +15,6 @@ use cutover::{
 use rand::{RngExt, SeedableRng, rngs::ChaCha8Rng};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-const COLUMNS: &str = "affiliate_id, parent_affiliate_id, external_id, name, email, status,
-    registration_date, total_deposits, total_bets, total_withdrawals, total_cpa_earned,
-    total_rev_earned, total_commissions_paid, created_at, updated_at";
-
 fn corpus() -> Vec<String> {
     include_str!("corpus/legacy_statements.sql")
         .lines()
@@ -40,14 +36,7 @@ type Answer = Result<(Vec<String>, Vec<Vec<Option<String>>>, Vec<u64>), String>;
 async fn answer(client: &Client, sql: &str) -> Answer {
     client.batch_execute("SAVEPOINT corpus").await.unwrap();
     // Sequences ignore rollbacks: put the id sequence back, so both sides draw the same ids.
-    let seq = client
-        .query_one(
-            "SELECT last_value, is_called FROM public.affiliates_affiliate_id_seq",
-            &[],
-        )
-        .await
-        .unwrap();
-    let (last, called): (i64, bool) = (seq.get(0), seq.get(1));
+    let sequence = support::id_sequence(client).await;
     let described = client.prepare(sql).await.map(|s| {
         s.columns()
             .iter()
@@ -82,13 +71,7 @@ async fn answer(client: &Client, sql: &str) -> Answer {
         .batch_execute("ROLLBACK TO SAVEPOINT corpus")
         .await
         .unwrap();
-    client
-        .execute(
-            "SELECT setval('public.affiliates_affiliate_id_seq', $1, $2)",
-            &[&last, &called],
-        )
-        .await
-        .unwrap();
+    support::restore_id_sequence(client, sequence).await;
     result
 }
 
@@ -99,13 +82,7 @@ async fn every_corpus_statement_is_rewritten_faithfully_or_refused_with_a_reason
     fixture::load(&client, &TreeSpec::clean(3000))
         .await
         .unwrap();
-    client
-        .batch_execute(&format!(
-            "INSERT INTO fature_v2.affiliates_optimized ({COLUMNS})
-             SELECT {COLUMNS} FROM public.affiliates ORDER BY affiliate_id"
-        ))
-        .await
-        .unwrap();
+    support::copy_legacy_into_target(&client).await;
 
     let rewriter = rewriter();
     let statements = corpus();

@@ -13,34 +13,13 @@ use cutover::{
 };
 use tokio_postgres::{Client, Row, types::ToSql};
 
-const COLUMNS: &str = "affiliate_id, parent_affiliate_id, external_id, name, email, status,
-    registration_date, total_deposits, total_bets, total_withdrawals, total_cpa_earned,
-    total_rev_earned, total_commissions_paid, created_at, updated_at";
-
 fn rules() -> RuleSet {
     RuleSet::load_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("rules")).unwrap()
 }
 
 /// A column's raw bytes as the server sent them.
 fn raw(row: &Row, i: usize) -> Option<Vec<u8>> {
-    struct Raw(Option<Vec<u8>>);
-    impl<'a> tokio_postgres::types::FromSql<'a> for Raw {
-        fn from_sql(
-            _: &tokio_postgres::types::Type,
-            raw: &'a [u8],
-        ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-            Ok(Raw(Some(raw.to_vec())))
-        }
-        fn from_sql_null(
-            _: &tokio_postgres::types::Type,
-        ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-            Ok(Raw(None))
-        }
-        fn accepts(_: &tokio_postgres::types::Type) -> bool {
-            true
-        }
-    }
-    row.get::<_, Raw>(i).0
+    cutover::compare::raw_column(row, i).map(<[u8]>::to_vec)
 }
 
 type Answer = (Vec<(String, String)>, Vec<Vec<Option<Vec<u8>>>>);
@@ -116,13 +95,7 @@ async fn both_sides() -> (support::TestDb, Client) {
     fixture::load(&client, &TreeSpec::clean(3000))
         .await
         .unwrap();
-    client
-        .batch_execute(&format!(
-            "INSERT INTO fature_v2.affiliates_optimized ({COLUMNS})
-             SELECT {COLUMNS} FROM public.affiliates ORDER BY affiliate_id"
-        ))
-        .await
-        .unwrap();
+    support::copy_legacy_into_target(&client).await;
     (db, client)
 }
 
@@ -133,14 +106,7 @@ type WriteAnswer = Result<(Vec<Vec<Option<Vec<u8>>>>, Option<u64>), String>;
 async fn write_answer(client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> WriteAnswer {
     use futures_util::TryStreamExt;
     client.batch_execute("SAVEPOINT w").await.unwrap();
-    let seq = client
-        .query_one(
-            "SELECT last_value, is_called FROM public.affiliates_affiliate_id_seq",
-            &[],
-        )
-        .await
-        .unwrap();
-    let (last, called): (i64, bool) = (seq.get(0), seq.get(1));
+    let sequence = support::id_sequence(client).await;
     let result = async {
         let stream = client.query_raw(sql, params.iter().copied()).await?;
         futures_util::pin_mut!(stream);
@@ -156,13 +122,7 @@ async fn write_answer(client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]
         .batch_execute("ROLLBACK TO SAVEPOINT w")
         .await
         .unwrap();
-    client
-        .execute(
-            "SELECT setval('public.affiliates_affiliate_id_seq', $1, $2)",
-            &[&last, &called],
-        )
-        .await
-        .unwrap();
+    support::restore_id_sequence(client, sequence).await;
     result
 }
 

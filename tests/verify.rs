@@ -6,21 +6,11 @@ mod support;
 
 use cutover::fixture::{self, TreeSpec};
 
-const COLUMNS: &str = "affiliate_id, parent_affiliate_id, external_id, name, email, status,
-    registration_date, total_deposits, total_bets, total_withdrawals, total_cpa_earned,
-    total_rev_earned, total_commissions_paid, created_at, updated_at";
-
 async fn copied_tree(spec: TreeSpec) -> (support::TestDb, tokio_postgres::Client) {
     let db = support::migrated_db().await;
     let client = db.client().await;
     fixture::load(&client, &spec).await.unwrap();
-    client
-        .batch_execute(&format!(
-            "INSERT INTO fature_v2.affiliates_optimized ({COLUMNS})
-             SELECT {COLUMNS} FROM public.affiliates ORDER BY affiliate_id"
-        ))
-        .await
-        .unwrap();
+    support::copy_legacy_into_target(&client).await;
     (db, client)
 }
 

@@ -32,23 +32,6 @@ impl Answer {
         statement_columns: &[tokio_postgres::Column],
         rows: &[tokio_postgres::Row],
     ) -> Self {
-        struct Raw<'a>(Option<&'a [u8]>);
-        impl<'a> tokio_postgres::types::FromSql<'a> for Raw<'a> {
-            fn from_sql(
-                _: &tokio_postgres::types::Type,
-                raw: &'a [u8],
-            ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-                Ok(Raw(Some(raw)))
-            }
-            fn from_sql_null(
-                _: &tokio_postgres::types::Type,
-            ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-                Ok(Raw(None))
-            }
-            fn accepts(_: &tokio_postgres::types::Type) -> bool {
-                true
-            }
-        }
         Answer {
             columns: statement_columns
                 .iter()
@@ -60,15 +43,35 @@ impl Answer {
                     statement_columns
                         .iter()
                         .enumerate()
-                        .map(|(i, c)| {
-                            let raw = row.try_get::<_, Raw>(i).map(|r| r.0).unwrap_or(None);
-                            Value::decode(c.type_(), raw)
-                        })
+                        .map(|(i, c)| Value::decode(c.type_(), raw_column(row, i)))
                         .collect()
                 })
                 .collect(),
         }
     }
+}
+
+/// A column of a row exactly as the server sent it (binary format); `None` for NULL (and
+/// for an index out of range).
+pub fn raw_column(row: &tokio_postgres::Row, index: usize) -> Option<&[u8]> {
+    struct Raw<'a>(Option<&'a [u8]>);
+    impl<'a> tokio_postgres::types::FromSql<'a> for Raw<'a> {
+        fn from_sql(
+            _: &tokio_postgres::types::Type,
+            raw: &'a [u8],
+        ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+            Ok(Raw(Some(raw)))
+        }
+        fn from_sql_null(
+            _: &tokio_postgres::types::Type,
+        ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+            Ok(Raw(None))
+        }
+        fn accepts(_: &tokio_postgres::types::Type) -> bool {
+            true
+        }
+    }
+    row.try_get::<_, Raw>(index).ok().and_then(|r| r.0)
 }
 
 /// How the statement orders its rows (from [`determinism::analyze`]).

@@ -130,18 +130,7 @@ impl Rewriter {
                 return Rewrite::NotRoutable(reason);
             }
         }
-        let text = statements
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ");
-        // Never hand out SQL that does not parse back.
-        match fingerprint::parse(&text) {
-            Ok(_) => Rewrite::Target(text),
-            Err(e) => Rewrite::NotRoutable(format!(
-                "the rewritten SQL would not parse ({e}); this is a cutover bug"
-            )),
-        }
+        printed(&statements)
     }
 
     fn rewrite_one(&self, statement: &mut Statement) -> Result<(), String> {
@@ -518,6 +507,21 @@ impl Rewriter {
     }
 }
 
+/// Statements printed as the target SQL — never SQL that does not parse back.
+fn printed(statements: &[Statement]) -> Rewrite {
+    let text = statements
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    match fingerprint::parse(&text) {
+        Ok(_) => Rewrite::Target(text),
+        Err(e) => Rewrite::NotRoutable(format!(
+            "the rewritten SQL would not parse ({e}); this is a cutover bug"
+        )),
+    }
+}
+
 /// An identifier as PostgreSQL resolves it: unquoted ones fold to lower case.
 fn folded(ident: &Ident) -> String {
     match ident.quote_style {
@@ -832,17 +836,7 @@ impl TargetPlan {
                 "the rule's target SQL uses {p}, which its example does not have"
             ));
         }
-        let text = target
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ");
-        match fingerprint::parse(&text) {
-            Ok(_) => Rewrite::Target(text),
-            Err(e) => Rewrite::NotRoutable(format!(
-                "the bound target SQL would not parse ({e}); this is a cutover bug"
-            )),
-        }
+        printed(&target)
     }
 }
 

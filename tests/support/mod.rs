@@ -348,3 +348,43 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// The legacy columns that v2 stores under the same names (all but the derived counter).
+pub const SHARED_COLUMNS: &str =
+    "affiliate_id, parent_affiliate_id, external_id, name, email, status,
+    registration_date, total_deposits, total_bets, total_withdrawals, total_cpa_earned,
+    total_rev_earned, total_commissions_paid, created_at, updated_at";
+
+/// Copies every legacy row into fature_v2 through v2's own per-row triggers, parents first.
+pub async fn copy_legacy_into_target(client: &Client) {
+    client
+        .batch_execute(&format!(
+            "INSERT INTO fature_v2.affiliates_optimized ({SHARED_COLUMNS})
+             SELECT {SHARED_COLUMNS} FROM public.affiliates ORDER BY affiliate_id"
+        ))
+        .await
+        .expect("copy legacy rows through the v2 triggers");
+}
+
+/// The legacy id sequence's state; sequences ignore rollbacks, so tests that run a write on
+/// both sides put it back in between.
+pub async fn id_sequence(client: &Client) -> (i64, bool) {
+    let row = client
+        .query_one(
+            "SELECT last_value, is_called FROM public.affiliates_affiliate_id_seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+pub async fn restore_id_sequence(client: &Client, (last, called): (i64, bool)) {
+    client
+        .execute(
+            "SELECT setval('public.affiliates_affiliate_id_seq', $1, $2)",
+            &[&last, &called],
+        )
+        .await
+        .unwrap();
+}
