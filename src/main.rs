@@ -18,6 +18,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Copy every legacy row into the target, parents first, set-based and resumable; rows
+    /// that cannot go (orphans, cycles and their subtrees) are quarantined with their reason.
+    /// Exit 0: done, no anomalies; 1: done, with quarantined rows or drifted legacy counters.
+    Backfill {
+        /// PostgreSQL holding both schemas
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// Directory of the rule files (the table and column map)
+        #[arg(long, default_value = "rules")]
+        rules: PathBuf,
+        /// Rows per batch (each batch commits with its checkpoint)
+        #[arg(long, default_value_t = cutover::migrate::backfill::DEFAULT_BATCH)]
+        batch: i64,
+        /// Report what would be copied and quarantined; change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of a summary
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare legacy and target row by row in one snapshot (every mapped column, chunked by
     /// key range), run the seed's integrity and post-migration checks and its performance
     /// criteria; exit 1 on any drift or failed check.
@@ -169,6 +189,35 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve(args).await,
+        Command::Backfill {
+            database_url,
+            rules: dir,
+            batch,
+            dry_run,
+            json,
+        } => {
+            let set = rules::RuleSet::load_dir(&dir)?;
+            let client = connect::connect(&connect::parse_url(&database_url)?).await?;
+            let options = migrate::backfill::Options {
+                batch: batch.max(1),
+                dry_run,
+                progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                abort_after_batches: std::env::var("CUTOVER_TEST_ABORT_AFTER_BATCHES")
+                    .ok()
+                    .and_then(|v| v.parse().ok()),
+            };
+            let summary = migrate::backfill::run(&client, &set.table, &options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!("{summary}");
+            }
+            Ok(if summary.anomalies() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Verify {
             database_url,
             rules: dir,

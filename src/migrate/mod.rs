@@ -10,6 +10,7 @@
 //! Also holds the seed's integrity checks of the `fature_v2` tree ([`integrity`]) and
 //! `cutover verify` ([`verify`]).
 
+pub mod backfill;
 pub mod integrity;
 pub mod verify;
 

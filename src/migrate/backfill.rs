@@ -1,0 +1,546 @@
+//! `cutover backfill`: every legacy row into the target, parents first, set-based, batched
+//! and resumable.
+//!
+//! 1. **plan**: a recursive walk from the roots gives every reachable row its level and path
+//!    (`cutover.backfill_plan`). Rows it cannot reach are quarantined with their reason
+//!    (`cutover.backfill_quarantine`): an orphan (its parent does not exist), a member of a
+//!    parent cycle, or a row under one of those.
+//! 2. **rows**: batches in (level, id) order — parents before children — inserted with their
+//!    path and level, per-row triggers off for this session (`cutover.bulk_load`). A row
+//!    already in the target (written by dual-write while the backfill runs) is newer than the
+//!    copy: `ON CONFLICT DO NOTHING` keeps it.
+//! 3. **closure**: the same batches, each row's ancestors from its path.
+//! 4. **counters**: direct referrals and network sizes recomputed in two statements.
+//!
+//! Each batch commits with its checkpoint (`cutover.backfill_progress`): a backfill killed at
+//! any point and run again continues after the last committed batch. Legacy's drifted
+//! `level_1_referrals` are reported; the target holds the recomputed truth.
+
+use std::{collections::HashMap, time::Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::rules::TableMap;
+
+pub const DEFAULT_BATCH: i64 = 50_000;
+
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    pub legacy_rows: i64,
+    pub copied: i64,
+    /// Rows already in the target (dual-written during the backfill), left as they are.
+    pub already_present: i64,
+    pub closure_rows: i64,
+    pub quarantined: Vec<Quarantined>,
+    /// Legacy rows whose level_1_referrals differs from their real number of children.
+    pub counter_drift: i64,
+    pub counter_drift_sample: Vec<(i64, i32, i64)>,
+    pub resumed: bool,
+    pub dry_run: bool,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Quarantined {
+    pub affiliate_id: i64,
+    pub parent_affiliate_id: Option<i64>,
+    pub reason: String,
+}
+
+impl Summary {
+    /// Whether anything needs a person's attention (the exit code says so).
+    pub fn anomalies(&self) -> bool {
+        !self.quarantined.is_empty() || self.counter_drift > 0
+    }
+}
+
+/// Options of a run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub batch: i64,
+    pub dry_run: bool,
+    pub progress: bool,
+    /// For tests of resumption: stop the process abruptly after this many committed batches.
+    pub abort_after_batches: Option<u64>,
+}
+
+fn q(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+pub async fn run(
+    client: &Client,
+    table: &TableMap,
+    options: &Options,
+) -> Result<Summary, tokio_postgres::Error> {
+    let started = Instant::now();
+    let legacy = format!("{}.{}", q(&table.legacy.schema), q(&table.legacy.name));
+    let mut summary = Summary {
+        dry_run: options.dry_run,
+        ..Summary::default()
+    };
+    summary.legacy_rows = client
+        .query_one(&format!("SELECT count(*) FROM {legacy}"), &[])
+        .await?
+        .get(0);
+
+    if options.dry_run {
+        // Everything in one transaction that is rolled back: nothing changes.
+        client.batch_execute("BEGIN").await?;
+        let result = dry_run(client, table, &mut summary).await;
+        client.batch_execute("ROLLBACK").await?;
+        result?;
+        summary.seconds = started.elapsed().as_secs_f64();
+        return Ok(summary);
+    }
+
+    let phase: Option<String> = client
+        .query_opt("SELECT phase FROM cutover.backfill_progress", &[])
+        .await?
+        .map(|r| r.get(0));
+    summary.resumed = matches!(phase.as_deref(), Some(p) if p != "done");
+    if !summary.resumed {
+        plan(client, table).await?;
+    }
+    summary.quarantined = quarantined(client).await?;
+
+    client.batch_execute("SET cutover.bulk_load = 'on'").await?;
+    let mut batches = 0u64;
+    let phase = current_phase(client).await?;
+    if phase == "rows" {
+        copy_rows(client, table, options, &mut summary, &mut batches).await?;
+        set_phase(client, "closure").await?;
+    }
+    if current_phase(client).await? == "closure" {
+        build_closure(client, options, &mut summary, &mut batches).await?;
+        set_phase(client, "counters").await?;
+    }
+    if current_phase(client).await? == "counters" {
+        client
+            .batch_execute(
+                "BEGIN;
+                 UPDATE fature_v2.affiliates_optimized t SET direct_referrals_count = c.n
+                 FROM (SELECT a.affiliate_id, count(ch.affiliate_id)::int AS n
+                       FROM fature_v2.affiliates_optimized a
+                       LEFT JOIN fature_v2.affiliates_optimized ch ON ch.parent_affiliate_id = a.affiliate_id
+                       GROUP BY a.affiliate_id) c
+                 WHERE t.affiliate_id = c.affiliate_id AND t.direct_referrals_count IS DISTINCT FROM c.n;
+                 UPDATE fature_v2.affiliates_optimized t SET total_network_size = c.n
+                 FROM (SELECT a.affiliate_id, count(h.descendant_id)::int AS n
+                       FROM fature_v2.affiliates_optimized a
+                       LEFT JOIN fature_v2.hierarchy_index h ON h.ancestor_id = a.affiliate_id
+                       GROUP BY a.affiliate_id) c
+                 WHERE t.affiliate_id = c.affiliate_id AND t.total_network_size IS DISTINCT FROM c.n;
+                 UPDATE cutover.backfill_progress SET phase = 'done', updated_at = now();
+                 COMMIT;",
+            )
+            .await?;
+    }
+    client.batch_execute("RESET cutover.bulk_load").await?;
+    client
+        .batch_execute("DROP TABLE IF EXISTS cutover.backfill_plan")
+        .await?;
+
+    counter_drift(client, table, &mut summary).await?;
+    summary.copied = client
+        .query_one("SELECT rows_copied FROM cutover.backfill_progress", &[])
+        .await?
+        .get(0);
+    summary.closure_rows = client
+        .query_one("SELECT count(*) FROM fature_v2.hierarchy_index", &[])
+        .await?
+        .get(0);
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+async fn current_phase(client: &Client) -> Result<String, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT phase FROM cutover.backfill_progress", &[])
+        .await?
+        .get(0))
+}
+
+async fn set_phase(client: &Client, phase: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE cutover.backfill_progress SET phase = $1, last_level = 0, last_id = 0, updated_at = now()",
+            &[&phase],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The plan: levels and paths of reachable rows, and the quarantine of the others.
+async fn plan(client: &Client, table: &TableMap) -> Result<(), tokio_postgres::Error> {
+    let legacy = format!("{}.{}", q(&table.legacy.schema), q(&table.legacy.name));
+    let key = q(&table.key);
+    client
+        .batch_execute(&format!(
+            "BEGIN;
+             DROP TABLE IF EXISTS cutover.backfill_plan;
+             CREATE UNLOGGED TABLE cutover.backfill_plan AS
+             WITH RECURSIVE tree(affiliate_id, level, path) AS (
+                 SELECT {key}, 1, {key}::text::ltree FROM {legacy} WHERE parent_affiliate_id IS NULL
+                 UNION ALL
+                 SELECT c.{key}, t.level + 1, t.path || c.{key}::text
+                 FROM {legacy} c JOIN tree t ON c.parent_affiliate_id = t.affiliate_id
+             )
+             SELECT affiliate_id, level, path FROM tree;
+             CREATE UNIQUE INDEX ON cutover.backfill_plan (level, affiliate_id);
+             ANALYZE cutover.backfill_plan;
+             DELETE FROM cutover.backfill_quarantine;
+             DELETE FROM cutover.backfill_progress;
+             INSERT INTO cutover.backfill_progress (phase) VALUES ('rows');
+             COMMIT;"
+        ))
+        .await?;
+    // The unreachable rows are few; their reasons are found by following their parents.
+    let rows = client
+        .query(
+            &format!(
+                "SELECT l.{key}::int8, l.parent_affiliate_id::int8 FROM {legacy} l
+                 WHERE NOT EXISTS (SELECT 1 FROM cutover.backfill_plan p WHERE p.affiliate_id = l.{key})"
+            ),
+            &[],
+        )
+        .await?;
+    let parents: HashMap<i64, Option<i64>> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let existing: std::collections::HashSet<i64> = parents.keys().copied().collect();
+    let mut ids: Vec<i64> = parents.keys().copied().collect();
+    ids.sort();
+    for id in ids {
+        let reason = reason_for(id, &parents, &existing);
+        client
+            .execute(
+                "INSERT INTO cutover.backfill_quarantine (affiliate_id, parent_affiliate_id, reason)
+                 VALUES ($1, $2, $3)",
+                &[&id, &parents[&id], &reason],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Why an unreachable row cannot be placed: follow its parents among the unreachable rows.
+fn reason_for(
+    id: i64,
+    parents: &HashMap<i64, Option<i64>>,
+    unreachable: &std::collections::HashSet<i64>,
+) -> String {
+    let mut seen = vec![id];
+    let mut at = id;
+    loop {
+        match parents.get(&at).copied().flatten() {
+            // Only unreachable rows are in the map: a parent outside it does not exist.
+            Some(p) if !unreachable.contains(&p) => {
+                return if at == id {
+                    format!("orphan: its parent {p} does not exist")
+                } else {
+                    format!("under orphan {at}, whose parent {p} does not exist")
+                };
+            }
+            Some(p) => {
+                if p == id {
+                    return "cycle: following its parents comes back to it".into();
+                }
+                if seen.contains(&p) {
+                    return format!("under the parent cycle through {p}");
+                }
+                seen.push(p);
+                at = p;
+            }
+            None => return "unreachable from any root".into(),
+        }
+    }
+}
+
+async fn quarantined(client: &Client) -> Result<Vec<Quarantined>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT affiliate_id, parent_affiliate_id, reason FROM cutover.backfill_quarantine ORDER BY affiliate_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| Quarantined {
+            affiliate_id: r.get(0),
+            parent_affiliate_id: r.get(1),
+            reason: r.get(2),
+        })
+        .collect())
+}
+
+fn bar(options: &Options, total: u64, what: &str) -> ProgressBar {
+    if !options.progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what:>8} [{{bar:40}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// The next batch's last (level, id) after `from`, or None when done.
+async fn batch_end(
+    client: &Client,
+    from: (i32, i64),
+    batch: i64,
+) -> Result<Option<(i32, i64)>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT level, affiliate_id::int8 FROM (
+                 SELECT level, affiliate_id FROM cutover.backfill_plan
+                 WHERE (level, affiliate_id) > ($1, $2)
+                 ORDER BY level, affiliate_id LIMIT $3
+             ) b ORDER BY level DESC, affiliate_id DESC LIMIT 1",
+            &[&from.0, &from.1, &batch],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+async fn checkpoint(client: &Client) -> Result<(i32, i64), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT last_level, last_id FROM cutover.backfill_progress",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+fn maybe_abort(options: &Options, batches: &mut u64) {
+    *batches += 1;
+    if options.abort_after_batches == Some(*batches) {
+        // A test of resumption: die like a kill -9 would, with no cleanup.
+        std::process::abort();
+    }
+}
+
+async fn copy_rows(
+    client: &Client,
+    table: &TableMap,
+    options: &Options,
+    summary: &mut Summary,
+    batches: &mut u64,
+) -> Result<(), tokio_postgres::Error> {
+    let legacy = format!("{}.{}", q(&table.legacy.schema), q(&table.legacy.name));
+    let key = q(&table.key);
+    let shared: Vec<&crate::rules::ColumnMap> =
+        table.columns.iter().filter(|c| !c.derived).collect();
+    let target_cols = shared
+        .iter()
+        .map(|c| q(&c.target))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let source_cols = shared
+        .iter()
+        .map(|c| format!("l.{}", q(&c.legacy)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let insert = client
+        .prepare(&format!(
+            "WITH ins AS (
+                 INSERT INTO fature_v2.affiliates_optimized ({target_cols}, hierarchy_path, hierarchy_level)
+                 SELECT {source_cols}, p.path, p.level
+                 FROM cutover.backfill_plan p JOIN {legacy} l ON l.{key} = p.affiliate_id
+                 WHERE (p.level, p.affiliate_id) > ($1, $2) AND (p.level, p.affiliate_id) <= ($3, $4)
+                 ORDER BY p.level, p.affiliate_id
+                 ON CONFLICT (affiliate_id) DO NOTHING
+                 RETURNING 1
+             )
+             SELECT count(*) FROM ins"
+        ))
+        .await?;
+    let total: i64 = client
+        .query_one("SELECT count(*) FROM cutover.backfill_plan", &[])
+        .await?
+        .get(0);
+    let progress = bar(options, total as u64, "rows");
+    let mut from = checkpoint(client).await?;
+    let done_before: i64 = client
+        .query_one(
+            "SELECT count(*) FROM cutover.backfill_plan WHERE (level, affiliate_id) <= ($1, $2)",
+            &[&from.0, &from.1],
+        )
+        .await?
+        .get(0);
+    progress.set_position(done_before as u64);
+    while let Some(end) = batch_end(client, from, options.batch).await? {
+        client.batch_execute("BEGIN").await?;
+        let inserted: i64 = client
+            .query_one(&insert, &[&from.0, &from.1, &end.0, &end.1])
+            .await?
+            .get(0);
+        let in_batch: i64 = client
+            .query_one(
+                "SELECT count(*) FROM cutover.backfill_plan
+                 WHERE (level, affiliate_id) > ($1, $2) AND (level, affiliate_id) <= ($3, $4)",
+                &[&from.0, &from.1, &end.0, &end.1],
+            )
+            .await?
+            .get(0);
+        client
+            .execute(
+                "UPDATE cutover.backfill_progress
+                 SET last_level = $1, last_id = $2, rows_copied = rows_copied + $3, updated_at = now()",
+                &[&end.0, &end.1, &inserted],
+            )
+            .await?;
+        client.batch_execute("COMMIT").await?;
+        summary.already_present += in_batch - inserted;
+        progress.inc(in_batch as u64);
+        from = end;
+        maybe_abort(options, batches);
+    }
+    progress.finish_and_clear();
+    Ok(())
+}
+
+async fn build_closure(
+    client: &Client,
+    options: &Options,
+    _summary: &mut Summary,
+    batches: &mut u64,
+) -> Result<(), tokio_postgres::Error> {
+    let insert = client
+        .prepare(
+            "INSERT INTO fature_v2.hierarchy_index (ancestor_id, descendant_id, level_distance)
+             SELECT a.label::int8, p.affiliate_id, p.level - a.ord::int
+             FROM cutover.backfill_plan p,
+                  unnest(string_to_array(p.path::text, '.')) WITH ORDINALITY AS a(label, ord)
+             WHERE (p.level, p.affiliate_id) > ($1, $2) AND (p.level, p.affiliate_id) <= ($3, $4)
+               AND a.ord < p.level
+             ON CONFLICT (ancestor_id, descendant_id) DO NOTHING",
+        )
+        .await?;
+    let total: i64 = client
+        .query_one("SELECT count(*) FROM cutover.backfill_plan", &[])
+        .await?
+        .get(0);
+    let progress = bar(options, total as u64, "closure");
+    let mut from = checkpoint(client).await?;
+    while let Some(end) = batch_end(client, from, options.batch).await? {
+        client.batch_execute("BEGIN").await?;
+        client
+            .execute(&insert, &[&from.0, &from.1, &end.0, &end.1])
+            .await?;
+        client
+            .execute(
+                "UPDATE cutover.backfill_progress SET last_level = $1, last_id = $2, updated_at = now()",
+                &[&end.0, &end.1],
+            )
+            .await?;
+        client.batch_execute("COMMIT").await?;
+        progress.inc(options.batch as u64);
+        from = end;
+        maybe_abort(options, batches);
+    }
+    progress.finish_and_clear();
+    Ok(())
+}
+
+/// Legacy counters that differ from the real number of children.
+async fn counter_drift(
+    client: &Client,
+    table: &TableMap,
+    summary: &mut Summary,
+) -> Result<(), tokio_postgres::Error> {
+    let Some(counter) = table.columns.iter().find(|c| c.derived) else {
+        return Ok(());
+    };
+    let legacy = format!("{}.{}", q(&table.legacy.schema), q(&table.legacy.name));
+    let key = q(&table.key);
+    let rows = client
+        .query(
+            &format!(
+                "SELECT a.{key}::int8, a.{col}, count(c.{key})::int8 AS truth
+                 FROM {legacy} a LEFT JOIN {legacy} c ON c.parent_affiliate_id = a.{key}
+                 GROUP BY a.{key}, a.{col}
+                 HAVING a.{col} IS DISTINCT FROM count(c.{key})
+                 ORDER BY a.{key}",
+                col = q(&counter.legacy)
+            ),
+            &[],
+        )
+        .await?;
+    summary.counter_drift = rows.len() as i64;
+    summary.counter_drift_sample = rows
+        .iter()
+        .take(10)
+        .map(|r| (r.get(0), r.get::<_, Option<i32>>(1).unwrap_or(0), r.get(2)))
+        .collect();
+    Ok(())
+}
+
+/// What a backfill would do, inside the caller's transaction (rolled back after).
+async fn dry_run(
+    client: &Client,
+    table: &TableMap,
+    summary: &mut Summary,
+) -> Result<(), tokio_postgres::Error> {
+    plan(client, table).await?;
+    summary.quarantined = quarantined(client).await?;
+    let to_copy: i64 = client
+        .query_one(
+            "SELECT count(*) FROM cutover.backfill_plan p
+             WHERE NOT EXISTS (SELECT 1 FROM fature_v2.affiliates_optimized t WHERE t.affiliate_id = p.affiliate_id)",
+            &[],
+        )
+        .await?
+        .get(0);
+    summary.copied = to_copy;
+    counter_drift(client, table, summary).await
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verb = if self.dry_run { "would copy" } else { "copied" };
+        writeln!(
+            f,
+            "backfill{}: {} legacy rows; {verb} {}{}; {} closure rows; {:.1} s",
+            if self.resumed { " (resumed)" } else { "" },
+            self.legacy_rows,
+            self.copied,
+            if self.already_present > 0 {
+                format!(" ({} already in the target, kept)", self.already_present)
+            } else {
+                String::new()
+            },
+            self.closure_rows,
+            self.seconds
+        )?;
+        writeln!(
+            f,
+            "quarantined: {} (cutover.backfill_quarantine)",
+            self.quarantined.len()
+        )?;
+        for q in self.quarantined.iter().take(20) {
+            writeln!(f, "  {}: {}", q.affiliate_id, q.reason)?;
+        }
+        write!(
+            f,
+            "legacy level_1_referrals drifted from the real count: {}{}",
+            self.counter_drift,
+            if self.counter_drift_sample.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (e.g. {})",
+                    self.counter_drift_sample
+                        .iter()
+                        .map(|(id, stored, truth)| format!("{id}: {stored} stored, {truth} real"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            }
+        )
+    }
+}
