@@ -52,6 +52,15 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let backfill_s = started.elapsed().as_secs_f64();
     println!(
+        "phases: {}",
+        summary
+            .phases
+            .iter()
+            .map(|(name, s)| format!("{name} {s:.1} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
         "backfill: {} affiliates ({} copied, {} quarantined, {} closure rows) in {backfill_s:.1} s = {:.0} rows/s",
         summary.legacy_rows,
         summary.copied,

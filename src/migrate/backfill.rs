@@ -40,6 +40,8 @@ pub struct Summary {
     pub resumed: bool,
     pub dry_run: bool,
     pub seconds: f64,
+    /// Seconds spent in each phase of this run.
+    pub phases: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -101,8 +103,16 @@ pub async fn run(
         .await?
         .map(|r| r.get(0));
     summary.resumed = matches!(phase.as_deref(), Some(p) if p != "done");
+    let mut clock = Instant::now();
+    let mut lap = |summary: &mut Summary, name: &str| {
+        summary
+            .phases
+            .push((name.to_owned(), clock.elapsed().as_secs_f64()));
+        clock = Instant::now();
+    };
     if !summary.resumed {
         plan(client, table).await?;
+        lap(&mut summary, "plan");
     }
     summary.quarantined = quarantined(client).await?;
 
@@ -112,10 +122,12 @@ pub async fn run(
     if phase == "rows" {
         copy_rows(client, table, options, &mut summary, &mut batches).await?;
         set_phase(client, "closure").await?;
+        lap(&mut summary, "rows");
     }
     if current_phase(client).await? == "closure" {
         build_closure(client, options, &mut summary, &mut batches).await?;
         set_phase(client, "counters").await?;
+        lap(&mut summary, "closure");
     }
     if current_phase(client).await? == "counters" {
         client
@@ -137,6 +149,7 @@ pub async fn run(
                  COMMIT;",
             )
             .await?;
+        lap(&mut summary, "counters");
     }
     client.batch_execute("RESET cutover.bulk_load").await?;
     client
@@ -188,7 +201,17 @@ async fn plan(client: &Client, table: &TableMap) -> Result<(), tokio_postgres::E
                  SELECT c.{key}, t.level + 1, t.path || c.{key}::text
                  FROM {legacy} c JOIN tree t ON c.parent_affiliate_id = t.affiliate_id
              )
-             SELECT affiliate_id, level, path FROM tree;
+             SELECT affiliate_id, level, path, 0 AS direct, 0 AS network FROM tree;
+             -- Counters from the plan itself, so rows go in complete (no rewrite of every row).
+             UPDATE cutover.backfill_plan p SET direct = c.n
+             FROM (SELECT subpath(path, nlevel(path) - 2, 1)::text::int8 AS id, count(*)::int AS n
+                   FROM cutover.backfill_plan WHERE level > 1 GROUP BY 1) c
+             WHERE p.affiliate_id = c.id;
+             UPDATE cutover.backfill_plan p SET network = c.n
+             FROM (SELECT a.label::int8 AS id, count(*)::int AS n
+                   FROM cutover.backfill_plan, unnest(string_to_array(path::text, '.')) WITH ORDINALITY AS a(label, ord)
+                   WHERE a.ord < level GROUP BY 1) c
+             WHERE p.affiliate_id = c.id;
              CREATE UNIQUE INDEX ON cutover.backfill_plan (level, affiliate_id);
              ANALYZE cutover.backfill_plan;
              DELETE FROM cutover.backfill_quarantine;
@@ -348,8 +371,9 @@ async fn copy_rows(
     let insert = client
         .prepare(&format!(
             "WITH ins AS (
-                 INSERT INTO fature_v2.affiliates_optimized ({target_cols}, hierarchy_path, hierarchy_level)
-                 SELECT {source_cols}, p.path, p.level
+                 INSERT INTO fature_v2.affiliates_optimized
+                     ({target_cols}, hierarchy_path, hierarchy_level, direct_referrals_count, total_network_size)
+                 SELECT {source_cols}, p.path, p.level, p.direct, p.network
                  FROM cutover.backfill_plan p JOIN {legacy} l ON l.{key} = p.affiliate_id
                  WHERE (p.level, p.affiliate_id) > ($1, $2) AND (p.level, p.affiliate_id) <= ($3, $4)
                  ORDER BY p.level, p.affiliate_id
