@@ -38,6 +38,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Bring every drifted target row back to the legacy truth: insert missing keys (parents
+    /// first), delete extra ones, give different ones legacy's values, recompute counters —
+    /// in one transaction. Exit 1 if some keys could not be repaired.
+    Repair {
+        /// PostgreSQL holding both schemas
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// Directory of the rule files (the table and column map)
+        #[arg(long, default_value = "rules")]
+        rules: PathBuf,
+        /// Report what would change; change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of a summary
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare legacy and target row by row in one snapshot (every mapped column, chunked by
     /// key range), run the seed's integrity and post-migration checks and its performance
     /// criteria; exit 1 on any drift or failed check.
@@ -189,6 +206,26 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve(args).await,
+        Command::Repair {
+            database_url,
+            rules: dir,
+            dry_run,
+            json,
+        } => {
+            let set = rules::RuleSet::load_dir(&dir)?;
+            let client = connect::connect(&connect::parse_url(&database_url)?).await?;
+            let summary = migrate::repair::run(&client, &set.table, dry_run).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!("{summary}");
+            }
+            Ok(if summary.unrepairable.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::Backfill {
             database_url,
             rules: dir,

@@ -12,6 +12,7 @@
 
 pub mod backfill;
 pub mod integrity;
+pub mod repair;
 pub mod verify;
 
 use std::{

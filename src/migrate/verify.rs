@@ -171,8 +171,10 @@ async fn verify_in_snapshot(
             // a root and recorded the former parent.
             format!(
                 "({base} AND NOT (t.{} IS NULL AND EXISTS (SELECT 1 FROM fature_v2.detached_affiliates d
-                   WHERE d.affiliate_id = t.{key} AND d.former_parent_id = l.{})))",
+                   WHERE d.affiliate_id = t.{key} AND d.former_parent_id = l.{})
+                   AND NOT EXISTS (SELECT 1 FROM {legacy} lp WHERE lp.{key} = l.{})))",
                 q(&c.target),
+                q(&c.legacy),
                 q(&c.legacy)
             )
         } else {
