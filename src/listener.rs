@@ -90,7 +90,18 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         source,
     })?;
     let rules = crate::rules::RuleSet::load_dir(&config.rules)?;
-    let shared = Arc::new(Shared::new(config, Classifier::new(Arc::new(rules))));
+    let upstream_tls = match config.upstream_config.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => crate::upstream::UpstreamTls::Disable,
+        tokio_postgres::config::SslMode::Require => {
+            crate::upstream::UpstreamTls::Require(tls::upstream_connector()?)
+        }
+        _ => crate::upstream::UpstreamTls::Prefer(tls::upstream_connector()?),
+    };
+    let shared = Arc::new(Shared::new(
+        config,
+        Classifier::new(Arc::new(rules)),
+        upstream_tls,
+    ));
     let shutdown = CancellationToken::new();
 
     let admin_addr = match shared.config.admin {

@@ -51,6 +51,9 @@ pub struct Options {
     /// `pg_hba.conf` lines placed before the default trust rules (e.g. to require md5 or
     /// SCRAM from some roles).
     pub hba: Vec<String>,
+    /// Files written into the data directory before the server starts, readable by the
+    /// server only (e.g. `server.crt` and `server.key` for `ssl = on`).
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// A running private cluster. Stopped and removed on drop.
@@ -93,6 +96,7 @@ impl LocalPg {
         };
         pg.spawn_watchdog()?;
         pg.initdb(&options.settings, &options.hba)?;
+        pg.write_files(&options.files)?;
         pg.start_server()?;
         Ok(pg)
     }
@@ -202,6 +206,19 @@ impl LocalPg {
             "\nlocal all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n",
         );
         fs::write(self.data_dir().join("pg_hba.conf"), rules)?;
+        Ok(())
+    }
+
+    fn write_files(&self, files: &[(String, Vec<u8>)]) -> Result<(), LocalPgError> {
+        use std::os::unix::fs::PermissionsExt;
+        for (name, contents) in files {
+            let path = self.data_dir().join(name);
+            fs::write(&path, contents)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+            if let Some((uid, gid)) = self.run_as.as_deref().and_then(uid_gid_of) {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+            }
+        }
         Ok(())
     }
 

@@ -1,14 +1,19 @@
-//! TLS termination for client connections (rustls, ring provider), when a certificate and
-//! key are configured. Without them the proxy answers SSLRequest with 'N', as a server
-//! without `ssl = on` does. The connection to the upstream is separate (plain today).
+//! TLS with rustls (ring provider), both ways: terminating the clients' TLS when a
+//! certificate and key are configured (without them the proxy answers SSLRequest with 'N', as
+//! a server without `ssl = on` does), and encrypting the proxy's own connection to the
+//! upstream as the upstream URL's `sslmode` says (`prefer`, libpq's default, or `require`).
+//! Like libpq's `require`, the upstream's certificate is not verified: the channel is
+//! encrypted, the server is not authenticated.
 
 use std::sync::Arc;
 
 use tokio_rustls::{
-    TlsAcceptor,
+    TlsAcceptor, TlsConnector,
     rustls::{
-        self, ServerConfig,
-        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+        self, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
+        client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        crypto::CryptoProvider,
+        pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
     },
 };
 
@@ -48,4 +53,65 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A connector for the upstream that encrypts without verifying the server's certificate
+/// (libpq's `sslmode=require`).
+pub fn upstream_connector() -> Result<TlsConnector, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Accepts any certificate, but still checks that the handshake is signed by its key.
+#[derive(Debug)]
+struct EncryptOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

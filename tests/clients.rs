@@ -284,3 +284,92 @@ async fn jdbc_sees_the_same_through_the_proxy() {
     assert_eq!(through, direct);
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_connection_is_encrypted_when_the_url_says_sslmode_require() {
+    use cutover::localpg::{LocalPg, Options};
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let pg = LocalPg::start_with(Options {
+        settings: vec![
+            ("ssl".into(), "on".into()),
+            ("ssl_cert_file".into(), "server.crt".into()),
+            ("ssl_key_file".into(), "server.key".into()),
+        ],
+        // This role may only come in over TLS.
+        hba: vec![
+            "hostssl all tls_only 127.0.0.1/32 trust".into(),
+            "host all tls_only 127.0.0.1/32 reject".into(),
+        ],
+        files: vec![
+            ("server.crt".into(), cert.cert.pem().into_bytes()),
+            (
+                "server.key".into(),
+                cert.signing_key.serialize_pem().into_bytes(),
+            ),
+        ],
+        ..Options::default()
+    })
+    .expect("a TLS-enabled cluster");
+    let admin = cutover::connect::connect(&pg.config("postgres"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE ROLE tls_only LOGIN")
+        .await
+        .unwrap();
+
+    let upstream =
+        |mode: &str| format!("postgres://127.0.0.1:{}/postgres?sslmode={mode}", pg.port());
+    let proxy_to = |mode: &'static str| {
+        let url = upstream(mode);
+        async move { proxy_with(move |c| c.upstream = Some(url)).await }
+    };
+
+    for mode in ["require", "prefer"] {
+        let p = proxy_to(mode).await;
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(p.addr.port())
+            .user("tls_only")
+            .dbname("postgres");
+        let (client, conn) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        tokio::spawn(conn);
+        let ssl: bool = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            ssl,
+            "{mode}: the proxy's connection to the server is encrypted"
+        );
+        p.shutdown().await;
+    }
+
+    // Without TLS the server's own refusal reaches the client, unchanged.
+    let p = proxy_to("disable").await;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(p.addr.port())
+        .user("tls_only")
+        .dbname("postgres");
+    let err = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("refused without TLS");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err}"
+    );
+    p.shutdown().await;
+}

@@ -395,7 +395,10 @@ async fn an_upstream_that_vanishes_mid_session_is_08006() {
         let _ = s.read(&mut buf).await;
         drop(s);
     });
-    let p = proxy_with(|c| c.upstream = Some(format!("postgres://127.0.0.1:{port}/x"))).await;
+    // The stand-in speaks no TLS negotiation: tell the proxy not to try.
+    let p =
+        proxy_with(|c| c.upstream = Some(format!("postgres://127.0.0.1:{port}/x?sslmode=disable")))
+            .await;
     let (client, conn) = p.config("postgres").connect(NoTls).await.unwrap();
     let conn = tokio::spawn(conn);
     let err = client.simple_query("SELECT 1").await.unwrap_err();
@@ -825,4 +828,26 @@ async fn invalid_rules_stop_the_proxy_from_starting() {
         text.contains("refusing to start") && text.contains("bad.toml:"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn sslmode_require_against_a_server_without_tls_is_08001() {
+    let p = proxy_with(|c| {
+        c.upstream = Some(format!(
+            "postgres://127.0.0.1:{}/postgres?sslmode=require",
+            cluster().port()
+        ))
+    })
+    .await;
+    let err = p.config("postgres").connect(NoTls).await.err().unwrap();
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION)
+    );
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("does not accept TLS"), "{message}");
+    p.shutdown().await;
 }

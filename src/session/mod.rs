@@ -43,13 +43,19 @@ pub struct Shared {
     pub metrics: ProxyMetrics,
     /// Statement classification with the rule set loaded at start.
     pub classifier: Classifier,
+    /// TLS to the upstream, from the upstream URL's sslmode.
+    pub upstream_tls: upstream::UpstreamTls,
     /// Fired when the shutdown grace period ends: sessions close with 57P01.
     pub terminate: CancellationToken,
     next_id: AtomicU32,
 }
 
 impl Shared {
-    pub fn new(config: ServeConfig, classifier: Classifier) -> Self {
+    pub fn new(
+        config: ServeConfig,
+        classifier: Classifier,
+        upstream_tls: upstream::UpstreamTls,
+    ) -> Self {
         let mut metrics = ProxyMetrics::new();
         let names: Vec<&str> = classifier
             .rules()
@@ -63,6 +69,7 @@ impl Shared {
             cancel: Arc::default(),
             metrics,
             classifier,
+            upstream_tls,
             terminate: CancellationToken::new(),
             // Session ids double as the process ids handed to clients for cancelling;
             // start at a random point so they do not look like the server's.
@@ -96,7 +103,12 @@ pub async fn run<C: relay::Duplex>(mut client: C, startup: Startup, id: u32, sha
         application_name = startup.param("application_name").unwrap_or("")
     );
     async move {
-        let mut upstream = match upstream::connect(&shared.config.upstream).await {
+        let mut upstream = match upstream::connect_session(
+            &shared.config.upstream,
+            &shared.upstream_tls,
+        )
+        .await
+        {
             Ok(stream) => stream,
             Err(error) => {
                 shared.metrics.upstream_connect_failed.increment(1);
