@@ -36,7 +36,10 @@ async fn drift_of_every_kind_is_repaired() {
              INSERT INTO fature_v2.affiliates_optimized (affiliate_id, external_id, name, registration_date)
                  VALUES (777777, 'stray', 'x', now());
              UPDATE fature_v2.affiliates_optimized SET parent_affiliate_id = 1 WHERE affiliate_id = 2500;
-             UPDATE fature_v2.affiliates_optimized SET direct_referrals_count = 99 WHERE affiliate_id = 5;",
+             UPDATE fature_v2.affiliates_optimized SET direct_referrals_count = 99 WHERE affiliate_id = 5;
+             UPDATE fature_v2.hierarchy_index SET level_distance = level_distance + 1
+                 WHERE id = (SELECT min(id) FROM fature_v2.hierarchy_index);
+             DELETE FROM fature_v2.hierarchy_index WHERE descendant_id = 1500 AND level_distance = 1;",
         )
         .await
         .unwrap();
@@ -75,6 +78,19 @@ async fn drift_of_every_kind_is_repaired() {
     );
     let updated: Vec<i64> = serde_json::from_value(done["updated"].clone()).unwrap();
     assert!(updated.contains(&1234) && updated.contains(&2500), "{out}");
+    assert!(done["closure_removed"].as_u64().unwrap() >= 1, "{out}");
+    assert!(done["closure_added"].as_u64().unwrap() >= 2, "{out}");
+
+    // Idempotent: a second repair finds nothing to do.
+    let (code, out) = run(&db, "repair", &["--json"]);
+    assert_eq!(code, 0, "{out}");
+    let again: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for field in ["inserted", "deleted", "updated"] {
+        assert_eq!(again[field], serde_json::json!([]), "{field}: {out}");
+    }
+    assert_eq!(again["closure_removed"], 0);
+    assert_eq!(again["closure_added"], 0);
+    assert_eq!(again["counters_fixed"], 0);
 
     let (code, out) = run(&db, "verify", &[]);
     assert_eq!(code, 0, "{out}");

@@ -7,7 +7,8 @@
 //!   detaches them);
 //! - a key whose mapped columns differ gets legacy's values (a parent change moves the
 //!   subtree; a move that would make a cycle is refused by the target and reported);
-//! - the derived counters are then recomputed from the tree.
+//! - the closure is then compared with the truth recomputed from the parent links (wrong rows
+//!   removed, missing ones added) and the derived counters recomputed from the tree.
 //!
 //! Everything runs in one transaction: a repair applies whole or not at all. `--dry-run`
 //! runs it and rolls back, reporting what it would have done.
@@ -25,6 +26,9 @@ pub struct Summary {
     /// Keys that could not be repaired, and why (a parent the target does not have, a cycle).
     pub unrepairable: Vec<(i64, String)>,
     pub counters_fixed: u64,
+    /// Closure rows removed (wrong) and added (missing), against the parent links.
+    pub closure_removed: u64,
+    pub closure_added: u64,
     pub dry_run: bool,
 }
 
@@ -201,6 +205,40 @@ async fn repair(
         ));
     }
 
+    // The closure, against the truth recomputed from the parent links.
+    client
+        .batch_execute(
+            "CREATE TEMP TABLE repair_truth ON COMMIT DROP AS
+             WITH RECURSIVE truth(ancestor_id, descendant_id, level_distance) AS (
+                 SELECT parent_affiliate_id, affiliate_id, 1
+                 FROM fature_v2.affiliates_optimized WHERE parent_affiliate_id IS NOT NULL
+                 UNION ALL
+                 SELECT p.parent_affiliate_id, t.descendant_id, t.level_distance + 1
+                 FROM truth t JOIN fature_v2.affiliates_optimized p ON p.affiliate_id = t.ancestor_id
+                 WHERE p.parent_affiliate_id IS NOT NULL AND t.level_distance < 100000
+             )
+             SELECT * FROM truth",
+        )
+        .await?;
+    summary.closure_removed = client
+        .execute(
+            "DELETE FROM fature_v2.hierarchy_index h
+             WHERE NOT EXISTS (SELECT 1 FROM repair_truth t
+                               WHERE t.ancestor_id = h.ancestor_id AND t.descendant_id = h.descendant_id
+                                 AND t.level_distance = h.level_distance)",
+            &[],
+        )
+        .await?;
+    summary.closure_added = client
+        .execute(
+            "INSERT INTO fature_v2.hierarchy_index (ancestor_id, descendant_id, level_distance)
+             SELECT t.ancestor_id, t.descendant_id, t.level_distance FROM repair_truth t
+             WHERE NOT EXISTS (SELECT 1 FROM fature_v2.hierarchy_index h
+                               WHERE h.ancestor_id = t.ancestor_id AND h.descendant_id = t.descendant_id)",
+            &[],
+        )
+        .await?;
+
     // The derived counters, from the tree.
     let fixed = client
         .execute(
@@ -249,6 +287,11 @@ impl std::fmt::Display for Summary {
             keys(&self.deleted)
         )?;
         writeln!(f, "  counters fixed {}", self.counters_fixed)?;
+        writeln!(
+            f,
+            "  closure rows removed {}, added {}",
+            self.closure_removed, self.closure_added
+        )?;
         write!(f, "  unrepairable {}", self.unrepairable.len())?;
         for (id, why) in self.unrepairable.iter().take(20) {
             write!(f, "\n    {id}: {why}")?;
