@@ -8,7 +8,8 @@
 //! 2. **rows**: batches in (level, id) order — parents before children — inserted with their
 //!    path and level, per-row triggers off for this session (`cutover.bulk_load`). A row
 //!    already in the target (written by dual-write while the backfill runs) is newer than the
-//!    copy: `ON CONFLICT DO NOTHING` keeps it.
+//!    copy: it is skipped (and a batch that races with one falls back to `ON CONFLICT DO
+//!    NOTHING`).
 //! 3. **closure**: the same batches, each row's ancestors from its path.
 //! 4. **counters**: direct referrals and network sizes recomputed in two statements.
 //!
@@ -125,7 +126,13 @@ pub async fn run(
         lap(&mut summary, "rows");
     }
     if current_phase(client).await? == "closure" {
+        // The closure's two foreign keys would be checked row by row (a FOR KEY SHARE lock
+        // on an affiliate per check: most of this phase's time). Every pair the backfill
+        // inserts holds by construction, so they are set aside and validated once at the
+        // end. A backfill killed here leaves them aside until it is run again.
+        closure_keys(client, Keys::SetAside).await?;
         build_closure(client, options, &mut summary, &mut batches).await?;
+        closure_keys(client, Keys::Restore).await?;
         set_phase(client, "counters").await?;
         lap(&mut summary, "closure");
     }
@@ -368,20 +375,28 @@ async fn copy_rows(
         .map(|c| format!("l.{}", q(&c.legacy)))
         .collect::<Vec<_>>()
         .join(", ");
-    let insert = client
-        .prepare(&format!(
+    // The usual case skips rows already present with an anti-join; a row dual-written
+    // between that check and the insert makes the batch fall back to ON CONFLICT (whose
+    // speculative insertion costs more per row).
+    let rows_sql = |guard: &str| {
+        format!(
             "WITH ins AS (
                  INSERT INTO fature_v2.affiliates_optimized
                      ({target_cols}, hierarchy_path, hierarchy_level, direct_referrals_count, total_network_size)
                  SELECT {source_cols}, p.path, p.level, p.direct, p.network
                  FROM cutover.backfill_plan p JOIN {legacy} l ON l.{key} = p.affiliate_id
                  WHERE (p.level, p.affiliate_id) > ($1, $2) AND (p.level, p.affiliate_id) <= ($3, $4)
+                   AND NOT EXISTS (SELECT 1 FROM fature_v2.affiliates_optimized t WHERE t.affiliate_id = p.affiliate_id)
                  ORDER BY p.level, p.affiliate_id
-                 ON CONFLICT (affiliate_id) DO NOTHING
+                 {guard}
                  RETURNING 1
              )
              SELECT count(*) FROM ins"
-        ))
+        )
+    };
+    let insert = client.prepare(&rows_sql("")).await?;
+    let insert_safe = client
+        .prepare(&rows_sql("ON CONFLICT (affiliate_id) DO NOTHING"))
         .await?;
     let total: i64 = client
         .query_one("SELECT count(*) FROM cutover.backfill_plan", &[])
@@ -399,10 +414,9 @@ async fn copy_rows(
     progress.set_position(done_before as u64);
     while let Some(end) = batch_end(client, from, options.batch).await? {
         client.batch_execute("BEGIN").await?;
-        let inserted: i64 = client
-            .query_one(&insert, &[&from.0, &from.1, &end.0, &end.1])
-            .await?
-            .get(0);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&from.0, &from.1, &end.0, &end.1];
+        let inserted: i64 = fast_or_safe(client, &insert, &insert_safe, &params).await?;
         let in_batch: i64 = client
             .query_one(
                 "SELECT count(*) FROM cutover.backfill_plan
@@ -428,22 +442,106 @@ async fn copy_rows(
     Ok(())
 }
 
+/// Runs `fast`; if a concurrent insert makes it hit a unique key, runs `safe` instead.
+/// Both return a count. Must be called inside a transaction.
+async fn fast_or_safe(
+    client: &Client,
+    fast: &tokio_postgres::Statement,
+    safe: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<i64, tokio_postgres::Error> {
+    client.batch_execute("SAVEPOINT batch").await?;
+    match client.query_one(fast, params).await {
+        Ok(row) => {
+            client.batch_execute("RELEASE SAVEPOINT batch").await?;
+            Ok(row.get(0))
+        }
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            client.batch_execute("ROLLBACK TO SAVEPOINT batch").await?;
+            Ok(client.query_one(safe, params).await?.get(0))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+enum Keys {
+    SetAside,
+    Restore,
+}
+
+/// The closure's foreign keys, as created by migration 0001.
+const CLOSURE_KEYS: [(&str, &str); 2] = [
+    ("hierarchy_index_ancestor_id_fkey", "ancestor_id"),
+    ("hierarchy_index_descendant_id_fkey", "descendant_id"),
+];
+
+async fn closure_keys(client: &Client, what: Keys) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute("SET lock_timeout = '60s'").await?;
+    for (name, column) in CLOSURE_KEYS {
+        let exists: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_constraint
+                                WHERE conname = $1 AND conrelid = 'fature_v2.hierarchy_index'::regclass)",
+                &[&name],
+            )
+            .await?
+            .get(0);
+        match (&what, exists) {
+            (Keys::SetAside, true) => {
+                client
+                    .batch_execute(&format!(
+                        "ALTER TABLE fature_v2.hierarchy_index DROP CONSTRAINT {name}"
+                    ))
+                    .await?;
+            }
+            (Keys::Restore, false) => {
+                // Pairs whose affiliate was deleted meanwhile (the cascade was aside too).
+                client
+                    .batch_execute(&format!(
+                        "DELETE FROM fature_v2.hierarchy_index h
+                         WHERE NOT EXISTS (SELECT 1 FROM fature_v2.affiliates_optimized a WHERE a.affiliate_id = h.{column});
+                         ALTER TABLE fature_v2.hierarchy_index ADD CONSTRAINT {name}
+                             FOREIGN KEY ({column}) REFERENCES fature_v2.affiliates_optimized (affiliate_id)
+                             ON DELETE CASCADE NOT VALID;
+                         ALTER TABLE fature_v2.hierarchy_index VALIDATE CONSTRAINT {name};"
+                    ))
+                    .await?;
+            }
+            _ => {}
+        }
+    }
+    client.batch_execute("RESET lock_timeout").await?;
+    Ok(())
+}
+
 async fn build_closure(
     client: &Client,
     options: &Options,
     _summary: &mut Summary,
     batches: &mut u64,
 ) -> Result<(), tokio_postgres::Error> {
-    let insert = client
-        .prepare(
-            "INSERT INTO fature_v2.hierarchy_index (ancestor_id, descendant_id, level_distance)
-             SELECT a.label::int8, p.affiliate_id, p.level - a.ord::int
-             FROM cutover.backfill_plan p,
-                  unnest(string_to_array(p.path::text, '.')) WITH ORDINALITY AS a(label, ord)
-             WHERE (p.level, p.affiliate_id) > ($1, $2) AND (p.level, p.affiliate_id) <= ($3, $4)
-               AND a.ord < p.level
-             ON CONFLICT (ancestor_id, descendant_id) DO NOTHING",
+    // Descendants that already have their pairs (dual-written rows) are skipped whole.
+    let closure_sql = |guard: &str| {
+        format!(
+            "WITH ins AS (
+                 INSERT INTO fature_v2.hierarchy_index (ancestor_id, descendant_id, level_distance)
+                 SELECT a.label::int8, p.affiliate_id, p.level - a.ord::int
+                 FROM cutover.backfill_plan p,
+                      unnest(string_to_array(p.path::text, '.')) WITH ORDINALITY AS a(label, ord)
+                 WHERE (p.level, p.affiliate_id) > ($1, $2) AND (p.level, p.affiliate_id) <= ($3, $4)
+                   AND a.ord < p.level
+                   AND NOT EXISTS (SELECT 1 FROM fature_v2.hierarchy_index h WHERE h.descendant_id = p.affiliate_id)
+                 {guard}
+                 RETURNING 1
+             )
+             SELECT count(*) FROM ins"
         )
+    };
+    let insert = client.prepare(&closure_sql("")).await?;
+    let insert_safe = client
+        .prepare(&closure_sql(
+            "ON CONFLICT (ancestor_id, descendant_id) DO NOTHING",
+        ))
         .await?;
     let total: i64 = client
         .query_one("SELECT count(*) FROM cutover.backfill_plan", &[])
@@ -453,9 +551,9 @@ async fn build_closure(
     let mut from = checkpoint(client).await?;
     while let Some(end) = batch_end(client, from, options.batch).await? {
         client.batch_execute("BEGIN").await?;
-        client
-            .execute(&insert, &[&from.0, &from.1, &end.0, &end.1])
-            .await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&from.0, &from.1, &end.0, &end.1];
+        fast_or_safe(client, &insert, &insert_safe, &params).await?;
         client
             .execute(
                 "UPDATE cutover.backfill_progress SET last_level = $1, last_id = $2, updated_at = now()",
