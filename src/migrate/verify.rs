@@ -288,6 +288,27 @@ async fn verify_in_snapshot(
         });
     }
 
+    // The closure's foreign keys: a backfill killed while it had them set aside leaves
+    // them missing until it is run again.
+    let keys: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_constraint
+             WHERE conrelid = 'fature_v2.hierarchy_index'::regclass AND contype = 'f' AND convalidated",
+            &[],
+        )
+        .await?
+        .get(0);
+    report.checks.push(Check {
+        group: "schema".into(),
+        name: "closure_foreign_keys".into(),
+        value: if keys == 2 {
+            "2 validated".into()
+        } else {
+            format!("{keys} of 2: run cutover backfill again to restore them")
+        },
+        passed: keys == 2,
+    });
+
     // The seed's PostMigrationValidator: counts and links.
     let counts = client
         .query_one(
