@@ -9,20 +9,11 @@ use cutover::{
 };
 
 fn backfill(db: &support::TestDb, extra: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/rules");
-    let url = db.url();
-    let mut args = vec!["backfill", "--rules", rules, "--database-url", url.as_str()];
-    args.extend(extra);
-    let (code, out, err) = support::cutover(&args, env);
-    (code, format!("{out}{err}"))
+    support::cutover_on(db, "backfill", extra, env)
 }
 
 fn verify(db: &support::TestDb) -> (i32, String) {
-    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/rules");
-    let url = db.url();
-    let (code, out, err) =
-        support::cutover(&["verify", "--rules", rules, "--database-url", &url], &[]);
-    (code, format!("{out}{err}"))
+    support::cutover_on(db, "verify", &[], &[])
 }
 
 async fn assert_integrity(client: &tokio_postgres::Client) {

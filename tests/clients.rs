@@ -163,6 +163,22 @@ async fn tls_is_terminated_when_configured_and_declined_otherwise() {
 /// Runs a scenario program against a fresh database directly and through the proxy, and
 /// asserts the two transcripts are equal (and non-trivial).
 async fn same_transcript(program: &str, args: &[&str], expect: &[&str]) {
+    same_transcript_with(
+        program,
+        args,
+        |port, db| format!("postgres://postgres@127.0.0.1:{port}/{db}"),
+        expect,
+    )
+    .await
+}
+
+/// The same, with the URL the program takes for a port and database.
+async fn same_transcript_with(
+    program: &str,
+    args: &[&str],
+    url: fn(u16, &str) -> String,
+    expect: &[&str],
+) {
     let p = proxy().await;
     let (direct_db, proxied_db) = (support::empty_db().await, support::empty_db().await);
     let transcript = |url: String| {
@@ -179,8 +195,8 @@ async fn same_transcript(program: &str, args: &[&str], expect: &[&str]) {
             stdout
         }
     };
-    let direct = transcript(direct_db.url()).await;
-    let through = transcript(p.url(&proxied_db.name)).await;
+    let direct = transcript(url(cluster().port(), &direct_db.name)).await;
+    let through = transcript(url(p.addr.port(), &proxied_db.name)).await;
     for needle in expect {
         assert!(direct.contains(needle), "{needle:?} not in:\n{direct}");
     }
@@ -253,36 +269,19 @@ async fn jdbc_sees_the_same_through_the_proxy() {
     );
     let source = clients_dir().join("JdbcScenario.java");
     // JDBC takes jdbc:postgresql://host:port/db URLs.
-    let p = proxy().await;
-    let (direct_db, proxied_db) = (support::empty_db().await, support::empty_db().await);
-    let transcript = |url: String| {
-        let mut cmd = Command::new("java");
-        cmd.args(["-cp", jar]).arg(&source).arg(url);
-        async move {
-            let out = run(cmd).await;
-            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(
-                out.status.success(),
-                "java: {stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            stdout
-        }
-    };
-    let jdbc = |port: u16, db: &str| format!("jdbc:postgresql://127.0.0.1:{port}/{db}");
-    let direct = transcript(jdbc(cluster().port(), &direct_db.name)).await;
-    let through = transcript(jdbc(p.addr.port(), &proxied_db.name)).await;
-    for needle in [
-        "batch\t[1, 1",
-        "prepared\t8 8.125",
-        "cursor\t1@",
-        "error\t23505",
-        "multi\t20;count=4;last;",
-    ] {
-        assert!(direct.contains(needle), "{needle:?} not in:\n{direct}");
-    }
-    assert_eq!(through, direct);
-    p.shutdown().await;
+    same_transcript_with(
+        "java",
+        &["-cp", jar, source.to_str().unwrap()],
+        |port, db| format!("jdbc:postgresql://127.0.0.1:{port}/{db}"),
+        &[
+            "batch\t[1, 1",
+            "prepared\t8 8.125",
+            "cursor\t1@",
+            "error\t23505",
+            "multi\t20;count=4;last;",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,12 +9,7 @@ use cutover::{
 };
 
 fn run(db: &support::TestDb, command: &str, extra: &[&str]) -> (i32, String) {
-    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/rules");
-    let url = db.url();
-    let mut args = vec![command, "--rules", rules, "--database-url", url.as_str()];
-    args.extend(extra);
-    let (code, out, err) = support::cutover(&args, &[]);
-    (code, format!("{out}{err}"))
+    support::cutover_on(db, command, extra, &[])
 }
 
 #[tokio::test]

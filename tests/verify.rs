@@ -15,13 +15,7 @@ async fn copied_tree(spec: TreeSpec) -> (support::TestDb, tokio_postgres::Client
 }
 
 fn verify(db: &support::TestDb, extra: &[&str]) -> (i32, String) {
-    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/rules");
-    let mut args = vec!["verify", "--rules", rules];
-    let url = db.url();
-    args.extend(["--database-url", url.as_str()]);
-    args.extend(extra);
-    let (code, out, err) = support::cutover(&args, &[]);
-    (code, format!("{out}{err}"))
+    support::cutover_on(db, "verify", extra, &[])
 }
 
 #[tokio::test]

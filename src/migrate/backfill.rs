@@ -23,7 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::rules::TableMap;
+use crate::rules::{TableMap, quote_ident};
 
 pub const DEFAULT_BATCH: i64 = 50_000;
 
@@ -69,17 +69,13 @@ pub struct Options {
     pub abort_after_batches: Option<u64>,
 }
 
-fn q(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 pub async fn run(
     client: &Client,
     table: &TableMap,
     options: &Options,
 ) -> Result<Summary, tokio_postgres::Error> {
     let started = Instant::now();
-    let legacy = format!("{}.{}", q(&table.legacy.schema), q(&table.legacy.name));
+    let legacy = table.legacy.quoted();
     let mut summary = Summary {
         dry_run: options.dry_run,
         ..Summary::default()
@@ -195,8 +191,8 @@ async fn set_phase(client: &Client, phase: &str) -> Result<(), tokio_postgres::E
 
 /// The plan: levels and paths of reachable rows, and the quarantine of the others.
 async fn plan(client: &Client, table: &TableMap) -> Result<(), tokio_postgres::Error> {
-    let legacy = format!("{}.{}", q(&table.legacy.schema), q(&table.legacy.name));
-    let key = q(&table.key);
+    let legacy = table.legacy.quoted();
+    let key = quote_ident(&table.key);
     client
         .batch_execute(&format!(
             "BEGIN;
@@ -361,20 +357,9 @@ async fn copy_rows(
     summary: &mut Summary,
     batches: &mut u64,
 ) -> Result<(), tokio_postgres::Error> {
-    let legacy = format!("{}.{}", q(&table.legacy.schema), q(&table.legacy.name));
-    let key = q(&table.key);
-    let shared: Vec<&crate::rules::ColumnMap> =
-        table.columns.iter().filter(|c| !c.derived).collect();
-    let target_cols = shared
-        .iter()
-        .map(|c| q(&c.target))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let source_cols = shared
-        .iter()
-        .map(|c| format!("l.{}", q(&c.legacy)))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let legacy = table.legacy.quoted();
+    let key = quote_ident(&table.key);
+    let (target_cols, source_cols) = table.stored_column_lists("l");
     // The usual case skips rows already present with an anti-join; a row dual-written
     // between that check and the insert makes the batch fall back to ON CONFLICT (whose
     // speculative insertion costs more per row).
@@ -578,8 +563,8 @@ async fn counter_drift(
     let Some(counter) = table.columns.iter().find(|c| c.derived) else {
         return Ok(());
     };
-    let legacy = format!("{}.{}", q(&table.legacy.schema), q(&table.legacy.name));
-    let key = q(&table.key);
+    let legacy = table.legacy.quoted();
+    let key = quote_ident(&table.key);
     let rows = client
         .query(
             &format!(
@@ -588,7 +573,7 @@ async fn counter_drift(
                  GROUP BY a.{key}, a.{col}
                  HAVING a.{col} IS DISTINCT FROM count(c.{key})
                  ORDER BY a.{key}",
-                col = q(&counter.legacy)
+                col = quote_ident(&counter.legacy)
             ),
             &[],
         )

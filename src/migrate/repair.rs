@@ -16,7 +16,7 @@
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::rules::TableMap;
+use crate::rules::{TableMap, quote_ident};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
@@ -30,10 +30,6 @@ pub struct Summary {
     pub closure_removed: u64,
     pub closure_added: u64,
     pub dry_run: bool,
-}
-
-fn q(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 pub async fn run(
@@ -55,23 +51,19 @@ async fn repair(
     table: &TableMap,
     dry_run: bool,
 ) -> Result<Summary, tokio_postgres::Error> {
-    let legacy = format!("{}.{}", q(&table.legacy.schema), q(&table.legacy.name));
-    let key = q(&table.key);
-    let shared: Vec<&crate::rules::ColumnMap> =
-        table.columns.iter().filter(|c| !c.derived).collect();
-    let target_cols = shared
-        .iter()
-        .map(|c| q(&c.target))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let legacy_cols = shared
-        .iter()
-        .map(|c| format!("l.{}", q(&c.legacy)))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let legacy = table.legacy.quoted();
+    let key = quote_ident(&table.key);
+    let shared: Vec<&crate::rules::ColumnMap> = table.stored_columns().collect();
+    let (target_cols, legacy_cols) = table.stored_column_lists("l");
     let differs = shared
         .iter()
-        .map(|c| format!("l.{} IS DISTINCT FROM t.{}", q(&c.legacy), q(&c.target)))
+        .map(|c| {
+            format!(
+                "l.{} IS DISTINCT FROM t.{}",
+                quote_ident(&c.legacy),
+                quote_ident(&c.target)
+            )
+        })
         .collect::<Vec<_>>()
         .join(" OR ");
     let quarantine: bool = client
@@ -151,7 +143,7 @@ async fn repair(
                 shared
                     .iter()
                     .filter(|c| c.legacy != "parent_affiliate_id")
-                    .map(|c| format!("l.{} IS DISTINCT FROM t.{}", q(&c.legacy), q(&c.target)))
+                    .map(|c| format!("l.{} IS DISTINCT FROM t.{}", quote_ident(&c.legacy), quote_ident(&c.target)))
                     .collect::<Vec<_>>()
                     .join(" OR ")
             ),

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use super::integrity;
-use crate::rules::TableMap;
+use crate::rules::{TableMap, quote_ident};
 
 /// Keys compared per query.
 pub const DEFAULT_CHUNK: i64 = 50_000;
@@ -79,10 +79,6 @@ impl Problem {
     }
 }
 
-fn q(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// Runs every comparison and check in one snapshot.
 pub async fn verify(
     client: &Client,
@@ -102,9 +98,9 @@ async fn verify_in_snapshot(
     table: &TableMap,
     chunk: i64,
 ) -> Result<Report, tokio_postgres::Error> {
-    let legacy = format!("{}.{}", q(&table.legacy.schema), q(&table.legacy.name));
-    let target = format!("{}.{}", q(&table.target.schema), q(&table.target.name));
-    let key = q(&table.key);
+    let legacy = table.legacy.quoted();
+    let target = table.target.quoted();
+    let key = quote_ident(&table.key);
     let mut report = Report {
         legacy_table: table.legacy.to_string(),
         target_table: table.target.to_string(),
@@ -165,7 +161,11 @@ async fn verify_in_snapshot(
             .get(0);
     }
     let column_diff = |c: &crate::rules::ColumnMap| -> String {
-        let base = format!("l.{} IS DISTINCT FROM t.{}", q(&c.legacy), q(&c.target));
+        let base = format!(
+            "l.{} IS DISTINCT FROM t.{}",
+            quote_ident(&c.legacy),
+            quote_ident(&c.target)
+        );
         if Some(&c.legacy) == parent.as_ref() && detached {
             // A child of a deleted affiliate: legacy keeps the dangling id, the target made it
             // a root and recorded the former parent.
@@ -173,9 +173,9 @@ async fn verify_in_snapshot(
                 "({base} AND NOT (t.{} IS NULL AND EXISTS (SELECT 1 FROM fature_v2.detached_affiliates d
                    WHERE d.affiliate_id = t.{key} AND d.former_parent_id = l.{})
                    AND NOT EXISTS (SELECT 1 FROM {legacy} lp WHERE lp.{key} = l.{})))",
-                q(&c.target),
-                q(&c.legacy),
-                q(&c.legacy)
+                quote_ident(&c.target),
+                quote_ident(&c.legacy),
+                quote_ident(&c.legacy)
             )
         } else {
             base
@@ -184,7 +184,13 @@ async fn verify_in_snapshot(
     let flags: Vec<String> = plain.iter().map(|c| column_diff(c)).collect();
     let derived_flags: Vec<String> = derived
         .iter()
-        .map(|c| format!("l.{} IS DISTINCT FROM t.{}", q(&c.legacy), q(&c.target)))
+        .map(|c| {
+            format!(
+                "l.{} IS DISTINCT FROM t.{}",
+                quote_ident(&c.legacy),
+                quote_ident(&c.target)
+            )
+        })
         .collect();
     let any = flags
         .iter()
@@ -366,8 +372,8 @@ async fn verify_in_snapshot(
         .await?;
         let ours = top(format!(
             "SELECT {key}::int8, {}::int8 AS n FROM {target} WHERE {} > 0 ORDER BY n DESC, {key} LIMIT 10",
-            q(&counter.target),
-            q(&counter.target)
+            quote_ident(&counter.target),
+            quote_ident(&counter.target)
         ))
         .await?;
         report.checks.push(Check {

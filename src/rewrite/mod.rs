@@ -29,7 +29,10 @@ use sqlparser::ast::{
     Value, ValueWithSpan, VisitMut, VisitorMut,
 };
 
-use crate::{classify::fingerprint, rules::TableMap};
+use crate::{
+    classify::fingerprint,
+    rules::{TableMap, quote_ident},
+};
 
 /// What a statement becomes on the target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,17 +69,17 @@ impl Rewriter {
             .iter()
             .map(|c| {
                 if c.legacy == c.target {
-                    quote(&c.legacy)
+                    quote_ident(&c.legacy)
                 } else {
-                    format!("{} AS {}", quote(&c.target), quote(&c.legacy))
+                    format!("{} AS {}", quote_ident(&c.target), quote_ident(&c.legacy))
                 }
             })
             .collect();
         let sql = format!(
             "SELECT {} FROM {}.{}",
             select_list.join(", "),
-            quote(&table.target.schema),
-            quote(&table.target.name)
+            quote_ident(&table.target.schema),
+            quote_ident(&table.target.name)
         );
         let view = match fingerprint::parse(&sql).ok().and_then(|mut s| s.pop()) {
             Some(Statement::Query(q)) => q,
@@ -528,10 +531,6 @@ fn folded(ident: &Ident) -> String {
         Some(_) => ident.value.clone(),
         None => ident.value.to_lowercase(),
     }
-}
-
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// What a pass found: the aliases of substituted tables, and the first reason to refuse.

@@ -116,6 +116,18 @@ pub struct TableName {
     pub name: String,
 }
 
+impl TableName {
+    /// `"schema"."name"`, ready for SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+/// An identifier quoted for SQL (`"name"`, inner quotes doubled).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.schema, self.name)
@@ -150,6 +162,25 @@ pub struct TableMap {
 impl TableMap {
     pub fn column(&self, legacy: &str) -> Option<&ColumnMap> {
         self.columns.iter().find(|c| c.legacy == legacy)
+    }
+
+    /// The columns the target stores as they are (every one but the derived ones).
+    pub fn stored_columns(&self) -> impl Iterator<Item = &ColumnMap> {
+        self.columns.iter().filter(|c| !c.derived)
+    }
+
+    /// The stored columns as SQL lists: the target's names, and legacy's qualified by
+    /// `alias` — for `INSERT INTO target (…) SELECT … FROM legacy alias`.
+    pub fn stored_column_lists(&self, alias: &str) -> (String, String) {
+        let target = self
+            .stored_columns()
+            .map(|c| quote_ident(&c.target))
+            .collect::<Vec<_>>();
+        let legacy = self
+            .stored_columns()
+            .map(|c| format!("{alias}.{}", quote_ident(&c.legacy)))
+            .collect::<Vec<_>>();
+        (target.join(", "), legacy.join(", "))
     }
 }
 

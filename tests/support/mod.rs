@@ -388,3 +388,19 @@ pub async fn restore_id_sequence(client: &Client, (last, called): (i64, bool)) {
         .await
         .unwrap();
 }
+
+/// Runs `cutover COMMAND --rules <repo rules> --database-url <db> EXTRA…`; returns the exit
+/// code and stdout followed by stderr.
+pub fn cutover_on(
+    db: &TestDb,
+    command: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String) {
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/rules");
+    let url = db.url();
+    let mut args = vec![command, "--rules", rules, "--database-url", url.as_str()];
+    args.extend(extra);
+    let (code, out, err) = cutover(&args, env);
+    (code, format!("{out}{err}"))
+}
