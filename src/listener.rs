@@ -97,11 +97,12 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         }
         _ => crate::upstream::UpstreamTls::Prefer(tls::upstream_connector()?),
     };
-    let shared = Arc::new(Shared::new(
-        config,
-        Classifier::new(Arc::new(rules)),
-        upstream_tls,
+    let rules = Arc::new(rules);
+    tokio::spawn(crate::control::seed_at_start(
+        config.upstream_config.clone(),
+        Arc::clone(&rules),
     ));
+    let shared = Arc::new(Shared::new(config, Classifier::new(rules), upstream_tls));
     let shutdown = CancellationToken::new();
 
     let admin_addr = match shared.config.admin {

@@ -6,7 +6,9 @@
 
 use std::sync::OnceLock;
 
-use metrics::{Counter, Gauge, counter, gauge};
+use metrics::{Counter, Gauge, counter, gauge, histogram};
+
+use crate::wire::messages::{DualWriteOutcome, DualWriteReport};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Installs the Prometheus recorder once per process and returns its handle.
@@ -45,6 +47,9 @@ pub struct ProxyMetrics {
     /// `cutover_cancel_requests_total{outcome}`.
     pub cancel_forwarded: Counter,
     pub cancel_unknown: Counter,
+    /// `cutover_dual_writes_total{outcome}`: write statements mirrored by the dual-write
+    /// trigger, as it reported them (mirrored, isolated_failure, strict_failure).
+    pub dual_writes: [Counter; 3],
 }
 
 impl ProxyMetrics {
@@ -61,6 +66,30 @@ impl ProxyMetrics {
             protocol_violations: counter!("cutover_protocol_violations_total"),
             cancel_forwarded: counter!("cutover_cancel_requests_total", "outcome" => "forwarded"),
             cancel_unknown: counter!("cutover_cancel_requests_total", "outcome" => "unknown_key"),
+            dual_writes: [
+                DualWriteOutcome::Mirrored,
+                DualWriteOutcome::Isolated,
+                DualWriteOutcome::StrictFailed,
+            ]
+            .map(|o| counter!("cutover_dual_writes_total", "outcome" => o.as_str())),
+        }
+    }
+
+    /// Counts one dual-write report and records the time each side took in
+    /// `cutover_query_duration_seconds{query_type,side}`.
+    pub fn dual_write(&self, report: &DualWriteReport) {
+        let index = match report.outcome {
+            DualWriteOutcome::Mirrored => 0,
+            DualWriteOutcome::Isolated => 1,
+            DualWriteOutcome::StrictFailed => 2,
+        };
+        let statements = report.statements.max(1);
+        self.dual_writes[index].increment(statements);
+        // One sample per report: the mean time per statement on each side.
+        let query_type = self.queries.label(&report.query_type).to_owned();
+        for (side, us) in [("legacy", report.legacy_us), ("target", report.target_us)] {
+            histogram!("cutover_query_duration_seconds", "query_type" => query_type.clone(), "side" => side)
+                .record(us as f64 / 1e6 / statements as f64);
         }
     }
 }
@@ -83,6 +112,16 @@ impl QueryCounters {
             automatic: served("automatic"),
             unparsable: served("unparsable"),
             named: names.iter().map(|n| (n.to_string(), served(n))).collect(),
+        }
+    }
+
+    /// The label of a query type name: the name if a rule names it, else `automatic` (so
+    /// that no label ever comes from anywhere else).
+    pub fn label<'a>(&self, name: &'a str) -> &'a str {
+        if self.named.contains_key(name) {
+            name
+        } else {
+            "automatic"
         }
     }
 

@@ -7,7 +7,7 @@ use cutover::{
     localpg::{LocalPg, Options},
     migrate::{self, MigrateError, MigrationSet},
 };
-use support::{cutover, empty_db, migrated_db};
+use support::{cutover, empty_db, legacy_db, migrated_db};
 
 /// Every object of the customer's plan (days 1, 2 and 4) plus what dual-write needs.
 const EXPECTED: &[(&str, &str)] = &[
@@ -80,7 +80,7 @@ async fn exists(client: &tokio_postgres::Client, kind: &str, name: &str) -> bool
 
 #[tokio::test]
 async fn migrate_creates_every_object_then_does_nothing() {
-    let db = empty_db().await;
+    let db = legacy_db().await;
     let client = db.client().await;
     for (kind, name) in EXPECTED {
         assert!(!exists(&client, kind, name).await || *kind == "extension");
@@ -133,7 +133,7 @@ async fn migrate_creates_every_object_then_does_nothing() {
 
 #[tokio::test]
 async fn dry_run_lists_and_changes_nothing() {
-    let db = empty_db().await;
+    let db = legacy_db().await;
     let (code, out, err) = cutover(&["migrate", "--dry-run", "--database-url", &db.url()], &[]);
     assert_eq!(code, 0, "{err}");
     let first = MigrationSet::embedded().iter().next().unwrap().name.clone();
@@ -243,7 +243,7 @@ async fn a_failing_migration_leaves_nothing_and_says_where() {
 
 #[tokio::test]
 async fn concurrent_runs_apply_once() {
-    let db = empty_db().await;
+    let db = legacy_db().await;
     let config = db.config();
     let set = MigrationSet::embedded();
     let (a, b) = tokio::join!(

@@ -82,6 +82,9 @@ pub struct Typed {
     pub route: Rewrite,
     /// The target SQL is the rule's own (not rewritten).
     pub explicit_target: bool,
+    /// The statement writes (INSERT, UPDATE, DELETE, MERGE, COPY, TRUNCATE): the proxy tags
+    /// it with its query type for the dual-write trigger.
+    pub writes: bool,
 }
 
 /// Classifies statements against one rule set, with a bounded cache by SQL text.
@@ -144,6 +147,18 @@ impl Classifier {
         if !self.rewriter.concerns(&statements) {
             return Classification::Passthrough;
         }
+        let writes = statements.iter().any(|s| {
+            use sqlparser::ast::Statement as S;
+            matches!(
+                s,
+                S::Insert(_)
+                    | S::Update { .. }
+                    | S::Delete(_)
+                    | S::Merge { .. }
+                    | S::Copy { .. }
+                    | S::Truncate { .. }
+            )
+        });
         let mut normalized = statements.clone();
         let fp = fingerprint::of_statements(&mut normalized);
         let rule = self.rules.query_type_for(&fp);
@@ -161,6 +176,7 @@ impl Classifier {
             fingerprint: fp,
             route,
             explicit_target,
+            writes,
         })
     }
 }

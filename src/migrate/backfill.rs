@@ -75,6 +75,8 @@ pub async fn run(
     options: &Options,
 ) -> Result<Summary, tokio_postgres::Error> {
     let started = Instant::now();
+    // The backfill's own writes on the target are not to be mirrored back into legacy.
+    client.batch_execute("SET cutover.mirroring = 'on'").await?;
     let legacy = table.legacy.quoted();
     let mut summary = Summary {
         dry_run: options.dry_run,

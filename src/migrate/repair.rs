@@ -26,6 +26,10 @@ pub struct Summary {
     /// Keys that could not be repaired, and why (a parent the target does not have, a cycle).
     pub unrepairable: Vec<(i64, String)>,
     pub counters_fixed: u64,
+    /// Entries of the dual-write repair queue (`cutover.write_divergences`) now resolved,
+    /// and those still pending (their keys are unrepairable).
+    pub queue_resolved: u64,
+    pub queue_pending: u64,
     /// Closure rows removed (wrong) and added (missing), against the parent links.
     pub closure_removed: u64,
     pub closure_added: u64,
@@ -37,7 +41,10 @@ pub async fn run(
     table: &TableMap,
     dry_run: bool,
 ) -> Result<Summary, tokio_postgres::Error> {
-    client.batch_execute("BEGIN").await?;
+    // The repair's own writes on the target are not to be mirrored back into legacy.
+    client
+        .batch_execute("SET cutover.mirroring = 'on'; BEGIN")
+        .await?;
     let result = repair(client, table, dry_run).await;
     match (&result, dry_run) {
         (Ok(_), false) => client.batch_execute("COMMIT").await?,
@@ -246,7 +253,40 @@ async fn repair(
         )
         .await?;
     summary.counters_fixed = fixed;
+    queue(client, &mut summary).await?;
     Ok(summary)
+}
+
+/// The dual-write repair queue: every pending entry whose key is now as legacy has it is
+/// marked repaired (the repair above compared every key, queued or not).
+async fn queue(client: &Client, summary: &mut Summary) -> Result<(), tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('cutover.write_divergences') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(());
+    }
+    let unrepairable: Vec<i64> = summary.unrepairable.iter().map(|(id, _)| *id).collect();
+    summary.queue_resolved = client
+        .execute(
+            "UPDATE cutover.write_divergences SET repaired_at = now()
+             WHERE repaired_at IS NULL
+               AND (affiliate_id IS NULL OR affiliate_id <> ALL ($1::int8[]))",
+            &[&unrepairable],
+        )
+        .await?;
+    summary.queue_pending = client
+        .query_one(
+            "SELECT count(*) FROM cutover.write_divergences WHERE repaired_at IS NULL",
+            &[],
+        )
+        .await?
+        .get::<_, i64>(0) as u64;
+    Ok(())
 }
 
 impl std::fmt::Display for Summary {
@@ -279,6 +319,11 @@ impl std::fmt::Display for Summary {
             keys(&self.deleted)
         )?;
         writeln!(f, "  counters fixed {}", self.counters_fixed)?;
+        writeln!(
+            f,
+            "  dual-write queue: {} resolved, {} pending",
+            self.queue_resolved, self.queue_pending
+        )?;
         writeln!(
             f,
             "  closure rows removed {}, added {}",

@@ -210,10 +210,24 @@ impl ClientToServer<'_> {
                             self.buf.reserve(header.total - available);
                             break;
                         }
-                        self.statements
+                        let replacement = self
+                            .statements
                             .inspect(header.tag, &self.buf[ready + 5..ready + header.total]);
                         terminate |= header.tag == frontend::TERMINATE;
-                        ready += header.total;
+                        match replacement {
+                            None => ready += header.total,
+                            Some(frame) => {
+                                // What came before, then the tagged message in its place.
+                                let written = upstream.write_all(&self.buf[..ready]).await.is_ok()
+                                    && upstream.write_all(&frame).await.is_ok();
+                                if !written {
+                                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                                    return End::UpstreamClosed;
+                                }
+                                self.buf.advance(ready + header.total);
+                                ready = 0;
+                            }
+                        }
                     }
                     tag => {
                         if tag == frontend::BIND {
@@ -266,19 +280,22 @@ impl Statements<'_> {
 
     /// The place where classification (and later routing and rewriting) plugs in. Today:
     /// each statement is classified (the pre-check first, so statements that do not name
-    /// the legacy table are never parsed) and counted under its query type.
-    fn inspect(&mut self, tag: u8, body: &[u8]) {
+    /// the legacy table are never parsed) and counted under its query type; a write on the
+    /// legacy table is given back tagged with its query type (for the dual-write trigger),
+    /// as the message to send instead.
+    fn inspect(&mut self, tag: u8, body: &[u8]) -> Option<Bytes> {
         match tag {
             frontend::QUERY => {
-                if let Some(sql) = messages::query_text(body) {
-                    self.counter_for(sql).increment(1);
-                }
+                let sql = messages::query_text(body)?;
+                let (counter, write_tag) = self.classify(sql);
+                counter.increment(1);
+                return write_tag.and_then(|t| messages::tagged_query(body, &t));
             }
             frontend::PARSE => {
-                if let Some((name, sql)) = messages::parse_text(body) {
-                    let counter = self.counter_for(sql);
-                    self.statements.insert(name.into(), counter);
-                }
+                let (name, sql) = messages::parse_text(body)?;
+                let (counter, write_tag) = self.classify(sql);
+                self.statements.insert(name.into(), counter);
+                return write_tag.and_then(|t| messages::tagged_parse(body, &t));
             }
             frontend::EXECUTE => {
                 let portal = messages::execute_portal(body).unwrap_or_default();
@@ -299,20 +316,29 @@ impl Statements<'_> {
             }
             _ => {}
         }
+        None
     }
 
-    /// The `cutover_queries_total` counter of a statement's query type.
-    fn counter_for(&self, sql: &[u8]) -> Counter {
+    /// The `cutover_queries_total` counter of a statement's query type, and the tag to
+    /// append if it writes on the legacy table.
+    fn classify(&self, sql: &[u8]) -> (Counter, Option<String>) {
         let queries = &self.shared.metrics.queries;
         let Ok(sql) = std::str::from_utf8(sql) else {
             // Not UTF-8 (another client_encoding): never parsed, relayed as it is.
-            return queries.passthrough.clone();
+            return (queries.passthrough.clone(), None);
         };
         match &*self.shared.classifier.classify(sql) {
-            Classification::Passthrough => queries.passthrough.clone(),
-            Classification::Unparsable { .. } => queries.unparsable.clone(),
-            Classification::Typed(t) if t.named => queries.named(&t.query_type).clone(),
-            Classification::Typed(_) => queries.automatic.clone(),
+            Classification::Passthrough => (queries.passthrough.clone(), None),
+            Classification::Unparsable { .. } => (queries.unparsable.clone(), None),
+            Classification::Typed(t) => {
+                let counter = if t.named {
+                    queries.named(&t.query_type).clone()
+                } else {
+                    queries.automatic.clone()
+                };
+                let tag = t.writes.then(|| messages::query_type_tag(&t.query_type));
+                (counter, tag)
+            }
         }
     }
 }
@@ -377,6 +403,7 @@ impl ServerToClient<'_> {
                     backend::AUTHENTICATION
                     | backend::BACKEND_KEY_DATA
                     | backend::ERROR_RESPONSE
+                    | backend::NOTICE_RESPONSE
                     | backend::READY_FOR_QUERY => {
                         if available < header.total {
                             self.buf.reserve(header.total - available);
@@ -462,6 +489,14 @@ fn inspect_server_frame(
             *last_was_fatal = messages::parse_error(body).is_fatal();
             Action::Forward
         }
+        // The dual-write trigger's report is the proxy's, not the client's.
+        backend::NOTICE_RESPONSE => match messages::dual_write_report(body) {
+            Some(report) => {
+                shared.metrics.dual_write(&report);
+                Action::Replace(Bytes::new())
+            }
+            None => Action::Forward,
+        },
         backend::AUTHENTICATION if messages::auth_code(body) == Some(AUTH_SASL) => {
             match messages::sasl_without_channel_binding(body) {
                 Some(frame) => Action::Replace(frame),

@@ -22,6 +22,7 @@ pub mod backend {
     pub const AUTHENTICATION: u8 = b'R';
     pub const BACKEND_KEY_DATA: u8 = b'K';
     pub const ERROR_RESPONSE: u8 = b'E';
+    pub const NOTICE_RESPONSE: u8 = b'N';
     pub const READY_FOR_QUERY: u8 = b'Z';
 }
 
@@ -176,6 +177,108 @@ pub fn parse_text(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((name, sql))
 }
 
+/// The comment the proxy appends to a statement it classified as a write on the legacy
+/// table: the database's dual-write trigger reads the query type back from it
+/// (`cutover.statement_query_type()`, migration 0006). Appended, never prepended, so that
+/// the positions in the server's error messages stay those of the client's text; on a line
+/// of its own, so that a trailing `--` comment cannot swallow it.
+pub fn query_type_tag(query_type: &str) -> String {
+    format!("\n/* cutover:{query_type} */")
+}
+
+/// A Query message whose SQL text is `body`'s with `tag` appended.
+pub fn tagged_query(body: &[u8], tag: &str) -> Option<Bytes> {
+    let sql = query_text(body)?;
+    let mut out = BytesMut::with_capacity(sql.len() + tag.len() + 1);
+    out.put_slice(sql);
+    out.put_slice(tag.as_bytes());
+    out.put_u8(0);
+    Some(frame(frontend::QUERY, &out))
+}
+
+/// A Parse message whose SQL text is `body`'s with `tag` appended (name and parameter
+/// types kept).
+pub fn tagged_parse(body: &[u8], tag: &str) -> Option<Bytes> {
+    let (name, sql) = parse_text(body)?;
+    let rest = &body[name.len() + sql.len() + 2..];
+    let mut out = BytesMut::with_capacity(body.len() + tag.len());
+    out.put_slice(name);
+    out.put_u8(0);
+    out.put_slice(sql);
+    out.put_slice(tag.as_bytes());
+    out.put_u8(0);
+    out.put_slice(rest);
+    Some(frame(frontend::PARSE, &out))
+}
+
+/// What the dual-write trigger reported about one statement, in a NOTICE meant for the
+/// proxy alone (SQLSTATE class `CV`, migration 0006).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DualWriteReport {
+    pub outcome: DualWriteOutcome,
+    pub query_type: String,
+    pub rows: u64,
+    /// Client statements the report covers (a COMMIT reports for every statement of its
+    /// transaction).
+    pub statements: u64,
+    /// Time spent writing the legacy table, and the target, in microseconds (for all the
+    /// statements together).
+    pub legacy_us: u64,
+    pub target_us: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DualWriteOutcome {
+    /// Both sides written.
+    Mirrored,
+    /// The mirrored side failed; recorded for repair, the client's statement went on.
+    Isolated,
+    /// The mirrored side failed and the query type is strict: the statement failed.
+    StrictFailed,
+}
+
+impl DualWriteOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DualWriteOutcome::Mirrored => "mirrored",
+            DualWriteOutcome::Isolated => "isolated_failure",
+            DualWriteOutcome::StrictFailed => "strict_failure",
+        }
+    }
+}
+
+/// The report in a NoticeResponse body, if it is one of the trigger's.
+pub fn dual_write_report(body: &[u8]) -> Option<DualWriteReport> {
+    let fields = parse_error(body);
+    let outcome = match fields.code.as_str() {
+        "CV000" => DualWriteOutcome::Mirrored,
+        "CV001" => DualWriteOutcome::Isolated,
+        "CV002" => DualWriteOutcome::StrictFailed,
+        _ => return None,
+    };
+    let rest = fields.message.strip_prefix("cutover dual-write ")?;
+    let mut report = DualWriteReport {
+        outcome,
+        query_type: String::new(),
+        rows: 0,
+        statements: 1,
+        legacy_us: 0,
+        target_us: 0,
+    };
+    for pair in rest.split(' ') {
+        let (key, value) = pair.split_once('=')?;
+        match key {
+            "qt" => report.query_type = value.to_owned(),
+            "rows" => report.rows = value.parse().ok()?,
+            "statements" => report.statements = value.parse().ok()?,
+            "legacy_us" => report.legacy_us = value.parse().ok()?,
+            "target_us" => report.target_us = value.parse().ok()?,
+            _ => {}
+        }
+    }
+    Some(report)
+}
+
 /// The portal and statement names at the start of a Bind message (the rest need not be
 /// there).
 pub fn bind_names(body: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -213,6 +316,77 @@ mod tests {
         assert_eq!(fields.code, "53300");
         assert_eq!(fields.message, "full");
         assert!(fields.is_fatal());
+    }
+
+    #[test]
+    fn tags_are_appended_and_everything_else_kept() {
+        let tag = query_type_tag("record_deposit");
+        let q = tagged_query(b"UPDATE affiliates SET x = 1 -- note\0", &tag).unwrap();
+        assert_eq!(q[0], b'Q');
+        assert_eq!(
+            query_text(body(&q)).unwrap(),
+            b"UPDATE affiliates SET x = 1 -- note\n/* cutover:record_deposit */"
+        );
+        assert_eq!(
+            u32::from_be_bytes(q[1..5].try_into().unwrap()) as usize,
+            q.len() - 1
+        );
+
+        let mut parse = BytesMut::new();
+        parse.put_slice(b"s1\0DELETE FROM affiliates WHERE affiliate_id = $1\0");
+        parse.put_u16(1);
+        parse.put_u32(20);
+        let p = tagged_parse(&parse, &tag).unwrap();
+        let (name, sql) = parse_text(body(&p)).unwrap();
+        assert_eq!(name, b"s1");
+        assert!(sql.ends_with(b"$1\n/* cutover:record_deposit */"));
+        assert_eq!(&body(&p)[body(&p).len() - 6..], &[0, 1, 0, 0, 0, 20]);
+    }
+
+    fn notice(code: &str, message: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (k, v) in [
+            (b'S', "NOTICE"),
+            (b'V', "NOTICE"),
+            (b'C', code),
+            (b'M', message),
+        ] {
+            b.push(k);
+            b.extend_from_slice(v.as_bytes());
+            b.push(0);
+        }
+        b.push(0);
+        b
+    }
+
+    #[test]
+    fn dual_write_reports_are_recognized_and_nothing_else() {
+        let r = dual_write_report(&notice(
+            "CV001",
+            "cutover dual-write qt=new_affiliate rows=3 statements=2 legacy_us=120 target_us=900",
+        ))
+        .unwrap();
+        assert_eq!(r.outcome, DualWriteOutcome::Isolated);
+        assert_eq!(
+            (
+                r.query_type.as_str(),
+                r.rows,
+                r.statements,
+                r.legacy_us,
+                r.target_us
+            ),
+            ("new_affiliate", 3, 2, 120, 900)
+        );
+        // An application's own notice, even with a look-alike code, is the client's.
+        assert_eq!(
+            dual_write_report(&notice("00000", "cutover dual-write qt=x")),
+            None
+        );
+        assert_eq!(dual_write_report(&notice("CV000", "something else")), None);
+        assert_eq!(
+            dual_write_report(&notice("CV000", "cutover dual-write rows=x")),
+            None
+        );
     }
 
     #[test]

@@ -131,6 +131,15 @@ pub async fn empty_db() -> TestDb {
     create_db("template0").await
 }
 
+/// A new database with the legacy table (empty) and no migration applied.
+pub async fn legacy_db() -> TestDb {
+    let db = empty_db().await;
+    fixture::create_legacy_table(&db.client().await)
+        .await
+        .expect("create the legacy table");
+    db
+}
+
 /// A new database with the legacy table (empty) and every migration applied.
 pub async fn migrated_db() -> TestDb {
     TEMPLATE_READY
