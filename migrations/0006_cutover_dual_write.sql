@@ -196,7 +196,7 @@ CREATE UNLOGGED TABLE cutover.pending_mirror_tx (
 -- different ones updated; derived columns left to v2's triggers). Takes v2's row locks for
 -- everything its triggers will write — the rows, their old and new ancestors, their
 -- subtrees — up front and in key order.
-CREATE FUNCTION cutover.sync_to_target(p_keys BIGINT[])
+CREATE FUNCTION cutover.sync_to_target(p_keys BIGINT[], p_detach_dangling BOOLEAN DEFAULT false)
 RETURNS VOID
 LANGUAGE plpgsql
 SET search_path = fature_v2, public
@@ -208,6 +208,7 @@ DECLARE
     gone       BIGINT[];   -- in v2, no longer in legacy
     missing    BIGINT[];   -- in legacy, not yet in v2
     structural BIGINT[];   -- whose place in the tree changes: gone, missing or moved
+    dangling   BIGINT[] := '{}';
 BEGIN
     -- One look at both sides sorts the keys. A deposit or a status change is none of the
     -- above: it locks its own row and costs one UPDATE.
@@ -265,6 +266,18 @@ BEGIN
 
     -- Missing rows first, so that a row can be given a parent that was missing.
     IF cardinality(missing) > 0 THEN
+        -- Replaying a backfill's hand-over, the order of events is lost: a row whose parent
+        -- was deleted meanwhile points at nothing in legacy. Dual-write would have detached
+        -- it when the parent went; so does the replay (a root, recorded as detached).
+        IF p_detach_dangling THEN
+            dangling := ARRAY(
+                SELECT l.affiliate_id FROM public.affiliates l
+                WHERE l.affiliate_id = ANY (missing) AND l.parent_affiliate_id IS NOT NULL
+                  AND NOT EXISTS (SELECT 1 FROM public.affiliates lp
+                                  WHERE lp.affiliate_id = l.parent_affiliate_id)
+                  AND NOT EXISTS (SELECT 1 FROM affiliates_optimized vp
+                                  WHERE vp.affiliate_id = l.parent_affiliate_id));
+        END IF;
         WITH RECURSIVE m AS (
             SELECT l.* FROM public.affiliates l WHERE l.affiliate_id = ANY (missing)
         ), ordered (affiliate_id, depth) AS (
@@ -280,13 +293,22 @@ BEGIN
             registration_date, total_deposits, total_bets, total_withdrawals,
             total_cpa_earned, total_rev_earned, total_commissions_paid, created_at, updated_at,
             hierarchy_path, hierarchy_level)
-        SELECT m.affiliate_id, m.parent_affiliate_id, m.external_id, m.name, m.email, m.status,
+        SELECT m.affiliate_id,
+               CASE WHEN p_detach_dangling AND m.affiliate_id = ANY (dangling) THEN NULL
+                    ELSE m.parent_affiliate_id END,
+               m.external_id, m.name, m.email, m.status,
                m.registration_date, m.total_deposits, m.total_bets, m.total_withdrawals,
                m.total_cpa_earned, m.total_rev_earned, m.total_commissions_paid, m.created_at,
                m.updated_at,
                m.affiliate_id::TEXT::LTREE, 1   -- placeholders: v2's insert trigger sets both
         FROM m LEFT JOIN ordered o USING (affiliate_id)
         ORDER BY o.depth NULLS LAST, m.affiliate_id;
+        IF p_detach_dangling AND cardinality(dangling) > 0 THEN
+            INSERT INTO detached_affiliates (affiliate_id, former_parent_id)
+            SELECT l.affiliate_id, l.parent_affiliate_id FROM public.affiliates l
+            WHERE l.affiliate_id = ANY (dangling)
+            ON CONFLICT (affiliate_id) DO UPDATE SET former_parent_id = EXCLUDED.former_parent_id;
+        END IF;
     END IF;
 
     -- A child v2 detached from a deleted parent stays a root while legacy still points at
@@ -329,6 +351,83 @@ BEGIN
 END;
 $$;
 
+-- Keys written before a backfill has completed. Until it ends the backfill owns v2 (its bulk phases
+-- build paths, the closure and the counters from one plan), so dual-write hands it the keys
+-- instead of syncing them, and the backfill syncs them itself when its bulk work is done:
+-- a live write is never overwritten by an older copy, and never races the bulk phases.
+CREATE TABLE cutover.backfill_catchup (
+    affiliate_id BIGINT PRIMARY KEY
+);
+
+-- Until a backfill has completed, v2 is not legacy's yet: writes are handed to the backfill
+-- (before it starts as while it runs), which copies legacy as of one snapshot and then
+-- replays them.
+CREATE FUNCTION cutover.backfill_running()
+RETURNS BOOLEAN
+LANGUAGE sql STABLE
+AS $$
+    SELECT NOT EXISTS (SELECT 1 FROM cutover.backfill_progress WHERE phase = 'done')
+$$;
+
+-- v2 := legacy for these keys, isolated: in one pass, or, if that fails, key by key
+-- (parents first), each in its own subtransaction; every key that still fails is recorded in
+-- cutover.write_divergences (with the query type queued for it by transaction p_txid, if
+-- any), unless the backfill quarantined it. Returns the keys that failed. Never raises.
+CREATE FUNCTION cutover.sync_isolated(p_keys BIGINT[], p_txid BIGINT, p_detach_dangling BOOLEAN DEFAULT false)
+RETURNS BIGINT[]
+LANGUAGE plpgsql
+SET search_path = fature_v2, public
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    k      BIGINT;
+    failed BIGINT[] := '{}';
+    e_state TEXT; e_message TEXT; e_constraint TEXT;
+BEGIN
+    BEGIN
+        PERFORM cutover.sync_to_target(p_keys, p_detach_dangling);
+    EXCEPTION WHEN OTHERS THEN
+        -- Parents first, by their depth among the keys, as legacy has them.
+        FOR k IN
+            WITH RECURSIVE q AS (
+                SELECT l.affiliate_id, l.parent_affiliate_id FROM public.affiliates l
+                WHERE l.affiliate_id = ANY (p_keys)
+            ), ordered (affiliate_id, depth) AS (
+                SELECT q.affiliate_id, 0 FROM q
+                WHERE NOT EXISTS (SELECT 1 FROM q p WHERE p.affiliate_id = q.parent_affiliate_id)
+                UNION ALL
+                SELECT c.affiliate_id, o.depth + 1 FROM ordered o JOIN q c ON c.parent_affiliate_id = o.affiliate_id
+            )
+            SELECT u.id FROM unnest(p_keys) AS u(id) LEFT JOIN ordered o ON o.affiliate_id = u.id
+            ORDER BY o.depth NULLS LAST, u.id
+        LOOP
+            BEGIN
+                PERFORM cutover.sync_to_target(ARRAY[k], p_detach_dangling);
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
+                                        e_constraint = CONSTRAINT_NAME;
+                failed := failed || k;
+                -- A row the backfill quarantined (an orphan, a cycle) is reported there.
+                CONTINUE WHEN EXISTS (SELECT 1 FROM cutover.backfill_quarantine q
+                                      WHERE q.affiliate_id = k);
+                INSERT INTO cutover.write_divergences
+                    (direction, operation, affiliate_id, sqlstate, message, constraint_name, query_type)
+                SELECT 'legacy_to_target',
+                       CASE WHEN NOT EXISTS (SELECT 1 FROM public.affiliates l WHERE l.affiliate_id = k)
+                            THEN 'DELETE'
+                            WHEN NOT EXISTS (SELECT 1 FROM affiliates_optimized v WHERE v.affiliate_id = k)
+                            THEN 'INSERT' ELSE 'UPDATE' END,
+                       k, e_state, e_message, nullif(e_constraint, ''),
+                       (SELECT p.query_type FROM cutover.pending_mirror p
+                        WHERE p.txid = p_txid AND p.affiliate_id = k
+                        ORDER BY p.statement_at DESC LIMIT 1);
+            END;
+        END LOOP;
+    END;
+    RETURN failed;
+END;
+$$;
+
 -- After each write statement on legacy: its keys queued (and, for a strict query type,
 -- synced at once, so that v2's error fails the statement itself).
 CREATE FUNCTION cutover.queue_legacy_write()
@@ -365,7 +464,7 @@ BEGIN
     SELECT me, k, qt, statement_timestamp(), took FROM unnest(keys) AS k;
     INSERT INTO cutover.pending_mirror_tx (txid) VALUES (me) ON CONFLICT DO NOTHING;
 
-    IF cutover.dual_write_strict(qt) THEN
+    IF cutover.dual_write_strict(qt) AND NOT cutover.backfill_running() THEN
         prev_flag := coalesce(current_setting('cutover.mirroring', true), '');
         PERFORM set_config('cutover.mirroring', 'on', true);
         BEGIN
@@ -381,9 +480,8 @@ BEGIN
 END;
 $$;
 
--- At COMMIT (deferred): every queued key of the transaction synced in one pass; if that
--- fails, key by key (parents first), each in its own subtransaction, so one bad key holds
--- back no other. Failures are recorded for repair; the COMMIT goes on.
+-- At COMMIT (deferred): every queued key of the transaction synced (sync_isolated: failures
+-- recorded for repair, the COMMIT goes on), or handed to a running backfill.
 CREATE FUNCTION cutover.mirror_at_commit()
 RETURNS TRIGGER
 LANGUAGE plpgsql
@@ -399,52 +497,29 @@ DECLARE
     took_us   BIGINT;
     failed    BIGINT[] := '{}';
     prev_flag TEXT := coalesce(current_setting('cutover.mirroring', true), '');
+    deferred  BOOLEAN := false;
     g         RECORD;
-    e_state TEXT; e_message TEXT; e_constraint TEXT;
+    e_state TEXT; e_message TEXT;
 BEGIN
     -- Nothing here may fail the COMMIT: whatever escapes the sync's own handling is recorded
     -- against every queued key (and, should even that fail, logged on the server).
     BEGIN
         keys := ARRAY(SELECT DISTINCT affiliate_id FROM cutover.pending_mirror WHERE txid = me);
-        IF cardinality(keys) > 0 THEN
+        IF cardinality(keys) > 0 AND cutover.backfill_running() THEN
+            -- Handed to the backfill. It drains this table under an exclusive lock before it
+            -- says it is done: an insert that waited for that lock sees it done now (a new
+            -- snapshot per statement), takes its keys back and syncs them itself.
+            INSERT INTO cutover.backfill_catchup (affiliate_id)
+            SELECT unnest(keys) ON CONFLICT DO NOTHING;
+            IF cutover.backfill_running() THEN
+                deferred := true;
+            ELSE
+                DELETE FROM cutover.backfill_catchup WHERE affiliate_id = ANY (keys);
+            END IF;
+        END IF;
+        IF cardinality(keys) > 0 AND NOT deferred THEN
             PERFORM set_config('cutover.mirroring', 'on', true);
-            BEGIN
-                PERFORM cutover.sync_to_target(keys);
-            EXCEPTION WHEN OTHERS THEN
-                -- Parents first, by their depth among the queued keys, as legacy has them.
-                FOR k IN
-                    WITH RECURSIVE q AS (
-                        SELECT l.affiliate_id, l.parent_affiliate_id FROM public.affiliates l
-                        WHERE l.affiliate_id = ANY (keys)
-                    ), ordered (affiliate_id, depth) AS (
-                        SELECT q.affiliate_id, 0 FROM q
-                        WHERE NOT EXISTS (SELECT 1 FROM q p WHERE p.affiliate_id = q.parent_affiliate_id)
-                        UNION ALL
-                        SELECT c.affiliate_id, o.depth + 1 FROM ordered o JOIN q c ON c.parent_affiliate_id = o.affiliate_id
-                    )
-                    SELECT u.id FROM unnest(keys) AS u(id) LEFT JOIN ordered o ON o.affiliate_id = u.id
-                    ORDER BY o.depth NULLS LAST, u.id
-                LOOP
-                    BEGIN
-                        PERFORM cutover.sync_to_target(ARRAY[k]);
-                    EXCEPTION WHEN OTHERS THEN
-                        GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
-                                                e_constraint = CONSTRAINT_NAME;
-                        failed := failed || k;
-                        INSERT INTO cutover.write_divergences
-                            (direction, operation, affiliate_id, sqlstate, message, constraint_name, query_type)
-                        SELECT 'legacy_to_target',
-                               CASE WHEN NOT EXISTS (SELECT 1 FROM public.affiliates l WHERE l.affiliate_id = k)
-                                    THEN 'DELETE'
-                                    WHEN NOT EXISTS (SELECT 1 FROM affiliates_optimized v WHERE v.affiliate_id = k)
-                                    THEN 'INSERT' ELSE 'UPDATE' END,
-                               k, e_state, e_message, nullif(e_constraint, ''),
-                               (SELECT p.query_type FROM cutover.pending_mirror p
-                                WHERE p.txid = me AND p.affiliate_id = k
-                                ORDER BY p.statement_at DESC LIMIT 1);
-                    END;
-                END LOOP;
-            END;
+            failed := cutover.sync_isolated(keys, me);
             PERFORM set_config('cutover.mirroring', prev_flag, true);
         END IF;
     EXCEPTION WHEN OTHERS THEN
@@ -481,7 +556,8 @@ BEGIN
             GROUP BY p.query_type
         LOOP
             PERFORM cutover.report_dual_write(
-                CASE WHEN g.any_failed THEN 'CV001' ELSE 'CV000' END, g.query_type, g.keys,
+                CASE WHEN deferred THEN 'CV003' WHEN g.any_failed THEN 'CV001' ELSE 'CV000' END,
+                g.query_type, g.keys,
                 g.statements, g.legacy_us, took_us * g.keys / greatest(cardinality(keys), 1));
         END LOOP;
     EXCEPTION WHEN OTHERS THEN

@@ -48,8 +48,9 @@ pub struct ProxyMetrics {
     pub cancel_forwarded: Counter,
     pub cancel_unknown: Counter,
     /// `cutover_dual_writes_total{outcome}`: write statements mirrored by the dual-write
-    /// trigger, as it reported them (mirrored, isolated_failure, strict_failure).
-    pub dual_writes: [Counter; 3],
+    /// trigger, as it reported them (mirrored, isolated_failure, strict_failure,
+    /// deferred_to_backfill).
+    pub dual_writes: [Counter; 4],
 }
 
 impl ProxyMetrics {
@@ -70,6 +71,7 @@ impl ProxyMetrics {
                 DualWriteOutcome::Mirrored,
                 DualWriteOutcome::Isolated,
                 DualWriteOutcome::StrictFailed,
+                DualWriteOutcome::Deferred,
             ]
             .map(|o| counter!("cutover_dual_writes_total", "outcome" => o.as_str())),
         }
@@ -82,6 +84,7 @@ impl ProxyMetrics {
             DualWriteOutcome::Mirrored => 0,
             DualWriteOutcome::Isolated => 1,
             DualWriteOutcome::StrictFailed => 2,
+            DualWriteOutcome::Deferred => 3,
         };
         let statements = report.statements.max(1);
         self.dual_writes[index].increment(statements);

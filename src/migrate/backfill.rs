@@ -33,6 +33,9 @@ pub struct Summary {
     pub copied: i64,
     /// Rows already in the target (dual-written during the backfill), left as they are.
     pub already_present: i64,
+    /// Keys the application wrote through dual-write while the backfill ran, synced at its
+    /// end.
+    pub caught_up: i64,
     pub closure_rows: i64,
     pub quarantined: Vec<Quarantined>,
     /// Legacy rows whose level_1_referrals differs from their real number of children.
@@ -150,13 +153,17 @@ pub async fn run(
                        LEFT JOIN fature_v2.hierarchy_index h ON h.ancestor_id = a.affiliate_id
                        GROUP BY a.affiliate_id) c
                  WHERE t.affiliate_id = c.affiliate_id AND t.total_network_size IS DISTINCT FROM c.n;
-                 UPDATE cutover.backfill_progress SET phase = 'done', updated_at = now();
+                 UPDATE cutover.backfill_progress SET phase = 'catchup', updated_at = now();
                  COMMIT;",
             )
             .await?;
         lap(&mut summary, "counters");
     }
     client.batch_execute("RESET cutover.bulk_load").await?;
+    if current_phase(client).await? == "catchup" {
+        summary.caught_up = catch_up(client, options.batch).await?;
+        lap(&mut summary, "catch-up");
+    }
     client
         .batch_execute("DROP TABLE IF EXISTS cutover.backfill_plan")
         .await?;
@@ -172,6 +179,52 @@ pub async fn run(
         .get(0);
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// The keys dual-write handed over while the backfill ran (`cutover.backfill_catchup`),
+/// synced now through v2's own triggers, in batches; the last batch under an exclusive lock
+/// on the table, in the transaction that marks the backfill done, so that no key is handed
+/// over after the last look. A key that cannot be synced is recorded in
+/// `cutover.write_divergences`, as dual-write records it.
+async fn catch_up(client: &Client, batch: i64) -> Result<i64, tokio_postgres::Error> {
+    let drain = client
+        .prepare(
+            "WITH d AS (
+                 DELETE FROM cutover.backfill_catchup
+                 WHERE affiliate_id IN (SELECT affiliate_id FROM cutover.backfill_catchup
+                                        ORDER BY affiliate_id LIMIT $1)
+                 RETURNING affiliate_id
+             )
+             SELECT coalesce(array_agg(affiliate_id), '{}') FROM d",
+        )
+        .await?;
+    let sync = client
+        .prepare("SELECT cutover.sync_isolated($1, NULL, true)")
+        .await?;
+    let mut synced = 0;
+    loop {
+        client.batch_execute("BEGIN").await?;
+        let keys: Vec<i64> = client.query_one(&drain, &[&batch]).await?.get(0);
+        if keys.is_empty() {
+            client
+                .batch_execute("LOCK TABLE cutover.backfill_catchup IN EXCLUSIVE MODE")
+                .await?;
+            let last: Vec<i64> = client.query_one(&drain, &[&i64::MAX]).await?.get(0);
+            if !last.is_empty() {
+                client.execute(&sync, &[&last]).await?;
+            }
+            synced += last.len() as i64;
+            client
+                .batch_execute(
+                    "UPDATE cutover.backfill_progress SET phase = 'done', updated_at = now(); COMMIT",
+                )
+                .await?;
+            return Ok(synced);
+        }
+        client.execute(&sync, &[&keys]).await?;
+        client.batch_execute("COMMIT").await?;
+        synced += keys.len() as i64;
+    }
 }
 
 async fn current_phase(client: &Client) -> Result<String, tokio_postgres::Error> {
@@ -197,16 +250,21 @@ async fn plan(client: &Client, table: &TableMap) -> Result<(), tokio_postgres::E
     let key = quote_ident(&table.key);
     client
         .batch_execute(&format!(
-            "BEGIN;
+            "BEGIN ISOLATION LEVEL REPEATABLE READ;
              DROP TABLE IF EXISTS cutover.backfill_plan;
+             -- The rows themselves, as of one snapshot: the copy reads them from here, so
+             -- v2 is legacy as of this instant, consistent (every parent with its
+             -- children), whatever the application does meanwhile; what it does is handed
+             -- over by dual-write (cutover.backfill_catchup) and replayed at the end.
              CREATE UNLOGGED TABLE cutover.backfill_plan AS
-             WITH RECURSIVE tree(affiliate_id, level, path) AS (
-                 SELECT {key}, 1, {key}::text::ltree FROM {legacy} WHERE parent_affiliate_id IS NULL
+             WITH RECURSIVE tree AS (
+                 SELECT l.*, 1 AS level, l.{key}::text::ltree AS path
+                 FROM {legacy} l WHERE l.parent_affiliate_id IS NULL
                  UNION ALL
-                 SELECT c.{key}, t.level + 1, t.path || c.{key}::text
-                 FROM {legacy} c JOIN tree t ON c.parent_affiliate_id = t.affiliate_id
+                 SELECT c.*, t.level + 1, t.path || c.{key}::text
+                 FROM {legacy} c JOIN tree t ON c.parent_affiliate_id = t.{key}
              )
-             SELECT affiliate_id, level, path, 0 AS direct, 0 AS network FROM tree;
+             SELECT *, 0 AS direct, 0 AS network FROM tree;
              -- Counters from the plan itself, so rows go in complete (no rewrite of every row).
              UPDATE cutover.backfill_plan p SET direct = c.n
              FROM (SELECT subpath(path, nlevel(path) - 2, 1)::text::int8 AS id, count(*)::int AS n
@@ -221,11 +279,12 @@ async fn plan(client: &Client, table: &TableMap) -> Result<(), tokio_postgres::E
              ANALYZE cutover.backfill_plan;
              DELETE FROM cutover.backfill_quarantine;
              DELETE FROM cutover.backfill_progress;
-             INSERT INTO cutover.backfill_progress (phase) VALUES ('rows');
-             COMMIT;"
+             INSERT INTO cutover.backfill_progress (phase) VALUES ('rows');"
         ))
         .await?;
-    // The unreachable rows are few; their reasons are found by following their parents.
+    // The unreachable rows are few; their reasons are found by following their parents. In
+    // the plan's transaction and snapshot: rows the application adds meanwhile are not
+    // unreachable, and a plan is never committed without its quarantine.
     let rows = client
         .query(
             &format!(
@@ -249,6 +308,7 @@ async fn plan(client: &Client, table: &TableMap) -> Result<(), tokio_postgres::E
             )
             .await?;
     }
+    client.batch_execute("COMMIT").await?;
     Ok(())
 }
 
@@ -359,9 +419,8 @@ async fn copy_rows(
     summary: &mut Summary,
     batches: &mut u64,
 ) -> Result<(), tokio_postgres::Error> {
-    let legacy = table.legacy.quoted();
-    let key = quote_ident(&table.key);
-    let (target_cols, source_cols) = table.stored_column_lists("l");
+    // From the plan's snapshot of the rows, not from legacy as it is now (see plan()).
+    let (target_cols, source_cols) = table.stored_column_lists("p");
     // The usual case skips rows already present with an anti-join; a row dual-written
     // between that check and the insert makes the batch fall back to ON CONFLICT (whose
     // speculative insertion costs more per row).
@@ -371,7 +430,7 @@ async fn copy_rows(
                  INSERT INTO fature_v2.affiliates_optimized
                      ({target_cols}, hierarchy_path, hierarchy_level, direct_referrals_count, total_network_size)
                  SELECT {source_cols}, p.path, p.level, p.direct, p.network
-                 FROM cutover.backfill_plan p JOIN {legacy} l ON l.{key} = p.affiliate_id
+                 FROM cutover.backfill_plan p
                  WHERE (p.level, p.affiliate_id) > ($1, $2) AND (p.level, p.affiliate_id) <= ($3, $4)
                    AND NOT EXISTS (SELECT 1 FROM fature_v2.affiliates_optimized t WHERE t.affiliate_id = p.affiliate_id)
                  ORDER BY p.level, p.affiliate_id
@@ -626,6 +685,13 @@ impl std::fmt::Display for Summary {
             self.closure_rows,
             self.seconds
         )?;
+        if self.caught_up > 0 {
+            writeln!(
+                f,
+                "written by the application during the backfill and synced at its end: {}",
+                self.caught_up
+            )?;
+        }
         writeln!(
             f,
             "quarantined: {} (cutover.backfill_quarantine)",

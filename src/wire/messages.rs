@@ -235,6 +235,8 @@ pub enum DualWriteOutcome {
     Isolated,
     /// The mirrored side failed and the query type is strict: the statement failed.
     StrictFailed,
+    /// A backfill is running: its keys were handed to it, to be synced when it ends.
+    Deferred,
 }
 
 impl DualWriteOutcome {
@@ -243,6 +245,7 @@ impl DualWriteOutcome {
             DualWriteOutcome::Mirrored => "mirrored",
             DualWriteOutcome::Isolated => "isolated_failure",
             DualWriteOutcome::StrictFailed => "strict_failure",
+            DualWriteOutcome::Deferred => "deferred_to_backfill",
         }
     }
 }
@@ -254,6 +257,7 @@ pub fn dual_write_report(body: &[u8]) -> Option<DualWriteReport> {
         "CV000" => DualWriteOutcome::Mirrored,
         "CV001" => DualWriteOutcome::Isolated,
         "CV002" => DualWriteOutcome::StrictFailed,
+        "CV003" => DualWriteOutcome::Deferred,
         _ => return None,
     };
     let rest = fields.message.strip_prefix("cutover dual-write ")?;
