@@ -27,7 +27,7 @@
 -- writer's COMMIT. A query type whose dual_write is 'strict' is synced inside the statement,
 -- so that v2's error fails the statement instead.
 --
--- Query types. The proxy appends `/* cutover:<query type> */` to the statements it
+-- Query types. The proxy appends `/* cutover:<query type> <fingerprint> */` to the statements it
 -- classified as writes on the table; the mirror reads it back from current_query() to
 -- attribute failures, apply strict mode, and report what it did to the proxy in a NOTICE
 -- (SQLSTATE CV000/CV001/CV002) that the proxy consumes, so the client never sees it. A
@@ -72,6 +72,7 @@ CREATE TABLE cutover.write_divergences (
     message         TEXT NOT NULL,   -- the error's message only: its DETAIL may hold values
     constraint_name TEXT,
     query_type      TEXT,            -- NULL when the write bypassed the proxy
+    fingerprint     TEXT,            -- the statement's fp_… id, as the proxy classified it
     repaired_at     TIMESTAMPTZ
 );
 CREATE INDEX write_divergences_pending
@@ -93,7 +94,15 @@ CREATE FUNCTION cutover.statement_query_type()
 RETURNS TEXT
 LANGUAGE sql STABLE
 AS $$
-    SELECT substring(current_query() FROM '/\* cutover:([A-Za-z0-9_]+) \*/\s*$')
+    SELECT substring(current_query() FROM '/\* cutover:([A-Za-z0-9_]+) [A-Za-z0-9_]+ \*/\s*$')
+$$;
+
+-- The fingerprint id of the running statement, from the same tag.
+CREATE FUNCTION cutover.statement_fingerprint()
+RETURNS TEXT
+LANGUAGE sql STABLE
+AS $$
+    SELECT substring(current_query() FROM '/\* cutover:[A-Za-z0-9_]+ ([A-Za-z0-9_]+) \*/\s*$')
 $$;
 
 CREATE FUNCTION cutover.dual_write_strict(p_query_type TEXT)
@@ -157,8 +166,10 @@ RETURNS VOID
 LANGUAGE sql
 AS $$
     INSERT INTO cutover.write_divergences
-        (direction, operation, affiliate_id, sqlstate, message, constraint_name, query_type)
-    SELECT p_direction, p_operation, k, p_sqlstate, p_message, nullif(p_constraint, ''), p_query_type
+        (direction, operation, affiliate_id, sqlstate, message, constraint_name, query_type,
+         fingerprint)
+    SELECT p_direction, p_operation, k, p_sqlstate, p_message, nullif(p_constraint, ''), p_query_type,
+           cutover.statement_fingerprint()
     FROM unnest(CASE WHEN cardinality(p_keys) > 0 THEN p_keys ELSE ARRAY[NULL::BIGINT] END) AS k
 $$;
 
@@ -182,6 +193,7 @@ CREATE UNLOGGED TABLE cutover.pending_mirror (
     txid         BIGINT NOT NULL,
     affiliate_id BIGINT NOT NULL,
     query_type   TEXT,
+    fingerprint  TEXT,
     statement_at TIMESTAMPTZ NOT NULL,
     legacy_us    BIGINT NOT NULL
 );
@@ -411,16 +423,20 @@ BEGIN
                 CONTINUE WHEN EXISTS (SELECT 1 FROM cutover.backfill_quarantine q
                                       WHERE q.affiliate_id = k);
                 INSERT INTO cutover.write_divergences
-                    (direction, operation, affiliate_id, sqlstate, message, constraint_name, query_type)
+                    (direction, operation, affiliate_id, sqlstate, message, constraint_name,
+                     query_type, fingerprint)
                 SELECT 'legacy_to_target',
                        CASE WHEN NOT EXISTS (SELECT 1 FROM public.affiliates l WHERE l.affiliate_id = k)
                             THEN 'DELETE'
                             WHEN NOT EXISTS (SELECT 1 FROM affiliates_optimized v WHERE v.affiliate_id = k)
                             THEN 'INSERT' ELSE 'UPDATE' END,
-                       k, e_state, e_message, nullif(e_constraint, ''),
-                       (SELECT p.query_type FROM cutover.pending_mirror p
-                        WHERE p.txid = p_txid AND p.affiliate_id = k
-                        ORDER BY p.statement_at DESC LIMIT 1);
+                       k, e_state, e_message, nullif(e_constraint, ''), last.query_type,
+                       last.fingerprint
+                FROM (SELECT NULL) AS one
+                LEFT JOIN LATERAL (
+                    SELECT p.query_type, p.fingerprint FROM cutover.pending_mirror p
+                    WHERE p.txid = p_txid AND p.affiliate_id = k
+                    ORDER BY p.statement_at DESC LIMIT 1) last ON true;
             END;
         END LOOP;
     END;
@@ -460,8 +476,10 @@ BEGIN
     IF cardinality(keys) = 0 THEN
         RETURN NULL;
     END IF;
-    INSERT INTO cutover.pending_mirror (txid, affiliate_id, query_type, statement_at, legacy_us)
-    SELECT me, k, qt, statement_timestamp(), took FROM unnest(keys) AS k;
+    INSERT INTO cutover.pending_mirror
+        (txid, affiliate_id, query_type, fingerprint, statement_at, legacy_us)
+    SELECT me, k, qt, cutover.statement_fingerprint(), statement_timestamp(), took
+    FROM unnest(keys) AS k;
     INSERT INTO cutover.pending_mirror_tx (txid) VALUES (me) ON CONFLICT DO NOTHING;
 
     IF cutover.dual_write_strict(qt) AND NOT cutover.backfill_running() THEN
@@ -527,9 +545,9 @@ BEGIN
         BEGIN
             PERFORM set_config('cutover.mirroring', prev_flag, true);
             INSERT INTO cutover.write_divergences
-                (direction, operation, affiliate_id, sqlstate, message, query_type)
+                (direction, operation, affiliate_id, sqlstate, message, query_type, fingerprint)
             SELECT DISTINCT ON (p.affiliate_id) 'legacy_to_target', 'UPDATE', p.affiliate_id,
-                   e_state, e_message, p.query_type
+                   e_state, e_message, p.query_type, p.fingerprint
             FROM cutover.pending_mirror p WHERE p.txid = me;
             failed := keys;
         EXCEPTION WHEN OTHERS THEN

@@ -366,6 +366,14 @@ async fn a_v2_failure_never_fails_the_app_is_recorded_and_repaired() {
         queue(&admin).await,
         vec![(Some(42), "P0001".into(), Some("record_deposit".into()))]
     );
+    // The statement's fingerprint is recorded with it (the rule's name says which statement
+    // kind, the fingerprint which exact form).
+    let fingerprint: Option<String> = admin
+        .query_one("SELECT fingerprint FROM cutover.write_divergences", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(fingerprint.is_some_and(|f| f.starts_with("fp_")));
     let metrics = p.metrics().await;
     // (metrics are per process: other tests of this binary count too)
     assert!(

@@ -336,7 +336,9 @@ impl Statements<'_> {
                 } else {
                     queries.automatic.clone()
                 };
-                let tag = t.writes.then(|| messages::query_type_tag(&t.query_type));
+                let tag = t
+                    .writes
+                    .then(|| messages::query_type_tag(&t.query_type, &t.fingerprint.id));
                 (counter, tag)
             }
         }

@@ -178,12 +178,13 @@ pub fn parse_text(body: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 /// The comment the proxy appends to a statement it classified as a write on the legacy
-/// table: the database's dual-write trigger reads the query type back from it
+/// table (query type and fingerprint id, both `[a-z0-9_]`): the database's dual-write
+/// trigger reads them back from it
 /// (`cutover.statement_query_type()`, migration 0006). Appended, never prepended, so that
 /// the positions in the server's error messages stay those of the client's text; on a line
 /// of its own, so that a trailing `--` comment cannot swallow it.
-pub fn query_type_tag(query_type: &str) -> String {
-    format!("\n/* cutover:{query_type} */")
+pub fn query_type_tag(query_type: &str, fingerprint: &str) -> String {
+    format!("\n/* cutover:{query_type} {fingerprint} */")
 }
 
 /// A Query message whose SQL text is `body`'s with `tag` appended.
@@ -324,12 +325,12 @@ mod tests {
 
     #[test]
     fn tags_are_appended_and_everything_else_kept() {
-        let tag = query_type_tag("record_deposit");
+        let tag = query_type_tag("record_deposit", "fp_0123abcd");
         let q = tagged_query(b"UPDATE affiliates SET x = 1 -- note\0", &tag).unwrap();
         assert_eq!(q[0], b'Q');
         assert_eq!(
             query_text(body(&q)).unwrap(),
-            b"UPDATE affiliates SET x = 1 -- note\n/* cutover:record_deposit */"
+            b"UPDATE affiliates SET x = 1 -- note\n/* cutover:record_deposit fp_0123abcd */"
         );
         assert_eq!(
             u32::from_be_bytes(q[1..5].try_into().unwrap()) as usize,
@@ -343,7 +344,7 @@ mod tests {
         let p = tagged_parse(&parse, &tag).unwrap();
         let (name, sql) = parse_text(body(&p)).unwrap();
         assert_eq!(name, b"s1");
-        assert!(sql.ends_with(b"$1\n/* cutover:record_deposit */"));
+        assert!(sql.ends_with(b"$1\n/* cutover:record_deposit fp_0123abcd */"));
         assert_eq!(&body(&p)[body(&p).len() - 6..], &[0, 1, 0, 0, 0, 20]);
     }
 
