@@ -11,12 +11,7 @@
 //! Each round runs the four set-ups back to back in a rotating order; the median of the
 //! rounds is printed (one run on a small shared machine moves by ±10%).
 
-use std::{
-    net::TcpListener,
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::path::Path;
 
 use cutover::{
     connect,
@@ -25,6 +20,9 @@ use cutover::{
     migrate::{self, backfill},
     rules::RuleSet,
 };
+
+mod common;
+use common::{median, pgbench_tps, start_cutover};
 
 const AFFILIATES: u64 = 100_000;
 const CLIENTS: &str = "8";
@@ -42,88 +40,16 @@ UPDATE affiliates SET total_deposits = total_deposits + :cents / 100.0, updated_
 UPDATE affiliates SET status = 'active', updated_at = now() WHERE affiliate_id = :who;
 ";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_cutover(upstream_port: u16) -> (Killed, u16) {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_cutover"))
-        .args([
-            "serve",
-            "--admin",
-            "off",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args([
-            "--upstream",
-            &format!("postgres://127.0.0.1:{upstream_port}/postgres"),
-        ])
-        .args(["--rules", concat!(env!("CARGO_MANIFEST_DIR"), "/rules")])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start cutover");
-    let child = Killed(child);
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (child, port)
-}
-
 /// Transactions per second of the script (one pgbench transaction = the script once).
 fn pgbench(bindir: &Path, script: &Path, port: u16, seconds: u64) -> f64 {
-    let out = Command::new(bindir.join("pgbench"))
-        .args(["-n", "-M", "prepared", "-c", CLIENTS, "-j", THREADS, "-T"])
-        .arg(seconds.to_string())
-        .arg("-f")
-        .arg(script)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "postgres",
-        ])
-        .output()
-        .expect("run pgbench");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("tps = ")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "pgbench on {port} failed: {text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let (seconds, script) = (seconds.to_string(), script.to_string_lossy());
+    pgbench_tps(
+        bindir,
+        port,
+        &[
+            "-n", "-M", "prepared", "-c", CLIENTS, "-j", THREADS, "-T", &seconds, "-f", &script,
+        ],
+    )
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -13,66 +13,29 @@
 //! run moves by ±10%, and the proxies must be compared under the same conditions.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use cutover::localpg::{LocalPg, Options};
 
+mod common;
+use common::{Killed, free_port, pgbench_tps, start_cutover, wait_for_port};
+
 const CLIENTS: &str = "8";
 const THREADS: &str = "2";
 const IDLE_CONNECTIONS: usize = 1000;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_port(port: u16) {
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on {port}");
-}
-
 fn pgbench(bindir: &Path, port: u16, mode: &str, seconds: u64) -> f64 {
-    let out = Command::new(bindir.join("pgbench"))
-        .args(["-n", "-S", "-M", mode, "-c", CLIENTS, "-j", THREADS, "-T"])
-        .arg(seconds.to_string())
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "postgres",
-        ])
-        .output()
-        .expect("run pgbench");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("tps = ")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "pgbench on {port} ({mode}) failed: {text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+    let seconds = seconds.to_string();
+    pgbench_tps(
+        bindir,
+        port,
+        &[
+            "-n", "-S", "-M", mode, "-c", CLIENTS, "-j", THREADS, "-T", &seconds,
+        ],
+    )
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -88,37 +51,6 @@ fn rss_kb(pid: u32) -> u64 {
             })
         })
         .unwrap_or(0)
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_cutover(upstream_port: u16) -> (Killed, u16) {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_cutover"))
-        .args([
-            "serve",
-            "--admin",
-            "off",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args([
-            "--upstream",
-            &format!("postgres://127.0.0.1:{upstream_port}/postgres"),
-        ])
-        .args(["--max-client-connections", "2000"])
-        .args(["--rules", concat!(env!("CARGO_MANIFEST_DIR"), "/rules")])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start cutover");
-    wait_for_port(port);
-    (Killed(child), port)
 }
 
 /// pgbouncer in session mode, run as the postgres user when we are root (it refuses root).

@@ -157,7 +157,7 @@ AS $$
                  (extract(epoch FROM p_mirrored - p_started) * 1e6)::BIGINT AS m) t
 $$;
 
--- Records a failed mirror for each key, and reports it.
+-- Records a failed mirror for each key.
 CREATE FUNCTION cutover.record_write_divergence(
     p_direction TEXT, p_operation TEXT, p_keys BIGINT[], p_sqlstate TEXT, p_message TEXT,
     p_constraint TEXT, p_query_type TEXT
@@ -171,6 +171,21 @@ AS $$
     SELECT p_direction, p_operation, k, p_sqlstate, p_message, nullif(p_constraint, ''), p_query_type,
            cutover.statement_fingerprint()
     FROM unnest(CASE WHEN cardinality(p_keys) > 0 THEN p_keys ELSE ARRAY[NULL::BIGINT] END) AS k
+$$;
+
+-- An isolated failure of a mirror that ran inside the statement: recorded for every key,
+-- and reported.
+CREATE FUNCTION cutover.mirror_failed(
+    p_direction TEXT, p_operation TEXT, p_keys BIGINT[], p_query_type TEXT, p_rows BIGINT,
+    p_started TIMESTAMPTZ, p_sqlstate TEXT, p_message TEXT, p_constraint TEXT
+)
+RETURNS VOID
+LANGUAGE sql
+AS $$
+    SELECT cutover.record_write_divergence(p_direction, p_operation, p_keys, p_sqlstate,
+                                           p_message, p_constraint, p_query_type);
+    SELECT cutover.report_statement('CV001', p_direction, p_query_type, p_rows, p_started,
+                                    clock_timestamp());
 $$;
 
 -- ---------------------------------------------------------------------------------------
@@ -274,6 +289,41 @@ BEGIN
 
     IF cardinality(gone) > 0 THEN
         DELETE FROM affiliates_optimized WHERE affiliate_id = ANY (gone);
+    END IF;
+    -- A quarantined row deleted from legacy leaves the quarantine.
+    DELETE FROM cutover.backfill_quarantine q
+    WHERE q.affiliate_id = ANY (p_keys)
+      AND NOT EXISTS (SELECT 1 FROM public.affiliates l WHERE l.affiliate_id = q.affiliate_id);
+
+    -- A new row under a quarantined one is quarantined too, as the backfill would have done.
+    IF cardinality(missing) > 0 THEN
+        LOOP
+            INSERT INTO cutover.backfill_quarantine (affiliate_id, parent_affiliate_id, reason)
+            SELECT l.affiliate_id, l.parent_affiliate_id,
+                   format('under quarantined %s', l.parent_affiliate_id)
+            FROM public.affiliates l
+            WHERE l.affiliate_id = ANY (missing)
+              AND EXISTS (SELECT 1 FROM cutover.backfill_quarantine q
+                          WHERE q.affiliate_id = l.parent_affiliate_id)
+              AND NOT EXISTS (SELECT 1 FROM affiliates_optimized vp
+                              WHERE vp.affiliate_id = l.parent_affiliate_id)
+            ON CONFLICT (affiliate_id) DO NOTHING;
+            EXIT WHEN NOT FOUND;
+        END LOOP;
+    END IF;
+    -- A row the backfill quarantined (an orphan, a cycle, under one) stays out of v2 while
+    -- its parent cannot be in it; once its parent is a root's or v2's, it goes in and leaves
+    -- the quarantine.
+    IF cardinality(missing) > 0 AND EXISTS (SELECT 1 FROM cutover.backfill_quarantine q
+                                            WHERE q.affiliate_id = ANY (missing)) THEN
+        missing := ARRAY(
+            SELECT k FROM unnest(missing) AS k
+            JOIN public.affiliates l ON l.affiliate_id = k
+            WHERE NOT EXISTS (SELECT 1 FROM cutover.backfill_quarantine q WHERE q.affiliate_id = k)
+               OR l.parent_affiliate_id IS NULL
+               OR EXISTS (SELECT 1 FROM affiliates_optimized vp
+                          WHERE vp.affiliate_id = l.parent_affiliate_id));
+        DELETE FROM cutover.backfill_quarantine WHERE affiliate_id = ANY (missing);
     END IF;
 
     -- Missing rows first, so that a row can be given a parent that was missing.
@@ -631,9 +681,8 @@ BEGIN
             PERFORM cutover.report_statement('CV002', 'legacy_to_target', qt, 0, started, clock_timestamp());
             RAISE;
         END IF;
-        PERFORM cutover.record_write_divergence('legacy_to_target', 'TRUNCATE', '{}', e_state,
-                                                e_message, e_constraint, qt);
-        PERFORM cutover.report_statement('CV001', 'legacy_to_target', qt, 0, started, clock_timestamp());
+        PERFORM cutover.mirror_failed('legacy_to_target', 'TRUNCATE', '{}', qt, 0, started,
+                                      e_state, e_message, e_constraint);
         RETURN NULL;
     END;
     PERFORM cutover.report_statement('CV000', 'legacy_to_target', qt, 0, started, clock_timestamp());
@@ -654,7 +703,8 @@ CREATE TRIGGER cutover_mirror_truncate
     AFTER TRUNCATE ON public.affiliates
     FOR EACH STATEMENT EXECUTE FUNCTION cutover.mirror_legacy_truncate();
 
--- The per-row hierarchy upkeep of deletes is skipped while a truncate is mirrored.
+-- The per-row hierarchy upkeep of deletes is skipped while a truncate is mirrored (and in
+-- 0007's release_deleted_affiliate()).
 CREATE OR REPLACE FUNCTION fature_v2.record_detached_children()
 RETURNS TRIGGER
 LANGUAGE plpgsql
@@ -675,31 +725,6 @@ BEGIN
 END;
 $$;
 
-CREATE OR REPLACE FUNCTION fature_v2.release_deleted_affiliate()
-RETURNS TRIGGER
-LANGUAGE plpgsql
-SET search_path = fature_v2, public
-AS $$
-BEGIN
-    IF OLD.parent_affiliate_id IS NULL OR current_setting('cutover.truncating', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
-
-    UPDATE affiliates_optimized
-    SET direct_referrals_count = direct_referrals_count - 1
-    WHERE affiliate_id = OLD.parent_affiliate_id;
-
-    UPDATE affiliates_optimized
-    SET total_network_size = total_network_size - 1
-    WHERE affiliate_id IN (
-        SELECT t.label::BIGINT
-        FROM unnest(string_to_array(OLD.hierarchy_path::TEXT, '.')) WITH ORDINALITY AS t(label, ord)
-        WHERE t.ord < nlevel(OLD.hierarchy_path)
-    );
-
-    RETURN NULL;
-END;
-$$;
 
 -- ---------------------------------------------------------------------------------------
 -- v2 → legacy (reversal: from stage target on, the proxy writes v2 first)
@@ -775,9 +800,8 @@ BEGIN
             PERFORM cutover.report_statement('CV002', 'target_to_legacy', qt, n, started, clock_timestamp());
             RAISE;
         END IF;
-        PERFORM cutover.record_write_divergence('target_to_legacy', TG_OP, keys, e_state,
-                                                e_message, e_constraint, qt);
-        PERFORM cutover.report_statement('CV001', 'target_to_legacy', qt, n, started, clock_timestamp());
+        PERFORM cutover.mirror_failed('target_to_legacy', TG_OP, keys, qt, n, started,
+                                      e_state, e_message, e_constraint);
         RETURN NULL;
     END;
     -- v2's own upkeep statements are not the client's: only the statement itself reports.
@@ -823,9 +847,8 @@ BEGIN
             PERFORM cutover.report_statement('CV002', 'target_to_legacy', qt, n, started, clock_timestamp());
             RAISE;
         END IF;
-        PERFORM cutover.record_write_divergence('target_to_legacy', 'DELETE', keys, e_state,
-                                                e_message, e_constraint, qt);
-        PERFORM cutover.report_statement('CV001', 'target_to_legacy', qt, n, started, clock_timestamp());
+        PERFORM cutover.mirror_failed('target_to_legacy', 'DELETE', keys, qt, n, started,
+                                      e_state, e_message, e_constraint);
         RETURN NULL;
     END;
     IF pg_trigger_depth() = 1 THEN

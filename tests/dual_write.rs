@@ -886,6 +886,22 @@ async fn a_backfill_alongside_eight_writers_ends_with_verify_clean() {
         "the writers did not overlap the backfill: {summary}"
     );
     assert_eq!(queue(&client).await, vec![]);
+    // Nothing is both quarantined and in v2.
+    let both: Vec<String> = client
+        .query(
+            "SELECT format('%s %s legacy parent %s, v2 parent %s', q.affiliate_id, q.reason,
+                           l.parent_affiliate_id, v.parent_affiliate_id)
+             FROM cutover.backfill_quarantine q
+             JOIN fature_v2.affiliates_optimized v USING (affiliate_id)
+             LEFT JOIN public.affiliates l USING (affiliate_id)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(both, Vec::<String>::new());
     assert_verify_clean(&db);
     p.shutdown().await;
 }

@@ -156,7 +156,13 @@ async fn verify_in_snapshot(
     };
     if quarantine {
         report.quarantined = client
-            .query_one("SELECT count(*) FROM cutover.backfill_quarantine", &[])
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM cutover.backfill_quarantine q
+                     WHERE EXISTS (SELECT 1 FROM {legacy} l WHERE l.{key} = q.affiliate_id)"
+                ),
+                &[],
+            )
             .await?
             .get(0);
     }

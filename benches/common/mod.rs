@@ -1,0 +1,88 @@
+//! What the benchmark programs share: a free port, a `cutover serve` child process that is
+//! killed on drop, and pgbench's transactions per second.
+#![allow(dead_code)] // each benchmark uses a different part
+
+use std::{
+    net::TcpListener,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_for_port(port: u16) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {port}");
+}
+
+/// A child process, killed and reaped when dropped.
+pub struct Killed(pub Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `cutover serve` in front of PostgreSQL on `upstream_port` (the repository's rules, no
+/// admin endpoint); returns the child and the port it listens on.
+pub fn start_cutover(upstream_port: u16) -> (Killed, u16) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["serve", "--admin", "off"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--upstream",
+            &format!("postgres://127.0.0.1:{upstream_port}/postgres"),
+        ])
+        .args(["--max-client-connections", "2000"])
+        .args(["--rules", concat!(env!("CARGO_MANIFEST_DIR"), "/rules")])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start cutover");
+    let child = Killed(child);
+    wait_for_port(port);
+    (child, port)
+}
+
+/// Runs pgbench with `args` against the `postgres` database on `port`; its tps.
+pub fn pgbench_tps(bindir: &Path, port: u16, args: &[&str]) -> f64 {
+    let out = Command::new(bindir.join("pgbench"))
+        .args(args)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", "postgres", "postgres"])
+        .output()
+        .expect("run pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("tps = ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "pgbench {args:?} on {port} failed: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
