@@ -115,14 +115,16 @@ async fn a_backfill_killed_half_way_finishes_when_run_again() {
             .unwrap()
             .get(0);
         assert_ne!(phase, "done");
+        // Killed while indexes, keys and triggers were set aside: verify says so.
+        let (code, out) = verify(&db);
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("backfill_set_aside") && out.contains("run cutover backfill again"),
+            "{out}"
+        );
         if abort_after == "13" {
-            // Killed while the closure's foreign keys were set aside: verify says so.
-            let (code, out) = verify(&db);
-            assert_eq!(code, 1, "{out}");
-            assert!(
-                out.contains("closure_foreign_keys") && out.contains("run cutover backfill again"),
-                "{out}"
-            );
+            // In the closure phase, its foreign keys too.
+            assert!(out.contains("closure_foreign_keys"), "{out}");
         }
     }
     let (code, out) = backfill(&db, &["--batch", "500"], &[]);
@@ -139,6 +141,20 @@ async fn a_backfill_killed_half_way_finishes_when_run_again() {
     assert_integrity(&client).await;
     let (code, out) = verify(&db);
     assert_eq!(code, 0, "{out}");
+    // Everything set aside is back: v2's triggers work again.
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM cutover.backfill_set_aside").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'fature_v2.affiliates_optimized'::regclass
+             AND NOT tgisinternal AND tgenabled = 'D'"
+        )
+        .await,
+        0
+    );
 }
 
 #[tokio::test]

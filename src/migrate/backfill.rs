@@ -122,7 +122,11 @@ pub async fn run(
     let mut batches = 0u64;
     let phase = current_phase(client).await?;
     if phase == "rows" {
+        // The rows' secondary indexes (the GiST and B-tree on the path among them), parent
+        // key and per-row triggers are set aside and put back once the rows are in.
+        set_aside(client, "fature_v2.affiliates_optimized", &[], true).await?;
         copy_rows(client, table, options, &mut summary, &mut batches).await?;
+        restore_set_aside(client).await?;
         set_phase(client, "closure").await?;
         lap(&mut summary, "rows");
     }
@@ -132,7 +136,15 @@ pub async fn run(
         // inserts holds by construction, so they are set aside and validated once at the
         // end. A backfill killed here leaves them aside until it is run again.
         closure_keys(client, Keys::SetAside).await?;
+        set_aside(
+            client,
+            "fature_v2.hierarchy_index",
+            CLOSURE_INDEXES_KEPT,
+            false,
+        )
+        .await?;
         build_closure(client, options, &mut summary, &mut batches).await?;
+        restore_set_aside(client).await?;
         closure_keys(client, Keys::Restore).await?;
         set_phase(client, "counters").await?;
         lap(&mut summary, "closure");
@@ -256,15 +268,16 @@ async fn plan(client: &Client, table: &TableMap) -> Result<(), tokio_postgres::E
              -- v2 is legacy as of this instant, consistent (every parent with its
              -- children), whatever the application does meanwhile; what it does is handed
              -- over by dual-write (cutover.backfill_catchup) and replayed at the end.
+             -- (The walk carries keys only; the rows join it after, in the same snapshot.)
              CREATE UNLOGGED TABLE cutover.backfill_plan AS
-             WITH RECURSIVE tree AS (
-                 SELECT l.*, 1 AS level, l.{key}::text::ltree AS path
-                 FROM {legacy} l WHERE l.parent_affiliate_id IS NULL
+             WITH RECURSIVE tree(affiliate_id, level, path) AS (
+                 SELECT {key}, 1, {key}::text::ltree FROM {legacy} WHERE parent_affiliate_id IS NULL
                  UNION ALL
-                 SELECT c.*, t.level + 1, t.path || c.{key}::text
-                 FROM {legacy} c JOIN tree t ON c.parent_affiliate_id = t.{key}
+                 SELECT c.{key}, t.level + 1, t.path || c.{key}::text
+                 FROM {legacy} c JOIN tree t ON c.parent_affiliate_id = t.affiliate_id
              )
-             SELECT *, 0 AS direct, 0 AS network FROM tree;
+             SELECT l.*, t.level, t.path, 0 AS direct, 0 AS network
+             FROM tree t JOIN {legacy} l ON l.{key} = t.affiliate_id;
              -- Counters from the plan itself, so rows go in complete (no rewrite of every row).
              UPDATE cutover.backfill_plan p SET direct = c.n
              FROM (SELECT subpath(path, nlevel(path) - 2, 1)::text::int8 AS id, count(*)::int AS n
@@ -513,6 +526,100 @@ async fn fast_or_safe(
 enum Keys {
     SetAside,
     Restore,
+}
+
+/// Closure indexes kept while the closure is bulk-loaded: the constraints' (primary key, the
+/// unique pair) and the descendant index the load's own anti-join reads. The plan's four
+/// partial indexes are set aside and rebuilt after (a sorted build per index instead of an
+/// insertion per row per index).
+const CLOSURE_INDEXES_KEPT: &[&str] = &["idx_hierarchy_descendant"];
+
+/// Sets aside, on `table`, every index that backs no constraint (except `keep`), and with
+/// `with_triggers` its parent key and its per-row triggers too — each recorded in
+/// `cutover.backfill_set_aside` with the statement that puts it back, in the same
+/// transaction as the drop.
+async fn set_aside(
+    client: &Client,
+    table: &str,
+    keep: &[&str],
+    with_triggers: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let keep: Vec<String> = keep.iter().map(|k| (*k).to_owned()).collect();
+    client
+        .batch_execute("SET lock_timeout = '60s'; BEGIN")
+        .await?;
+    let mut aside: Vec<(String, String, String)> = client
+        .query(
+            "SELECT 'index ' || c.relname,
+                    'DROP INDEX ' || i.indexrelid::regclass::text,
+                    replace(pg_get_indexdef(i.indexrelid), 'CREATE INDEX ', 'CREATE INDEX IF NOT EXISTS ')
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE i.indrelid = $1::text::regclass
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
+               AND c.relname::text <> ALL ($2)",
+            &[&table, &keep],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    if with_triggers {
+        // The parent key, checked once at the end (VALIDATE) instead of once per row; the
+        // user triggers (v2's hierarchy upkeep, which the plan does in bulk, and the
+        // dual-write mirror), not entered a million times.
+        let more = client
+            .query(
+                "SELECT 'constraint ' || conname,
+                        format('ALTER TABLE %s DROP CONSTRAINT %I', $1::text, conname),
+                        format('ALTER TABLE %s ADD CONSTRAINT %I %s NOT VALID; ALTER TABLE %s VALIDATE CONSTRAINT %I',
+                               $1::text, conname, pg_get_constraintdef(oid), $1::text, conname)
+                 FROM pg_constraint
+                 WHERE conrelid = $1::text::regclass AND contype = 'f' AND confrelid = conrelid
+                 UNION ALL
+                 SELECT 'trigger ' || tgname,
+                        format('ALTER TABLE %s DISABLE TRIGGER %I', $1::text, tgname),
+                        format('ALTER TABLE %s ENABLE TRIGGER %I', $1::text, tgname)
+                 FROM pg_trigger
+                 WHERE tgrelid = $1::text::regclass AND NOT tgisinternal AND tgenabled <> 'D'",
+                &[&table],
+            )
+            .await?;
+        aside.extend(more.iter().map(|r| (r.get(0), r.get(1), r.get(2))));
+    }
+    for (name, drop, restore) in aside {
+        client
+            .execute(
+                "INSERT INTO cutover.backfill_set_aside (name, restore) VALUES ($1, $2)
+                 ON CONFLICT (name) DO NOTHING",
+                &[&name, &restore],
+            )
+            .await?;
+        client.batch_execute(&drop).await?;
+    }
+    client.batch_execute("COMMIT; RESET lock_timeout").await?;
+    Ok(())
+}
+
+/// Puts back everything set aside (by any backfill run, this one or a killed one).
+async fn restore_set_aside(client: &Client) -> Result<(), tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT name, restore FROM cutover.backfill_set_aside ORDER BY name",
+            &[],
+        )
+        .await?;
+    for row in rows {
+        let (name, restore): (String, String) = (row.get(0), row.get(1));
+        client.batch_execute(&format!("BEGIN; {restore}")).await?;
+        client
+            .execute(
+                "DELETE FROM cutover.backfill_set_aside WHERE name = $1",
+                &[&name],
+            )
+            .await?;
+        client.batch_execute("COMMIT").await?;
+    }
+    Ok(())
 }
 
 /// The closure's foreign keys, as created by migration 0001.

@@ -300,6 +300,28 @@ async fn verify_in_snapshot(
         });
     }
 
+    // Indexes a killed backfill left set aside (rebuilt when it is run again).
+    let aside: Option<i64> = client
+        .query_one(
+            "SELECT CASE WHEN to_regclass('cutover.backfill_set_aside') IS NOT NULL
+                    THEN (SELECT count(*) FROM cutover.backfill_set_aside) END",
+            &[],
+        )
+        .await?
+        .get(0);
+    if let Some(aside) = aside {
+        report.checks.push(Check {
+            group: "schema".into(),
+            name: "backfill_set_aside".into(),
+            value: if aside == 0 {
+                "all in place".into()
+            } else {
+                format!("{aside} indexes, keys or triggers set aside: run cutover backfill again to put them back")
+            },
+            passed: aside == 0,
+        });
+    }
+
     // The closure's foreign keys: a backfill killed while it had them set aside leaves
     // them missing until it is run again.
     let keys: i64 = client
