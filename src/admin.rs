@@ -1,13 +1,22 @@
-//! The admin HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the process answers) and
-//! `/readyz` (accepting connections and the upstream reachable). Bound to loopback unless
-//! configured otherwise; it never exposes SQL text or parameter values.
+//! The admin HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the process answers),
+//! `/readyz` (accepting connections and the upstream reachable), and the control API:
+//! `GET /api/state` (every query type's stage), `POST /api/state/{query_type}` (change it,
+//! with a reason; a bearer token required) and `GET /api/history` (the audit). Bound to
+//! loopback unless configured otherwise; it never exposes SQL text or parameter values.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::{metrics, session::Shared, upstream};
+use crate::{control, metrics, session::Shared, upstream};
 
 #[derive(Clone)]
 struct AdminState {
@@ -31,6 +40,9 @@ pub async fn serve(
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/api/state", get(api_state))
+        .route("/api/state/{query_type}", post(api_set))
+        .route("/api/history", get(api_history))
         .with_state(state);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -59,5 +71,190 @@ async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
     match reach {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable\n"),
+    }
+}
+
+/// One query type as the API shows it.
+#[derive(Debug, Serialize)]
+struct TypeView {
+    query_type: String,
+    stage: String,
+    percent: i16,
+    dual_write: String,
+    /// `live` (from the control database) or `rules` (no live state yet).
+    source: &'static str,
+    updated_at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct StateView {
+    /// Whether this replica follows the control database right now (otherwise it serves
+    /// with the last state it loaded).
+    control_connected: bool,
+    query_types: Vec<TypeView>,
+}
+
+async fn api_state(State(state): State<AdminState>) -> Json<StateView> {
+    let shared = &state.shared;
+    let live = shared.control.live();
+    let mut views: Vec<TypeView> = shared
+        .classifier
+        .rules()
+        .query_types
+        .iter()
+        .filter(|qt| !live.by_type.contains_key(&qt.name))
+        .map(|qt| {
+            let (stage, percent) = control::stage_columns(qt.stage);
+            TypeView {
+                query_type: qt.name.clone(),
+                stage: stage.into(),
+                percent,
+                dual_write: if qt.strict { "strict" } else { "isolated" }.into(),
+                source: "rules",
+                updated_at: None,
+            }
+        })
+        .collect();
+    views.extend(live.by_type.values().map(|s| TypeView {
+        query_type: s.query_type.clone(),
+        stage: s.stage.clone(),
+        percent: s.percent,
+        dual_write: s.dual_write.clone(),
+        source: "live",
+        updated_at: Some(s.updated_at.clone()),
+    }));
+    views.sort_by(|a, b| a.query_type.cmp(&b.query_type));
+    Json(StateView {
+        control_connected: shared.control.connected(),
+        query_types: views,
+    })
+}
+
+/// A change of stage, as posted.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangeRequest {
+    stage: String,
+    percent: Option<i64>,
+    reason: String,
+    #[serde(default)]
+    force: bool,
+}
+
+fn problem(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+/// The name of the token the request carries, if it is one of the configured ones.
+fn token_name(shared: &Shared, headers: &HeaderMap) -> Option<String> {
+    let given = headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")?
+        .as_bytes();
+    shared
+        .config
+        .admin_tokens
+        .iter()
+        .find(|(_, token)| constant_time_eq(token.as_bytes(), given))
+        .map(|(name, _)| name.clone())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn api_set(
+    State(state): State<AdminState>,
+    Path(query_type): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<ChangeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let shared = &state.shared;
+    let Some(who) = token_name(shared, &headers) else {
+        let mut response = problem(
+            StatusCode::UNAUTHORIZED,
+            "changes need a bearer token (Authorization: Bearer …) the proxy is configured with",
+        );
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            "Bearer".parse().expect("a valid header value"),
+        );
+        return response;
+    };
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(rejection) => return problem(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    let known = shared
+        .classifier
+        .rules()
+        .query_types
+        .iter()
+        .any(|qt| qt.name == query_type)
+        || shared.control.live().by_type.contains_key(&query_type);
+    if !known {
+        return problem(
+            StatusCode::NOT_FOUND,
+            format!("no query type {query_type:?} (GET /api/state lists them)"),
+        );
+    }
+    let stage = match control::stage_of(&request.stage, request.percent) {
+        Ok(stage) => stage,
+        Err(why) => return problem(StatusCode::BAD_REQUEST, why),
+    };
+    let Some(database) = shared.control.database() else {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no control database: start the proxy with --control (or a user in the upstream URL)",
+        );
+    };
+    let mut client = match crate::connect::connect(database).await {
+        Ok(client) => client,
+        Err(error) => return problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+    };
+    let change = control::Change {
+        query_type,
+        stage,
+        reason: request.reason,
+        who: who.clone(),
+        via: "api",
+        force: request.force,
+    };
+    match control::set_stage(&mut client, &change).await {
+        Ok(changed) => {
+            tracing::info!(query_type = %changed.query_type, from = ?changed.from, to = %changed.to, %who, forced = changed.forced, "stage changed");
+            (StatusCode::OK, Json(changed)).into_response()
+        }
+        Err(control::ChangeError::Invalid(why)) => problem(StatusCode::BAD_REQUEST, why),
+        Err(refused @ control::ChangeError::Gate { .. }) => {
+            problem(StatusCode::CONFLICT, refused.to_string())
+        }
+        Err(control::ChangeError::Database(error)) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    limit: Option<i64>,
+}
+
+async fn api_history(
+    State(state): State<AdminState>,
+    Query(query): Query<HistoryQuery>,
+) -> Response {
+    let Some(database) = state.shared.control.database() else {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "no control database");
+    };
+    let client = match crate::connect::connect(database).await {
+        Ok(client) => client,
+        Err(error) => return problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+    };
+    match control::history(&client, query.limit.unwrap_or(50).clamp(1, 1000)).await {
+        Ok(entries) => Json(entries).into_response(),
+        Err(error) => problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
     }
 }

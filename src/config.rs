@@ -32,6 +32,13 @@ pub struct FileConfig {
     /// TLS for client connections: both files in PEM.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// The database holding the `cutover` schema (live state, audit), with the proxy's own
+    /// role. Default: the upstream URL, when it names a user.
+    pub control: Option<String>,
+    /// Bearer tokens allowed to change stages through the admin API, by name (the name is
+    /// what the audit records). Keep them out of version control: a config file the
+    /// deployment provides, or `CUTOVER_ADMIN_TOKEN` (named `default`).
+    pub admin_tokens: Option<std::collections::BTreeMap<String, String>>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
@@ -71,6 +78,10 @@ pub struct ServeConfig {
     pub worker_threads: usize,
     pub rules: PathBuf,
     pub tls: Option<TlsFiles>,
+    /// The control database, if any (see `FileConfig::control`).
+    pub control: Option<tokio_postgres::Config>,
+    /// (name, token) pairs that may change stages through the admin API.
+    pub admin_tokens: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +121,8 @@ impl FileConfig {
             rules: other.rules.or(self.rules),
             tls_cert: other.tls_cert.or(self.tls_cert),
             tls_key: other.tls_key.or(self.tls_key),
+            control: other.control.or(self.control),
+            admin_tokens: other.admin_tokens.or(self.admin_tokens),
         }
     }
 
@@ -166,6 +179,26 @@ impl FileConfig {
             }
         };
 
+        let control = match self.control.as_deref() {
+            Some(url) => connect::parse_url(url)
+                .map(Some)
+                .map_err(|e| problems.push(format!("control: {e}")))
+                .unwrap_or(None),
+            None => upstream
+                .as_ref()
+                .filter(|(_, config)| config.get_user().is_some())
+                .map(|(_, config)| config.clone()),
+        };
+        let admin_tokens: Vec<(String, String)> =
+            self.admin_tokens.unwrap_or_default().into_iter().collect();
+        for (name, token) in &admin_tokens {
+            if token.len() < 16 {
+                problems.push(format!(
+                    "admin_tokens.{name}: a token of at least 16 characters, please"
+                ));
+            }
+        }
+
         match (listen, admin, upstream) {
             (Some(listen), Some(admin), Some((upstream, upstream_config)))
                 if problems.is_empty() =>
@@ -186,6 +219,8 @@ impl FileConfig {
                         std::thread::available_parallelism().map_or(2, |n| n.get())
                     }),
                     tls,
+                    control,
+                    admin_tokens,
                 })
             }
             _ => Err(ConfigError(problems)),

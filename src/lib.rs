@@ -40,6 +40,7 @@ pub mod compare;
 pub mod config;
 pub mod connect;
 pub mod control;
+pub mod ctl;
 pub mod fixture;
 pub mod listener;
 pub mod localpg;

@@ -98,12 +98,18 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         _ => crate::upstream::UpstreamTls::Prefer(tls::upstream_connector()?),
     };
     let rules = Arc::new(rules);
-    tokio::spawn(crate::control::seed_at_start(
-        config.upstream_config.clone(),
+    let control = Arc::new(crate::control::Control::new(
+        config.control.clone(),
         Arc::clone(&rules),
     ));
-    let shared = Arc::new(Shared::new(config, Classifier::new(rules), upstream_tls));
+    let shared = Arc::new(Shared::new(
+        config,
+        Classifier::new(rules),
+        upstream_tls,
+        Arc::clone(&control),
+    ));
     let shutdown = CancellationToken::new();
+    tokio::spawn(control.run(shutdown.clone()));
 
     let admin_addr = match shared.config.admin {
         Some(admin_addr) => Some(

@@ -79,7 +79,7 @@ enum Command {
     /// session gets its own upstream connection, authenticated with the client's own
     /// credentials. SIGTERM stops accepting, lets sessions finish for the grace period,
     /// then closes them with 57P01.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the migrations (fature_v2 schema, cutover state) in order, each in a
     /// transaction, recorded in cutover.schema_migrations with a checksum.
     ///
@@ -96,6 +96,56 @@ enum Command {
         /// List what would be applied, change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Operate a running proxy through its admin API: the stage of every query type, a
+    /// stage change (with a reason; refused by the safety gate without enough evidence,
+    /// unless forced), and the audit of changes. Every replica applies a change within a
+    /// second.
+    Ctl {
+        /// The proxy's admin address (its --admin)
+        #[arg(long, default_value = cutover::config::DEFAULT_ADMIN, value_name = "IP:PORT")]
+        admin: String,
+        /// Bearer token for changes (one the proxy is configured with)
+        #[arg(long, env = "CUTOVER_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Every query type: its stage, dual-write mode, and whether the state is live.
+    Status {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a query type to a stage: legacy, shadow, cutover PERCENT, target, complete.
+    /// Exit 1 if refused (the safety gate, an unknown query type or stage).
+    Set {
+        query_type: String,
+        stage: String,
+        /// With stage cutover: the share of buckets served by the target (0-100)
+        percent: Option<u8>,
+        /// Why (recorded in the audit)
+        #[arg(long)]
+        reason: String,
+        /// Go past the safety gate (recorded as forced)
+        #[arg(long)]
+        force: bool,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// The latest stage changes, newest first: when, what, from → to, who, why.
+    History {
+        /// How many
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -169,6 +219,23 @@ struct ServeArgs {
     /// PEM private key for TLS to clients (with --tls-cert)
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Database of the cutover schema (live state, audit), with the proxy's own role
+    /// [default: the upstream URL, when it names a user]
+    #[arg(
+        long,
+        env = "CUTOVER_CONTROL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    control: Option<String>,
+    /// Bearer token allowed to change stages through the admin API (named "default")
+    #[arg(
+        long,
+        env = "CUTOVER_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    admin_token: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -205,7 +272,12 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
+        Command::Ctl {
+            admin,
+            token,
+            command,
+        } => tokio::task::spawn_blocking(move || ctl(&admin, token.as_deref(), command)).await?,
         Command::Repair {
             database_url,
             rules: dir,
@@ -314,6 +386,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         rules: args.rules,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
+        control: args.control,
+        admin_tokens: args
+            .admin_token
+            .map(|t| [("default".to_owned(), t)].into_iter().collect()),
     };
     let config = file.overridden_by(flags).validate()?;
     let running = listener::start(config).await?;
@@ -382,6 +458,41 @@ async fn rules_check(
         set.query_types.len()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> anyhow::Result<ExitCode> {
+    use cutover::ctl::{self, Outcome};
+    let outcome = match command {
+        CtlCommand::Status { json } => ctl::status(admin, json)?,
+        CtlCommand::Set {
+            query_type,
+            stage,
+            percent,
+            reason,
+            force,
+            json,
+        } => ctl::set(
+            admin,
+            token,
+            &query_type,
+            &stage,
+            percent,
+            &reason,
+            force,
+            json,
+        )?,
+        CtlCommand::History { limit, json } => ctl::history(admin, limit, json)?,
+    };
+    Ok(match outcome {
+        Outcome::Done(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Outcome::Refused(text) => {
+            print!("{text}");
+            ExitCode::from(1)
+        }
+    })
 }
 
 fn rules_explain(sql: &str, dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {

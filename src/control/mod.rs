@@ -1,17 +1,33 @@
-//! The control plane's shared state in the `cutover` schema (migration 0006 and later).
+//! The control plane: live state of every query type, shared by all replicas through the
+//! `cutover` schema (migrations 0006 and 0009).
 //!
-//! Today: the rules' baseline for each named query type is written into
-//! `cutover.query_type_state` when a proxy starts — the stage only where the query type has
-//! no live state yet (live changes win over the files), the dual-write mode (`strict`) always
-//! (it is a reviewed rule option, not live state). The dual-write trigger reads that table
-//! at each statement, so every replica and every writer sees one truth.
+//! - [`Control::run`] keeps this replica's copy of `cutover.query_type_state` current: it
+//!   LISTENs on `cutover_state` (a trigger notifies every change, whoever makes it) and
+//!   reloads on each notification; a replica that loses the control database keeps serving
+//!   with its last state, reconnects every second, and reloads everything when it is back.
+//! - [`set_stage`] changes one query type: the safety gate, the change and its audit row in
+//!   one transaction.
+//! - When a proxy starts, the rules' baseline is written for query types that have no live
+//!   state yet ([`seed_query_types`]).
 //!
-//! Never blocks the proxy: a control database that cannot be reached is logged, and the
-//! proxy serves on.
+//! Never blocks or fails the proxy: a control database that cannot be reached is logged.
 
-use tokio_postgres::Client;
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
-use crate::rules::{RuleSet, Stage};
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::rules::{Percent, RuleSet, Stage};
 
 /// The stage name and percent stored for a stage.
 pub fn stage_columns(stage: Stage) -> (&'static str, i16) {
@@ -24,8 +40,195 @@ pub fn stage_columns(stage: Stage) -> (&'static str, i16) {
     }
 }
 
+/// The stage of stored columns (or a request's), if they make one.
+pub fn stage_of(name: &str, percent: Option<i64>) -> Result<Stage, String> {
+    match (name, percent) {
+        ("legacy", None | Some(0)) => Ok(Stage::Legacy),
+        ("shadow", None | Some(0)) => Ok(Stage::Shadow),
+        ("cutover", Some(p)) => Percent::new(p)
+            .map(Stage::Cutover)
+            .ok_or_else(|| format!("percent {p} is not between 0 and 100")),
+        ("cutover", None) => Err("stage cutover needs a percent (0 to 100)".into()),
+        ("target", None | Some(100)) => Ok(Stage::Target),
+        ("complete", None | Some(100)) => Ok(Stage::Complete),
+        ("legacy" | "shadow" | "target" | "complete", Some(p)) => {
+            Err(format!("a percent ({p}) goes only with stage cutover"))
+        }
+        (other, _) => Err(format!(
+            "unknown stage {other:?}: legacy, shadow, cutover, target or complete"
+        )),
+    }
+}
+
+/// How far a stage serves from the target, to tell a raise from a step back: 0 legacy and
+/// shadow, the percent in cutover, 100 target, 101 complete.
+fn served_by_target(stage: Stage) -> u16 {
+    match stage {
+        Stage::Legacy | Stage::Shadow => 0,
+        Stage::Cutover(p) => u16::from(p.get()),
+        Stage::Target => 100,
+        Stage::Complete => 101,
+    }
+}
+
+/// One query type's live state.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueryTypeState {
+    pub query_type: String,
+    pub stage: String,
+    pub percent: i16,
+    pub dual_write: String,
+    pub updated_at: String,
+}
+
+/// This replica's copy of the live state.
+#[derive(Debug, Default)]
+pub struct LiveState {
+    pub by_type: HashMap<String, QueryTypeState>,
+}
+
+/// The control plane of one proxy.
+pub struct Control {
+    config: Option<tokio_postgres::Config>,
+    rules: Arc<RuleSet>,
+    live: ArcSwap<LiveState>,
+    connected: AtomicBool,
+}
+
+impl Control {
+    pub fn new(config: Option<tokio_postgres::Config>, rules: Arc<RuleSet>) -> Self {
+        Self {
+            config,
+            rules,
+            live: ArcSwap::from_pointee(LiveState::default()),
+            connected: AtomicBool::new(false),
+        }
+    }
+
+    /// The last state loaded (empty before the first load, or without a control database).
+    pub fn live(&self) -> Arc<LiveState> {
+        self.live.load_full()
+    }
+
+    /// Whether the change feed is connected now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn database(&self) -> Option<&tokio_postgres::Config> {
+        self.config.as_ref()
+    }
+
+    /// Seeds the state, then follows it until `shutdown`, reconnecting when it is lost.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(config) = self.config.clone() else {
+            tracing::info!(
+                "no control database (set --control, or a user in the upstream URL): stages come from the rules"
+            );
+            return;
+        };
+        let mut seeded = false;
+        loop {
+            let followed = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.follow(&config, &mut seeded) => r,
+            };
+            self.connected.store(false, Ordering::Relaxed);
+            if let Err(error) = followed {
+                tracing::warn!(%error, "control database lost: serving with the last state; retrying every second");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// One connection's life: LISTEN, load everything, reload on each notification.
+    async fn follow(
+        &self,
+        config: &tokio_postgres::Config,
+        seeded: &mut bool,
+    ) -> Result<(), tokio_postgres::Error> {
+        let mut config = config.clone();
+        config.application_name("cutover control");
+        let (client, mut connection) = config.connect(NoTls).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let pump = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => {
+                        if tx.send(()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            Ok(())
+        });
+        let result = async {
+            if !*seeded {
+                let new = seed_query_types(&client, &self.rules).await?;
+                tracing::info!(new, "query type state seeded from the rules");
+                *seeded = true;
+            }
+            client.batch_execute("LISTEN cutover_state").await?;
+            self.reload(&client).await?;
+            self.connected.store(true, Ordering::Relaxed);
+            // Each notification (or a burst of them) reloads the whole table: it is small.
+            while rx.recv().await.is_some() {
+                while rx.try_recv().is_ok() {}
+                self.reload(&client).await?;
+            }
+            Ok(())
+        }
+        .await;
+        pump.abort();
+        match (result, pump.await) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Ok(Err(e))) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    async fn reload(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
+        let by_type = load(client)
+            .await?
+            .into_iter()
+            .map(|s| (s.query_type.clone(), s))
+            .collect();
+        self.live.store(Arc::new(LiveState { by_type }));
+        Ok(())
+    }
+}
+
+/// Every query type's live state.
+pub async fn load(client: &Client) -> Result<Vec<QueryTypeState>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT query_type, stage, percent, dual_write,
+                    to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+             FROM cutover.query_type_state ORDER BY query_type",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| QueryTypeState {
+            query_type: r.get(0),
+            stage: r.get(1),
+            percent: r.get(2),
+            dual_write: r.get(3),
+            updated_at: r.get(4),
+        })
+        .collect())
+}
+
 /// Writes the rules' baseline into `cutover.query_type_state`; returns the query types
-/// that had no state yet.
+/// that had no state yet. The stage only where there is none (live changes win over the
+/// files); the dual-write mode always (a reviewed rule option, not live state).
 pub async fn seed_query_types(
     client: &Client,
     rules: &RuleSet,
@@ -51,25 +254,240 @@ pub async fn seed_query_types(
     Ok(inserted)
 }
 
-/// Seeds the state through the upstream URL's own user, if it names one; logs the outcome.
-pub async fn seed_at_start(config: tokio_postgres::Config, rules: std::sync::Arc<RuleSet>) {
-    if config.get_user().is_none() {
-        tracing::info!(
-            "the upstream URL names no user: query type state not seeded from the rules"
-        );
-        return;
+/// A stage change asked for.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub query_type: String,
+    pub stage: Stage,
+    pub reason: String,
+    /// Who: the API token's name, the SQL user, or `auto`.
+    pub who: String,
+    pub via: &'static str,
+    pub force: bool,
+}
+
+/// The safety gate's bar (design.md): in the current window, this many compared samples
+/// and this confirmed-match rate before a query type may serve more from the target.
+pub const GATE_MIN_SAMPLES: i64 = 1000;
+pub const GATE_MIN_MATCH_RATE: f64 = 0.95;
+
+/// What a change did, or why it was refused.
+#[derive(Debug, Serialize)]
+pub struct Changed {
+    pub query_type: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub forced: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "refused by the safety gate: {samples} compared samples in the current window (need {min}), confirmed-match rate {rate} (need {bar:.0}%); force it with a reason if you must"
+    )]
+    Gate {
+        samples: i64,
+        min: i64,
+        rate: String,
+        bar: f64,
+    },
+    #[error(transparent)]
+    Database(#[from] tokio_postgres::Error),
+}
+
+fn describe(stage: Stage) -> String {
+    stage.to_string()
+}
+
+/// Changes one query type's stage: checks the gate (unless forced), writes the new state
+/// and its audit row, in one transaction (the notify trigger tells every replica).
+pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, ChangeError> {
+    if change.reason.trim().is_empty() {
+        return Err(ChangeError::Invalid("a reason is required".into()));
     }
-    let client = match crate::connect::connect(&config).await {
-        Ok(client) => client,
-        Err(error) => {
-            tracing::warn!(%error, "control database unreachable: query type state not seeded");
-            return;
+    let tx = client.transaction().await?;
+    let current = tx
+        .query_opt(
+            "SELECT stage, percent FROM cutover.query_type_state WHERE query_type = $1 FOR UPDATE",
+            &[&change.query_type],
+        )
+        .await?;
+    let from = match &current {
+        Some(row) => {
+            let (stage, percent): (String, i16) = (row.get(0), row.get(1));
+            let percent = (stage == "cutover").then_some(i64::from(percent));
+            Some(stage_of(&stage, percent).map_err(ChangeError::Invalid)?)
         }
+        None => None,
     };
-    match seed_query_types(&client, &rules).await {
-        Ok(n) => tracing::info!(new = n, "query type state seeded from the rules"),
-        Err(error) => {
-            tracing::warn!(%error, "query type state not seeded (is `cutover migrate` applied?)")
+    let raise = served_by_target(change.stage) > from.map_or(0, served_by_target);
+    if raise && !change.force {
+        let (samples, matched) = window_samples(&tx, &change.query_type).await?;
+        let rate = if samples > 0 {
+            matched as f64 / samples as f64
+        } else {
+            0.0
+        };
+        if samples < GATE_MIN_SAMPLES || rate < GATE_MIN_MATCH_RATE {
+            return Err(ChangeError::Gate {
+                samples,
+                min: GATE_MIN_SAMPLES,
+                rate: if samples > 0 {
+                    format!("{:.1}%", rate * 100.0)
+                } else {
+                    "n/a".into()
+                },
+                bar: GATE_MIN_MATCH_RATE * 100.0,
+            });
         }
+    }
+    let (stage, percent) = stage_columns(change.stage);
+    tx.execute(
+        "INSERT INTO cutover.query_type_state (query_type, stage, percent, updated_at)
+         VALUES ($1, $2, $3, now())
+         ON CONFLICT (query_type) DO UPDATE
+             SET stage = EXCLUDED.stage, percent = EXCLUDED.percent, updated_at = now()",
+        &[&change.query_type, &stage, &percent],
+    )
+    .await?;
+    let (from_stage, from_percent) = match from.map(stage_columns) {
+        Some((s, p)) => (Some(s), Some(p)),
+        None => (None, None),
+    };
+    tx.execute(
+        "INSERT INTO cutover.stage_audit
+             (query_type, from_stage, from_percent, to_stage, to_percent, reason, changed_by, via, forced)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        &[
+            &change.query_type,
+            &from_stage,
+            &from_percent,
+            &stage,
+            &percent,
+            &change.reason,
+            &change.who,
+            &change.via,
+            &(change.force && raise),
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Changed {
+        query_type: change.query_type.clone(),
+        from: from.map(describe),
+        to: describe(change.stage),
+        forced: change.force && raise,
+    })
+}
+
+/// Compared samples and confirmed matches of a query type in the current window. The
+/// comparisons are the shadow's (issue 5): until they exist, there are none.
+async fn window_samples(
+    client: &tokio_postgres::Transaction<'_>,
+    query_type: &str,
+) -> Result<(i64, i64), tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('cutover.comparison_stats') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok((0, 0));
+    }
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(samples), 0)::int8, coalesce(sum(matched), 0)::int8
+             FROM cutover.comparison_stats
+             WHERE query_type = $1 AND minute >= now() - interval '1 hour'",
+            &[&query_type],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// One audit row.
+#[derive(Debug, Serialize)]
+pub struct AuditEntry {
+    pub changed_at: String,
+    pub query_type: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub reason: String,
+    pub changed_by: String,
+    pub via: String,
+    pub forced: bool,
+}
+
+/// The most recent changes, newest first.
+pub async fn history(
+    client: &Client,
+    limit: i64,
+) -> Result<Vec<AuditEntry>, tokio_postgres::Error> {
+    let shown = |stage: Option<String>, percent: Option<i16>| -> Option<String> {
+        let stage = stage?;
+        let percent = (stage == "cutover").then(|| i64::from(percent.unwrap_or(0)));
+        Some(stage_of(&stage, percent).map_or(stage, describe))
+    };
+    Ok(client
+        .query(
+            "SELECT to_char(changed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    query_type, from_stage, from_percent, to_stage, to_percent, reason,
+                    changed_by, via, forced
+             FROM cutover.stage_audit ORDER BY id DESC LIMIT $1",
+            &[&limit],
+        )
+        .await?
+        .iter()
+        .map(|r| AuditEntry {
+            changed_at: r.get(0),
+            query_type: r.get(1),
+            from: shown(r.get(2), r.get(3)),
+            to: shown(Some(r.get(4)), Some(r.get(5))).unwrap_or_default(),
+            reason: r.get(6),
+            changed_by: r.get(7),
+            via: r.get(8),
+            forced: r.get(9),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_parse_and_round_trip() {
+        for (name, percent) in [
+            ("legacy", None),
+            ("shadow", None),
+            ("cutover", Some(25)),
+            ("target", None),
+            ("complete", None),
+        ] {
+            let stage = stage_of(name, percent).unwrap();
+            let (stored, p) = stage_columns(stage);
+            assert_eq!(stored, name);
+            let back = stage_of(stored, (stored == "cutover").then_some(i64::from(p))).unwrap();
+            assert_eq!(back, stage);
+        }
+        assert!(stage_of("cutover", None).is_err());
+        assert!(stage_of("cutover", Some(101)).is_err());
+        assert!(stage_of("shadow", Some(10)).is_err());
+        assert!(stage_of("live", None).is_err());
+    }
+
+    #[test]
+    fn raises_are_told_from_steps_back() {
+        let s = |n, p| stage_of(n, p).unwrap();
+        assert!(served_by_target(s("cutover", Some(10))) > served_by_target(s("shadow", None)));
+        assert!(
+            served_by_target(s("cutover", Some(50))) > served_by_target(s("cutover", Some(10)))
+        );
+        assert!(served_by_target(s("complete", None)) > served_by_target(s("target", None)));
+        assert!(served_by_target(s("shadow", None)) == served_by_target(s("legacy", None)));
     }
 }

@@ -47,6 +47,8 @@ pub struct Shared {
     pub upstream_tls: upstream::UpstreamTls,
     /// Fired when the shutdown grace period ends: sessions close with 57P01.
     pub terminate: CancellationToken,
+    /// The live state of the query types, shared with the other replicas.
+    pub control: Arc<crate::control::Control>,
     next_id: AtomicU32,
 }
 
@@ -55,6 +57,7 @@ impl Shared {
         config: ServeConfig,
         classifier: Classifier,
         upstream_tls: upstream::UpstreamTls,
+        control: Arc<crate::control::Control>,
     ) -> Self {
         let mut metrics = ProxyMetrics::new();
         let names: Vec<&str> = classifier
@@ -71,6 +74,7 @@ impl Shared {
             classifier,
             upstream_tls,
             terminate: CancellationToken::new(),
+            control,
             // Session ids double as the process ids handed to clients for cancelling;
             // start at a random point so they do not look like the server's.
             next_id: AtomicU32::new(rand::random::<u32>() >> 1),

@@ -1,0 +1,398 @@
+//! The control plane: stages changed live through the admin API of any replica, applied by
+//! every replica, audited, behind a bearer token and the safety gate; a replica that loses
+//! the control database serves on and catches up.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Proxy, TestDb, http_request, migrated_db, proxy_with};
+
+const TOKEN: &str = "test-token-0123456789";
+
+async fn replica(db: &TestDb) -> Proxy {
+    let url = db.url();
+    proxy_with(move |c| {
+        c.control = Some(url);
+        c.admin_tokens = Some([("ops".to_owned(), TOKEN.to_owned())].into_iter().collect());
+    })
+    .await
+}
+
+async fn state(p: &Proxy) -> Value {
+    let (status, body) = http_request(p.admin.unwrap(), "GET", "/api/state", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn stage_of(state: &Value, query_type: &str) -> (String, i64, String) {
+    let qt = state["query_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["query_type"] == query_type)
+        .unwrap_or_else(|| panic!("{query_type} not in {state}"));
+    (
+        qt["stage"].as_str().unwrap().to_owned(),
+        qt["percent"].as_i64().unwrap(),
+        qt["source"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Polls until `done` holds of the replica's state (a functional deadline, not a timing
+/// assertion); returns how long it took.
+async fn until(p: &Proxy, done: impl Fn(&Value) -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let s = state(p).await;
+        if done(&s) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "state never got there: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn set(p: &Proxy, query_type: &str, body: &str, token: Option<&str>) -> (u16, Value) {
+    let (status, body) = http_request(
+        p.admin.unwrap(),
+        "POST",
+        &format!("/api/state/{query_type}"),
+        token,
+        Some(body),
+    )
+    .await;
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(Value::String(body)),
+    )
+}
+
+async fn history(p: &Proxy) -> Vec<Value> {
+    let (status, body) =
+        http_request(p.admin.unwrap(), "GET", "/api/history?limit=10", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Value>(&body)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_through_one_replica_reaches_the_other() {
+    let db = migrated_db().await;
+    let (a, b) = (replica(&db).await, replica(&db).await);
+    for p in [&a, &b] {
+        until(p, |s| s["control_connected"] == true).await;
+    }
+    // Seeded from the rules by whichever replica came first.
+    assert_eq!(stage_of(&state(&b).await, "record_deposit").2, "live");
+
+    let (status, changed) = set(
+        &a,
+        "record_deposit",
+        r#"{"stage": "shadow", "reason": "start comparing deposits"}"#,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{changed}");
+    assert_eq!(
+        (changed["from"].as_str(), changed["to"].as_str()),
+        (Some("legacy"), Some("shadow"))
+    );
+    let took = until(&b, |s| stage_of(s, "record_deposit").0 == "shadow").await;
+    eprintln!("the other replica applied the change after {took:?}");
+
+    let audit = history(&b).await;
+    let last = &audit[0];
+    assert_eq!(last["query_type"], "record_deposit");
+    assert_eq!(
+        (last["from"].as_str(), last["to"].as_str()),
+        (Some("legacy"), Some("shadow"))
+    );
+    assert_eq!(last["changed_by"], "ops");
+    assert_eq!(last["via"], "api");
+    assert_eq!(last["reason"], "start comparing deposits");
+    assert_eq!(last["forced"], false);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raise_without_enough_samples_is_refused_and_a_forced_one_recorded() {
+    let db = migrated_db().await;
+    let p = replica(&db).await;
+    until(&p, |s| s["control_connected"] == true).await;
+    let (status, _) = set(
+        &p,
+        "set_status",
+        r#"{"stage": "shadow", "reason": "compare"}"#,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let (status, refused) = set(
+        &p,
+        "set_status",
+        r#"{"stage": "cutover", "percent": 10, "reason": "first step"}"#,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    let why = refused["error"].as_str().unwrap();
+    assert!(
+        why.contains("0 compared samples") && why.contains("need 1000") && why.contains("95%"),
+        "{why}"
+    );
+    assert_eq!(stage_of(&state(&p).await, "set_status").0, "shadow");
+
+    let (status, forced) = set(
+        &p,
+        "set_status",
+        r#"{"stage": "cutover", "percent": 10, "reason": "load test window", "force": true}"#,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{forced}");
+    assert_eq!(forced["forced"], true);
+    until(&p, |s| {
+        stage_of(s, "set_status") == ("cutover".into(), 10, "live".into())
+    })
+    .await;
+    assert_eq!(history(&p).await[0]["forced"], true);
+
+    // Stepping back needs no evidence.
+    let (status, back) = set(
+        &p,
+        "set_status",
+        r#"{"stage": "shadow", "reason": "roll back"}"#,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{back}");
+    assert_eq!(back["forced"], false);
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_need_the_token_and_a_valid_request() {
+    let db = migrated_db().await;
+    let p = replica(&db).await;
+    until(&p, |s| s["control_connected"] == true).await;
+    let body = r#"{"stage": "shadow", "reason": "x"}"#;
+    assert_eq!(set(&p, "set_status", body, None).await.0, 401);
+    assert_eq!(
+        set(&p, "set_status", body, Some("not-the-token-000000"))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        set(
+            &p,
+            "set_status",
+            r#"{"stage": "live", "reason": "x"}"#,
+            Some(TOKEN)
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        set(
+            &p,
+            "set_status",
+            r#"{"stage": "cutover", "reason": "x"}"#,
+            Some(TOKEN)
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        set(
+            &p,
+            "set_status",
+            r#"{"stage": "shadow", "reason": " "}"#,
+            Some(TOKEN)
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        set(&p, "set_status", r#"{"stage": "shadow"}"#, Some(TOKEN))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(set(&p, "no_such_type", body, Some(TOKEN)).await.0, 404);
+    // Nothing of it reached the state or the audit.
+    assert_eq!(stage_of(&state(&p).await, "set_status").0, "legacy");
+    assert!(history(&p).await.is_empty());
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_loses_the_control_database_serves_on_and_catches_up() {
+    let db = migrated_db().await;
+    let p = replica(&db).await;
+    until(&p, |s| s["control_connected"] == true).await;
+    let admin = db.client().await;
+    let kill = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                WHERE application_name = 'cutover control' AND datname = current_database()";
+    let killed: i64 = admin.query_one(kill, &[]).await.unwrap().get(0);
+    assert_eq!(killed, 1);
+    // A change made meanwhile, by hand in SQL.
+    admin
+        .batch_execute(
+            "UPDATE cutover.query_type_state SET stage = 'shadow' WHERE query_type = 'delete_affiliate'",
+        )
+        .await
+        .unwrap();
+    // The application is served all along.
+    let app = p.client(&db.name).await;
+    let n: i64 = app
+        .query_one("SELECT count(*) FROM affiliates", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    until(&p, |s| {
+        s["control_connected"] == true && stage_of(s, "delete_affiliate").0 == "shadow"
+    })
+    .await;
+    p.shutdown().await;
+}
+
+/// Runs `cutover ctl --admin ADDR ARGS…` off the runtime's threads; (exit code, stdout+stderr).
+async fn ctl(p: &Proxy, args: &[&str], token: Option<&str>) -> (i32, String) {
+    let admin = p.admin.unwrap().to_string();
+    let mut all = vec!["ctl".to_owned(), "--admin".to_owned(), admin];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    let env: Vec<(String, String)> = token
+        .map(|t| vec![("CUTOVER_ADMIN_TOKEN".to_owned(), t.to_owned())])
+        .unwrap_or_default();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = all.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let (code, out, err) = support::cutover(&args, &env);
+        (code, format!("{out}{err}"))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
+    let db = migrated_db().await;
+    let p = replica(&db).await;
+    until(&p, |s| s["control_connected"] == true).await;
+
+    let (code, out) = ctl(&p, &["status"], None).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("control database: connected"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("record_deposit") && l.contains("legacy")),
+        "{out}"
+    );
+
+    let (code, out) = ctl(
+        &p,
+        &[
+            "set",
+            "record_deposit",
+            "shadow",
+            "--reason",
+            "compare deposits",
+        ],
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.trim(), "record_deposit: legacy → shadow");
+
+    // Refused by the gate: exit 1 with the numbers; forced: recorded.
+    let (code, out) = ctl(
+        &p,
+        &["set", "record_deposit", "cutover", "10", "--reason", "ramp"],
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("refused") && out.contains("0 compared samples"),
+        "{out}"
+    );
+    let (code, out) = ctl(
+        &p,
+        &[
+            "set",
+            "record_deposit",
+            "cutover",
+            "10",
+            "--reason",
+            "ramp",
+            "--force",
+            "--json",
+        ],
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let changed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(changed["to"], "cutover 10%");
+    assert_eq!(changed["forced"], true);
+
+    // Without the token: a clear error, exit 2.
+    let (code, out) = ctl(
+        &p,
+        &["set", "record_deposit", "shadow", "--reason", "x"],
+        None,
+    )
+    .await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("refused the token"), "{out}");
+
+    let (code, out) = ctl(&p, &["history"], None).await;
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[1].contains("record_deposit")
+            && lines[1].contains("shadow → cutover 10%")
+            && lines[1].contains("[FORCED]"),
+        "{out}"
+    );
+    assert!(
+        lines[2].contains("legacy → shadow") && lines[2].contains("ops (api)"),
+        "{out}"
+    );
+    let (code, out) = ctl(&p, &["history", "--json", "--limit", "1"], None).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A proxy that is not there: one line that says what to check.
+    p.shutdown().await;
+    let stopped = Proxy {
+        running: None,
+        addr: "127.0.0.1:9".parse().unwrap(),
+        admin: Some("127.0.0.1:9".parse().unwrap()),
+    };
+    let (code, out) = ctl(&stopped, &["status"], None).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("cannot reach the admin endpoint"), "{out}");
+}
