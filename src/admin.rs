@@ -97,8 +97,8 @@ struct StateView {
 async fn api_state(State(state): State<AdminState>) -> Json<StateView> {
     let shared = &state.shared;
     let live = shared.control.live();
-    let mut views: Vec<TypeView> = shared
-        .classifier
+    let classifier = shared.classifier.load();
+    let mut views: Vec<TypeView> = classifier
         .rules()
         .query_types
         .iter()
@@ -189,6 +189,7 @@ async fn api_set(
     };
     let known = shared
         .classifier
+        .load()
         .rules()
         .query_types
         .iter()

@@ -46,6 +46,7 @@ pub mod listener;
 pub mod localpg;
 pub mod metrics;
 pub mod migrate;
+pub mod reload;
 pub mod rewrite;
 pub mod rules;
 pub mod session;

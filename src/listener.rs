@@ -55,9 +55,15 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     done: tokio::task::JoinHandle<()>,
+    reload: Arc<tokio::sync::Notify>,
 }
 
 impl Running {
+    /// A handle that asks for the rules to be reloaded (SIGHUP).
+    pub fn reload_handle(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.reload)
+    }
+
     /// Starts the shutdown (as SIGTERM does) and waits until every session is closed.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
@@ -110,6 +116,12 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     ));
     let shutdown = CancellationToken::new();
     tokio::spawn(control.run(shutdown.clone()));
+    let reload = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(crate::reload::watch(
+        Arc::clone(&shared),
+        Arc::clone(&reload),
+        shutdown.clone(),
+    ));
 
     let admin_addr = match shared.config.admin {
         Some(admin_addr) => Some(
@@ -130,6 +142,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         admin_addr,
         shutdown,
         done,
+        reload,
     })
 }
 

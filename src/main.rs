@@ -401,6 +401,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .map(|a| format!(", admin on http://{a}"))
             .unwrap_or_default()
     );
+    let reload = running.reload_handle();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            eprintln!("cutover: SIGHUP, reloading the rules");
+            reload.notify_one();
+        }
+    });
     let token = running.shutdown_token();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};

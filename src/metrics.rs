@@ -51,6 +51,10 @@ pub struct ProxyMetrics {
     /// trigger, as it reported them (mirrored, isolated_failure, strict_failure,
     /// deferred_to_backfill).
     pub dual_writes: [Counter; 4],
+    /// `cutover_rules_reloads_total{outcome}`: rule files reloaded (SIGHUP or a change on
+    /// disk): `ok`, or `failed` (the last good rules stay).
+    pub rules_reloaded: Counter,
+    pub rules_reload_failed: Counter,
 }
 
 impl ProxyMetrics {
@@ -74,6 +78,8 @@ impl ProxyMetrics {
                 DualWriteOutcome::Deferred,
             ]
             .map(|o| counter!("cutover_dual_writes_total", "outcome" => o.as_str())),
+            rules_reloaded: counter!("cutover_rules_reloads_total", "outcome" => "ok"),
+            rules_reload_failed: counter!("cutover_rules_reloads_total", "outcome" => "failed"),
         }
     }
 
@@ -97,31 +103,47 @@ impl ProxyMetrics {
     }
 }
 
-/// `cutover_queries_total` handles, one per query type label.
+/// `cutover_queries_total` handles, one per query type label. The named ones follow the
+/// rules when they are reloaded (clones share them).
 #[derive(Clone)]
 pub struct QueryCounters {
     pub passthrough: Counter,
     pub automatic: Counter,
     pub unparsable: Counter,
-    named: std::collections::HashMap<String, Counter>,
+    named: std::sync::Arc<arc_swap::ArcSwap<std::collections::HashMap<String, Counter>>>,
+}
+
+fn served_by_legacy(query_type: &str) -> Counter {
+    counter!("cutover_queries_total", "query_type" => query_type.to_owned(), "served_by" => "legacy")
 }
 
 impl QueryCounters {
     /// Counters for the fixed labels and for each rule-named query type.
     pub fn new(names: &[&str]) -> Self {
-        let served = |query_type: &str| counter!("cutover_queries_total", "query_type" => query_type.to_owned(), "served_by" => "legacy");
-        Self {
-            passthrough: served(PASSTHROUGH),
-            automatic: served("automatic"),
-            unparsable: served("unparsable"),
-            named: names.iter().map(|n| (n.to_string(), served(n))).collect(),
-        }
+        let counters = Self {
+            passthrough: served_by_legacy(PASSTHROUGH),
+            automatic: served_by_legacy("automatic"),
+            unparsable: served_by_legacy("unparsable"),
+            named: Default::default(),
+        };
+        counters.set_names(names);
+        counters
+    }
+
+    /// The rule-named query types from now on (after a reload).
+    pub fn set_names(&self, names: &[&str]) {
+        self.named.store(std::sync::Arc::new(
+            names
+                .iter()
+                .map(|n| (n.to_string(), served_by_legacy(n)))
+                .collect(),
+        ));
     }
 
     /// The label of a query type name: the name if a rule names it, else `automatic` (so
     /// that no label ever comes from anywhere else).
     pub fn label<'a>(&self, name: &'a str) -> &'a str {
-        if self.named.contains_key(name) {
+        if self.named.load().contains_key(name) {
             name
         } else {
             "automatic"
@@ -129,8 +151,12 @@ impl QueryCounters {
     }
 
     /// The counter of a rule-named query type (automatic if the name is unknown).
-    pub fn named(&self, name: &str) -> &Counter {
-        self.named.get(name).unwrap_or(&self.automatic)
+    pub fn named(&self, name: &str) -> Counter {
+        self.named
+            .load()
+            .get(name)
+            .unwrap_or(&self.automatic)
+            .clone()
     }
 }
 

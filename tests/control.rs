@@ -396,3 +396,119 @@ async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("cannot reach the admin endpoint"), "{out}");
 }
+
+fn rules_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/fature.toml");
+    std::fs::copy(from, dir.path().join("fature.toml")).unwrap();
+    dir
+}
+
+async fn counted(p: &Proxy, query_type: &str) -> f64 {
+    support::metric(
+        &p.metrics().await,
+        &format!(r#"cutover_queries_total{{query_type="{query_type}",served_by="legacy"}}"#),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_reload_on_change_and_a_broken_file_keeps_the_last_good_ones() {
+    let db = migrated_db().await;
+    let rules = rules_copy();
+    let dir = rules.path().to_owned();
+    let p = proxy_with(move |c| c.rules = Some(dir)).await;
+    let app = p.client(&db.name).await;
+    let count_active = "SELECT COUNT(*) FROM affiliates WHERE status = 'active'";
+    app.batch_execute(count_active).await.unwrap();
+    let before = counted(&p, "count_active").await;
+    assert!(before >= 1.0);
+
+    // A broken file: nothing changes, the failure is counted.
+    let file = rules.path().join("fature.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, good.replace("[table]", "[tabel]")).unwrap();
+    let failed = r#"cutover_rules_reloads_total{outcome="failed"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while support::metric(&p.metrics().await, failed) < 1.0 {
+        assert!(Instant::now() < deadline, "the broken file was not noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.batch_execute(count_active).await.unwrap();
+    assert_eq!(counted(&p, "count_active").await, before + 1.0);
+
+    // A good change (the query type renamed): the statement counts under the new name.
+    std::fs::write(
+        &file,
+        good.replace(r#"name = "count_active""#, r#"name = "count_active_v2""#),
+    )
+    .unwrap();
+    let ok = r#"cutover_rules_reloads_total{outcome="ok"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while support::metric(&p.metrics().await, ok) < 1.0 {
+        assert!(Instant::now() < deadline, "the change was not reloaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.batch_execute(count_active).await.unwrap();
+    assert!(counted(&p, "count_active_v2").await >= 1.0);
+    p.shutdown().await;
+}
+
+#[test]
+fn sighup_reloads_the_rules_of_a_running_serve() {
+    let rules = rules_copy();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            &format!("127.0.0.1:{admin_port}"),
+        ])
+        .args([
+            "--upstream",
+            &format!(
+                "postgres://127.0.0.1:{}/postgres",
+                support::cluster().port()
+            ),
+        ])
+        .arg("--rules")
+        .arg(rules.path())
+        .env("CUTOVER_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(support::http_get(
+            format!("127.0.0.1:{admin_port}").parse().unwrap(),
+            "/metrics",
+        ))
+        .1
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_err() {
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ok = r#"cutover_rules_reloads_total{outcome="ok"}"#;
+    let before = support::metric(&metrics(), ok);
+    std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while support::metric(&metrics(), ok) < before + 1.0 {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -41,8 +41,9 @@ pub struct Shared {
     pub config: ServeConfig,
     pub cancel: Arc<CancelKeys>,
     pub metrics: ProxyMetrics,
-    /// Statement classification with the rule set loaded at start.
-    pub classifier: Classifier,
+    /// Statement classification with the rules loaded last (at start, or by a reload: a
+    /// statement in flight keeps the classification it started with).
+    pub classifier: arc_swap::ArcSwap<Classifier>,
     /// TLS to the upstream, from the upstream URL's sslmode.
     pub upstream_tls: upstream::UpstreamTls,
     /// Fired when the shutdown grace period ends: sessions close with 57P01.
@@ -71,7 +72,7 @@ impl Shared {
             config,
             cancel: Arc::default(),
             metrics,
-            classifier,
+            classifier: arc_swap::ArcSwap::from_pointee(classifier),
             upstream_tls,
             terminate: CancellationToken::new(),
             control,

@@ -327,12 +327,12 @@ impl Statements<'_> {
             // Not UTF-8 (another client_encoding): never parsed, relayed as it is.
             return (queries.passthrough.clone(), None);
         };
-        match &*self.shared.classifier.classify(sql) {
+        match &*self.shared.classifier.load().classify(sql) {
             Classification::Passthrough => (queries.passthrough.clone(), None),
             Classification::Unparsable { .. } => (queries.unparsable.clone(), None),
             Classification::Typed(t) => {
                 let counter = if t.named {
-                    queries.named(&t.query_type).clone()
+                    queries.named(&t.query_type)
                 } else {
                     queries.automatic.clone()
                 };
