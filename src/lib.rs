@@ -39,6 +39,7 @@ pub mod classify;
 pub mod compare;
 pub mod config;
 pub mod connect;
+pub mod console;
 pub mod control;
 pub mod ctl;
 pub mod fixture;

@@ -512,3 +512,89 @@ fn sighup_reloads_the_rules_of_a_running_serve() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// psql on the proxy's console; (success, stdout then stderr).
+async fn console(p: &Proxy, user: &str, password: &str, sql: &str) -> (bool, String) {
+    let mut cmd = std::process::Command::new(support::cluster().bindir().join("psql"));
+    cmd.args(["-X", "-A", "-F", "|", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .arg(format!(
+            "postgres://{user}@127.0.0.1:{}/cutover",
+            p.addr.port()
+        ))
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "5");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sql_console_works_from_psql() {
+    let db = migrated_db().await;
+    let p = replica(&db).await;
+    until(&p, |s| s["control_connected"] == true).await;
+
+    let (ok, out) = console(&p, "ops", TOKEN, "SHOW QUERY_TYPES").await;
+    assert!(ok, "{out}");
+    assert!(
+        out.starts_with("query_type|stage|percent|dual_write|source|updated_at"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("set_status|legacy|0|isolated|live|")),
+        "{out}"
+    );
+
+    let (ok, out) = console(
+        &p,
+        "ops",
+        TOKEN,
+        "SET STAGE set_status shadow REASON 'from psql'",
+    )
+    .await;
+    assert!(ok && out.contains("SET STAGE"), "{out}");
+    until(&p, |s| stage_of(s, "set_status").0 == "shadow").await;
+
+    // The gate answers in SQLSTATE terms; FORCE goes past it, recorded.
+    let (ok, out) = console(
+        &p,
+        "ops",
+        TOKEN,
+        "SET STAGE set_status cutover 20 REASON 'ramp'",
+    )
+    .await;
+    assert!(!ok && out.contains("0 compared samples"), "{out}");
+    let (ok, out) = console(
+        &p,
+        "ops",
+        TOKEN,
+        "set stage set_status cutover 20 reason 'ramp, it''s fine' force;",
+    )
+    .await;
+    assert!(ok, "{out}");
+    let (ok, out) = console(&p, "ops", TOKEN, "SHOW HISTORY").await;
+    assert!(ok, "{out}");
+    let newest = out.lines().nth(1).unwrap();
+    assert!(
+        newest.contains("|set_status|shadow|cutover 20%|ops|sql|ramp, it's fine|true"),
+        "{out}"
+    );
+
+    let (ok, out) = console(&p, "ops", TOKEN, "DROP TABLE affiliates").await;
+    assert!(!ok && out.contains("does not know this command"), "{out}");
+    let (ok, out) = console(&p, "ops", "wrong-password-0000", "SHOW HELP").await;
+    assert!(
+        !ok && out.contains("password authentication failed"),
+        "{out}"
+    );
+    p.shutdown().await;
+}

@@ -108,6 +108,10 @@ pub async fn run<C: relay::Duplex>(mut client: C, startup: Startup, id: u32, sha
         application_name = startup.param("application_name").unwrap_or("")
     );
     async move {
+        if crate::console::wanted(&shared, &startup) {
+            crate::console::run(client, startup, &shared).await;
+            return;
+        }
         let mut upstream = match upstream::connect_session(
             &shared.config.upstream,
             &shared.upstream_tls,
