@@ -115,6 +115,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         Arc::clone(&control),
     ));
     let shutdown = CancellationToken::new();
+    control.set_rules(Arc::clone(shared.classifier.load().rules_arc()));
     tokio::spawn(control.run(shutdown.clone()));
     let reload = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(crate::reload::watch(

@@ -30,6 +30,7 @@ pub fn reload(shared: &Shared) -> Result<usize, crate::rules::RulesError> {
             shared
                 .classifier
                 .store(Arc::new(Classifier::new(Arc::clone(&rules))));
+            shared.control.set_rules(Arc::clone(&rules));
             shared.metrics.rules_reloaded.increment(1);
             tracing::info!(dir = %dir.display(), query_types = count, "rules reloaded");
             // New query types get their baseline in the live state.

@@ -166,6 +166,13 @@ async fn a_raise_without_enough_samples_is_refused_and_a_forced_one_recorded() {
     })
     .await;
     assert_eq!(history(&p).await[0]["forced"], true);
+    // The share served by the target is exported per query type (the value is per process,
+    // shared by this binary's proxies: only its presence is checked here).
+    assert!(
+        p.metrics()
+            .await
+            .contains(r#"cutover_stage_percent{query_type="set_status"}"#)
+    );
 
     // Stepping back needs no evidence.
     let (status, back) = set(

@@ -126,6 +126,10 @@ impl Classifier {
         &self.rules
     }
 
+    pub fn rules_arc(&self) -> &Arc<RuleSet> {
+        &self.rules
+    }
+
     /// Classifies SQL text.
     pub fn classify(&self, sql: &str) -> Arc<Classification> {
         if !self.precheck.mentions_table(sql.as_bytes()) {

@@ -90,7 +90,7 @@ pub struct LiveState {
 /// The control plane of one proxy.
 pub struct Control {
     config: Option<tokio_postgres::Config>,
-    rules: Arc<RuleSet>,
+    rules: ArcSwap<RuleSet>,
     live: ArcSwap<LiveState>,
     connected: AtomicBool,
 }
@@ -99,9 +99,32 @@ impl Control {
     pub fn new(config: Option<tokio_postgres::Config>, rules: Arc<RuleSet>) -> Self {
         Self {
             config,
-            rules,
+            rules: ArcSwap::new(rules),
             live: ArcSwap::from_pointee(LiveState::default()),
             connected: AtomicBool::new(false),
+        }
+    }
+
+    /// The rules from now on (after a reload): their query types are the gauges' labels.
+    pub fn set_rules(&self, rules: Arc<RuleSet>) {
+        self.rules.store(rules);
+        self.publish();
+    }
+
+    /// `cutover_stage_percent{query_type}`: the share served by the target, per rule-named
+    /// query type (0 in legacy and shadow, N in cutover N%, 100 in target and complete).
+    fn publish(&self) {
+        let live = self.live.load();
+        for qt in &self.rules.load().query_types {
+            let percent = match live.by_type.get(&qt.name) {
+                Some(s) => match s.stage.as_str() {
+                    "cutover" => f64::from(s.percent),
+                    "target" | "complete" => 100.0,
+                    _ => 0.0,
+                },
+                None => f64::from(served_by_target(qt.stage).min(100)),
+            };
+            metrics::gauge!("cutover_stage_percent", "query_type" => qt.name.clone()).set(percent);
         }
     }
 
@@ -171,7 +194,7 @@ impl Control {
         });
         let result = async {
             if !*seeded {
-                let new = seed_query_types(&client, &self.rules).await?;
+                let new = seed_query_types(&client, &self.rules.load()).await?;
                 tracing::info!(new, "query type state seeded from the rules");
                 *seeded = true;
             }
@@ -201,6 +224,7 @@ impl Control {
             .map(|s| (s.query_type.clone(), s))
             .collect();
         self.live.store(Arc::new(LiveState { by_type }));
+        self.publish();
         Ok(())
     }
 }
