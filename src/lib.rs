@@ -49,6 +49,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod reload;
 pub mod rewrite;
+pub mod route;
 pub mod rules;
 pub mod session;
 pub mod tls;
