@@ -3,7 +3,7 @@
 //! counter bumped, a deposit, a status change) driven by pgbench against legacy alone
 //! (directly, dual-write off) and through cutover with dual-write on — and the two halves of
 //! the difference: the proxy alone (through cutover, off) and the mirror alone (directly,
-//! on). A program, not a test: it prints what it measured and asserts nothing.
+//! on) — and what cutover's triggers cost while dual-write is off (legacy without them). A program, not a test: it prints what it measured and asserts nothing.
 //!
 //!     cargo bench --bench dual_write              # 100,000 affiliates, 10 s, 3 rounds
 //!     cargo bench --bench dual_write -- 5 1       # 5 s, 1 round
@@ -101,12 +101,14 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    // (label, through the proxy, dual-write on)
+    // (label, through the proxy, dual-write on); the last one without cutover's triggers at
+    // all, as legacy was before `cutover migrate`.
     let setups = [
         ("legacy only, direct", false, false),
         ("dual-write, cutover", true, true),
         ("proxy only (no dual-write)", true, false),
         ("mirror only (direct, dual-write)", false, true),
+        ("before cutover (no triggers), direct", false, false),
     ];
     let mut tps: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     for round in 0..rounds {
@@ -114,8 +116,19 @@ async fn main() -> anyhow::Result<()> {
             let at = (i + round) % setups.len();
             let (_, proxied, on) = setups[at];
             set_dual_write(on).await?;
+            let bare = at == setups.len() - 1;
+            if bare {
+                client
+                    .batch_execute("ALTER TABLE public.affiliates DISABLE TRIGGER USER")
+                    .await?;
+            }
             let port = if proxied { proxy_port } else { pg.port() };
             tps[at].push(pgbench(&bindir, &script, port, seconds));
+            if bare {
+                client
+                    .batch_execute("ALTER TABLE public.affiliates ENABLE TRIGGER USER")
+                    .await?;
+            }
         }
     }
     let medians: Vec<f64> = tps.into_iter().map(median).collect();

