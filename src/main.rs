@@ -124,7 +124,9 @@ enum CtlCommand {
     /// Move a query type to a stage: legacy, shadow, cutover PERCENT, target, complete.
     /// Exit 1 if refused (the safety gate, an unknown query type or stage).
     Set {
+        /// A query type's name (`cutover ctl status` lists them)
         query_type: String,
+        /// legacy, shadow, cutover, target or complete
         stage: String,
         /// With stage cutover: the share of buckets served by the target (0-100)
         percent: Option<u8>,
