@@ -383,7 +383,12 @@ async fn a_v2_failure_never_fails_the_app_is_recorded_and_repaired() {
         ) >= 1.0,
         "{metrics}"
     );
-    assert_eq!(verify(&db).0, 1);
+    let (code, out) = verify(&db);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("1 write divergences queued for repair"),
+        "{out}"
+    );
 
     // Repair brings the key back to legacy's truth and empties the queue.
     admin
@@ -399,6 +404,11 @@ async fn a_v2_failure_never_fails_the_app_is_recorded_and_repaired() {
     assert_eq!(deposits(&admin, 42).await, ("5.00".into(), "5.00".into()));
     assert_eq!(queue(&admin).await, vec![]);
     assert_verify_clean(&db);
+    assert!(
+        verify(&db)
+            .1
+            .contains("0 write divergences queued for repair")
+    );
     p.shutdown().await;
 }
 

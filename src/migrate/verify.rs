@@ -45,7 +45,18 @@ pub struct Report {
     pub derived: Vec<(String, Problem)>,
     pub checks: Vec<Check>,
     pub performance: Vec<Timing>,
+    /// Dual-write's queues, when dual-write is installed (informational: what they hold
+    /// shows as drift above until repaired or replayed).
+    pub dual_write: Option<DualWriteQueues>,
     pub ok: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct DualWriteQueues {
+    /// Write divergences not repaired yet (`cutover.write_divergences`).
+    pub pending_repair: i64,
+    /// Keys handed to a backfill that has not completed (`cutover.backfill_catchup`).
+    pub handed_to_backfill: i64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -154,6 +165,20 @@ async fn verify_in_snapshot(
     } else {
         String::new()
     };
+    let queues = client
+        .query_one(
+            "SELECT CASE WHEN to_regclass('cutover.write_divergences') IS NOT NULL
+                         AND to_regclass('cutover.backfill_catchup') IS NOT NULL THEN
+                    ARRAY[(SELECT count(*) FROM cutover.write_divergences WHERE repaired_at IS NULL),
+                          (SELECT count(*) FROM cutover.backfill_catchup)] END",
+            &[],
+        )
+        .await?
+        .get::<_, Option<Vec<i64>>>(0);
+    report.dual_write = queues.map(|q| DualWriteQueues {
+        pending_repair: q[0],
+        handed_to_backfill: q[1],
+    });
     if quarantine {
         report.quarantined = client
             .query_one(
@@ -502,6 +527,13 @@ impl std::fmt::Display for Report {
                 c.name,
                 c.value,
                 mark(c.passed)
+            )?;
+        }
+        if let Some(q) = &self.dual_write {
+            writeln!(
+                f,
+                "  dual-write   {} write divergences queued for repair (cutover repair), {} writes handed to a backfill not completed yet (informational)",
+                q.pending_repair, q.handed_to_backfill
             )?;
         }
         for p in &self.performance {
