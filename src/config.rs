@@ -292,6 +292,44 @@ mod tests {
     }
 
     #[test]
+    fn the_control_database_and_admin_tokens() {
+        // By default the upstream URL, when it names a user (the proxy's own role).
+        let with_user = FileConfig {
+            upstream: Some("postgres://cutover_proxy@db:5432/app".into()),
+            ..FileConfig::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(with_user.control.unwrap().get_user(), Some("cutover_proxy"));
+        let without = FileConfig {
+            upstream: Some("postgres://db:5432/app".into()),
+            ..FileConfig::default()
+        }
+        .validate()
+        .unwrap();
+        assert!(without.control.is_none());
+
+        let err = FileConfig {
+            upstream: Some("postgres://db:5432/app".into()),
+            control: Some("mysql://x".into()),
+            admin_tokens: Some(
+                [("ops".to_owned(), "short".to_owned())]
+                    .into_iter()
+                    .collect(),
+            ),
+            ..FileConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert!(err.0.iter().any(|p| p.starts_with("control:")), "{err}");
+        assert!(
+            err.0.iter().any(|p| p.contains("admin_tokens.ops")),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_their_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cutover.toml");
