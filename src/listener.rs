@@ -116,7 +116,10 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     ));
     let shutdown = CancellationToken::new();
     control.set_rules(Arc::clone(shared.classifier.load().rules_arc()));
-    tokio::spawn(control.run(shutdown.clone()));
+    tokio::spawn(Arc::clone(&control).run(shutdown.clone()));
+    tokio::spawn(
+        Arc::clone(&control).ramp_down_loop(crate::control::RampDown::default(), shutdown.clone()),
+    );
     let reload = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(crate::reload::watch(
         Arc::clone(&shared),

@@ -605,3 +605,96 @@ async fn the_sql_console_works_from_psql() {
     );
     p.shutdown().await;
 }
+
+/// Comparison evidence for a query type in the current minute, as the shadow records it.
+async fn evidence(db: &TestDb, query_type: &str, matched: i64, confirmed: i64) {
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO cutover.comparison_stats (query_type, minute, matched, confirmed)
+             VALUES ($1, date_trunc('minute', now()), $2, $3)
+             ON CONFLICT (query_type, minute) DO UPDATE
+                 SET matched = EXCLUDED.matched, confirmed = EXCLUDED.confirmed",
+            &[&query_type, &matched, &confirmed],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_opens_on_enough_matching_evidence_only() {
+    let db = migrated_db().await;
+    let p = replica(&db).await;
+    until(&p, |s| s["control_connected"] == true).await;
+    let to_shadow = r#"{"stage": "shadow", "reason": "compare"}"#;
+    let ramp = r#"{"stage": "cutover", "percent": 10, "reason": "the evidence is in"}"#;
+    assert_eq!(set(&p, "upline", to_shadow, Some(TOKEN)).await.0, 200);
+
+    // Enough samples, too many divergences: refused with the rate.
+    evidence(&db, "upline", 900, 100).await;
+    let (status, refused) = set(&p, "upline", ramp, Some(TOKEN)).await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("1000 compared samples")
+            && refused["error"].as_str().unwrap().contains("90.0%"),
+        "{refused}"
+    );
+
+    // 99% of 1,200: raised, not forced.
+    evidence(&db, "upline", 1188, 12).await;
+    let (status, raised) = set(&p, "upline", ramp, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{raised}");
+    assert_eq!(raised["forced"], false);
+    // The same change again records nothing new.
+    assert_eq!(set(&p, "upline", ramp, Some(TOKEN)).await.0, 200);
+    let audit = history(&p).await;
+    assert_eq!(
+        audit.iter().filter(|e| e["query_type"] == "upline").count(),
+        2,
+        "{audit:?}"
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_type_that_starts_diverging_is_ramped_down_by_itself() {
+    let db = migrated_db().await;
+    let p = replica(&db).await;
+    until(&p, |s| s["control_connected"] == true).await;
+    assert_eq!(
+        set(
+            &p,
+            "network_size",
+            r#"{"stage": "cutover", "percent": 50, "reason": "load test", "force": true}"#,
+            Some(TOKEN)
+        )
+        .await
+        .0,
+        200
+    );
+    // A rewrite bug: one verdict in five is a confirmed divergence.
+    evidence(&db, "network_size", 160, 40).await;
+    until(&p, |s| stage_of(s, "network_size").0 == "shadow").await;
+    let last = &history(&p).await[0];
+    assert_eq!(last["query_type"], "network_size");
+    assert_eq!(
+        (last["changed_by"].as_str(), last["via"].as_str()),
+        (Some("auto"), Some("auto"))
+    );
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("40 confirmed divergences in 200"),
+        "{last}"
+    );
+    assert!(
+        p.metrics()
+            .await
+            .contains(r#"cutover_auto_rampdowns_total{query_type="network_size"}"#)
+    );
+    p.shutdown().await;
+}

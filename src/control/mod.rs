@@ -167,6 +167,41 @@ impl Control {
         }
     }
 
+    /// Every few seconds, sends back to shadow the query types whose confirmed divergences
+    /// passed the bar ([`ramp_down`]), until `shutdown`. Every replica runs it; the first
+    /// to see a query type diverging changes it, the others find it done.
+    pub async fn ramp_down_loop(self: Arc<Self>, bar: RampDown, shutdown: CancellationToken) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let mut client: Option<Client> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            if client.as_ref().is_none_or(Client::is_closed) {
+                client = crate::connect::connect(&config).await.ok();
+            }
+            let Some(c) = client.as_mut() else { continue };
+            match ramp_down(c, bar).await {
+                Ok(changed) => {
+                    let rules = self.rules.load();
+                    for done in changed {
+                        let label = if rules.query_types.iter().any(|q| q.name == done.query_type) {
+                            done.query_type.clone()
+                        } else {
+                            "automatic".to_owned()
+                        };
+                        metrics::counter!("cutover_auto_rampdowns_total", "query_type" => label)
+                            .increment(1);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "automatic ramp-down check failed"),
+            }
+        }
+    }
+
     /// One connection's life: LISTEN, load everything, reload on each notification.
     async fn follow(
         &self,
@@ -346,6 +381,16 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
         }
         None => None,
     };
+    if from == Some(change.stage) {
+        // Already there (another replica, or a repeated command): nothing to record.
+        tx.commit().await?;
+        return Ok(Changed {
+            query_type: change.query_type.clone(),
+            from: from.map(describe),
+            to: describe(change.stage),
+            forced: false,
+        });
+    }
     let raise = served_by_target(change.stage) > from.map_or(0, served_by_target);
     if raise && !change.force {
         let (samples, matched) = window_samples(&tx, &change.query_type).await?;
@@ -406,31 +451,96 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
     })
 }
 
-/// Compared samples and confirmed matches of a query type in the current window. The
-/// comparisons are the shadow's (issue 5): until they exist, there are none.
+/// The gate's window.
+pub const GATE_WINDOW: &str = "1 hour";
+
+/// Compared samples with a verdict (matched + confirmed) and the matched ones, of a query
+/// type in the gate's window (`cutover.comparison_stats`, written by the shadow).
 async fn window_samples(
     client: &tokio_postgres::Transaction<'_>,
     query_type: &str,
 ) -> Result<(i64, i64), tokio_postgres::Error> {
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass('cutover.comparison_stats') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get(0);
-    if !exists {
-        return Ok((0, 0));
-    }
     let row = client
         .query_one(
-            "SELECT coalesce(sum(samples), 0)::int8, coalesce(sum(matched), 0)::int8
-             FROM cutover.comparison_stats
-             WHERE query_type = $1 AND minute >= now() - interval '1 hour'",
+            &format!(
+                "SELECT coalesce(sum(matched + confirmed), 0)::int8, coalesce(sum(matched), 0)::int8
+                 FROM cutover.comparison_stats
+                 WHERE query_type = $1 AND minute >= now() - interval '{GATE_WINDOW}'"
+            ),
             &[&query_type],
         )
         .await?;
     Ok((row.get(0), row.get(1)))
+}
+
+/// When a query type serving from the target is sent back to shadow by itself: more than
+/// this share of confirmed divergences among at least `min_samples` verdicts in the last
+/// `window_minutes`.
+#[derive(Debug, Clone, Copy)]
+pub struct RampDown {
+    pub max_divergence: f64,
+    pub min_samples: i64,
+    pub window_minutes: i32,
+}
+
+impl Default for RampDown {
+    fn default() -> Self {
+        Self {
+            max_divergence: 1.0 - GATE_MIN_MATCH_RATE,
+            min_samples: 100,
+            window_minutes: 5,
+        }
+    }
+}
+
+/// Sends back to `shadow` every query type in `cutover` or `target` whose confirmed
+/// divergences passed the bar, each with an audit row (`auto`); returns what it changed.
+pub async fn ramp_down(client: &mut Client, bar: RampDown) -> Result<Vec<Changed>, ChangeError> {
+    let diverging = client
+        .query(
+            "SELECT s.query_type, sum(c.confirmed)::int8, sum(c.matched + c.confirmed)::int8
+             FROM cutover.query_type_state s
+             JOIN cutover.comparison_stats c ON c.query_type = s.query_type
+             WHERE s.stage IN ('cutover', 'target')
+               AND c.minute >= now() - make_interval(mins => $1::int4)
+             GROUP BY s.query_type
+             HAVING sum(c.matched + c.confirmed)::int8 >= $2::int8
+                AND sum(c.confirmed)::float8 / sum(c.matched + c.confirmed)::float8 > $3::float8",
+            &[&bar.window_minutes, &bar.min_samples, &bar.max_divergence],
+        )
+        .await?;
+    let mut changed = Vec::new();
+    for row in diverging {
+        let (query_type, confirmed, samples): (String, i64, i64) =
+            (row.get(0), row.get(1), row.get(2));
+        let change = Change {
+            query_type,
+            stage: Stage::Shadow,
+            reason: format!(
+                "automatic ramp-down: {confirmed} confirmed divergences in {samples} compared samples ({:.1}%) over the last {} minutes, above {:.1}%",
+                confirmed as f64 * 100.0 / samples as f64,
+                bar.window_minutes,
+                bar.max_divergence * 100.0
+            ),
+            who: "auto".into(),
+            via: "auto",
+            force: false,
+        };
+        // Another replica may have done it already: the stage is read again under lock.
+        let still = client
+            .query_opt(
+                "SELECT 1 FROM cutover.query_type_state
+                 WHERE query_type = $1 AND stage IN ('cutover', 'target')",
+                &[&change.query_type],
+            )
+            .await?;
+        if still.is_some() {
+            let done = set_stage(client, &change).await?;
+            tracing::warn!(query_type = %done.query_type, from = ?done.from, reason = %change.reason, "query type ramped down to shadow");
+            changed.push(done);
+        }
+    }
+    Ok(changed)
 }
 
 /// One audit row.
