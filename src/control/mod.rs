@@ -151,19 +151,30 @@ impl Control {
             return;
         };
         let mut seeded = false;
+        // Retried after 1 s, then up to every 5 s; the same error is logged once.
+        let mut pause = Duration::from_secs(1);
+        let mut last_error = String::new();
         loop {
             let followed = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = self.follow(&config, &mut seeded) => r,
             };
-            self.connected.store(false, Ordering::Relaxed);
+            if self.connected.swap(false, Ordering::Relaxed) {
+                pause = Duration::from_secs(1);
+                last_error.clear();
+            }
             if let Err(error) = followed {
-                tracing::warn!(%error, "control database lost: serving with the last state; retrying every second");
+                let error = error.to_string();
+                if error != last_error {
+                    tracing::warn!(%error, "control database unavailable: serving with the last state; retrying");
+                    last_error = error;
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
+            pause = (pause * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -175,6 +186,7 @@ impl Control {
             return;
         };
         let mut client: Option<Client> = None;
+        let mut last_error = String::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -186,6 +198,7 @@ impl Control {
             let Some(c) = client.as_mut() else { continue };
             match ramp_down(c, bar).await {
                 Ok(changed) => {
+                    last_error.clear();
                     let rules = self.rules.load();
                     for done in changed {
                         let label = if rules.query_types.iter().any(|q| q.name == done.query_type) {
@@ -197,7 +210,13 @@ impl Control {
                             .increment(1);
                     }
                 }
-                Err(error) => tracing::warn!(%error, "automatic ramp-down check failed"),
+                Err(error) => {
+                    let error = error.to_string();
+                    if error != last_error {
+                        tracing::warn!(%error, "automatic ramp-down check failed");
+                        last_error = error;
+                    }
+                }
             }
         }
     }
