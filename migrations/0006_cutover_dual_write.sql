@@ -22,7 +22,9 @@
 -- Isolation. The sync runs in a subtransaction: a failure on the mirrored side (constraint,
 -- trigger, a missing parent, a cycle) is retried key by key, and each key that still fails
 -- is recorded in cutover.write_divergences with its SQLSTATE, message and query type; the
--- writer's statements and COMMIT go on untouched. v2's deferred parent key is checked inside
+-- writer's statements and COMMIT go on untouched — except a serialization failure, which
+-- only REPEATABLE READ and SERIALIZABLE writers meet: it fails the COMMIT as PostgreSQL's own
+-- would, the writer retries, and v2 is never left behind. v2's deferred parent key is checked inside
 -- that subtransaction (SET CONSTRAINTS … IMMEDIATE), so it can never surface at the
 -- writer's COMMIT. A query type whose dual_write is 'strict' is synced inside the statement,
 -- so that v2's error fails the statement instead.
@@ -207,23 +209,39 @@ $$;
 -- for these keys") is idempotent and order-free: savepoints, rollbacks, rows written twice
 -- in one transaction, a changed affiliate_id, all come out right.
 
--- The keys each open transaction wrote, with the statement's query type and the time it
--- spent on legacy. UNLOGGED: rows live and die inside their transaction (a crash takes the
--- transaction with it).
-CREATE UNLOGGED TABLE cutover.pending_mirror (
-    txid         BIGINT NOT NULL,
-    affiliate_id BIGINT NOT NULL,
-    query_type   TEXT,
-    fingerprint  TEXT,
-    statement_at TIMESTAMPTZ NOT NULL,
-    legacy_us    BIGINT NOT NULL
-);
-CREATE INDEX pending_mirror_txid ON cutover.pending_mirror (txid);
-
--- One row per transaction with queued keys: its deferred trigger runs the sync at COMMIT.
-CREATE UNLOGGED TABLE cutover.pending_mirror_tx (
-    txid BIGINT PRIMARY KEY
-);
+-- The keys the session's open transaction wrote, with the statement's query type and the
+-- time it spent on legacy (pg_temp.cutover_pending_mirror), and one row per transaction
+-- whose deferred trigger runs the sync at COMMIT (pg_temp.cutover_pending_mirror_tx). In the
+-- session's temporary schema, created on first use: rows live and die inside their
+-- transaction, and PostgreSQL takes no SSI predicate locks on temporary tables — in shared
+-- tables this bookkeeping made concurrent SERIALIZABLE writers conflict with each other
+-- (70% serialization failures, measured). A transaction that used them cannot PREPARE
+-- TRANSACTION (two-phase commit).
+CREATE FUNCTION cutover.ensure_queue()
+RETURNS VOID
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF to_regclass('pg_temp.cutover_pending_mirror_tx') IS NOT NULL THEN
+        RETURN;
+    END IF;
+    CREATE TEMP TABLE IF NOT EXISTS cutover_pending_mirror (
+        txid         BIGINT NOT NULL,
+        affiliate_id BIGINT NOT NULL,
+        query_type   TEXT,
+        fingerprint  TEXT,
+        statement_at TIMESTAMPTZ NOT NULL,
+        legacy_us    BIGINT NOT NULL
+    );
+    CREATE TEMP TABLE cutover_pending_mirror_tx (
+        txid BIGINT PRIMARY KEY
+    );
+    CREATE CONSTRAINT TRIGGER cutover_mirror_at_commit
+        AFTER INSERT ON pg_temp.cutover_pending_mirror_tx
+        DEFERRABLE INITIALLY DEFERRED
+        FOR EACH ROW EXECUTE FUNCTION cutover.mirror_at_commit();
+END;
+$$;
 
 -- v2 := legacy for these keys (missing rows inserted parents first, extra ones deleted,
 -- different ones updated; derived columns left to v2's triggers). Takes v2's row locks for
@@ -450,11 +468,18 @@ AS $$
 DECLARE
     k      BIGINT;
     failed BIGINT[] := '{}';
+    qt     TEXT;
+    fp     TEXT;
     e_state TEXT; e_message TEXT; e_constraint TEXT;
 BEGIN
     BEGIN
         PERFORM cutover.sync_to_target(p_keys, p_detach_dangling);
-    EXCEPTION WHEN OTHERS THEN
+    EXCEPTION
+    -- A serialization failure (REPEATABLE READ, SERIALIZABLE) is the writer's to retry, as
+    -- PostgreSQL's own would be: recording it instead would leave v2 behind.
+    WHEN serialization_failure THEN
+        RAISE;
+    WHEN OTHERS THEN
         -- Parents first, by their depth among the keys, as legacy has them.
         FOR k IN
             WITH RECURSIVE q AS (
@@ -471,13 +496,24 @@ BEGIN
         LOOP
             BEGIN
                 PERFORM cutover.sync_to_target(ARRAY[k], p_detach_dangling);
-            EXCEPTION WHEN OTHERS THEN
+            EXCEPTION
+            WHEN serialization_failure THEN
+                RAISE;
+            WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
                                         e_constraint = CONSTRAINT_NAME;
                 failed := failed || k;
                 -- A row the backfill quarantined (an orphan, a cycle) is reported there.
                 CONTINUE WHEN EXISTS (SELECT 1 FROM cutover.backfill_quarantine q
                                       WHERE q.affiliate_id = k);
+                -- The statement that queued the key, if a transaction of this session did
+                -- (the backfill's replay has none, nor the queue's temporary table).
+                IF p_txid IS NOT NULL THEN
+                    SELECT p.query_type, p.fingerprint INTO qt, fp
+                    FROM pg_temp.cutover_pending_mirror p
+                    WHERE p.txid = p_txid AND p.affiliate_id = k
+                    ORDER BY p.statement_at DESC LIMIT 1;
+                END IF;
                 INSERT INTO cutover.write_divergences
                     (direction, operation, affiliate_id, sqlstate, message, constraint_name,
                      query_type, fingerprint)
@@ -486,13 +522,7 @@ BEGIN
                             THEN 'DELETE'
                             WHEN NOT EXISTS (SELECT 1 FROM affiliates_optimized v WHERE v.affiliate_id = k)
                             THEN 'INSERT' ELSE 'UPDATE' END,
-                       k, e_state, e_message, nullif(e_constraint, ''), last.query_type,
-                       last.fingerprint
-                FROM (SELECT NULL) AS one
-                LEFT JOIN LATERAL (
-                    SELECT p.query_type, p.fingerprint FROM cutover.pending_mirror p
-                    WHERE p.txid = p_txid AND p.affiliate_id = k
-                    ORDER BY p.statement_at DESC LIMIT 1) last ON true;
+                       k, e_state, e_message, nullif(e_constraint, ''), qt, fp;
             END;
         END LOOP;
     END;
@@ -532,11 +562,12 @@ BEGIN
     IF cardinality(keys) = 0 THEN
         RETURN NULL;
     END IF;
-    INSERT INTO cutover.pending_mirror
+    PERFORM cutover.ensure_queue();
+    INSERT INTO pg_temp.cutover_pending_mirror
         (txid, affiliate_id, query_type, fingerprint, statement_at, legacy_us)
     SELECT me, k, qt, cutover.statement_fingerprint(), statement_timestamp(), took
     FROM unnest(keys) AS k;
-    INSERT INTO cutover.pending_mirror_tx (txid) VALUES (me) ON CONFLICT DO NOTHING;
+    INSERT INTO pg_temp.cutover_pending_mirror_tx (txid) VALUES (me) ON CONFLICT DO NOTHING;
 
     IF cutover.dual_write_strict(qt) AND NOT cutover.backfill_running() THEN
         prev_flag := coalesce(current_setting('cutover.mirroring', true), '');
@@ -578,7 +609,7 @@ BEGIN
     -- Nothing here may fail the COMMIT: whatever escapes the sync's own handling is recorded
     -- against every queued key (and, should even that fail, logged on the server).
     BEGIN
-        keys := ARRAY(SELECT DISTINCT affiliate_id FROM cutover.pending_mirror WHERE txid = me);
+        keys := ARRAY(SELECT DISTINCT affiliate_id FROM pg_temp.cutover_pending_mirror WHERE txid = me);
         IF cardinality(keys) > 0 AND cutover.backfill_running() THEN
             -- Handed to the backfill. It drains this table under an exclusive lock before it
             -- says it is done: an insert that waited for that lock sees it done now (a new
@@ -596,7 +627,10 @@ BEGIN
             failed := cutover.sync_isolated(keys, me);
             PERFORM set_config('cutover.mirroring', prev_flag, true);
         END IF;
-    EXCEPTION WHEN OTHERS THEN
+    EXCEPTION
+    WHEN serialization_failure THEN
+        RAISE;
+    WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT;
         BEGIN
             PERFORM set_config('cutover.mirroring', prev_flag, true);
@@ -604,7 +638,7 @@ BEGIN
                 (direction, operation, affiliate_id, sqlstate, message, query_type, fingerprint)
             SELECT DISTINCT ON (p.affiliate_id) 'legacy_to_target', 'UPDATE', p.affiliate_id,
                    e_state, e_message, p.query_type, p.fingerprint
-            FROM cutover.pending_mirror p WHERE p.txid = me;
+            FROM pg_temp.cutover_pending_mirror p WHERE p.txid = me;
             failed := keys;
         EXCEPTION WHEN OTHERS THEN
             RAISE LOG 'cutover dual-write: sync failed and could not be recorded: % %',
@@ -622,10 +656,10 @@ BEGIN
                    count(DISTINCT p.affiliate_id) AS keys,
                    bool_or(p.affiliate_id = ANY (failed)) AS any_failed,
                    (SELECT sum(s.legacy_us) FROM (SELECT DISTINCT statement_at, legacy_us
-                                                    FROM cutover.pending_mirror
+                                                    FROM pg_temp.cutover_pending_mirror
                                                     WHERE txid = me AND query_type = p.query_type) s
                    )::BIGINT AS legacy_us
-            FROM cutover.pending_mirror p
+            FROM pg_temp.cutover_pending_mirror p
             WHERE p.txid = me AND p.query_type IS NOT NULL
             GROUP BY p.query_type
         LOOP
@@ -639,16 +673,11 @@ BEGIN
         RAISE LOG 'cutover dual-write: report failed: % %', e_state, e_message;
     END;
 
-    DELETE FROM cutover.pending_mirror WHERE txid = me;
-    DELETE FROM cutover.pending_mirror_tx WHERE txid = me;
+    DELETE FROM pg_temp.cutover_pending_mirror WHERE txid = me;
+    DELETE FROM pg_temp.cutover_pending_mirror_tx WHERE txid = me;
     RETURN NULL;
 END;
 $$;
-
-CREATE CONSTRAINT TRIGGER cutover_mirror_at_commit
-    AFTER INSERT ON cutover.pending_mirror_tx
-    DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION cutover.mirror_at_commit();
 
 -- TRUNCATE: v2's affiliates go too (their closure and detached records with them), in one
 -- set-based pass (the per-row hierarchy upkeep is pointless when every row goes). v2 data
