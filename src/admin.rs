@@ -187,53 +187,36 @@ async fn api_set(
         Ok(body) => body,
         Err(rejection) => return problem(StatusCode::BAD_REQUEST, rejection.body_text()),
     };
-    let known = shared
-        .classifier
-        .load()
-        .rules()
-        .query_types
-        .iter()
-        .any(|qt| qt.name == query_type)
-        || shared.control.live().by_type.contains_key(&query_type);
-    if !known {
-        return problem(
-            StatusCode::NOT_FOUND,
-            format!("no query type {query_type:?} (GET /api/state lists them)"),
-        );
-    }
-    let stage = match control::stage_of(&request.stage, request.percent) {
-        Ok(stage) => stage,
-        Err(why) => return problem(StatusCode::BAD_REQUEST, why),
-    };
-    let Some(database) = shared.control.database() else {
-        return problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no control database: start the proxy with --control (or a user in the upstream URL)",
-        );
-    };
-    let mut client = match crate::connect::connect(database).await {
-        Ok(client) => client,
-        Err(error) => return problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
-    };
-    let change = control::Change {
+    let result = control::request_change(
+        &shared.control,
+        shared.classifier.load().rules(),
         query_type,
-        stage,
-        reason: request.reason,
-        who: who.clone(),
-        via: "api",
-        force: request.force,
-    };
-    match control::set_stage(&mut client, &change).await {
-        Ok(changed) => {
-            tracing::info!(query_type = %changed.query_type, from = ?changed.from, to = %changed.to, %who, forced = changed.forced, "stage changed");
-            (StatusCode::OK, Json(changed)).into_response()
-        }
-        Err(control::ChangeError::Invalid(why)) => problem(StatusCode::BAD_REQUEST, why),
-        Err(refused @ control::ChangeError::Gate { .. }) => {
-            problem(StatusCode::CONFLICT, refused.to_string())
-        }
-        Err(control::ChangeError::Database(error)) => {
-            problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+        &request.stage,
+        request.percent,
+        request.reason,
+        &who,
+        "api",
+        request.force,
+    )
+    .await;
+    match result {
+        Ok(changed) => (StatusCode::OK, Json(changed)).into_response(),
+        Err(error) => {
+            let status = match &error {
+                control::ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
+                control::ChangeError::UnknownQueryType(_) => StatusCode::NOT_FOUND,
+                control::ChangeError::Gate { .. } => StatusCode::CONFLICT,
+                control::ChangeError::NoControlDatabase
+                | control::ChangeError::Unreachable(_)
+                | control::ChangeError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let message = match &error {
+                control::ChangeError::UnknownQueryType(_) => {
+                    format!("{error} (GET /api/state lists them)")
+                }
+                _ => error.to_string(),
+            };
+            problem(status, message)
         }
     }
 }

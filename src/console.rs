@@ -383,53 +383,36 @@ async fn set_stage(shared: &Shared, user: &str, text: &str) -> Answer {
         Ok(parsed) => parsed,
         Err(why) => return Answer::Error(SqlState::SYNTAX_ERROR, why),
     };
-    let known = shared
-        .classifier
-        .load()
-        .rules()
-        .query_types
-        .iter()
-        .any(|qt| qt.name == query_type)
-        || shared.control.live().by_type.contains_key(&query_type);
-    if !known {
-        return Answer::Error(
-            SqlState::UNDEFINED_OBJECT,
-            format!("no query type {query_type:?} (SHOW QUERY_TYPES lists them)"),
-        );
-    }
-    let stage = match control::stage_of(&stage, percent) {
-        Ok(stage) => stage,
-        Err(why) => return Answer::Error(SqlState::INVALID_PARAMETER_VALUE, why),
-    };
-    let Some(database) = shared.control.database() else {
-        return Answer::Error(
-            SqlState::CONNECTION_EXCEPTION,
-            "no control database (--control)".into(),
-        );
-    };
-    let mut client = match crate::connect::connect(database).await {
-        Ok(client) => client,
-        Err(error) => return Answer::Error(SqlState::CONNECTION_EXCEPTION, error.to_string()),
-    };
-    let change = control::Change {
+    let result = control::request_change(
+        &shared.control,
+        shared.classifier.load().rules(),
         query_type,
-        stage,
+        &stage,
+        percent,
         reason,
-        who: user.to_owned(),
-        via: "sql",
+        user,
+        "sql",
         force,
-    };
-    match control::set_stage(&mut client, &change).await {
+    )
+    .await;
+    match result {
         Ok(_) => Answer::Done("SET STAGE".into()),
-        Err(control::ChangeError::Invalid(why)) => {
-            Answer::Error(SqlState::INVALID_PARAMETER_VALUE, why)
-        }
-        Err(refused @ control::ChangeError::Gate { .. }) => Answer::Error(
-            SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
-            refused.to_string(),
-        ),
-        Err(control::ChangeError::Database(error)) => {
-            Answer::Error(SqlState::CONNECTION_EXCEPTION, error.to_string())
+        Err(error) => {
+            let code = match &error {
+                control::ChangeError::Invalid(_) => SqlState::INVALID_PARAMETER_VALUE,
+                control::ChangeError::UnknownQueryType(_) => SqlState::UNDEFINED_OBJECT,
+                control::ChangeError::Gate { .. } => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                control::ChangeError::NoControlDatabase
+                | control::ChangeError::Unreachable(_)
+                | control::ChangeError::Database(_) => SqlState::CONNECTION_EXCEPTION,
+            };
+            let message = match &error {
+                control::ChangeError::UnknownQueryType(_) => {
+                    format!("{error} (SHOW QUERY_TYPES lists them)")
+                }
+                _ => error.to_string(),
+            };
+            Answer::Error(code, message)
         }
     }
 }

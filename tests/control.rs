@@ -150,7 +150,8 @@ async fn a_raise_without_enough_samples_is_refused_and_a_forced_one_recorded() {
         why.contains("0 compared samples") && why.contains("need 1000") && why.contains("95%"),
         "{why}"
     );
-    assert_eq!(stage_of(&state(&p).await, "set_status").0, "shadow");
+    // (the change to shadow reaches this replica's state through the feed, not at once)
+    until(&p, |s| stage_of(s, "set_status").0 == "shadow").await;
 
     let (status, forced) = set(
         &p,

@@ -362,6 +362,12 @@ pub struct Changed {
 pub enum ChangeError {
     #[error("{0}")]
     Invalid(String),
+    #[error("no query type {0:?}")]
+    UnknownQueryType(String),
+    #[error("no control database: start the proxy with --control (or a user in the upstream URL)")]
+    NoControlDatabase,
+    #[error(transparent)]
+    Unreachable(#[from] crate::connect::ConnectError),
     #[error(
         "refused by the safety gate: {samples} compared samples in the current window (need {min}), confirmed-match rate {rate} (need {bar:.0}%); force it with a reason if you must"
     )]
@@ -373,6 +379,42 @@ pub enum ChangeError {
     },
     #[error(transparent)]
     Database(#[from] tokio_postgres::Error),
+}
+
+/// A change asked of this proxy (admin API, SQL console): the query type must be one the
+/// rules or the live state know, the stage valid; then [`set_stage`] on the control
+/// database.
+#[allow(clippy::too_many_arguments)]
+pub async fn request_change(
+    control: &Control,
+    rules: &RuleSet,
+    query_type: String,
+    stage: &str,
+    percent: Option<i64>,
+    reason: String,
+    who: &str,
+    via: &'static str,
+    force: bool,
+) -> Result<Changed, ChangeError> {
+    let known = rules.query_types.iter().any(|qt| qt.name == query_type)
+        || control.live().by_type.contains_key(&query_type);
+    if !known {
+        return Err(ChangeError::UnknownQueryType(query_type));
+    }
+    let stage = stage_of(stage, percent).map_err(ChangeError::Invalid)?;
+    let database = control.database().ok_or(ChangeError::NoControlDatabase)?;
+    let mut client = crate::connect::connect(database).await?;
+    let change = Change {
+        query_type,
+        stage,
+        reason,
+        who: who.to_owned(),
+        via,
+        force,
+    };
+    let changed = set_stage(&mut client, &change).await?;
+    tracing::info!(query_type = %changed.query_type, from = ?changed.from, to = %changed.to, %who, via, forced = changed.forced, "stage changed");
+    Ok(changed)
 }
 
 fn describe(stage: Stage) -> String {
