@@ -12,11 +12,13 @@ use std::time::Instant;
 
 use cutover::{
     connect,
-    fixture::{self, TreeSpec},
+    fixture::TreeSpec,
     localpg::{LocalPg, Options},
-    migrate::{self, backfill, verify},
+    migrate::verify,
     rules::RuleSet,
 };
+
+mod common;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -35,33 +37,17 @@ async fn main() -> anyhow::Result<()> {
         ..Options::default()
     })?;
     let config = pg.config("postgres");
-    let client = connect::connect(&config).await?;
-    fixture::create_legacy_table(&client).await?;
-    migrate::run(&config, &migrate::MigrationSet::embedded(), false).await?;
     let spec = TreeSpec {
         orphans: 10,
         cycle_len: 3,
         drifted_counters: 100,
         ..TreeSpec::clean(affiliates)
     };
-    fixture::load(&client, &spec).await?;
-    let rules = RuleSet::load_dir(std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/rules"
-    )))?;
+    let client = common::legacy_database(&config, &spec).await?;
+    let rules = common::rules();
 
     let started = Instant::now();
-    let summary = backfill::run(
-        &client,
-        &rules.table,
-        &backfill::Options {
-            batch: backfill::DEFAULT_BATCH,
-            dry_run: false,
-            progress: false,
-            abort_after_batches: None,
-        },
-    )
-    .await?;
+    let summary = common::backfill(&client, &rules).await?;
     let backfill_s = started.elapsed().as_secs_f64();
     println!(
         "phases: {}",
@@ -117,11 +103,8 @@ async fn seed_method_ratio(pg: &LocalPg, rules: &RuleSet, affiliates: u64) -> an
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await?;
-        let config = pg.config(name);
-        let client = connect::connect(&config).await?;
-        fixture::create_legacy_table(&client).await?;
-        migrate::run(&config, &migrate::MigrationSet::embedded(), false).await?;
-        fixture::load(&client, &TreeSpec::clean(affiliates)).await?;
+        let client =
+            common::legacy_database(&pg.config(name), &TreeSpec::clean(affiliates)).await?;
         let started = Instant::now();
         if name == "seed_method" {
             let max: i64 = client
@@ -151,17 +134,7 @@ async fn seed_method_ratio(pg: &LocalPg, rules: &RuleSet, affiliates: u64) -> an
                 start += 5000;
             }
         } else {
-            backfill::run(
-                &client,
-                &rules.table,
-                &backfill::Options {
-                    batch: backfill::DEFAULT_BATCH,
-                    dry_run: false,
-                    progress: false,
-                    abort_after_batches: None,
-                },
-            )
-            .await?;
+            common::backfill(&client, rules).await?;
         }
         seconds.push(started.elapsed().as_secs_f64());
         let report = verify::verify(&client, &rules.table, verify::DEFAULT_CHUNK).await?;

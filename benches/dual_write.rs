@@ -14,11 +14,8 @@
 use std::path::Path;
 
 use cutover::{
-    connect,
-    fixture::{self, TreeSpec},
+    fixture::TreeSpec,
     localpg::{LocalPg, Options},
-    migrate::{self, backfill},
-    rules::RuleSet,
 };
 
 mod common;
@@ -63,22 +60,8 @@ async fn main() -> anyhow::Result<()> {
 
     let pg = LocalPg::start_with(Options::default())?;
     let config = pg.config("postgres");
-    let client = connect::connect(&config).await?;
-    fixture::create_legacy_table(&client).await?;
-    migrate::run(&config, &migrate::MigrationSet::embedded(), false).await?;
-    fixture::load(&client, &TreeSpec::clean(AFFILIATES)).await?;
-    let rules = RuleSet::load_dir(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/rules")))?;
-    backfill::run(
-        &client,
-        &rules.table,
-        &backfill::Options {
-            batch: backfill::DEFAULT_BATCH,
-            dry_run: false,
-            progress: false,
-            abort_after_batches: None,
-        },
-    )
-    .await?;
+    let client = common::legacy_database(&config, &TreeSpec::clean(AFFILIATES)).await?;
+    common::backfill(&client, &common::rules()).await?;
     // The benchmark's own session must not mirror its setup writes twice.
     client.batch_execute("RESET cutover.mirroring").await?;
 

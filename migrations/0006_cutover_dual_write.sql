@@ -546,9 +546,7 @@ DECLARE
     took      BIGINT;
     prev_flag TEXT;
 BEGIN
-    IF NOT cutover.dual_write_active() THEN
-        RETURN NULL;
-    END IF;
+    -- (dual-write is on: the trigger's WHEN asked, just before)
     me := txid_current();
     qt := cutover.statement_query_type();
     took := greatest(0, (extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1e6)::BIGINT);
@@ -696,9 +694,7 @@ DECLARE
     prev_flag TEXT;
     e_state TEXT; e_message TEXT; e_constraint TEXT;
 BEGIN
-    IF NOT cutover.dual_write_active() THEN
-        RETURN NULL;
-    END IF;
+    -- (dual-write is on: the trigger's WHEN asked, just before)
     qt := cutover.statement_query_type();
     prev_flag := coalesce(current_setting('cutover.mirroring', true), '');
     BEGIN
@@ -769,10 +765,12 @@ $$;
 -- v2 → legacy (reversal: from stage target on, the proxy writes v2 first)
 -- ---------------------------------------------------------------------------------------
 
--- Legacy gets v2's rows, level_1_referrals from v2's maintained count (v2 is the truth
--- now). v2's own upkeep statements (a parent's counters, a moved subtree's paths) fire this
+-- Legacy gets v2's rows (inserted and updated ones upserted, deleted ones deleted),
+-- level_1_referrals from v2's maintained count (v2 is the truth now). One function for the
+-- three triggers: PL/pgSQL compiles it per trigger and plans only the branch that runs, so
+-- each reads the one transition table its trigger has. v2's own upkeep statements (a parent's counters, a moved subtree's paths) fire this
 -- too and bring legacy's counters along.
-CREATE FUNCTION cutover.mirror_target_upsert()
+CREATE FUNCTION cutover.mirror_target()
 RETURNS TRIGGER
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -787,50 +785,56 @@ DECLARE
     prev_flag TEXT;
     e_state TEXT; e_message TEXT; e_constraint TEXT;
 BEGIN
-    IF NOT cutover.dual_write_active() THEN
-        RETURN NULL;
-    END IF;
+    -- (dual-write is on: the trigger's WHEN asked, just before)
     qt := cutover.statement_query_type();
-    SELECT array_agg(affiliate_id), count(*) INTO keys, n FROM new_rows;
+    IF TG_OP = 'DELETE' THEN
+        SELECT array_agg(affiliate_id), count(*) INTO keys, n FROM old_rows;
+    ELSE
+        SELECT array_agg(affiliate_id), count(*) INTO keys, n FROM new_rows;
+    END IF;
     IF n = 0 THEN
         RETURN NULL;
     END IF;
     prev_flag := coalesce(current_setting('cutover.mirroring', true), '');
     BEGIN
         PERFORM set_config('cutover.mirroring', 'on', true);
-        INSERT INTO public.affiliates AS l (
-            affiliate_id, parent_affiliate_id, external_id, name, email, status,
-            registration_date, level_1_referrals, total_deposits, total_bets,
-            total_withdrawals, total_cpa_earned, total_rev_earned, total_commissions_paid,
-            created_at, updated_at)
-        SELECT n.affiliate_id, n.parent_affiliate_id, n.external_id, n.name, n.email, n.status,
-               n.registration_date, n.direct_referrals_count, n.total_deposits, n.total_bets,
-               n.total_withdrawals, n.total_cpa_earned, n.total_rev_earned,
-               n.total_commissions_paid, n.created_at, n.updated_at
-        FROM new_rows n
-        ORDER BY n.affiliate_id
-        ON CONFLICT (affiliate_id) DO UPDATE SET
-            parent_affiliate_id = EXCLUDED.parent_affiliate_id,
-            external_id = EXCLUDED.external_id, name = EXCLUDED.name, email = EXCLUDED.email,
-            status = EXCLUDED.status, registration_date = EXCLUDED.registration_date,
-            level_1_referrals = EXCLUDED.level_1_referrals,
-            total_deposits = EXCLUDED.total_deposits, total_bets = EXCLUDED.total_bets,
-            total_withdrawals = EXCLUDED.total_withdrawals,
-            total_cpa_earned = EXCLUDED.total_cpa_earned,
-            total_rev_earned = EXCLUDED.total_rev_earned,
-            total_commissions_paid = EXCLUDED.total_commissions_paid,
-            created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at
-        WHERE (l.parent_affiliate_id, l.external_id, l.name, l.email, l.status,
-               l.registration_date, l.level_1_referrals, l.total_deposits, l.total_bets,
-               l.total_withdrawals, l.total_cpa_earned, l.total_rev_earned,
-               l.total_commissions_paid, l.created_at, l.updated_at)
-              IS DISTINCT FROM
-              (EXCLUDED.parent_affiliate_id, EXCLUDED.external_id, EXCLUDED.name,
-               EXCLUDED.email, EXCLUDED.status, EXCLUDED.registration_date,
-               EXCLUDED.level_1_referrals, EXCLUDED.total_deposits, EXCLUDED.total_bets,
-               EXCLUDED.total_withdrawals, EXCLUDED.total_cpa_earned,
-               EXCLUDED.total_rev_earned, EXCLUDED.total_commissions_paid,
-               EXCLUDED.created_at, EXCLUDED.updated_at);
+        IF TG_OP = 'DELETE' THEN
+            DELETE FROM public.affiliates WHERE affiliate_id = ANY (keys);
+        ELSE
+            INSERT INTO public.affiliates AS l (
+                affiliate_id, parent_affiliate_id, external_id, name, email, status,
+                registration_date, level_1_referrals, total_deposits, total_bets,
+                total_withdrawals, total_cpa_earned, total_rev_earned, total_commissions_paid,
+                created_at, updated_at)
+            SELECT n.affiliate_id, n.parent_affiliate_id, n.external_id, n.name, n.email, n.status,
+                   n.registration_date, n.direct_referrals_count, n.total_deposits, n.total_bets,
+                   n.total_withdrawals, n.total_cpa_earned, n.total_rev_earned,
+                   n.total_commissions_paid, n.created_at, n.updated_at
+            FROM new_rows n
+            ORDER BY n.affiliate_id
+            ON CONFLICT (affiliate_id) DO UPDATE SET
+                parent_affiliate_id = EXCLUDED.parent_affiliate_id,
+                external_id = EXCLUDED.external_id, name = EXCLUDED.name, email = EXCLUDED.email,
+                status = EXCLUDED.status, registration_date = EXCLUDED.registration_date,
+                level_1_referrals = EXCLUDED.level_1_referrals,
+                total_deposits = EXCLUDED.total_deposits, total_bets = EXCLUDED.total_bets,
+                total_withdrawals = EXCLUDED.total_withdrawals,
+                total_cpa_earned = EXCLUDED.total_cpa_earned,
+                total_rev_earned = EXCLUDED.total_rev_earned,
+                total_commissions_paid = EXCLUDED.total_commissions_paid,
+                created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at
+            WHERE (l.parent_affiliate_id, l.external_id, l.name, l.email, l.status,
+                   l.registration_date, l.level_1_referrals, l.total_deposits, l.total_bets,
+                   l.total_withdrawals, l.total_cpa_earned, l.total_rev_earned,
+                   l.total_commissions_paid, l.created_at, l.updated_at)
+                  IS DISTINCT FROM
+                  (EXCLUDED.parent_affiliate_id, EXCLUDED.external_id, EXCLUDED.name,
+                   EXCLUDED.email, EXCLUDED.status, EXCLUDED.registration_date,
+                   EXCLUDED.level_1_referrals, EXCLUDED.total_deposits, EXCLUDED.total_bets,
+                   EXCLUDED.total_withdrawals, EXCLUDED.total_cpa_earned,
+                   EXCLUDED.total_rev_earned, EXCLUDED.total_commissions_paid,
+                   EXCLUDED.created_at, EXCLUDED.updated_at);
+        END IF;
         PERFORM set_config('cutover.mirroring', prev_flag, true);
     EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
@@ -851,62 +855,17 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION cutover.mirror_target_delete()
-RETURNS TRIGGER
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = fature_v2, public
-SET plan_cache_mode = force_generic_plan
-AS $$
-DECLARE
-    qt        TEXT;
-    started   TIMESTAMPTZ := clock_timestamp();
-    keys      BIGINT[];
-    n         BIGINT;
-    prev_flag TEXT;
-    e_state TEXT; e_message TEXT; e_constraint TEXT;
-BEGIN
-    IF NOT cutover.dual_write_active() THEN
-        RETURN NULL;
-    END IF;
-    qt := cutover.statement_query_type();
-    SELECT array_agg(affiliate_id), count(*) INTO keys, n FROM old_rows;
-    IF n = 0 THEN
-        RETURN NULL;
-    END IF;
-    prev_flag := coalesce(current_setting('cutover.mirroring', true), '');
-    BEGIN
-        PERFORM set_config('cutover.mirroring', 'on', true);
-        DELETE FROM public.affiliates WHERE affiliate_id = ANY (keys);
-        PERFORM set_config('cutover.mirroring', prev_flag, true);
-    EXCEPTION WHEN OTHERS THEN
-        GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
-                                e_constraint = CONSTRAINT_NAME;
-        IF cutover.dual_write_strict(qt) THEN
-            PERFORM cutover.report_statement('CV002', 'target_to_legacy', qt, n, started, clock_timestamp());
-            RAISE;
-        END IF;
-        PERFORM cutover.mirror_failed('target_to_legacy', 'DELETE', keys, qt, n, started,
-                                      e_state, e_message, e_constraint);
-        RETURN NULL;
-    END;
-    IF pg_trigger_depth() = 1 THEN
-        PERFORM cutover.report_statement('CV000', 'target_to_legacy', qt, n, started, clock_timestamp());
-    END IF;
-    RETURN NULL;
-END;
-$$;
 
 CREATE TRIGGER cutover_mirror_insert
     AFTER INSERT ON fature_v2.affiliates_optimized REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT WHEN (cutover.dual_write_active())
-    EXECUTE FUNCTION cutover.mirror_target_upsert();
+    EXECUTE FUNCTION cutover.mirror_target();
 CREATE TRIGGER cutover_mirror_update
     AFTER UPDATE ON fature_v2.affiliates_optimized
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
     FOR EACH STATEMENT WHEN (cutover.dual_write_active())
-    EXECUTE FUNCTION cutover.mirror_target_upsert();
+    EXECUTE FUNCTION cutover.mirror_target();
 CREATE TRIGGER cutover_mirror_delete
     AFTER DELETE ON fature_v2.affiliates_optimized REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT WHEN (cutover.dual_write_active())
-    EXECUTE FUNCTION cutover.mirror_target_delete();
+    EXECUTE FUNCTION cutover.mirror_target();

@@ -86,3 +86,41 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
+
+/// The repository's rules.
+pub fn rules() -> cutover::rules::RuleSet {
+    cutover::rules::RuleSet::load_dir(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/rules")))
+        .expect("the repository's rules load")
+}
+
+/// A database (by `config`) given the legacy table, every migration, and a generated tree.
+pub async fn legacy_database(
+    config: &tokio_postgres::Config,
+    spec: &cutover::fixture::TreeSpec,
+) -> anyhow::Result<tokio_postgres::Client> {
+    use cutover::{connect, fixture, migrate};
+    let client = connect::connect(config).await?;
+    fixture::create_legacy_table(&client).await?;
+    migrate::run(config, &migrate::MigrationSet::embedded(), false).await?;
+    fixture::load(&client, spec).await?;
+    Ok(client)
+}
+
+/// `cutover backfill` with its defaults, quietly.
+pub async fn backfill(
+    client: &tokio_postgres::Client,
+    rules: &cutover::rules::RuleSet,
+) -> Result<cutover::migrate::backfill::Summary, tokio_postgres::Error> {
+    use cutover::migrate::backfill;
+    backfill::run(
+        client,
+        &rules.table,
+        &backfill::Options {
+            batch: backfill::DEFAULT_BATCH,
+            dry_run: false,
+            progress: false,
+            abort_after_batches: None,
+        },
+    )
+    .await
+}

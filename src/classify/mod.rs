@@ -82,9 +82,10 @@ pub struct Typed {
     pub route: Rewrite,
     /// The target SQL is the rule's own (not rewritten).
     pub explicit_target: bool,
-    /// The statement writes (INSERT, UPDATE, DELETE, MERGE, COPY, TRUNCATE): the proxy tags
-    /// it with its query type for the dual-write trigger.
-    pub writes: bool,
+    /// For a statement that writes (INSERT, UPDATE, DELETE, MERGE, COPY, TRUNCATE): the
+    /// comment the proxy appends for the dual-write trigger (query type and fingerprint),
+    /// made once per SQL text with the classification.
+    pub write_tag: Option<Arc<str>>,
 }
 
 /// Classifies statements against one rule set, with a bounded cache by SQL text.
@@ -172,15 +173,18 @@ impl Classifier {
             None => (self.rewriter.rewrite_statements(statements), false),
         };
         let defaults = &self.rules.defaults;
+        let query_type = rule.map_or_else(|| fp.id.clone(), |r| r.name.clone());
+        let write_tag =
+            writes.then(|| crate::wire::messages::query_type_tag(&query_type, &fp.id).into());
         Classification::Typed(Typed {
-            query_type: rule.map_or_else(|| fp.id.clone(), |r| r.name.clone()),
+            query_type,
             named: rule.is_some(),
             stage: rule.map_or(defaults.stage, |r| r.stage),
             bucket: rule.map_or_else(|| defaults.bucket.clone(), |r| r.bucket.clone()),
             fingerprint: fp,
             route,
             explicit_target,
-            writes,
+            write_tag,
         })
     }
 }

@@ -10,7 +10,10 @@
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicBool, Ordering::Relaxed},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
 };
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -321,7 +324,7 @@ impl Statements<'_> {
 
     /// The `cutover_queries_total` counter of a statement's query type, and the tag to
     /// append if it writes on the legacy table.
-    fn classify(&self, sql: &[u8]) -> (Counter, Option<String>) {
+    fn classify(&self, sql: &[u8]) -> (Counter, Option<Arc<str>>) {
         let queries = &self.shared.metrics.queries;
         let Ok(sql) = std::str::from_utf8(sql) else {
             // Not UTF-8 (another client_encoding): never parsed, relayed as it is.
@@ -336,10 +339,7 @@ impl Statements<'_> {
                 } else {
                     queries.automatic.clone()
                 };
-                let tag = t
-                    .writes
-                    .then(|| messages::query_type_tag(&t.query_type, &t.fingerprint.id));
-                (counter, tag)
+                (counter, t.write_tag.clone())
             }
         }
     }
