@@ -39,6 +39,15 @@ pub struct FileConfig {
     /// what the audit records). Keep them out of version control: a config file the
     /// deployment provides, or `CUTOVER_ADMIN_TOKEN` (named `default`).
     pub admin_tokens: Option<std::collections::BTreeMap<String, String>>,
+    /// The database the shadow re-runs reads on, with its own role (read-only is enough).
+    /// Default: the control database. Only sessions on that same database are shadowed.
+    pub shadow: Option<String>,
+    /// Connections of the shadow pool (0 turns the shadow off).
+    pub shadow_connections: Option<usize>,
+    /// Comparisons waiting for the shadow pool; past it they are dropped and counted.
+    pub shadow_queue: Option<usize>,
+    /// The shadow's `statement_timeout`, in milliseconds.
+    pub shadow_timeout_ms: Option<u64>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
@@ -47,6 +56,18 @@ pub const DEFAULT_MAX_CLIENTS: usize = 1000;
 /// PostgreSQL refuses messages over 1 GB; so do we, by default.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 30;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_SHADOW_CONNECTIONS: usize = 4;
+pub const DEFAULT_SHADOW_QUEUE: usize = 1024;
+pub const DEFAULT_SHADOW_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The shadow pool's settings.
+#[derive(Debug, Clone)]
+pub struct ShadowConfig {
+    pub database: tokio_postgres::Config,
+    pub connections: usize,
+    pub queue: usize,
+    pub statement_timeout: Duration,
+}
 
 /// Where the upstream PostgreSQL is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +103,8 @@ pub struct ServeConfig {
     pub control: Option<tokio_postgres::Config>,
     /// (name, token) pairs that may change stages through the admin API.
     pub admin_tokens: Vec<(String, String)>,
+    /// `None`: no shadow (no database for it, or zero connections).
+    pub shadow: Option<ShadowConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +146,10 @@ impl FileConfig {
             tls_key: other.tls_key.or(self.tls_key),
             control: other.control.or(self.control),
             admin_tokens: other.admin_tokens.or(self.admin_tokens),
+            shadow: other.shadow.or(self.shadow),
+            shadow_connections: other.shadow_connections.or(self.shadow_connections),
+            shadow_queue: other.shadow_queue.or(self.shadow_queue),
+            shadow_timeout_ms: other.shadow_timeout_ms.or(self.shadow_timeout_ms),
         }
     }
 
@@ -199,6 +226,35 @@ impl FileConfig {
             }
         }
 
+        let shadow_database = match self.shadow.as_deref() {
+            Some(url) => connect::parse_url(url)
+                .map(Some)
+                .map_err(|e| problems.push(format!("shadow: {e}")))
+                .unwrap_or(None),
+            None => control.clone(),
+        };
+        let queue = self.shadow_queue.unwrap_or(DEFAULT_SHADOW_QUEUE);
+        if queue == 0 {
+            problems.push("shadow_queue: must be at least 1".into());
+        }
+        if self.shadow_timeout_ms == Some(0) {
+            problems.push("shadow_timeout_ms: must be at least 1".into());
+        }
+        let connections = self
+            .shadow_connections
+            .unwrap_or(DEFAULT_SHADOW_CONNECTIONS);
+        let shadow = shadow_database
+            .filter(|_| connections > 0)
+            .map(|database| ShadowConfig {
+                database,
+                connections,
+                queue,
+                statement_timeout: self
+                    .shadow_timeout_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(DEFAULT_SHADOW_TIMEOUT),
+            });
+
         match (listen, admin, upstream) {
             (Some(listen), Some(admin), Some((upstream, upstream_config)))
                 if problems.is_empty() =>
@@ -221,6 +277,7 @@ impl FileConfig {
                     tls,
                     control,
                     admin_tokens,
+                    shadow,
                 })
             }
             _ => Err(ConfigError(problems)),

@@ -100,6 +100,13 @@ pub async fn connect(config: &Config) -> Result<Client, ConnectError> {
     Ok(client)
 }
 
+/// Connects under an `application_name` of the proxy's own (what `pg_stat_activity` shows).
+pub async fn connect_as(config: &Config, application_name: &str) -> Result<Client, ConnectError> {
+    let mut config = config.clone();
+    config.application_name(application_name);
+    connect(&config).await
+}
+
 fn classify(target: Target, error: tokio_postgres::Error) -> ConnectError {
     let Some(db) = error.as_db_error() else {
         let reason = std::error::Error::source(&error)

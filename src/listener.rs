@@ -108,13 +108,24 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         config.control.clone(),
         Arc::clone(&rules),
     ));
-    let shared = Arc::new(Shared::new(
+    let shutdown = CancellationToken::new();
+    let shadow = config.shadow.clone().map(|shadow_config| {
+        let store_database = config
+            .control
+            .clone()
+            .unwrap_or_else(|| shadow_config.database.clone());
+        let shadow = Arc::new(crate::shadow::Shadow::new(shadow_config));
+        shadow.start(store_database, shutdown.clone());
+        shadow
+    });
+    let mut shared = Shared::new(
         config,
         Classifier::new(rules),
         upstream_tls,
         Arc::clone(&control),
-    ));
-    let shutdown = CancellationToken::new();
+    );
+    shared.shadow = shadow;
+    let shared = Arc::new(shared);
     control.set_rules(Arc::clone(shared.classifier.load().rules_arc()));
     tokio::spawn(Arc::clone(&control).run(shutdown.clone()));
     tokio::spawn(

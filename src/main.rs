@@ -238,6 +238,23 @@ struct ServeArgs {
         value_name = "TOKEN"
     )]
     admin_token: Option<String>,
+    /// Database the shadow re-runs reads on, with its own role [default: the control database]
+    #[arg(
+        long,
+        env = "CUTOVER_SHADOW",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    shadow: Option<String>,
+    /// Connections of the shadow pool; 0 turns the shadow off [default: 4]
+    #[arg(long, value_name = "N")]
+    shadow_connections: Option<usize>,
+    /// Comparisons waiting for the shadow pool before new ones are dropped [default: 1024]
+    #[arg(long, value_name = "N")]
+    shadow_queue: Option<usize>,
+    /// statement_timeout of the shadow's statements, in milliseconds [default: 5000]
+    #[arg(long, value_name = "MS")]
+    shadow_timeout_ms: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -392,6 +409,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         admin_tokens: args
             .admin_token
             .map(|t| [("default".to_owned(), t)].into_iter().collect()),
+        shadow: args.shadow,
+        shadow_connections: args.shadow_connections,
+        shadow_queue: args.shadow_queue,
+        shadow_timeout_ms: args.shadow_timeout_ms,
     };
     let config = file.overridden_by(flags).validate()?;
     let running = listener::start(config).await?;

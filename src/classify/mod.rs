@@ -11,6 +11,7 @@
 //! parser cannot read is relayed to legacy untouched and counted, never failed.
 
 pub mod fingerprint;
+pub mod params;
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use fingerprint::Fingerprint;
 use quick_cache::sync::Cache;
 
 use crate::{
+    compare::determinism::{self, Determinism},
     rewrite::{Rewrite, Rewriter},
     rules::{Bucket, RuleSet, Stage},
 };
@@ -78,6 +80,8 @@ pub struct Typed {
     pub fingerprint: Fingerprint,
     pub stage: Stage,
     pub bucket: Bucket,
+    /// Share of executions the shadow compares (0.0 to 1.0).
+    pub sample_rate: f64,
     /// Where it goes on the target, or why it cannot.
     pub route: Rewrite,
     /// The target SQL is the rule's own (not rewritten).
@@ -86,6 +90,17 @@ pub struct Typed {
     /// comment the proxy appends for the dual-write trigger (query type and fingerprint),
     /// made once per SQL text with the classification.
     pub write_tag: Option<Arc<str>>,
+    /// For a single read (one query): what the shadow needs to compare its answers.
+    pub read: Option<Arc<ReadPlan>>,
+}
+
+/// What comparing a read's two answers needs, worked out once per SQL text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadPlan {
+    /// Whether its answer is determined, and in what order to compare it.
+    pub determinism: Determinism,
+    /// The column each `$n` is compared with (what decides whether a sample may show it).
+    pub bound_columns: std::collections::BTreeMap<usize, String>,
 }
 
 /// Classifies statements against one rule set, with a bounded cache by SQL text.
@@ -164,6 +179,18 @@ impl Classifier {
                     | S::Truncate { .. }
             )
         });
+        let read = (!writes)
+            .then(|| {
+                let key = self.rules.table.key.as_str();
+                match determinism::analyze(&statements, &[key]) {
+                    Determinism::NotARead => None,
+                    determinism => Some(Arc::new(ReadPlan {
+                        determinism,
+                        bound_columns: params::bound_columns(&statements),
+                    })),
+                }
+            })
+            .flatten();
         let mut normalized = statements.clone();
         let fp = fingerprint::of_statements(&mut normalized);
         let rule = self.rules.query_type_for(&fp);
@@ -180,11 +207,13 @@ impl Classifier {
             query_type,
             named: rule.is_some(),
             stage: rule.map_or(defaults.stage, |r| r.stage),
+            sample_rate: rule.map_or(defaults.sample_rate, |r| r.sample_rate),
             bucket: rule.map_or_else(|| defaults.bucket.clone(), |r| r.bucket.clone()),
             fingerprint: fp,
             route,
             explicit_target,
             write_tag,
+            read,
         })
     }
 }

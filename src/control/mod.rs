@@ -515,8 +515,8 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
 /// The gate's window.
 pub const GATE_WINDOW: &str = "1 hour";
 
-/// Compared samples with a verdict (matched + confirmed) and the matched ones, of a query
-/// type in the gate's window (`cutover.comparison_stats`, written by the shadow).
+/// Compared samples with a verdict (matched, expected by reviewers, confirmed) and the
+/// agreeing ones (matched or expected), of a query type in the gate's window (`cutover.comparison_stats`, written by the shadow).
 async fn window_samples(
     client: &tokio_postgres::Transaction<'_>,
     query_type: &str,
@@ -524,7 +524,8 @@ async fn window_samples(
     let row = client
         .query_one(
             &format!(
-                "SELECT coalesce(sum(matched + confirmed), 0)::int8, coalesce(sum(matched), 0)::int8
+                "SELECT coalesce(sum(matched + expected + confirmed), 0)::int8,
+                        coalesce(sum(matched + expected), 0)::int8
                  FROM cutover.comparison_stats
                  WHERE query_type = $1 AND minute >= now() - interval '{GATE_WINDOW}'"
             ),
@@ -559,14 +560,15 @@ impl Default for RampDown {
 pub async fn ramp_down(client: &mut Client, bar: RampDown) -> Result<Vec<Changed>, ChangeError> {
     let diverging = client
         .query(
-            "SELECT s.query_type, sum(c.confirmed)::int8, sum(c.matched + c.confirmed)::int8
+            "SELECT s.query_type, sum(c.confirmed)::int8, sum(c.matched + c.expected + c.confirmed)::int8
              FROM cutover.query_type_state s
              JOIN cutover.comparison_stats c ON c.query_type = s.query_type
              WHERE s.stage IN ('cutover', 'target')
                AND c.minute >= now() - make_interval(mins => $1::int4)
              GROUP BY s.query_type
-             HAVING sum(c.matched + c.confirmed)::int8 >= $2::int8
-                AND sum(c.confirmed)::float8 / sum(c.matched + c.confirmed)::float8 > $3::float8",
+             HAVING sum(c.matched + c.expected + c.confirmed)::int8 >= $2::int8
+                AND sum(c.confirmed)::float8
+                    / sum(c.matched + c.expected + c.confirmed)::float8 > $3::float8",
             &[&bar.window_minutes, &bar.min_samples, &bar.max_divergence],
         )
         .await?;

@@ -62,17 +62,7 @@ async fn repair(
     let key = quote_ident(&table.key);
     let shared: Vec<&crate::rules::ColumnMap> = table.stored_columns().collect();
     let (target_cols, legacy_cols) = table.stored_column_lists("l");
-    let differs = shared
-        .iter()
-        .map(|c| {
-            format!(
-                "l.{} IS DISTINCT FROM t.{}",
-                quote_ident(&c.legacy),
-                quote_ident(&c.target)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" OR ");
+    let differs = crate::rules::any_differs_sql(shared.iter().copied());
     let quarantine: bool = client
         .query_one(
             "SELECT to_regclass('cutover.backfill_quarantine') IS NOT NULL",

@@ -192,11 +192,7 @@ async fn verify_in_snapshot(
             .get(0);
     }
     let column_diff = |c: &crate::rules::ColumnMap| -> String {
-        let base = format!(
-            "l.{} IS DISTINCT FROM t.{}",
-            quote_ident(&c.legacy),
-            quote_ident(&c.target)
-        );
+        let base = c.differs_sql();
         if Some(&c.legacy) == parent.as_ref() && detached {
             // A child of a deleted affiliate: legacy keeps the dangling id, the target made it
             // a root and recorded the former parent.
@@ -213,16 +209,7 @@ async fn verify_in_snapshot(
         }
     };
     let flags: Vec<String> = plain.iter().map(|c| column_diff(c)).collect();
-    let derived_flags: Vec<String> = derived
-        .iter()
-        .map(|c| {
-            format!(
-                "l.{} IS DISTINCT FROM t.{}",
-                quote_ident(&c.legacy),
-                quote_ident(&c.target)
-            )
-        })
-        .collect();
+    let derived_flags: Vec<String> = derived.iter().map(|c| c.differs_sql()).collect();
     let any = flags
         .iter()
         .chain(&derived_flags)

@@ -159,6 +159,27 @@ pub struct TableMap {
     pub location: Location,
 }
 
+impl ColumnMap {
+    /// `l.<legacy> IS DISTINCT FROM t.<target>`: the column differs between a legacy row
+    /// aliased `l` and a target row aliased `t`.
+    pub fn differs_sql(&self) -> String {
+        format!(
+            "l.{} IS DISTINCT FROM t.{}",
+            quote_ident(&self.legacy),
+            quote_ident(&self.target)
+        )
+    }
+}
+
+/// Whether any of `columns` differs between rows aliased `l` and `t` (SQL).
+pub fn any_differs_sql<'a>(columns: impl IntoIterator<Item = &'a ColumnMap>) -> String {
+    columns
+        .into_iter()
+        .map(ColumnMap::differs_sql)
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
 impl TableMap {
     pub fn column(&self, legacy: &str) -> Option<&ColumnMap> {
         self.columns.iter().find(|c| c.legacy == legacy)
@@ -268,11 +289,19 @@ pub struct RuleSet {
     pub table: TableMap,
     pub defaults: Defaults,
     pub query_types: Vec<QueryType>,
+    /// 12 hex digits of the SHA-256 of the files' names and texts: which rules a divergence
+    /// was found under.
+    pub version: String,
     by_fingerprint: HashMap<String, usize>,
 }
 
 impl RuleSet {
     /// The query type a fingerprint belongs to, if a rule names it.
+    /// The named query type called `name`.
+    pub fn named(&self, name: &str) -> Option<&QueryType> {
+        self.query_types.iter().find(|q| q.name == name)
+    }
+
     pub fn query_type_for(&self, fp: &Fingerprint) -> Option<&QueryType> {
         if let Some(&i) = self.by_fingerprint.get(&fp.text) {
             return Some(&self.query_types[i]);
@@ -321,6 +350,19 @@ impl RuleSet {
     pub fn from_sources(sources: &[(PathBuf, String)]) -> Result<Self, RulesError> {
         Builder::default().build(sources)
     }
+}
+
+fn version_of(sources: &[(PathBuf, String)]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for (path, text) in sources {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        hash.update(name.unwrap_or_default().as_bytes());
+        hash.update([0]);
+        hash.update(text.as_bytes());
+        hash.update([0]);
+    }
+    hex::encode(&hash.finalize()[..6])
 }
 
 /// Collects diagnostics while turning raw files into a rule set.
@@ -461,6 +503,7 @@ impl Builder {
                 table,
                 defaults,
                 query_types,
+                version: version_of(sources),
                 by_fingerprint,
             }),
             _ => Err(RulesError(self.diagnostics)),

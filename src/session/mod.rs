@@ -50,6 +50,8 @@ pub struct Shared {
     pub terminate: CancellationToken,
     /// The live state of the query types, shared with the other replicas.
     pub control: Arc<crate::control::Control>,
+    /// The shadow pool, when one is configured.
+    pub shadow: Option<Arc<crate::shadow::Shadow>>,
     next_id: AtomicU32,
 }
 
@@ -76,6 +78,7 @@ impl Shared {
             upstream_tls,
             terminate: CancellationToken::new(),
             control,
+            shadow: None,
             // Session ids double as the process ids handed to clients for cancelling;
             // start at a random point so they do not look like the server's.
             next_id: AtomicU32::new(rand::random::<u32>() >> 1),
@@ -146,7 +149,11 @@ pub async fn run<C: relay::Duplex>(mut client: C, startup: Startup, id: u32, sha
             .await;
             return;
         }
-        let end = relay::Relay::new(&mut client, &mut upstream, id, &shared)
+        let shadow = shared
+            .shadow
+            .as_deref()
+            .filter(|s| s.serves(startup.user_and_database().1));
+        let end = relay::Relay::new(&mut client, &mut upstream, id, &shared, shadow)
             .run()
             .await;
         tracing::debug!(?end, "session ended");

@@ -26,6 +26,9 @@ use super::Shared;
 use crate::{
     cancel::KeyGuard,
     classify::Classification,
+    rewrite::Rewrite,
+    rules::{RuleSet, Stage},
+    shadow::{self, Shadow},
     wire::{
         self, WireError,
         messages::{self, AUTH_SASL, backend, frontend},
@@ -76,15 +79,24 @@ pub struct Relay<'a, C, U> {
     upstream: &'a mut U,
     id: u32,
     shared: &'a Shared,
+    /// The shadow, when this session's database is the one it reads.
+    shadow: Option<&'a Shadow>,
 }
 
 impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
-    pub fn new(client: &'a mut C, upstream: &'a mut U, id: u32, shared: &'a Shared) -> Self {
+    pub fn new(
+        client: &'a mut C,
+        upstream: &'a mut U,
+        id: u32,
+        shared: &'a Shared,
+        shadow: Option<&'a Shadow>,
+    ) -> Self {
         Self {
             client,
             upstream,
             id,
             shared,
+            shadow,
         }
     }
 
@@ -103,6 +115,7 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
             streaming: 0,
             statements: Statements {
                 shared,
+                shadow: self.shadow,
                 statements: HashMap::new(),
                 portals: HashMap::new(),
             },
@@ -164,12 +177,36 @@ struct ClientToServer<'s> {
 
 /// What the session knows of its statements: the query type counter of each prepared
 /// statement and portal (the unnamed ones under the empty name), so that an Execute counts
-/// as what was parsed.
+/// as what was parsed; and, for reads the shadow may compare, what it needs to run them.
 struct Statements<'s> {
     shared: &'s Shared,
-    statements: HashMap<Box<[u8]>, Counter>,
-    portals: HashMap<Box<[u8]>, Counter>,
+    shadow: Option<&'s Shadow>,
+    statements: HashMap<Box<[u8]>, Prepared>,
+    portals: HashMap<Box<[u8]>, Portal>,
 }
+
+struct Prepared {
+    counter: Counter,
+    /// A read with a target route: what the shadow needs besides the parameters.
+    read: Option<Arc<ShadowSource>>,
+}
+
+struct ShadowSource {
+    classification: Arc<Classification>,
+    sql: Arc<str>,
+    param_types: Arc<[u32]>,
+    rules: Arc<RuleSet>,
+}
+
+struct Portal {
+    counter: Counter,
+    /// A comparison to hand to the shadow at the portal's first Execute.
+    job: Option<shadow::Job>,
+}
+
+/// Bind messages up to this size are read whole when their statement is shadowed (to copy
+/// the parameters); larger ones stream through and are not compared.
+const MAX_SHADOWED_BIND: usize = 64 * 1024;
 
 impl ClientToServer<'_> {
     async fn run<R, W>(&mut self, client: &mut R, upstream: &mut W) -> End
@@ -235,7 +272,8 @@ impl ClientToServer<'_> {
                     tag => {
                         if tag == frontend::BIND {
                             // Bind starts with the portal's and the statement's names; its
-                            // parameters (possibly large) stream through unread.
+                            // parameters (possibly large) stream through unread — unless
+                            // the shadow is to compare this execution and needs them.
                             let prefix = header.total.min(BIND_PREFIX);
                             if available < prefix {
                                 self.buf.reserve(prefix - available);
@@ -243,7 +281,16 @@ impl ClientToServer<'_> {
                             }
                             let names = &self.buf[ready + 5..ready + prefix];
                             if let Some((portal, statement)) = messages::bind_names(names) {
-                                self.statements.bind(portal, statement);
+                                let whole = header.total <= MAX_SHADOWED_BIND
+                                    && self.statements.compares(statement);
+                                if whole && available < header.total {
+                                    self.buf.reserve(header.total - available);
+                                    break;
+                                }
+                                let body =
+                                    &self.buf[ready + 5..ready + header.total.min(available)];
+                                self.statements
+                                    .bind(portal, statement, whole.then_some(body));
                             }
                         }
                         if available >= header.total {
@@ -275,10 +322,80 @@ impl ClientToServer<'_> {
 }
 
 impl Statements<'_> {
-    fn bind(&mut self, portal: &[u8], statement: &[u8]) {
-        let counter = self.statements.get(statement).cloned();
-        let counter = counter.unwrap_or_else(|| self.shared.metrics.queries.passthrough.clone());
-        self.portals.insert(portal.into(), counter);
+    /// Whether executions of prepared statement `name` are compared now (its query type's
+    /// live stage compares, and the shadow serves this session).
+    fn compares(&self, name: &[u8]) -> bool {
+        self.statements
+            .get(name)
+            .and_then(|p| p.read.as_ref())
+            .is_some_and(|r| self.compared(&r.classification))
+    }
+
+    /// Whether a statement of this classification is compared now, before sampling.
+    fn compared(&self, classification: &Classification) -> bool {
+        let Classification::Typed(t) = classification else {
+            return false;
+        };
+        if self.shadow.is_none() || t.read.is_none() || !matches!(t.route, Rewrite::Target(_)) {
+            return false;
+        }
+        let live = self.shared.control.live();
+        let stage = live.by_type.get(&t.query_type).map(|s| s.stage.as_str());
+        match stage {
+            Some(stage) => matches!(stage, "shadow" | "cutover" | "target"),
+            None => matches!(t.stage, Stage::Shadow | Stage::Cutover(_) | Stage::Target),
+        }
+    }
+
+    fn sampled(classification: &Classification) -> bool {
+        match classification {
+            Classification::Typed(t) => {
+                t.sample_rate >= 1.0 || rand::random::<f64>() < t.sample_rate
+            }
+            _ => false,
+        }
+    }
+
+    /// A Bind: its portal executes what `statement` was parsed as. `body` is the whole
+    /// message when the statement is compared now (see [`Self::compares`]).
+    fn bind(&mut self, portal: &[u8], statement: &[u8], body: Option<&[u8]>) {
+        let Some(prepared) = self.statements.get(statement) else {
+            self.portals.insert(
+                portal.into(),
+                Portal {
+                    counter: self.shared.metrics.queries.passthrough.clone(),
+                    job: None,
+                },
+            );
+            return;
+        };
+        let job = body
+            .zip(prepared.read.as_ref())
+            .filter(|(_, r)| Self::sampled(&r.classification))
+            .and_then(|(body, r)| {
+                let params = messages::bind_params(body)?;
+                Some(shadow::Job {
+                    classification: Arc::clone(&r.classification),
+                    sql: Arc::clone(&r.sql),
+                    param_types: Arc::clone(&r.param_types),
+                    params: params
+                        .into_iter()
+                        .map(|(binary, value)| shadow::Param {
+                            binary,
+                            value: value.map(Bytes::copy_from_slice),
+                        })
+                        .collect(),
+                    inline: false,
+                    rules: Arc::clone(&r.rules),
+                })
+            });
+        self.portals.insert(
+            portal.into(),
+            Portal {
+                counter: prepared.counter.clone(),
+                job,
+            },
+        );
     }
 
     /// The place where classification (and later routing and rewriting) plugs in. Today:
@@ -290,31 +407,64 @@ impl Statements<'_> {
         match tag {
             frontend::QUERY => {
                 let sql = messages::query_text(body)?;
-                let (counter, write_tag) = self.classify(sql);
+                let (counter, classification) = self.classify(sql);
                 counter.increment(1);
-                return write_tag.and_then(|t| messages::tagged_query(body, &t));
+                let classification = classification?;
+                if let Some(shadow) = self.shadow
+                    && self.compared(&classification)
+                    && Self::sampled(&classification)
+                    && let Ok(sql) = std::str::from_utf8(sql)
+                {
+                    shadow.offer(shadow::Job {
+                        classification: Arc::clone(&classification),
+                        sql: sql.into(),
+                        param_types: Arc::new([]),
+                        params: Vec::new(),
+                        inline: true,
+                        rules: Arc::clone(self.shared.classifier.load().rules_arc()),
+                    });
+                }
+                return write_tag(&classification).and_then(|t| messages::tagged_query(body, t));
             }
             frontend::PARSE => {
                 let (name, sql) = messages::parse_text(body)?;
-                let (counter, write_tag) = self.classify(sql);
-                self.statements.insert(name.into(), counter);
-                return write_tag.and_then(|t| messages::tagged_parse(body, &t));
+                let (counter, classification) = self.classify(sql);
+                let read = classification.as_ref().filter(|c| {
+                    self.shadow.is_some()
+                        && matches!(&***c, Classification::Typed(t) if t.read.is_some() && matches!(t.route, Rewrite::Target(_)))
+                });
+                let read = read.and_then(|c| {
+                    Some(Arc::new(ShadowSource {
+                        classification: Arc::clone(c),
+                        sql: std::str::from_utf8(sql).ok()?.into(),
+                        param_types: messages::parse_param_types(body)?.into(),
+                        rules: Arc::clone(self.shared.classifier.load().rules_arc()),
+                    }))
+                });
+                self.statements
+                    .insert(name.into(), Prepared { counter, read });
+                let classification = classification?;
+                return write_tag(&classification).and_then(|t| messages::tagged_parse(body, t));
             }
             frontend::EXECUTE => {
                 let portal = messages::execute_portal(body).unwrap_or_default();
-                match self.portals.get(portal) {
-                    Some(counter) => counter.increment(1),
+                match self.portals.get_mut(portal) {
+                    Some(p) => {
+                        p.counter.increment(1);
+                        if let (Some(job), Some(shadow)) = (p.job.take(), self.shadow) {
+                            shadow.offer(job);
+                        }
+                    }
                     None => self.shared.metrics.queries.passthrough.increment(1),
                 }
             }
             frontend::CLOSE => {
                 if let Some((kind, name)) = messages::close_target(body) {
-                    let map = if kind == b'S' {
-                        &mut self.statements
+                    if kind == b'S' {
+                        self.statements.remove(name);
                     } else {
-                        &mut self.portals
-                    };
-                    map.remove(name);
+                        self.portals.remove(name);
+                    }
                 }
             }
             _ => {}
@@ -322,26 +472,30 @@ impl Statements<'_> {
         None
     }
 
-    /// The `cutover_queries_total` counter of a statement's query type, and the tag to
-    /// append if it writes on the legacy table.
-    fn classify(&self, sql: &[u8]) -> (Counter, Option<Arc<str>>) {
+    /// The `cutover_queries_total` counter of a statement's query type, and its
+    /// classification when it is on the legacy table.
+    fn classify(&self, sql: &[u8]) -> (Counter, Option<Arc<Classification>>) {
         let queries = &self.shared.metrics.queries;
         let Ok(sql) = std::str::from_utf8(sql) else {
             // Not UTF-8 (another client_encoding): never parsed, relayed as it is.
             return (queries.passthrough.clone(), None);
         };
-        match &*self.shared.classifier.load().classify(sql) {
-            Classification::Passthrough => (queries.passthrough.clone(), None),
-            Classification::Unparsable { .. } => (queries.unparsable.clone(), None),
-            Classification::Typed(t) => {
-                let counter = if t.named {
-                    queries.named(&t.query_type)
-                } else {
-                    queries.automatic.clone()
-                };
-                (counter, t.write_tag.clone())
-            }
-        }
+        let classification = self.shared.classifier.load().classify(sql);
+        let counter = match &*classification {
+            Classification::Passthrough => return (queries.passthrough.clone(), None),
+            Classification::Unparsable { .. } => return (queries.unparsable.clone(), None),
+            Classification::Typed(t) if t.named => queries.named(&t.query_type),
+            Classification::Typed(_) => queries.automatic.clone(),
+        };
+        (counter, Some(classification))
+    }
+}
+
+/// The tag to append to a write on the legacy table.
+fn write_tag(classification: &Classification) -> Option<&str> {
+    match classification {
+        Classification::Typed(t) => t.write_tag.as_deref(),
+        _ => None,
     }
 }
 

@@ -177,6 +177,63 @@ pub fn parse_text(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((name, sql))
 }
 
+/// The parameter type OIDs of a Parse message (0: left to the server).
+pub fn parse_param_types(body: &[u8]) -> Option<Vec<u32>> {
+    let mut rest = body;
+    take_cstr(&mut rest)?;
+    take_cstr(&mut rest)?;
+    let n = take_i16(&mut rest)?;
+    (0..n)
+        .map(|_| {
+            let (oid, tail) = rest.split_first_chunk::<4>()?;
+            rest = tail;
+            Some(u32::from_be_bytes(*oid))
+        })
+        .collect()
+}
+
+/// One bound parameter: binary format or not, and the value (`None` for NULL).
+pub type BoundParam<'a> = (bool, Option<&'a [u8]>);
+
+/// A Bind message's parameters.
+pub fn bind_params(body: &[u8]) -> Option<Vec<BoundParam<'_>>> {
+    let mut rest = body;
+    take_cstr(&mut rest)?;
+    take_cstr(&mut rest)?;
+    let formats = take_i16(&mut rest)?;
+    let mut codes = Vec::with_capacity(formats.max(0) as usize);
+    for _ in 0..formats {
+        codes.push(take_i16(&mut rest)?);
+    }
+    let n = take_i16(&mut rest)?;
+    let mut params = Vec::with_capacity(n.max(0) as usize);
+    for i in 0..n.max(0) as usize {
+        let binary = match codes.len() {
+            0 => false,
+            1 => codes[0] == 1,
+            _ => *codes.get(i)? == 1,
+        };
+        let (len, tail) = rest.split_first_chunk::<4>()?;
+        rest = tail;
+        let len = i32::from_be_bytes(*len);
+        let value = if len < 0 {
+            None
+        } else {
+            let (value, tail) = rest.split_at_checked(len as usize)?;
+            rest = tail;
+            Some(value)
+        };
+        params.push((binary, value));
+    }
+    Some(params)
+}
+
+fn take_i16(rest: &mut &[u8]) -> Option<i16> {
+    let (n, tail) = rest.split_first_chunk::<2>()?;
+    *rest = tail;
+    Some(i16::from_be_bytes(*n))
+}
+
 /// The comment the proxy appends to a statement it classified as a write on the legacy
 /// table (query type and fingerprint id, both `[a-z0-9_]`): the database's dual-write
 /// trigger reads them back from it
@@ -308,6 +365,30 @@ pub fn close_target(body: &[u8]) -> Option<(u8, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bind_parameters_and_parse_types() {
+        // Bind "" "s1": formats [1], params [int8 7, NULL], result formats [].
+        let mut body = b"\0s1\0".to_vec();
+        body.extend_from_slice(&1i16.to_be_bytes());
+        body.extend_from_slice(&1i16.to_be_bytes());
+        body.extend_from_slice(&2i16.to_be_bytes());
+        body.extend_from_slice(&8i32.to_be_bytes());
+        body.extend_from_slice(&7i64.to_be_bytes());
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        body.extend_from_slice(&0i16.to_be_bytes());
+        let params = bind_params(&body).unwrap();
+        assert_eq!(params.len(), 2);
+        assert_eq!(params[0], (true, Some(&7i64.to_be_bytes()[..])));
+        assert_eq!(params[1], (true, None));
+        // Truncated: refused, not misread.
+        assert!(bind_params(&body[..body.len() - 8]).is_none());
+
+        let mut parse = b"s1\0SELECT $1\0".to_vec();
+        parse.extend_from_slice(&1i16.to_be_bytes());
+        parse.extend_from_slice(&20u32.to_be_bytes());
+        assert_eq!(parse_param_types(&parse), Some(vec![20]));
+    }
 
     fn body(frame: &Bytes) -> &[u8] {
         &frame[5..]

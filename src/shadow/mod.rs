@@ -1,0 +1,163 @@
+//! The shadow: reads offered by the sessions are run again, on both schemas, by a pool of
+//! the proxy's own connections, and their answers compared.
+//!
+//! It must never slow a client down or change what it sees:
+//! - sessions hand a read over with [`Shadow::offer`]: a `try_send` into a bounded queue;
+//!   when the queue is full the comparison is dropped and counted
+//!   (`cutover_shadow_dropped_total`), never waited for;
+//! - the pool's connections are its own (the shadow role, `statement_timeout`,
+//!   `default_transaction_read_only`), so a slow or failing target side costs the shadow,
+//!   not the session; a shadow statement that times out is `skipped`, not a divergence;
+//! - nothing the shadow does reaches a client: its failures become outcomes and metrics.
+//!
+//! What it compares: the legacy statement and its target SQL, each on committed data. A
+//! client's own uncommitted writes are invisible to both sides alike, so a read inside a
+//! transaction that wrote is compared on what was committed before it — never against a
+//! target that has not yet received the transaction's writes (dual-write syncs v2 at
+//! COMMIT). See [`run`] for the comparison, the confirmation in one snapshot and the
+//! classification of what held.
+
+mod redact;
+mod run;
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    classify::{Classification, Typed},
+    compare::determinism::Determinism,
+    config::ShadowConfig,
+    divergence::{Outcome, Store},
+    rules::RuleSet,
+};
+
+/// One bound parameter, as the client sent it.
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub binary: bool,
+    /// `None` is SQL NULL.
+    pub value: Option<Bytes>,
+}
+
+/// A read to compare.
+#[derive(Debug)]
+pub struct Job {
+    /// The statement's classification (a [`Typed`] read with a target route).
+    pub classification: Arc<Classification>,
+    /// The legacy SQL, as the client sent it.
+    pub sql: Arc<str>,
+    /// Parameter type OIDs from the Parse (0: unspecified), and the values from the Bind.
+    pub param_types: Arc<[u32]>,
+    pub params: Vec<Param>,
+    /// The SQL carries its values inline (simple protocol): samples normalize them away.
+    pub inline: bool,
+    /// The rules it was classified under.
+    pub rules: Arc<RuleSet>,
+}
+
+impl Job {
+    fn typed(&self) -> Option<&Typed> {
+        match &*self.classification {
+            Classification::Typed(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// The `query_type` label of a query type's metrics: its rule's name, or `automatic`.
+pub fn label(typed: &Typed) -> &str {
+    if typed.named {
+        &typed.query_type
+    } else {
+        "automatic"
+    }
+}
+
+/// The shadow of one proxy: its queue and its store.
+pub struct Shadow {
+    queue: mpsc::Sender<Job>,
+    receiver: std::sync::Mutex<Option<mpsc::Receiver<Job>>>,
+    config: ShadowConfig,
+    /// The database sessions must be on to be shadowed (the pool's).
+    database: String,
+    pub store: Arc<Store>,
+}
+
+impl Shadow {
+    pub fn new(config: ShadowConfig) -> Self {
+        let (queue, receiver) = mpsc::channel(config.queue);
+        Self {
+            queue,
+            receiver: std::sync::Mutex::new(Some(receiver)),
+            database: config
+                .database
+                .get_dbname()
+                .or(config.database.get_user())
+                .unwrap_or("postgres")
+                .to_owned(),
+            config,
+            store: Arc::new(Store::new()),
+        }
+    }
+
+    /// Whether sessions on `database` can be shadowed (the pool reads that database).
+    pub fn serves(&self, database: &str) -> bool {
+        self.database == database
+    }
+
+    /// Hands a read over; never waits. A statement whose answer is not determined is
+    /// counted `nondeterministic` without running.
+    pub fn offer(&self, job: Job) {
+        let Some(typed) = job.typed() else { return };
+        let Some(plan) = &typed.read else { return };
+        if let Determinism::Nondeterministic(_) = plan.determinism {
+            self.store.count(
+                &typed.query_type,
+                label(typed),
+                Outcome::Nondeterministic,
+                None,
+            );
+            return;
+        }
+        if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
+            self.queue.try_send(job)
+            && let Some(typed) = job.typed()
+        {
+            self.store
+                .count(&typed.query_type, label(typed), Outcome::Dropped, None);
+        }
+    }
+
+    /// Starts the pool's workers and the store's writer (once).
+    pub fn start(
+        self: &Arc<Self>,
+        store_database: tokio_postgres::Config,
+        shutdown: CancellationToken,
+    ) {
+        let Some(receiver) = self
+            .receiver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let receiver = Arc::new(Mutex::new(receiver));
+        for n in 0..self.config.connections {
+            tokio::spawn(run::worker(
+                n,
+                Arc::clone(self),
+                Arc::clone(&receiver),
+                shutdown.clone(),
+            ));
+        }
+        tokio::spawn(Arc::clone(&self.store).run(store_database, shutdown));
+    }
+
+    fn statement_timeout(&self) -> Duration {
+        self.config.statement_timeout
+    }
+}

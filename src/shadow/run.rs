@@ -1,0 +1,487 @@
+//! One shadow worker: a connection of its own, jobs from the queue, and for each job
+//!
+//! 1. the legacy statement and its target SQL run one after the other, each on committed
+//!    data (as two independent readers would see them: a concurrent write may fall between);
+//! 2. the answers compared ([`crate::compare`]); agreement is `match`;
+//! 3. a disagreement is run again, both sides inside one `REPEATABLE READ READ ONLY`
+//!    transaction: agreement there makes it `transient` (a write fell between the two
+//!    reads), disagreement `confirmed`;
+//! 4. a confirmed divergence is classified in that same snapshot: `error` (a side failed),
+//!    `drift` (the two tables' rows differ for the keys involved: the answers' keys and the
+//!    key parameters), `rewrite_bug` (those rows agree: the queries do not), or
+//!    `undetermined` (no key to look the rows up by);
+//! 5. a class reviewers expect is counted `expected` instead; a sample (bounded) is stored.
+//!
+//! A side that times out (`statement_timeout`), returns more than [`MAX_ROWS`] rows or
+//! loses its connection makes the comparison `skipped`.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::TryStreamExt;
+use tokio::sync::{Mutex, mpsc};
+use tokio_postgres::{
+    Client, Statement,
+    error::SqlState,
+    types::{Format, IsNull, Kind as TypeKind, ToSql, Type, to_sql_checked},
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{Job, Param, Shadow, label, redact};
+use crate::{
+    compare::determinism::Determinism,
+    compare::{self, Answer, Order, Verdict},
+    divergence::{Kind, Outcome, Sample},
+    rewrite::Rewrite,
+    rules::{QueryType, RuleSet, quote_ident},
+};
+
+/// Rows a side may return before the comparison is skipped (the shadow holds both answers
+/// in memory).
+pub const MAX_ROWS: usize = 10_000;
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE: usize = 512;
+
+pub(super) async fn worker(
+    n: usize,
+    shadow: Arc<Shadow>,
+    queue: Arc<Mutex<mpsc::Receiver<Job>>>,
+    shutdown: CancellationToken,
+) {
+    let mut conn: Option<Conn> = None;
+    let mut last_attempt: Option<Instant> = None;
+    loop {
+        let job = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            job = async { queue.lock().await.recv().await } => match job {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let Some(typed) = job.typed() else { continue };
+        if conn.as_ref().is_none_or(Conn::unusable)
+            && last_attempt.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            last_attempt = Some(Instant::now());
+            conn = match Conn::open(&shadow).await {
+                Ok(c) => Some(c),
+                Err(error) => {
+                    tracing::warn!(worker = n, %error, "shadow: cannot connect; comparisons are skipped");
+                    None
+                }
+            };
+        }
+        match conn.as_mut().filter(|c| !c.unusable()) {
+            Some(c) => c.compare(&shadow, &job).await,
+            None => shadow
+                .store
+                .count(&typed.query_type, label(typed), Outcome::Skipped, None),
+        }
+    }
+}
+
+/// A side's result.
+#[derive(Debug)]
+enum Side {
+    Answer(Answer, Duration),
+    Failed {
+        code: String,
+        message: String,
+    },
+    /// Timed out, too large, or the connection is gone: no verdict.
+    NoVerdict(&'static str),
+}
+
+/// How two sides relate.
+enum Judged {
+    Agree,
+    Differ {
+        diff: Option<compare::Diff>,
+        columns: Vec<String>,
+    },
+    NoVerdict(&'static str),
+}
+
+struct Conn {
+    client: Client,
+    /// Stopped answering: replaced before the next job.
+    broken: bool,
+    statements: HashMap<(String, Arc<[u32]>), Statement>,
+}
+
+impl Conn {
+    async fn open(shadow: &Shadow) -> Result<Self, crate::connect::ConnectError> {
+        let mut config = shadow.config.database.clone();
+        let timeout = shadow.statement_timeout().as_millis();
+        // Its own limits, whatever the role's defaults: never write, never wait long.
+        config.options(format!(
+            "-c statement_timeout={timeout} -c default_transaction_read_only=on -c lock_timeout={timeout}"
+        ));
+        let client = crate::connect::connect_as(&config, "cutover shadow").await?;
+        Ok(Self {
+            client,
+            broken: false,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn unusable(&self) -> bool {
+        self.broken || self.client.is_closed()
+    }
+
+    async fn compare(&mut self, shadow: &Shadow, job: &Job) {
+        let Some(typed) = job.typed() else { return };
+        let (Some(plan), Rewrite::Target(target_sql)) = (&typed.read, &typed.route) else {
+            return;
+        };
+        let Determinism::Determined(order) = &plan.determinism else {
+            return;
+        };
+        let rule = typed
+            .named
+            .then(|| job.rules.named(&typed.query_type))
+            .flatten();
+        let order = match rule.and_then(|r| r.compare.ordered) {
+            Some(false) => Order::Unordered,
+            _ => order.clone(),
+        };
+        let options = options(rule, &job.rules);
+        let count = |outcome, latency| {
+            shadow
+                .store
+                .count(&typed.query_type, label(typed), outcome, latency)
+        };
+
+        let legacy = self.side(&job.sql, job).await;
+        let target = self.side(target_sql, job).await;
+        let latency = match (&legacy, &target) {
+            (Side::Answer(_, l), Side::Answer(_, t)) => Some((*l, *t)),
+            _ => None,
+        };
+        match judge(&legacy, &target, &order, &options) {
+            Judged::Agree => return count(Outcome::Match, latency),
+            Judged::NoVerdict(why) => {
+                tracing::debug!(query_type = %typed.query_type, why, "shadow comparison skipped");
+                return count(Outcome::Skipped, latency);
+            }
+            Judged::Differ { .. } => {}
+        }
+
+        // Again, both sides in one snapshot.
+        if self
+            .client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .is_err()
+        {
+            return count(Outcome::Skipped, latency);
+        }
+        let legacy = self.side_in_snapshot(&job.sql, job).await;
+        let target = self.side_in_snapshot(target_sql, job).await;
+        let (kind, diff, columns) = match judge(&legacy, &target, &order, &options) {
+            Judged::Agree => {
+                let _ = self.client.batch_execute("COMMIT").await;
+                return count(Outcome::Transient, latency);
+            }
+            Judged::NoVerdict(_) => {
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                return count(Outcome::Skipped, latency);
+            }
+            Judged::Differ { diff, columns } => {
+                let kind = match (&legacy, &target, &diff) {
+                    (Side::Answer(l, _), Side::Answer(..), Some(d)) => {
+                        let keys = involved_keys(job, &job.rules, l, d);
+                        self.classify_rows(&job.rules, &keys).await
+                    }
+                    _ => Kind::Error,
+                };
+                (kind, diff, columns)
+            }
+        };
+        let _ = self.client.batch_execute("COMMIT").await;
+
+        let expected = shadow.store.expected_class(
+            rule.map_or(&[][..], |r| &r.compare.expected),
+            &typed.query_type,
+            kind,
+            &columns,
+        );
+        let outcome = match expected {
+            Some(_) => Outcome::Expected,
+            None => Outcome::Confirmed(kind),
+        };
+        if expected.is_none() {
+            tracing::info!(query_type = %typed.query_type, kind = kind.as_str(), columns = ?columns, "confirmed divergence");
+        }
+        count(outcome, latency);
+        if shadow.store.wants_sample(&typed.query_type) {
+            let error = |side: &Side| match side {
+                Side::Failed { code, message } => Some(redact::error(code, message)),
+                _ => None,
+            };
+            let answer_columns = match &legacy {
+                Side::Answer(a, _) => a.columns.clone(),
+                _ => match &target {
+                    Side::Answer(a, _) => a.columns.clone(),
+                    _ => Vec::new(),
+                },
+            };
+            shadow.store.sample(Sample {
+                query_type: typed.query_type.clone(),
+                fingerprint: typed.fingerprint.id.clone(),
+                kind,
+                expected_class: expected,
+                columns,
+                legacy_sql: redact::sql(&job.sql, job.inline),
+                target_sql: redact::sql(target_sql, job.inline),
+                params: redact::params(&job.params, &plan.bound_columns),
+                diff: diff.map_or(serde_json::Value::Null, |d| {
+                    redact::diff(&d, &answer_columns, &options.ignore_columns)
+                }),
+                legacy_error: error(&legacy),
+                target_error: error(&target),
+                latency,
+                rules_version: job.rules.version.clone(),
+            });
+        }
+    }
+
+    /// Runs one side on committed data (autocommit).
+    async fn side(&mut self, sql: &str, job: &Job) -> Side {
+        self.run(sql, job).await
+    }
+
+    /// Runs one side inside the open snapshot, under a savepoint so that a failing side
+    /// leaves the transaction usable for the other.
+    async fn side_in_snapshot(&mut self, sql: &str, job: &Job) -> Side {
+        if self
+            .client
+            .batch_execute("SAVEPOINT cutover_side")
+            .await
+            .is_err()
+        {
+            return Side::NoVerdict("the shadow connection failed");
+        }
+        let side = self.run(sql, job).await;
+        let undo = match side {
+            Side::Answer(..) => "RELEASE SAVEPOINT cutover_side",
+            _ => "ROLLBACK TO SAVEPOINT cutover_side",
+        };
+        let _ = self.client.batch_execute(undo).await;
+        side
+    }
+
+    async fn run(&mut self, sql: &str, job: &Job) -> Side {
+        let started = Instant::now();
+        // The server's statement_timeout ends a slow statement; this bounds a server that
+        // stopped answering at all.
+        let deadline = Duration::from_secs(30);
+        let result = tokio::time::timeout(deadline, async {
+            let statement = self.prepare(sql, &job.param_types, job.inline).await?;
+            let stream = self.client.query_raw(&statement, job.params.iter()).await?;
+            futures_util::pin_mut!(stream);
+            let mut rows = Vec::new();
+            while let Some(row) = stream.try_next().await? {
+                if rows.len() == MAX_ROWS {
+                    return Ok(None);
+                }
+                rows.push(row);
+            }
+            Ok::<_, tokio_postgres::Error>(Some(Answer::from_rows(statement.columns(), &rows)))
+        })
+        .await;
+        match result {
+            Err(_) => {
+                // The connection is in an unknown state: start afresh.
+                self.broken = true;
+                Side::NoVerdict("the shadow database stopped answering")
+            }
+            Ok(Ok(Some(answer))) => Side::Answer(answer, started.elapsed()),
+            Ok(Ok(None)) => Side::NoVerdict("more rows than the shadow compares"),
+            Ok(Err(e)) => match e.as_db_error() {
+                Some(db) if *db.code() == SqlState::QUERY_CANCELED => {
+                    metrics::counter!("cutover_shadow_timeouts_total").increment(1);
+                    Side::NoVerdict("statement_timeout")
+                }
+                Some(db) if *db.code() == SqlState::FEATURE_NOT_SUPPORTED => {
+                    // "cached plan must not change result type" after DDL: prepare again next time.
+                    self.statements.clear();
+                    Side::NoVerdict("a cached statement went stale")
+                }
+                Some(db) => Side::Failed {
+                    code: db.code().code().to_owned(),
+                    message: db.message().to_owned(),
+                },
+                None => Side::NoVerdict("the shadow connection failed"),
+            },
+        }
+    }
+
+    async fn prepare(
+        &mut self,
+        sql: &str,
+        types: &Arc<[u32]>,
+        inline: bool,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        let key = (sql.to_owned(), Arc::clone(types));
+        if let Some(s) = self.statements.get(&key) {
+            return Ok(s.clone());
+        }
+        let types: Vec<Type> = types.iter().map(|&oid| type_of(oid)).collect();
+        let statement = self.client.prepare_typed(sql, &types).await?;
+        // Statements with their values inline are one-offs: not worth keeping.
+        if !inline {
+            if self.statements.len() >= STATEMENT_CACHE {
+                self.statements.clear();
+            }
+            self.statements.insert(key, statement.clone());
+        }
+        Ok(statement)
+    }
+
+    /// Drift or rewrite bug: whether the two tables' rows differ for `keys`, in the open
+    /// snapshot.
+    async fn classify_rows(&self, rules: &RuleSet, keys: &[i64]) -> Kind {
+        if keys.is_empty() {
+            return Kind::Undetermined;
+        }
+        let table = &rules.table;
+        let key = quote_ident(&table.key);
+        let differs = crate::rules::any_differs_sql(&table.columns);
+        let sql = format!(
+            "SELECT count(*) FROM (SELECT * FROM {legacy} WHERE {key} = ANY($1::int8[])) l
+             FULL JOIN (SELECT * FROM {target} WHERE {key} = ANY($1::int8[])) t ON l.{key} = t.{key}
+             WHERE l.{key} IS NULL OR t.{key} IS NULL OR {differs}",
+            legacy = table.legacy.quoted(),
+            target = table.target.quoted(),
+        );
+        match self.client.query_one(&sql, &[&keys]).await {
+            Ok(row) if row.get::<_, i64>(0) > 0 => Kind::Drift,
+            Ok(_) => Kind::RewriteBug,
+            Err(error) => {
+                tracing::debug!(%error, "shadow: cannot compare the rows of the keys involved");
+                Kind::Undetermined
+            }
+        }
+    }
+}
+
+fn options(rule: Option<&QueryType>, rules: &RuleSet) -> compare::Options {
+    compare::Options {
+        numeric_tolerance: rule
+            .map(|r| r.compare.numeric_tolerance)
+            .unwrap_or_default(),
+        float_tolerance: 0.0,
+        ignore_columns: rule
+            .map(|r| r.compare.ignore_columns.clone())
+            .unwrap_or_default(),
+        key_column: Some(rules.table.key.clone()),
+    }
+}
+
+fn judge(legacy: &Side, target: &Side, order: &Order, options: &compare::Options) -> Judged {
+    match (legacy, target) {
+        (Side::NoVerdict(why), _) | (_, Side::NoVerdict(why)) => Judged::NoVerdict(why),
+        (Side::Answer(l, _), Side::Answer(t, _)) => match compare::compare(l, t, order, options) {
+            Verdict::Match => Judged::Agree,
+            Verdict::Diverged(diff) => Judged::Differ {
+                columns: differing_columns(&diff),
+                diff: Some(diff),
+            },
+        },
+        // Both refused the same way (a bad parameter, say): the same answer.
+        (Side::Failed { code: a, .. }, Side::Failed { code: b, .. }) if a == b => Judged::Agree,
+        _ => Judged::Differ {
+            diff: None,
+            columns: vec!["(error)".into()],
+        },
+    }
+}
+
+/// The output columns that differ; what is not about a column is named in parentheses.
+fn differing_columns(diff: &compare::Diff) -> Vec<String> {
+    let mut columns = BTreeSet::new();
+    for row in &diff.changed {
+        columns.extend(row.columns.iter().cloned());
+    }
+    if diff.shape.is_some() {
+        columns.insert("(shape)".to_owned());
+    }
+    if !diff.only_legacy.is_empty() || !diff.only_target.is_empty() {
+        columns.insert("(rows)".to_owned());
+    }
+    if diff.order_differs {
+        columns.insert("(order)".to_owned());
+    }
+    columns.into_iter().collect()
+}
+
+/// The keys whose rows to check: those of the differing rows (when the answer has the key
+/// column), and the parameters compared with the key column.
+fn involved_keys(job: &Job, rules: &RuleSet, legacy: &Answer, diff: &compare::Diff) -> Vec<i64> {
+    let key = rules.table.key.as_str();
+    let mut keys = BTreeSet::new();
+    let as_key = |v: &compare::Value| match v {
+        compare::Value::Number(d) => i64::try_from(*d).ok(),
+        compare::Value::Text(t) => t.parse().ok(),
+        _ => None,
+    };
+    keys.extend(diff.changed.iter().filter_map(|r| as_key(&r.key)));
+    if let Some(k) = legacy.columns.iter().position(|c| c == key) {
+        for row in diff.only_legacy.iter().chain(&diff.only_target) {
+            keys.extend(row.get(k).and_then(as_key));
+        }
+    }
+    if let Some(typed) = job.typed()
+        && let Some(plan) = &typed.read
+    {
+        for (&n, column) in &plan.bound_columns {
+            if column == key
+                && let Some(p) = job.params.get(n - 1)
+            {
+                keys.extend(redact::integer(p));
+            }
+        }
+    }
+    keys.into_iter().collect()
+}
+
+/// A type for `prepare_typed`: the known one, or the OID as it came (0 lets the server
+/// infer it).
+fn type_of(oid: u32) -> Type {
+    Type::from_oid(oid)
+        .unwrap_or_else(|| Type::new(format!("oid{oid}"), oid, TypeKind::Pseudo, String::new()))
+}
+
+impl ToSql for Param {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.value {
+            None => Ok(IsNull::Yes),
+            Some(v) => {
+                out.extend_from_slice(v);
+                Ok(IsNull::No)
+            }
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _: &Type) -> Format {
+        if self.binary {
+            Format::Binary
+        } else {
+            Format::Text
+        }
+    }
+
+    to_sql_checked!();
+}

@@ -1,0 +1,513 @@
+//! The shadow: reads through the proxy compared on both schemas, with verdicts a reviewer can
+//! believe — drift, rewrite bugs and target errors confirmed in one snapshot; races with
+//! writers transient; undetermined answers never called divergences; a slow target costing
+//! the shadow, never the client.
+//!
+//! Each test: a generated tree backfilled into v2, a proxy whose rules put the query types
+//! under test in `shadow`, workload through the proxy, then the divergence store read back.
+
+mod support;
+
+use std::{collections::HashMap, time::Duration};
+
+use cutover::{
+    config::FileConfig,
+    fixture::{self, TreeSpec},
+};
+use support::{Proxy, TestDb, cutover_on, metric, proxy_with};
+use tokio_postgres::Client;
+
+const RULES: &str = include_str!("../rules/fature.toml");
+
+/// Query types the tests add to the customer's rules, each in `shadow`.
+const EXTRA: &str = r#"
+[[query_type]]
+name = "wrong_column"
+match = "SELECT affiliate_id, name FROM affiliates WHERE affiliate_id = $1"
+# Deliberately wrong: external_id served as name.
+target = "SELECT affiliate_id, external_id AS name FROM fature_v2.affiliates_optimized WHERE affiliate_id = $1"
+stage = "shadow"
+
+[[query_type]]
+name = "failing_target"
+match = "SELECT affiliate_id, status FROM affiliates WHERE affiliate_id = $1"
+target = "SELECT affiliate_id, status FROM fature_v2.affiliates_optimized WHERE affiliate_id = $1 AND 1 / (affiliate_id - affiliate_id) = 0"
+stage = "shadow"
+
+[[query_type]]
+name = "slow_target"
+match = "SELECT affiliate_id, registration_date FROM affiliates WHERE affiliate_id = $1"
+target = "SELECT affiliate_id, registration_date FROM fature_v2.affiliates_optimized WHERE affiliate_id = $1 AND pg_sleep(0.3) IS NOT NULL"
+stage = "shadow"
+
+[[query_type]]
+name = "limit_without_order"
+match = "SELECT affiliate_id FROM affiliates WHERE status = $1 LIMIT 5"
+stage = "shadow"
+
+[[query_type]]
+name = "other_widths_scales_order"
+match = "SELECT affiliate_id, total_deposits FROM affiliates WHERE parent_affiliate_id = $1"
+# int4 for int8, numeric scale 4 for scale 2, the rows in another order: the same answer.
+target = """
+SELECT affiliate_id::int4 AS affiliate_id, round(total_deposits, 4) AS total_deposits
+FROM fature_v2.affiliates_optimized WHERE parent_affiliate_id = $1 ORDER BY affiliate_id DESC"""
+stage = "shadow"
+"#;
+
+struct Setup {
+    db: TestDb,
+    proxy: Proxy,
+    _rules: tempfile::TempDir,
+}
+
+/// A backfilled tree of `affiliates`, and a proxy comparing `shadowed` (plus the extra query
+/// types) with the shadow pool on the test database.
+async fn setup(affiliates: u64, shadowed: &[&str], adjust: impl FnOnce(&mut FileConfig)) -> Setup {
+    let db = support::migrated_db().await;
+    fixture::load(&db.client().await, &TreeSpec::clean(affiliates))
+        .await
+        .unwrap();
+    let (code, out) = cutover_on(&db, "backfill", &[], &[]);
+    assert_eq!(code, 0, "{out}");
+
+    let mut rules = RULES.to_owned();
+    for name in shadowed {
+        let at = format!("name = \"{name}\"\n");
+        assert!(rules.contains(&at), "{name} is not in the rules");
+        rules = rules.replace(&at, &format!("{at}stage = \"shadow\"\n"));
+    }
+    rules.push_str(EXTRA);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fature.toml"), rules).unwrap();
+
+    let url = db.url();
+    let rules_dir = dir.path().to_owned();
+    let proxy = proxy_with(move |c| {
+        c.control = Some(url);
+        c.rules = Some(rules_dir);
+        adjust(c);
+    })
+    .await;
+    Setup {
+        db,
+        proxy,
+        _rules: dir,
+    }
+}
+
+/// A write on v2 alone, as a bug or a hand would make it (not mirrored back to legacy,
+/// which dual-write does while it is on).
+async fn behind_the_proxy(client: &Client, sql: &str) {
+    client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL cutover.mirroring = 'on'; {sql}; COMMIT"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Runs a read of one affiliate through the proxy; it must return its one row.
+async fn one_row(app: &Client, sql: &str, id: i64) -> tokio_postgres::Row {
+    let mut rows = app.query(sql, &[&id]).await.unwrap();
+    assert_eq!(rows.len(), 1, "{sql} for {id}");
+    rows.remove(0)
+}
+
+/// The sums of `cutover.comparison_stats` for a query type.
+async fn stats(client: &Client, query_type: &str) -> HashMap<String, i64> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(matched), 0)::int8, coalesce(sum(confirmed), 0)::int8,
+                    coalesce(sum(transient), 0)::int8, coalesce(sum(nondeterministic), 0)::int8,
+                    coalesce(sum(skipped), 0)::int8, coalesce(sum(dropped), 0)::int8,
+                    coalesce(sum(drift), 0)::int8, coalesce(sum(rewrite_bug), 0)::int8,
+                    coalesce(sum(errors), 0)::int8, coalesce(sum(expected), 0)::int8,
+                    coalesce(sum(timed), 0)::int8
+             FROM cutover.comparison_stats WHERE query_type = $1",
+            &[&query_type],
+        )
+        .await
+        .unwrap();
+    [
+        "matched",
+        "confirmed",
+        "transient",
+        "nondeterministic",
+        "skipped",
+        "dropped",
+        "drift",
+        "rewrite_bug",
+        "errors",
+        "expected",
+        "timed",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, k)| (k.to_string(), row.get(i)))
+    .collect()
+}
+
+/// Waits until the stats of `query_type` account for `total` offered comparisons.
+async fn settled(client: &Client, query_type: &str, total: i64) -> HashMap<String, i64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = stats(client, query_type).await;
+        let counted: i64 = [
+            "matched",
+            "confirmed",
+            "transient",
+            "nondeterministic",
+            "skipped",
+            "dropped",
+            "expected",
+        ]
+        .iter()
+        .map(|k| s[*k])
+        .sum();
+        if counted >= total {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{query_type}: {counted} of {total} comparisons counted: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The stored divergence samples of a query type: (kind, columns, params, diff, target_error).
+async fn samples(
+    client: &Client,
+    query_type: &str,
+) -> Vec<(
+    String,
+    Vec<String>,
+    serde_json::Value,
+    serde_json::Value,
+    Option<String>,
+)> {
+    client
+        .query(
+            "SELECT kind, columns, params, diff, target_error FROM cutover.divergences
+             WHERE query_type = $1 ORDER BY id",
+            &[&query_type],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_v2_row_changed_behind_the_proxy_is_confirmed_drift() {
+    let s = setup(300, &["affiliate_by_id"], |_| {}).await;
+    let direct = s.db.client().await;
+    behind_the_proxy(
+        &direct,
+        "UPDATE fature_v2.affiliates_optimized SET name = 'changed behind the proxy' WHERE affiliate_id = 7",
+    )
+    .await;
+    // Legacy's counter drifting from the truth: a class the rules expect (counter_drift).
+    direct
+        .batch_execute("UPDATE affiliates SET level_1_referrals = level_1_referrals + 5 WHERE affiliate_id = 9")
+        .await
+        .unwrap();
+    let app = s.proxy.client(&s.db.name).await;
+    for id in 1..=40i64 {
+        let rows = app
+            .query("SELECT * FROM affiliates WHERE affiliate_id = $1", &[&id])
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        // The client is served by legacy: the v2 change is invisible to it.
+        assert_ne!(rows[0].get::<_, String>("name"), "changed behind the proxy");
+    }
+    let st = settled(&direct, "affiliate_by_id", 40).await;
+    assert_eq!((st["drift"], st["confirmed"]), (1, 1), "{st:?}");
+    assert_eq!((st["expected"], st["matched"]), (1, 38), "{st:?}");
+    assert!(st["timed"] >= 40, "{st:?}");
+
+    let found = samples(&direct, "affiliate_by_id").await;
+    assert_eq!(found.len(), 2, "{found:?}");
+    let (kind, columns, params, diff, _) = found
+        .iter()
+        .find(|f| f.1 == ["name"])
+        .expect("the drifted name sampled");
+    assert_eq!(kind, "drift");
+    assert_eq!(columns, &["name"]);
+    // The key parameter is shown; the diff names the row and the column.
+    assert_eq!(params[0]["value"], "7", "{params}");
+    assert_eq!(diff["changed"][0]["key"], "7", "{diff}");
+    assert_eq!(
+        diff["changed"][0]["target"]["name"],
+        "changed behind the proxy"
+    );
+    // Sensitive columns never reach the store.
+    assert_eq!(
+        diff["changed"][0]["legacy"]["email"], "[redacted]",
+        "{diff}"
+    );
+    let expected: String = direct
+        .query_one(
+            "SELECT expected_class FROM cutover.divergences
+             WHERE query_type = 'affiliate_by_id' AND columns = '{level_1_referrals}'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(expected, "counter_drift");
+
+    let m = s.proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "cutover_comparisons_total{query_type=\"affiliate_by_id\",outcome=\"diverged\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "cutover_comparisons_total{query_type=\"affiliate_by_id\",outcome=\"match\"}"
+        ) >= 38.0
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_rule_is_a_rewrite_bug_and_a_failing_target_an_error() {
+    let s = setup(200, &[], |_| {}).await;
+    let app = s.proxy.client(&s.db.name).await;
+    for id in 1..=10i64 {
+        one_row(
+            &app,
+            "SELECT affiliate_id, name FROM affiliates WHERE affiliate_id = $1",
+            id,
+        )
+        .await;
+        // The failing target never reaches the client.
+        one_row(
+            &app,
+            "SELECT affiliate_id, status FROM affiliates WHERE affiliate_id = $1",
+            id,
+        )
+        .await;
+    }
+    let direct = s.db.client().await;
+    let wrong = settled(&direct, "wrong_column", 10).await;
+    assert_eq!(
+        (wrong["rewrite_bug"], wrong["confirmed"], wrong["matched"]),
+        (10, 10, 0),
+        "{wrong:?}"
+    );
+    let failing = settled(&direct, "failing_target", 10).await;
+    assert_eq!(
+        (failing["errors"], failing["confirmed"]),
+        (10, 10),
+        "{failing:?}"
+    );
+
+    let found = samples(&direct, "wrong_column").await;
+    assert_eq!(found[0].0, "rewrite_bug");
+    assert_eq!(found[0].1, ["name"]);
+    let found = samples(&direct, "failing_target").await;
+    assert_eq!(found[0].0, "error");
+    assert!(
+        found[0].4.as_deref().unwrap_or("").starts_with("22012"),
+        "{:?}",
+        found[0]
+    );
+}
+
+#[tokio::test]
+async fn a_writer_racing_the_shadowed_reads_confirms_nothing() {
+    let s = setup(300, &["affiliate_by_id", "set_status"], |_| {}).await;
+    let reader = s.proxy.client(&s.db.name).await;
+    let writer = s.proxy.client(&s.db.name).await;
+    let writes = tokio::spawn(async move {
+        for round in 0..200i64 {
+            let status = if round % 2 == 0 { "inactive" } else { "active" };
+            let id = 1 + round % 20;
+            writer
+                .execute(
+                    "UPDATE affiliates SET status = $1, updated_at = now() WHERE affiliate_id = $2",
+                    &[&status, &id],
+                )
+                .await
+                .unwrap();
+        }
+        writer
+    });
+    let mut reads = 0;
+    while !writes.is_finished() {
+        let id = 1 + reads % 20;
+        reader
+            .query("SELECT * FROM affiliates WHERE affiliate_id = $1", &[&id])
+            .await
+            .unwrap();
+        reads += 1;
+    }
+    let writer = writes.await.unwrap();
+    // A read inside a transaction that wrote: v2 receives the write at COMMIT, the shadow
+    // compares committed data only.
+    writer.batch_execute("BEGIN").await.unwrap();
+    writer
+        .execute(
+            "UPDATE affiliates SET name = 'inside a transaction' WHERE affiliate_id = $1",
+            &[&5i64],
+        )
+        .await
+        .unwrap();
+    let row = writer
+        .query_one("SELECT * FROM affiliates WHERE affiliate_id = $1", &[&5i64])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>("name"), "inside a transaction");
+    writer.batch_execute("COMMIT").await.unwrap();
+    reader
+        .query("SELECT * FROM affiliates WHERE affiliate_id = $1", &[&5i64])
+        .await
+        .unwrap();
+
+    let direct = s.db.client().await;
+    let st = settled(&direct, "affiliate_by_id", reads + 2).await;
+    assert_eq!(st["confirmed"], 0, "{st:?}");
+    assert!(st["matched"] > 0, "{st:?}");
+    eprintln!("{reads} reads beside 200 writes: {st:?}");
+}
+
+#[tokio::test]
+async fn undetermined_answers_and_equal_values_in_other_forms() {
+    let s = setup(200, &[], |_| {}).await;
+    let app = s.proxy.client(&s.db.name).await;
+    for _ in 0..5 {
+        app.query(
+            "SELECT affiliate_id FROM affiliates WHERE status = $1 LIMIT 5",
+            &[&"active"],
+        )
+        .await
+        .unwrap();
+    }
+    let parents: Vec<i64> =
+        s.db.client()
+            .await
+            .query(
+                "SELECT parent_affiliate_id FROM affiliates WHERE parent_affiliate_id IS NOT NULL
+             GROUP BY 1 HAVING count(*) > 2 ORDER BY 1 LIMIT 10",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+    assert_eq!(parents.len(), 10);
+    // Deposits with cents: 10.5 is 10.50 on legacy, 10.5000 on the target.
+    s.db.client()
+        .await
+        .batch_execute(
+            "UPDATE affiliates SET total_deposits = 10.5 WHERE affiliate_id % 3 = 0;
+             UPDATE fature_v2.affiliates_optimized SET total_deposits = 10.5 WHERE affiliate_id % 3 = 0;",
+        )
+        .await
+        .unwrap();
+    for p in &parents {
+        app.query(
+            "SELECT affiliate_id, total_deposits FROM affiliates WHERE parent_affiliate_id = $1",
+            &[p],
+        )
+        .await
+        .unwrap();
+    }
+    let direct = s.db.client().await;
+    let limit = settled(&direct, "limit_without_order", 5).await;
+    assert_eq!(
+        (limit["nondeterministic"], limit["confirmed"]),
+        (5, 0),
+        "{limit:?}"
+    );
+    let forms = settled(&direct, "other_widths_scales_order", 10).await;
+    assert_eq!((forms["matched"], forms["confirmed"]), (10, 0), "{forms:?}");
+    let m = s.proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "cutover_comparisons_total{query_type=\"limit_without_order\",outcome=\"nondeterministic\"}"
+        ),
+        5.0
+    );
+}
+
+#[tokio::test]
+async fn a_slow_target_costs_the_shadow_not_the_client() {
+    let s = setup(100, &[], |c| {
+        c.shadow_connections = Some(1);
+        c.shadow_queue = Some(2);
+        c.shadow_timeout_ms = Some(100);
+    })
+    .await;
+    let app = s.proxy.client(&s.db.name).await;
+    let sent = 100i64;
+    for id in 1..=sent {
+        one_row(
+            &app,
+            "SELECT affiliate_id, registration_date FROM affiliates WHERE affiliate_id = $1",
+            id,
+        )
+        .await;
+    }
+    let direct = s.db.client().await;
+    let st = settled(&direct, "slow_target", sent).await;
+    assert!(st["dropped"] > 0, "the queue of 2 overflowed: {st:?}");
+    assert!(st["skipped"] > 0, "the target timed out: {st:?}");
+    assert_eq!(st["confirmed"], 0, "a timeout is no divergence: {st:?}");
+    let m = s.proxy.metrics().await;
+    assert!(metric(&m, "cutover_shadow_dropped_total") >= st["dropped"] as f64);
+    assert!(metric(&m, "cutover_shadow_timeouts_total") >= 1.0, "{m}");
+}
+
+#[tokio::test]
+async fn simple_protocol_reads_are_compared_and_stored_without_their_values() {
+    let s = setup(100, &["affiliate_by_external_id"], |_| {}).await;
+    let direct = s.db.client().await;
+    let external: String = direct
+        .query_one(
+            "SELECT external_id FROM affiliates WHERE affiliate_id = 3",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    behind_the_proxy(
+        &direct,
+        "UPDATE fature_v2.affiliates_optimized SET name = 'drifted' WHERE affiliate_id = 3",
+    )
+    .await;
+    let app = s.proxy.client(&s.db.name).await;
+    app.simple_query(&format!(
+        "SELECT affiliate_id, name, email, status FROM public.affiliates WHERE external_id = '{external}'"
+    ))
+    .await
+    .unwrap();
+    let st = settled(&direct, "affiliate_by_external_id", 1).await;
+    assert_eq!(st["drift"], 1, "{st:?}");
+    let row = direct
+        .query_one(
+            "SELECT legacy_sql, target_sql FROM cutover.divergences WHERE query_type = 'affiliate_by_external_id'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (legacy, target): (String, String) = (row.get(0), row.get(1));
+    assert!(
+        !legacy.contains(&external) && legacy.contains('?'),
+        "{legacy}"
+    );
+    assert!(
+        !target.contains(&external) && target.contains("affiliates_optimized"),
+        "{target}"
+    );
+}
