@@ -43,6 +43,7 @@ pub async fn serve(
         .route("/api/state", get(api_state))
         .route("/api/state/{query_type}", post(api_set))
         .route("/api/history", get(api_history))
+        .route("/api/marks", post(api_mark))
         .with_state(state);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -165,14 +166,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn api_set(
-    State(state): State<AdminState>,
-    Path(query_type): Path<String>,
-    headers: HeaderMap,
-    body: Result<Json<ChangeRequest>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let shared = &state.shared;
-    let Some(who) = token_name(shared, &headers) else {
+/// The name of the request's token, or the 401 to answer.
+#[allow(clippy::result_large_err)]
+fn authorized(shared: &Shared, headers: &HeaderMap) -> Result<String, Response> {
+    token_name(shared, headers).ok_or_else(|| {
         let mut response = problem(
             StatusCode::UNAUTHORIZED,
             "changes need a bearer token (Authorization: Bearer …) the proxy is configured with",
@@ -181,7 +178,51 @@ async fn api_set(
             header::WWW_AUTHENTICATE,
             "Bearer".parse().expect("a valid header value"),
         );
-        return response;
+        response
+    })
+}
+
+/// A reviewer marks a class of divergence as expected (token required).
+async fn api_mark(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    body: Result<Json<crate::divergence::MarkRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let who = match authorized(&state.shared, &headers) {
+        Ok(who) => who,
+        Err(response) => return response,
+    };
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(rejection) => return problem(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    let problems = request.problems();
+    if !problems.is_empty() {
+        return problem(StatusCode::BAD_REQUEST, problems.join("; "));
+    }
+    let Some(database) = state.shared.control.database() else {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "no control database");
+    };
+    let client = match crate::connect::connect(database).await {
+        Ok(client) => client,
+        Err(error) => return problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+    };
+    match crate::divergence::mark(&client, &request, &who).await {
+        Ok(()) => (StatusCode::OK, Json(request)).into_response(),
+        Err(error) => problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+    }
+}
+
+async fn api_set(
+    State(state): State<AdminState>,
+    Path(query_type): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<ChangeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let shared = &state.shared;
+    let who = match authorized(shared, &headers) {
+        Ok(who) => who,
+        Err(response) => return response,
     };
     let Json(request) = match body {
         Ok(body) => body,

@@ -206,6 +206,37 @@ pub fn history(addr: &str, limit: u32, json: bool) -> Result<Outcome, CtlError> 
     Ok(Outcome::Done(out))
 }
 
+/// `ctl mark`: a class of divergence is expected (counted apart from the confirmed ones).
+pub fn mark(
+    addr: &str,
+    token: Option<&str>,
+    request: &crate::divergence::MarkRequest,
+    json: bool,
+) -> Result<Outcome, CtlError> {
+    let (status, body) = send(addr, |a| {
+        let mut post = a.post(url(addr, "/api/marks"));
+        if let Some(token) = token {
+            post = post.header("Authorization", &format!("Bearer {token}"));
+        }
+        post.send_json(request)
+    })?;
+    match status {
+        200 if json => Ok(Outcome::Done(pretty(&body))),
+        200 => Ok(Outcome::Done(format!(
+            "{}: {} divergences in ({}) are expected as {}; counted apart from now on\n",
+            request.query_type,
+            request.kind,
+            request.columns.join(", "),
+            request.class
+        ))),
+        400 => Ok(Outcome::Refused(format!("refused: {}\n", message(&body)))),
+        status => Err(CtlError::Failed {
+            status,
+            message: message(&body),
+        }),
+    }
+}
+
 fn pretty(body: &Value) -> String {
     serde_json::to_string_pretty(body).unwrap_or_default() + "\n"
 }

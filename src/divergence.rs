@@ -329,7 +329,7 @@ impl Store {
                         .map_or(error.to_string(), |e| e.to_string());
                     tracing::warn!(%error, "divergence store: cannot write; will retry");
                 }
-                if ticks % 10 == 1
+                if ticks % 2 == 1
                     && let Err(error) = self.load_marks(c).await
                 {
                     tracing::debug!(%error, "divergence store: cannot read marks");
@@ -396,6 +396,81 @@ impl Store {
         self.marks.store(Arc::new(marks));
         Ok(())
     }
+}
+
+/// A reviewer's request to mark a class of divergence as expected.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarkRequest {
+    pub query_type: String,
+    /// drift, rewrite_bug, error or undetermined.
+    pub kind: String,
+    /// The output columns the divergences of this class differ in.
+    pub columns: Vec<String>,
+    /// A short name for the class (e.g. `counter_drift`).
+    pub class: String,
+    /// Why it is expected.
+    pub note: String,
+}
+
+impl MarkRequest {
+    /// Every problem with the request, or none.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.query_type.trim().is_empty() {
+            problems.push("query_type: required".to_owned());
+        }
+        if ![
+            Kind::Drift,
+            Kind::RewriteBug,
+            Kind::Error,
+            Kind::Undetermined,
+        ]
+        .iter()
+        .any(|k| k.as_str() == self.kind)
+        {
+            problems.push(format!(
+                "kind: {:?} is not one of drift, rewrite_bug, error, undetermined",
+                self.kind
+            ));
+        }
+        if self.columns.is_empty() || self.columns.iter().any(|c| c.trim().is_empty()) {
+            problems.push("columns: at least one column name".to_owned());
+        }
+        if self.class.trim().is_empty() {
+            problems.push("class: required (a short name, e.g. counter_drift)".to_owned());
+        }
+        if self.note.trim().is_empty() {
+            problems.push("note: required (why this divergence is expected)".to_owned());
+        }
+        problems
+    }
+}
+
+/// Records (or updates) a reviewer's mark; every replica applies it within two seconds.
+pub async fn mark(
+    client: &Client,
+    request: &MarkRequest,
+    who: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO cutover.divergence_marks (query_type, kind, columns, class, note, marked_by)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (query_type, kind, class) DO UPDATE
+             SET columns = EXCLUDED.columns, note = EXCLUDED.note,
+                 marked_by = EXCLUDED.marked_by, marked_at = now()",
+            &[
+                &request.query_type,
+                &request.kind,
+                &request.columns,
+                &request.class,
+                &request.note,
+                &who,
+            ],
+        )
+        .await
+        .map(drop)
 }
 
 async fn upsert(

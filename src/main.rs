@@ -115,6 +115,28 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CtlCommand {
+    /// Mark a class of divergence as expected (reviewers): confirmed divergences of this
+    /// query type and kind whose differing columns are all among --columns are counted
+    /// `expected`, apart, and no longer hold the safety gate back.
+    Mark {
+        /// The query type
+        query_type: String,
+        /// drift, rewrite_bug, error or undetermined
+        #[arg(long)]
+        kind: String,
+        /// The output columns that differ (comma-separated)
+        #[arg(long, value_delimiter = ',', required = true)]
+        columns: Vec<String>,
+        /// A short name for the class (e.g. counter_drift)
+        #[arg(long)]
+        class: String,
+        /// Why it is expected (recorded)
+        #[arg(long)]
+        note: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Every query type: its stage, dual-write mode, and whether the state is live.
     Status {
         /// Print JSON instead of a table
@@ -516,6 +538,25 @@ fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> anyhow::Result<
             json,
         )?,
         CtlCommand::History { limit, json } => ctl::history(admin, limit, json)?,
+        CtlCommand::Mark {
+            query_type,
+            kind,
+            columns,
+            class,
+            note,
+            json,
+        } => ctl::mark(
+            admin,
+            token,
+            &cutover::divergence::MarkRequest {
+                query_type,
+                kind,
+                columns,
+                class,
+                note,
+            },
+            json,
+        )?,
     };
     Ok(match outcome {
         Outcome::Done(text) => {

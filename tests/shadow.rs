@@ -511,3 +511,76 @@ async fn simple_protocol_reads_are_compared_and_stored_without_their_values() {
         "{target}"
     );
 }
+
+// Multi-threaded: the blocking `cutover ctl` runs while the proxy's admin endpoint answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_class_reviewers_mark_as_expected_is_counted_apart() {
+    const TOKEN: &str = "review-token-0123456789";
+    let s = setup(100, &[], |c| {
+        c.admin_tokens = Some([("ana".to_owned(), TOKEN.to_owned())].into_iter().collect());
+    })
+    .await;
+    let admin = s.proxy.admin.unwrap().to_string();
+    let ctl = |args: &[&str], token: Option<&str>| {
+        let mut all = vec!["ctl", "--admin", admin.as_str()];
+        if let Some(t) = token {
+            all.extend(["--token", t]);
+        }
+        all.extend(args);
+        let (code, out, err) = support::cutover(&all, &[]);
+        (code, format!("{out}{err}"))
+    };
+    let mark = [
+        "mark",
+        "wrong_column",
+        "--kind",
+        "rewrite_bug",
+        "--columns",
+        "name",
+        "--class",
+        "known_name_mapping",
+        "--note",
+        "external_id stands in for name until the v2 column lands",
+    ];
+    // Without the token: refused. With a bad kind: refused with the reason.
+    let (code, out) = ctl(&mark, None);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("token"), "{out}");
+    let mut bad = mark;
+    bad[3] = "typo";
+    let (code, out) = ctl(&bad, Some(TOKEN));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("kind"), "{out}");
+    let (code, out) = ctl(&mark, Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+
+    let direct = s.db.client().await;
+    let who: String = direct
+        .query_one("SELECT marked_by FROM cutover.divergence_marks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "ana");
+    // The replica reads marks every two seconds.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let app = s.proxy.client(&s.db.name).await;
+    for id in 1..=5 {
+        one_row(
+            &app,
+            "SELECT affiliate_id, name FROM affiliates WHERE affiliate_id = $1",
+            id,
+        )
+        .await;
+    }
+    let st = settled(&direct, "wrong_column", 5).await;
+    assert_eq!((st["expected"], st["confirmed"]), (5, 0), "{st:?}");
+    let class: String = direct
+        .query_one(
+            "SELECT expected_class FROM cutover.divergences WHERE query_type = 'wrong_column' LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(class, "known_name_mapping");
+}
