@@ -39,9 +39,15 @@ impl Drop for Killed {
 /// `cutover serve` in front of PostgreSQL on `upstream_port` (the repository's rules, no
 /// admin endpoint); returns the child and the port it listens on.
 pub fn start_cutover(upstream_port: u16) -> (Killed, u16) {
+    start_cutover_with(upstream_port, &[])
+}
+
+/// `start_cutover` with more flags (a control database, the shadow's settings).
+pub fn start_cutover_with(upstream_port: u16, extra: &[&str]) -> (Killed, u16) {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_cutover"))
         .args(["serve", "--admin", "off"])
+        .args(extra)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args([
             "--upstream",
