@@ -125,6 +125,18 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         Arc::clone(&control),
     );
     shared.shadow = shadow;
+    // Statements are checked on the shadow's database (the control database by default).
+    if let Some(database) = shared
+        .config
+        .shadow
+        .as_ref()
+        .map(|s| s.database.clone())
+        .or_else(|| shared.config.control.clone())
+    {
+        let checks = Arc::new(crate::route::check::Checks::new());
+        tokio::spawn(Arc::clone(&checks).run(database, shutdown.clone()));
+        shared.checks = Some(checks);
+    }
     let shared = Arc::new(shared);
     control.set_rules(Arc::clone(shared.classifier.load().rules_arc()));
     tokio::spawn(Arc::clone(&control).run(shutdown.clone()));

@@ -103,27 +103,49 @@ impl ProxyMetrics {
     }
 }
 
-/// `cutover_queries_total` handles, one per query type label. The named ones follow the
-/// rules when they are reloaded (clones share them).
+/// The two `cutover_queries_total` counters of one query type label: served by legacy, and
+/// served by the target.
+#[derive(Clone)]
+pub struct Served {
+    pub legacy: Counter,
+    pub target: Counter,
+}
+
+impl Served {
+    fn new(query_type: &str) -> Self {
+        let served_by = |side: &'static str| counter!("cutover_queries_total", "query_type" => query_type.to_owned(), "served_by" => side);
+        Self {
+            legacy: served_by("legacy"),
+            target: served_by("target"),
+        }
+    }
+
+    /// The counter of the side that served.
+    pub fn side(&self, side: crate::route::Side) -> &Counter {
+        match side {
+            crate::route::Side::Legacy => &self.legacy,
+            crate::route::Side::Target => &self.target,
+        }
+    }
+}
+
+/// `cutover_queries_total` handles, per query type label. The named ones follow the rules
+/// when they are reloaded (clones share them).
 #[derive(Clone)]
 pub struct QueryCounters {
     pub passthrough: Counter,
-    pub automatic: Counter,
+    pub automatic: Served,
     pub unparsable: Counter,
-    named: std::sync::Arc<arc_swap::ArcSwap<std::collections::HashMap<String, Counter>>>,
-}
-
-fn served_by_legacy(query_type: &str) -> Counter {
-    counter!("cutover_queries_total", "query_type" => query_type.to_owned(), "served_by" => "legacy")
+    named: std::sync::Arc<arc_swap::ArcSwap<std::collections::HashMap<String, Served>>>,
 }
 
 impl QueryCounters {
     /// Counters for the fixed labels and for each rule-named query type.
     pub fn new(names: &[&str]) -> Self {
         let counters = Self {
-            passthrough: served_by_legacy(PASSTHROUGH),
-            automatic: served_by_legacy("automatic"),
-            unparsable: served_by_legacy("unparsable"),
+            passthrough: Served::new(PASSTHROUGH).legacy,
+            automatic: Served::new("automatic"),
+            unparsable: Served::new("unparsable").legacy,
             named: Default::default(),
         };
         counters.set_names(names);
@@ -135,7 +157,7 @@ impl QueryCounters {
         self.named.store(std::sync::Arc::new(
             names
                 .iter()
-                .map(|n| (n.to_string(), served_by_legacy(n)))
+                .map(|n| (n.to_string(), Served::new(n)))
                 .collect(),
         ));
     }
@@ -150,8 +172,8 @@ impl QueryCounters {
         }
     }
 
-    /// The counter of a rule-named query type (automatic if the name is unknown).
-    pub fn named(&self, name: &str) -> Counter {
+    /// The counters of a rule-named query type (automatic if the name is unknown).
+    pub fn named(&self, name: &str) -> Served {
         self.named
             .load()
             .get(name)

@@ -31,6 +31,10 @@ pub fn reload(shared: &Shared) -> Result<usize, crate::rules::RulesError> {
                 .classifier
                 .store(Arc::new(Classifier::new(Arc::clone(&rules))));
             shared.control.set_rules(Arc::clone(&rules));
+            // Target SQL may have changed: check statements again before routing them.
+            if let Some(checks) = &shared.checks {
+                checks.clear();
+            }
             shared.metrics.rules_reloaded.increment(1);
             tracing::info!(dir = %dir.display(), query_types = count, "rules reloaded");
             // New query types get their baseline in the live state.

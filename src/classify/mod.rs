@@ -80,6 +80,8 @@ pub struct Typed {
     pub fingerprint: Fingerprint,
     pub stage: Stage,
     pub bucket: Bucket,
+    /// Where the bucketing key of an execution is (from the rule's `bucket`).
+    pub bucket_key: BucketKey,
     /// Share of executions the shadow compares (0.0 to 1.0).
     pub sample_rate: f64,
     /// Where it goes on the target, or why it cannot.
@@ -92,6 +94,55 @@ pub struct Typed {
     pub write_tag: Option<Arc<str>>,
     /// For a single read (one query): what the shadow needs to compare its answers.
     pub read: Option<Arc<ReadPlan>>,
+}
+
+/// Where an execution's bucketing key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BucketKey {
+    /// The session's: all its statements of this type go one way.
+    Session,
+    /// The value bound to `$n` (1-based) at each execution.
+    Param(usize),
+    /// A value written in the statement itself.
+    Literal(String),
+}
+
+/// The key of a statement under its rule's bucket: a parameter or literal compared with the
+/// named column (or the rule's `$n`, found by the column the rule's example compares it
+/// with when the statement carries its values inline); the session when there is none.
+fn bucket_key(
+    bucket: &Bucket,
+    statements: &[sqlparser::ast::Statement],
+    example: Option<&str>,
+) -> BucketKey {
+    let column = match bucket {
+        Bucket::Session => return BucketKey::Session,
+        Bucket::Column(c) => c.clone(),
+        Bucket::Param(n) => {
+            let bound = params::bound_columns(statements);
+            if bound.contains_key(n) || has_placeholders(statements) {
+                return BucketKey::Param(*n);
+            }
+            let example = example.and_then(|e| fingerprint::parse(e).ok());
+            match example.and_then(|e| params::bound_columns(&e).remove(n)) {
+                Some(c) => c,
+                None => return BucketKey::Session,
+            }
+        }
+    };
+    if let Some((&n, _)) = params::bound_columns(statements)
+        .iter()
+        .find(|(_, c)| **c == column)
+    {
+        return BucketKey::Param(n);
+    }
+    params::bound_literals(statements)
+        .remove(&column)
+        .map_or(BucketKey::Session, BucketKey::Literal)
+}
+
+fn has_placeholders(statements: &[sqlparser::ast::Statement]) -> bool {
+    statements.iter().any(|s| s.to_string().contains('$'))
 }
 
 /// What comparing a read's two answers needs, worked out once per SQL text.
@@ -192,8 +243,17 @@ impl Classifier {
             })
             .flatten();
         let mut normalized = statements.clone();
+        let early_bucket_key = |rule: Option<&crate::rules::QueryType>| {
+            let bucket = rule.map_or(&self.rules.defaults.bucket, |r| &r.bucket);
+            bucket_key(
+                bucket,
+                &statements,
+                rule.and_then(|r| r.example_sql.as_deref()),
+            )
+        };
         let fp = fingerprint::of_statements(&mut normalized);
         let rule = self.rules.query_type_for(&fp);
+        let bucket_key = early_bucket_key(rule);
         let (route, explicit_target) = match rule.and_then(|r| self.plans.get(&r.name)) {
             Some(Ok(plan)) => (plan.bind(&statements), true),
             Some(Err(reason)) => (Rewrite::NotRoutable(reason.clone()), true),
@@ -209,6 +269,7 @@ impl Classifier {
             stage: rule.map_or(defaults.stage, |r| r.stage),
             sample_rate: rule.map_or(defaults.sample_rate, |r| r.sample_rate),
             bucket: rule.map_or_else(|| defaults.bucket.clone(), |r| r.bucket.clone()),
+            bucket_key,
             fingerprint: fp,
             route,
             explicit_target,

@@ -24,6 +24,46 @@ pub fn bound_columns(statements: &[Statement]) -> BTreeMap<usize, String> {
         .collect()
 }
 
+/// Column → the literal compared with it (`affiliate_id = 42` → `42`), for statements that
+/// carry their values inline. The first comparison of a column wins.
+pub fn bound_literals(statements: &[Statement]) -> BTreeMap<String, String> {
+    struct Literals(BTreeMap<String, String>);
+    impl Visitor for Literals {
+        type Break = ();
+        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+            if let Expr::BinaryOp { left, right, .. } = expr {
+                for (column, value) in [(left, right), (right, left)] {
+                    if let (Some(c), Some(v)) = (column_name(column), literal(value)) {
+                        self.0.entry(c).or_insert(v);
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut find = Literals(BTreeMap::new());
+    for s in statements {
+        let _ = s.visit(&mut find);
+    }
+    find.0
+}
+
+fn literal(expr: &Expr) -> Option<String> {
+    match expr {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => Some(n.clone()),
+            Value::SingleQuotedString(s) => Some(s.clone()),
+            _ => None,
+        },
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => literal(expr),
+        Expr::UnaryOp {
+            op: sqlparser::ast::UnaryOperator::Minus,
+            expr,
+        } => literal(expr).map(|n| format!("-{n}")),
+        _ => None,
+    }
+}
+
 #[derive(Default)]
 struct Find {
     /// `None` once a parameter is seen with two different columns.
@@ -135,6 +175,17 @@ mod tests {
                 (2, "registration_date".into())
             ]
         );
+    }
+
+    #[test]
+    fn inline_literals_by_column() {
+        let lits = bound_literals(
+            &parse("SELECT * FROM affiliates WHERE affiliate_id = 42 AND 'x' = status AND d > -3")
+                .unwrap(),
+        );
+        assert_eq!(lits["affiliate_id"], "42");
+        assert_eq!(lits["status"], "x");
+        assert_eq!(lits["d"], "-3");
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! - a malformed or oversized message: FATAL 08P01, close;
 //! - the proxy shuts down and the grace period ends: FATAL 57P01, close.
 
+mod pending;
 pub mod relay;
+mod statements;
 
 use std::sync::{
     Arc,
@@ -52,6 +54,8 @@ pub struct Shared {
     pub control: Arc<crate::control::Control>,
     /// The shadow pool, when one is configured.
     pub shadow: Option<Arc<crate::shadow::Shadow>>,
+    /// Route checks (none without a database for them: nothing is served by the target).
+    pub checks: Option<Arc<crate::route::check::Checks>>,
     next_id: AtomicU32,
 }
 
@@ -79,6 +83,7 @@ impl Shared {
             terminate: CancellationToken::new(),
             control,
             shadow: None,
+            checks: None,
             // Session ids double as the process ids handed to clients for cancelling;
             // start at a random point so they do not look like the server's.
             next_id: AtomicU32::new(rand::random::<u32>() >> 1),

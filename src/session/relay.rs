@@ -8,27 +8,23 @@
 //! write. Frames are forwarded byte for byte, except during startup: the server's
 //! BackendKeyData (replaced by the proxy's key) and SASL mechanism list (no `-PLUS`).
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering::Relaxed},
-    },
+use std::sync::{
+    Mutex,
+    atomic::{AtomicBool, Ordering::Relaxed},
 };
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
 
-use metrics::Counter;
-
-use super::Shared;
+use super::{
+    Shared,
+    pending::{Answer, Pending},
+    statements::{MAX_INSPECTED_BIND, Statements},
+};
 use crate::{
     cancel::KeyGuard,
-    classify::Classification,
-    rewrite::Rewrite,
-    rules::{RuleSet, Stage},
-    shadow::{self, Shadow},
+    shadow::Shadow,
     wire::{
         self, WireError,
         messages::{self, AUTH_SASL, backend, frontend},
@@ -109,16 +105,13 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
         // Whether the client has been sent only whole frames, so that a proxy-made error
         // can be written to it without cutting a frame in two.
         let client_at_boundary = AtomicBool::new(true);
+        let pending = Mutex::new(Pending::default());
+        let routing_broken = AtomicBool::new(false);
         let mut to_upstream = ClientToServer {
             shared,
             buf: BytesMut::with_capacity(READ_CHUNK),
             streaming: 0,
-            statements: Statements {
-                shared,
-                shadow: self.shadow,
-                statements: HashMap::new(),
-                portals: HashMap::new(),
-            },
+            statements: Statements::new(shared, self.shadow, self.id, &pending, &routing_broken),
         };
         let mut to_client = ServerToClient {
             shared,
@@ -128,6 +121,8 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
             last_was_fatal: false,
             key_guard: None,
             at_boundary: &client_at_boundary,
+            pending: &pending,
+            routing_broken: &routing_broken,
         };
 
         let end = tokio::select! {
@@ -175,39 +170,6 @@ struct ClientToServer<'s> {
     statements: Statements<'s>,
 }
 
-/// What the session knows of its statements: the query type counter of each prepared
-/// statement and portal (the unnamed ones under the empty name), so that an Execute counts
-/// as what was parsed; and, for reads the shadow may compare, what it needs to run them.
-struct Statements<'s> {
-    shared: &'s Shared,
-    shadow: Option<&'s Shadow>,
-    statements: HashMap<Box<[u8]>, Prepared>,
-    portals: HashMap<Box<[u8]>, Portal>,
-}
-
-struct Prepared {
-    counter: Counter,
-    /// A read with a target route: what the shadow needs besides the parameters.
-    read: Option<Arc<ShadowSource>>,
-}
-
-struct ShadowSource {
-    classification: Arc<Classification>,
-    sql: Arc<str>,
-    param_types: Arc<[u32]>,
-    rules: Arc<RuleSet>,
-}
-
-struct Portal {
-    counter: Counter,
-    /// A comparison to hand to the shadow at the portal's first Execute.
-    job: Option<shadow::Job>,
-}
-
-/// Bind messages up to this size are read whole when their statement is shadowed (to copy
-/// the parameters); larger ones stream through and are not compared.
-const MAX_SHADOWED_BIND: usize = 64 * 1024;
-
 impl ClientToServer<'_> {
     async fn run<R, W>(&mut self, client: &mut R, upstream: &mut W) -> End
     where
@@ -245,6 +207,8 @@ impl ClientToServer<'_> {
                     | frontend::PARSE
                     | frontend::EXECUTE
                     | frontend::CLOSE
+                    | frontend::SYNC
+                    | frontend::FUNCTION_CALL
                     | frontend::TERMINATE => {
                         if available < header.total {
                             self.buf.reserve(header.total - available);
@@ -273,7 +237,7 @@ impl ClientToServer<'_> {
                         if tag == frontend::BIND {
                             // Bind starts with the portal's and the statement's names; its
                             // parameters (possibly large) stream through unread — unless
-                            // the shadow is to compare this execution and needs them.
+                            // the execution may be routed or compared, and the Bind is small.
                             let prefix = header.total.min(BIND_PREFIX);
                             if available < prefix {
                                 self.buf.reserve(prefix - available);
@@ -281,16 +245,30 @@ impl ClientToServer<'_> {
                             }
                             let names = &self.buf[ready + 5..ready + prefix];
                             if let Some((portal, statement)) = messages::bind_names(names) {
-                                let whole = header.total <= MAX_SHADOWED_BIND
-                                    && self.statements.compares(statement);
+                                let whole = header.total <= MAX_INSPECTED_BIND
+                                    && self.statements.bind_needs_whole(statement);
                                 if whole && available < header.total {
                                     self.buf.reserve(header.total - available);
                                     break;
                                 }
                                 let body =
-                                    &self.buf[ready + 5..ready + header.total.min(available)];
-                                self.statements
-                                    .bind(portal, statement, whole.then_some(body));
+                                    whole.then(|| &self.buf[ready + 5..ready + header.total]);
+                                let (portal, statement) = (portal.to_vec(), statement.to_vec());
+                                if let Some(frames) =
+                                    self.statements.bind(&portal, &statement, body)
+                                {
+                                    // What came before, then the Bind as routed.
+                                    let written =
+                                        upstream.write_all(&self.buf[..ready]).await.is_ok()
+                                            && upstream.write_all(&frames).await.is_ok();
+                                    if !written {
+                                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                                        return End::UpstreamClosed;
+                                    }
+                                    self.buf.advance(ready + header.total);
+                                    ready = 0;
+                                    continue;
+                                }
                             }
                         }
                         if available >= header.total {
@@ -321,184 +299,6 @@ impl ClientToServer<'_> {
     }
 }
 
-impl Statements<'_> {
-    /// Whether executions of prepared statement `name` are compared now (its query type's
-    /// live stage compares, and the shadow serves this session).
-    fn compares(&self, name: &[u8]) -> bool {
-        self.statements
-            .get(name)
-            .and_then(|p| p.read.as_ref())
-            .is_some_and(|r| self.compared(&r.classification))
-    }
-
-    /// Whether a statement of this classification is compared now, before sampling.
-    fn compared(&self, classification: &Classification) -> bool {
-        let Classification::Typed(t) = classification else {
-            return false;
-        };
-        if self.shadow.is_none() || t.read.is_none() || !matches!(t.route, Rewrite::Target(_)) {
-            return false;
-        }
-        let live = self.shared.control.live();
-        let stage = live.by_type.get(&t.query_type).map(|s| s.stage.as_str());
-        match stage {
-            Some(stage) => matches!(stage, "shadow" | "cutover" | "target"),
-            None => matches!(t.stage, Stage::Shadow | Stage::Cutover(_) | Stage::Target),
-        }
-    }
-
-    fn sampled(classification: &Classification) -> bool {
-        match classification {
-            Classification::Typed(t) => {
-                t.sample_rate >= 1.0 || rand::random::<f64>() < t.sample_rate
-            }
-            _ => false,
-        }
-    }
-
-    /// A Bind: its portal executes what `statement` was parsed as. `body` is the whole
-    /// message when the statement is compared now (see [`Self::compares`]).
-    fn bind(&mut self, portal: &[u8], statement: &[u8], body: Option<&[u8]>) {
-        let Some(prepared) = self.statements.get(statement) else {
-            self.portals.insert(
-                portal.into(),
-                Portal {
-                    counter: self.shared.metrics.queries.passthrough.clone(),
-                    job: None,
-                },
-            );
-            return;
-        };
-        let job = body
-            .zip(prepared.read.as_ref())
-            .filter(|(_, r)| Self::sampled(&r.classification))
-            .and_then(|(body, r)| {
-                let params = messages::bind_params(body)?;
-                Some(shadow::Job {
-                    classification: Arc::clone(&r.classification),
-                    sql: Arc::clone(&r.sql),
-                    param_types: Arc::clone(&r.param_types),
-                    params: params
-                        .into_iter()
-                        .map(|(binary, value)| shadow::Param {
-                            binary,
-                            value: value.map(Bytes::copy_from_slice),
-                        })
-                        .collect(),
-                    inline: false,
-                    rules: Arc::clone(&r.rules),
-                })
-            });
-        self.portals.insert(
-            portal.into(),
-            Portal {
-                counter: prepared.counter.clone(),
-                job,
-            },
-        );
-    }
-
-    /// The place where classification (and later routing and rewriting) plugs in. Today:
-    /// each statement is classified (the pre-check first, so statements that do not name
-    /// the legacy table are never parsed) and counted under its query type; a write on the
-    /// legacy table is given back tagged with its query type (for the dual-write trigger),
-    /// as the message to send instead.
-    fn inspect(&mut self, tag: u8, body: &[u8]) -> Option<Bytes> {
-        match tag {
-            frontend::QUERY => {
-                let sql = messages::query_text(body)?;
-                let (counter, classification) = self.classify(sql);
-                counter.increment(1);
-                let classification = classification?;
-                if let Some(shadow) = self.shadow
-                    && self.compared(&classification)
-                    && Self::sampled(&classification)
-                    && let Ok(sql) = std::str::from_utf8(sql)
-                {
-                    shadow.offer(shadow::Job {
-                        classification: Arc::clone(&classification),
-                        sql: sql.into(),
-                        param_types: Arc::new([]),
-                        params: Vec::new(),
-                        inline: true,
-                        rules: Arc::clone(self.shared.classifier.load().rules_arc()),
-                    });
-                }
-                return write_tag(&classification).and_then(|t| messages::tagged_query(body, t));
-            }
-            frontend::PARSE => {
-                let (name, sql) = messages::parse_text(body)?;
-                let (counter, classification) = self.classify(sql);
-                let read = classification.as_ref().filter(|c| {
-                    self.shadow.is_some()
-                        && matches!(&***c, Classification::Typed(t) if t.read.is_some() && matches!(t.route, Rewrite::Target(_)))
-                });
-                let read = read.and_then(|c| {
-                    Some(Arc::new(ShadowSource {
-                        classification: Arc::clone(c),
-                        sql: std::str::from_utf8(sql).ok()?.into(),
-                        param_types: messages::parse_param_types(body)?.into(),
-                        rules: Arc::clone(self.shared.classifier.load().rules_arc()),
-                    }))
-                });
-                self.statements
-                    .insert(name.into(), Prepared { counter, read });
-                let classification = classification?;
-                return write_tag(&classification).and_then(|t| messages::tagged_parse(body, t));
-            }
-            frontend::EXECUTE => {
-                let portal = messages::execute_portal(body).unwrap_or_default();
-                match self.portals.get_mut(portal) {
-                    Some(p) => {
-                        p.counter.increment(1);
-                        if let (Some(job), Some(shadow)) = (p.job.take(), self.shadow) {
-                            shadow.offer(job);
-                        }
-                    }
-                    None => self.shared.metrics.queries.passthrough.increment(1),
-                }
-            }
-            frontend::CLOSE => {
-                if let Some((kind, name)) = messages::close_target(body) {
-                    if kind == b'S' {
-                        self.statements.remove(name);
-                    } else {
-                        self.portals.remove(name);
-                    }
-                }
-            }
-            _ => {}
-        }
-        None
-    }
-
-    /// The `cutover_queries_total` counter of a statement's query type, and its
-    /// classification when it is on the legacy table.
-    fn classify(&self, sql: &[u8]) -> (Counter, Option<Arc<Classification>>) {
-        let queries = &self.shared.metrics.queries;
-        let Ok(sql) = std::str::from_utf8(sql) else {
-            // Not UTF-8 (another client_encoding): never parsed, relayed as it is.
-            return (queries.passthrough.clone(), None);
-        };
-        let classification = self.shared.classifier.load().classify(sql);
-        let counter = match &*classification {
-            Classification::Passthrough => return (queries.passthrough.clone(), None),
-            Classification::Unparsable { .. } => return (queries.unparsable.clone(), None),
-            Classification::Typed(t) if t.named => queries.named(&t.query_type),
-            Classification::Typed(_) => queries.automatic.clone(),
-        };
-        (counter, Some(classification))
-    }
-}
-
-/// The tag to append to a write on the legacy table.
-fn write_tag(classification: &Classification) -> Option<&str> {
-    match classification {
-        Classification::Typed(t) => t.write_tag.as_deref(),
-        _ => None,
-    }
-}
-
 /// Upstream → client.
 struct ServerToClient<'s> {
     shared: &'s Shared,
@@ -509,6 +309,8 @@ struct ServerToClient<'s> {
     last_was_fatal: bool,
     key_guard: Option<KeyGuard>,
     at_boundary: &'s AtomicBool,
+    pending: &'s Mutex<Pending>,
+    routing_broken: &'s AtomicBool,
 }
 
 /// What to do with an inspected server frame.
@@ -560,20 +362,25 @@ impl ServerToClient<'_> {
                     | backend::BACKEND_KEY_DATA
                     | backend::ERROR_RESPONSE
                     | backend::NOTICE_RESPONSE
-                    | backend::READY_FOR_QUERY => {
+                    | backend::READY_FOR_QUERY
+                    | backend::PARSE_COMPLETE
+                    | backend::CLOSE_COMPLETE => {
                         if available < header.total {
                             self.buf.reserve(header.total - available);
                             break;
                         }
                         let body = &self.buf[ready + 5..ready + header.total];
-                        let action = inspect_server_frame(
-                            header.tag,
-                            body,
-                            &mut self.last_was_fatal,
-                            &mut self.key_guard,
-                            self.shared,
-                            self.id,
-                        );
+                        let action = match self.answer(header.tag) {
+                            Answer::Swallow => Action::Replace(Bytes::new()),
+                            Answer::InjectedFailed | Answer::Forward => inspect_server_frame(
+                                header.tag,
+                                body,
+                                &mut self.last_was_fatal,
+                                &mut self.key_guard,
+                                self.shared,
+                                self.id,
+                            ),
+                        };
                         match action {
                             Action::Forward => ready += header.total,
                             Action::Replace(frame) => {
@@ -603,6 +410,29 @@ impl ServerToClient<'_> {
             }
             release_if_large(&mut self.buf);
             self.at_boundary.store(self.streaming == 0, Relaxed);
+        }
+    }
+
+    /// Where a server message stands in the answers the server owes (see [`Pending`]).
+    fn answer(&self, tag: u8) -> Answer {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match tag {
+            backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => pending.complete(),
+            backend::ERROR_RESPONSE => {
+                let answer = pending.error();
+                if answer == Answer::InjectedFailed {
+                    self.routing_broken.store(true, Relaxed);
+                    tracing::warn!(
+                        "a target statement the proxy prepared failed; this session's prepared statements stay on legacy"
+                    );
+                }
+                answer
+            }
+            backend::READY_FOR_QUERY => {
+                pending.ready();
+                Answer::Forward
+            }
+            _ => Answer::Forward,
         }
     }
 

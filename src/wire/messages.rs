@@ -15,6 +15,8 @@ pub mod frontend {
     pub const EXECUTE: u8 = b'E';
     pub const CLOSE: u8 = b'C';
     pub const TERMINATE: u8 = b'X';
+    pub const SYNC: u8 = b'S';
+    pub const FUNCTION_CALL: u8 = b'F';
 }
 
 /// Backend message types the proxy looks at.
@@ -24,6 +26,8 @@ pub mod backend {
     pub const ERROR_RESPONSE: u8 = b'E';
     pub const NOTICE_RESPONSE: u8 = b'N';
     pub const READY_FOR_QUERY: u8 = b'Z';
+    pub const PARSE_COMPLETE: u8 = b'1';
+    pub const CLOSE_COMPLETE: u8 = b'3';
 }
 
 /// Authentication request codes (the first Int32 of an `R` message).
@@ -175,6 +179,38 @@ pub fn parse_text(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let name = take_cstr(&mut rest)?;
     let sql = take_cstr(&mut rest)?;
     Some((name, sql))
+}
+
+/// A Query message for `sql`.
+pub fn query_frame(sql: &str) -> Bytes {
+    let mut body = Vec::with_capacity(sql.len() + 1);
+    body.extend_from_slice(sql.as_bytes());
+    body.push(0);
+    super::frame(frontend::QUERY, &body)
+}
+
+/// A Parse message: statement `name`, `sql`, declared parameter types.
+pub fn parse_frame(name: &[u8], sql: &str, param_types: &[u32]) -> Bytes {
+    let mut body = Vec::with_capacity(name.len() + sql.len() + 4 + 4 * param_types.len());
+    body.extend_from_slice(name);
+    body.push(0);
+    body.extend_from_slice(sql.as_bytes());
+    body.push(0);
+    // A statement has at most 65535 parameters (the protocol's own limit).
+    body.extend_from_slice(&(param_types.len() as u16).to_be_bytes());
+    for oid in param_types {
+        body.extend_from_slice(&oid.to_be_bytes());
+    }
+    super::frame(frontend::PARSE, &body)
+}
+
+/// A Close message for prepared statement `name`.
+pub fn close_statement_frame(name: &[u8]) -> Bytes {
+    let mut body = Vec::with_capacity(name.len() + 2);
+    body.push(b'S');
+    body.extend_from_slice(name);
+    body.push(0);
+    super::frame(frontend::CLOSE, &body)
 }
 
 /// The parameter type OIDs of a Parse message (0: left to the server).

@@ -1,5 +1,6 @@
 //! Routing decisions: which side serves one execution of a query type, from its stage and a
-//! sticky bucket. Pure functions (the relay will apply them per Query and per Bind/Execute).
+//! sticky bucket — pure functions, applied by the relay per Query and per Bind — and the
+//! [`check`]s that a statement may be served by the target at all.
 //!
 //! Buckets are deterministic and the same on every replica and every Rust version: the
 //! first two bytes of SHA-256 of the bucketing key's canonical text, modulo 100. The key is
@@ -7,6 +8,8 @@
 //! affiliate's queries never flip back and forth; and since the bucket does not depend on
 //! the query type, raising several query types to N% moves the same N% of affiliates.
 //! Raising N only adds buckets: a key served by the target at 25% still is at 50%.
+
+pub mod check;
 
 use std::borrow::Cow;
 

@@ -1,0 +1,146 @@
+//! What the server still owes an answer to, in order — so that the answers to messages the
+//! proxy added to the stream (a target statement prepared beside the client's) are taken
+//! out before the client sees them, and only those.
+//!
+//! The server answers messages strictly in order. The client→server side records every
+//! message whose answer matters here: Parse (ParseComplete), Close (CloseComplete), and the
+//! points where the server says ReadyForQuery (Sync, a simple Query, a FunctionCall). The
+//! server→client side pops them as the answers arrive. After an error in the extended
+//! protocol the server skips every message up to the next Sync, as it does; so does this
+//! queue. Messages whose answers are not recorded (Bind, Describe, Execute) need nothing:
+//! the proxy never adds them.
+
+use std::collections::VecDeque;
+
+/// A message waiting for its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaited {
+    /// Parse → ParseComplete; `injected`: the proxy's, its answer is not the client's.
+    Parse { injected: bool },
+    /// Close → CloseComplete.
+    Close { injected: bool },
+    /// Sync → ReadyForQuery.
+    Sync,
+    /// A simple Query or a FunctionCall: everything up to its ReadyForQuery is its own
+    /// (an error inside it skips nothing else).
+    Query,
+}
+
+/// What to do with an answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The client's: forward it.
+    Forward,
+    /// The proxy's: drop it.
+    Swallow,
+    /// An error answering the proxy's own message: forward it (the server now skips the
+    /// client's messages up to Sync too, and the client must learn why) and stop routing
+    /// that statement.
+    InjectedFailed,
+}
+
+#[derive(Debug, Default)]
+pub struct Pending {
+    queue: VecDeque<Awaited>,
+}
+
+impl Pending {
+    pub fn push(&mut self, awaited: Awaited) {
+        self.queue.push_back(awaited);
+    }
+
+    /// A ParseComplete or CloseComplete arrived.
+    pub fn complete(&mut self) -> Answer {
+        match self.queue.front() {
+            Some(Awaited::Parse { injected } | Awaited::Close { injected }) => {
+                let injected = *injected;
+                self.queue.pop_front();
+                if injected {
+                    Answer::Swallow
+                } else {
+                    Answer::Forward
+                }
+            }
+            // Not recorded (the queue was empty or out of step): never hide anything.
+            _ => Answer::Forward,
+        }
+    }
+
+    /// An ErrorResponse arrived.
+    pub fn error(&mut self) -> Answer {
+        let injected = match self.queue.front() {
+            // Inside a simple Query: it ends at its own ReadyForQuery.
+            Some(Awaited::Query) | None => return Answer::Forward,
+            Some(Awaited::Parse { injected } | Awaited::Close { injected }) => *injected,
+            Some(Awaited::Sync) => false,
+        };
+        // The server skips everything up to the next Sync.
+        while let Some(front) = self.queue.front() {
+            if matches!(front, Awaited::Sync | Awaited::Query) {
+                break;
+            }
+            self.queue.pop_front();
+        }
+        if injected {
+            Answer::InjectedFailed
+        } else {
+            Answer::Forward
+        }
+    }
+
+    /// A ReadyForQuery arrived: everything up to the Sync or Query it answers is done.
+    pub fn ready(&mut self) {
+        while let Some(front) = self.queue.pop_front() {
+            if matches!(front, Awaited::Sync | Awaited::Query) {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn injected_answers_are_swallowed_in_order() {
+        let mut p = Pending::default();
+        p.push(Awaited::Parse { injected: false });
+        p.push(Awaited::Close { injected: true });
+        p.push(Awaited::Parse { injected: true });
+        p.push(Awaited::Sync);
+        assert_eq!(p.complete(), Answer::Forward);
+        assert_eq!(p.complete(), Answer::Swallow);
+        assert_eq!(p.complete(), Answer::Swallow);
+        p.ready();
+        assert_eq!(p.complete(), Answer::Forward);
+    }
+
+    #[test]
+    fn an_error_skips_to_sync_like_the_server() {
+        let mut p = Pending::default();
+        // The client's Parse fails: the proxy's Close and Parse are skipped by the server.
+        p.push(Awaited::Parse { injected: false });
+        p.push(Awaited::Close { injected: true });
+        p.push(Awaited::Parse { injected: true });
+        p.push(Awaited::Sync);
+        p.push(Awaited::Parse { injected: false });
+        assert_eq!(p.error(), Answer::Forward);
+        p.ready();
+        assert_eq!(p.complete(), Answer::Forward);
+
+        // The proxy's Parse fails: forwarded, reported.
+        let mut p = Pending::default();
+        p.push(Awaited::Parse { injected: true });
+        p.push(Awaited::Sync);
+        assert_eq!(p.error(), Answer::InjectedFailed);
+
+        // An error inside a simple Query skips nothing.
+        let mut p = Pending::default();
+        p.push(Awaited::Query);
+        p.push(Awaited::Parse { injected: true });
+        assert_eq!(p.error(), Answer::Forward);
+        p.ready();
+        assert_eq!(p.complete(), Answer::Swallow);
+    }
+}

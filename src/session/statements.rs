@@ -1,0 +1,482 @@
+//! What a session knows of its statements, and where the stages of the data path plug into
+//! the relay: every Query and Parse is classified, every execution routed, counted and, when
+//! sampled, handed to the shadow.
+//!
+//! Routing (the stage and the sticky bucket of [`crate::route`]):
+//! - a simple Query served by the target is sent as its target SQL instead;
+//! - a prepared statement is routed per execution, at its Bind: the first Bind that goes to
+//!   the target prepares the statement's target variant beside it (a Close and a Parse the
+//!   proxy adds, whose answers the relay takes out — see [`super::pending`]), and every Bind
+//!   that goes to the target names that variant instead of the client's statement;
+//! - a statement is served by the target only after its [route check](crate::route::check)
+//!   found that the client would not notice (same parameters, same columns and types);
+//! - writes go to the target from stage `target` on (all of them: mixing v2-first and
+//!   legacy-first writes of one type could deadlock), reads by bucket from `cutover N%` on.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{
+    Shared,
+    pending::{Awaited, Pending},
+};
+use crate::{
+    classify::{BucketKey, Classification, Typed},
+    control::stage_of,
+    metrics::Served,
+    rewrite::Rewrite,
+    route::{self, Side, check::Check},
+    rules::{RuleSet, Stage},
+    shadow::{self, Shadow},
+    wire::{
+        self,
+        messages::{self, frontend},
+    },
+};
+
+/// Bind messages up to this size are read whole when the statement may be routed or
+/// compared (to read the key, copy the parameters or name the target variant); larger ones
+/// stream through, served by legacy and not compared.
+pub const MAX_INSPECTED_BIND: usize = 64 * 1024;
+
+/// Prefix of the names of the target variants the proxy prepares (`cutover_t_` and the
+/// client's statement name in hex).
+pub const TARGET_PREFIX: &str = "cutover_t_";
+
+pub struct Statements<'s> {
+    shared: &'s Shared,
+    shadow: Option<&'s Shadow>,
+    /// The session's bucketing key when the rule names none.
+    session_key: String,
+    pending: &'s Mutex<Pending>,
+    /// A target variant the proxy prepared failed: this session routes no more prepared
+    /// statements (the client saw the error).
+    routing_broken: &'s AtomicBool,
+    statements: HashMap<Box<[u8]>, Prepared>,
+    portals: HashMap<Box<[u8]>, Portal>,
+}
+
+/// A prepared statement.
+struct Prepared {
+    served: Served,
+    /// On the legacy table: what routing and the shadow need.
+    typed: Option<Arc<Source>>,
+    /// Its target variant has been prepared since the client last prepared it.
+    target_ready: bool,
+}
+
+/// A statement on the legacy table, as parsed.
+struct Source {
+    classification: Arc<Classification>,
+    sql: Arc<str>,
+    param_types: Arc<[u32]>,
+    rules: Arc<RuleSet>,
+}
+
+impl Source {
+    fn typed(&self) -> &Typed {
+        match &*self.classification {
+            Classification::Typed(t) => t,
+            // Only typed classifications are kept in a Source.
+            _ => unreachable!("a Source holds a typed classification"),
+        }
+    }
+}
+
+/// Whether a stage may serve anything from the target.
+fn may_route(stage: Stage) -> bool {
+    !matches!(stage, Stage::Legacy | Stage::Shadow)
+}
+
+/// A prepared statement's route check: per rules, declared parameter types and SQL text.
+fn prepared_check_key(source: &Source) -> String {
+    format!(
+        "p:{}:{:?}:{}",
+        source.rules.version, source.param_types, source.sql
+    )
+}
+
+struct Portal {
+    served: Served,
+    side: Side,
+    /// A comparison to hand to the shadow at the portal's first Execute.
+    job: Option<shadow::Job>,
+}
+
+impl<'s> Statements<'s> {
+    pub fn new(
+        shared: &'s Shared,
+        shadow: Option<&'s Shadow>,
+        session_id: u32,
+        pending: &'s Mutex<Pending>,
+        routing_broken: &'s AtomicBool,
+    ) -> Self {
+        Self {
+            shared,
+            shadow,
+            session_key: format!("session:{session_id}"),
+            pending,
+            routing_broken,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+        }
+    }
+
+    fn await_answer(&self, awaited: Awaited) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(awaited);
+    }
+
+    /// The live stage of a query type (the rules' when the live state has none).
+    fn stage(&self, t: &Typed) -> Stage {
+        let live = self.shared.control.live();
+        live.by_type
+            .get(&t.query_type)
+            .and_then(|s| stage_of(&s.stage, Some(i64::from(s.percent))).ok())
+            .unwrap_or(t.stage)
+    }
+
+    /// Which side serves an execution of `t` in `stage` whose key is `key` (`None`: the
+    /// session's).
+    fn side(&self, t: &Typed, stage: Stage, key: Option<&[u8]>) -> Side {
+        if !matches!(t.route, Rewrite::Target(_)) {
+            return Side::Legacy;
+        }
+        if t.write_tag.is_some() {
+            return match stage {
+                Stage::Target | Stage::Complete => Side::Target,
+                _ => Side::Legacy,
+            };
+        }
+        let bucket = route::bucket(key.unwrap_or(self.session_key.as_bytes()));
+        route::decide(stage, bucket)
+    }
+
+    /// The route check of a statement: whether the target may serve it now.
+    fn checked(&self, key: &str, legacy: &str, target: &str, types: &[u32]) -> Option<Check> {
+        self.shared.checks.as_ref()?.get(key, legacy, target, types)
+    }
+
+    /// Whether the shadow compares this classification's executions now (before sampling).
+    fn compared(&self, t: &Typed, stage: Stage) -> bool {
+        self.shadow.is_some()
+            && t.read.is_some()
+            && matches!(t.route, Rewrite::Target(_))
+            && matches!(stage, Stage::Shadow | Stage::Cutover(_) | Stage::Target)
+    }
+
+    fn sampled(t: &Typed) -> bool {
+        t.sample_rate >= 1.0 || rand::random::<f64>() < t.sample_rate
+    }
+
+    /// The counters of a statement's query type, and its classification when it is on the
+    /// legacy table.
+    fn classify(&self, sql: &[u8]) -> (Served, Option<Arc<Classification>>) {
+        let queries = &self.shared.metrics.queries;
+        let passthrough = || Served {
+            legacy: queries.passthrough.clone(),
+            target: queries.passthrough.clone(),
+        };
+        let Ok(sql) = std::str::from_utf8(sql) else {
+            // Not UTF-8 (another client_encoding): never parsed, relayed as it is.
+            return (passthrough(), None);
+        };
+        let classification = self.shared.classifier.load().classify(sql);
+        let served = match &*classification {
+            Classification::Passthrough => return (passthrough(), None),
+            Classification::Unparsable { .. } => {
+                let unparsable = queries.unparsable.clone();
+                return (
+                    Served {
+                        legacy: unparsable.clone(),
+                        target: unparsable,
+                    },
+                    None,
+                );
+            }
+            Classification::Typed(t) if t.named => queries.named(&t.query_type),
+            Classification::Typed(_) => queries.automatic.clone(),
+        };
+        (served, Some(classification))
+    }
+
+    /// Looks at a whole Query, Parse, Execute, Close, Sync or FunctionCall; returns what to
+    /// send instead, if anything.
+    pub fn inspect(&mut self, tag: u8, body: &[u8]) -> Option<Bytes> {
+        match tag {
+            frontend::QUERY => {
+                self.await_answer(Awaited::Query);
+                return self.query(body);
+            }
+            frontend::PARSE => {
+                self.await_answer(Awaited::Parse { injected: false });
+                return self.parse(body);
+            }
+            frontend::EXECUTE => {
+                let portal = messages::execute_portal(body).unwrap_or_default();
+                match self.portals.get_mut(portal) {
+                    Some(p) => {
+                        p.served.side(p.side).increment(1);
+                        if let (Some(job), Some(shadow)) = (p.job.take(), self.shadow) {
+                            shadow.offer(job);
+                        }
+                    }
+                    None => self.shared.metrics.queries.passthrough.increment(1),
+                }
+            }
+            frontend::CLOSE => {
+                self.await_answer(Awaited::Close { injected: false });
+                if let Some((kind, name)) = messages::close_target(body) {
+                    if kind == b'S' {
+                        self.statements.remove(name);
+                    } else {
+                        self.portals.remove(name);
+                    }
+                }
+            }
+            frontend::SYNC => self.await_answer(Awaited::Sync),
+            frontend::FUNCTION_CALL => self.await_answer(Awaited::Query),
+            _ => {}
+        }
+        None
+    }
+
+    fn query(&mut self, body: &[u8]) -> Option<Bytes> {
+        let sql = messages::query_text(body)?;
+        let (served, classification) = self.classify(sql);
+        let Some(classification) = classification else {
+            served.legacy.increment(1);
+            return None;
+        };
+        let Classification::Typed(t) = &*classification else {
+            served.legacy.increment(1);
+            return None;
+        };
+        let stage = self.stage(t);
+        let text = std::str::from_utf8(sql).ok()?;
+        if self.compared(t, stage)
+            && Self::sampled(t)
+            && let Some(shadow) = self.shadow
+        {
+            shadow.offer(shadow::Job {
+                classification: Arc::clone(&classification),
+                sql: text.into(),
+                param_types: Arc::new([]),
+                params: Vec::new(),
+                inline: true,
+                rules: Arc::clone(self.shared.classifier.load().rules_arc()),
+            });
+        }
+        let key = match &t.bucket_key {
+            BucketKey::Literal(v) => Some(v.as_bytes()),
+            _ => None,
+        };
+        let mut side = self.side(t, stage, key);
+        if let Rewrite::Target(target) = &t.route
+            && may_route(stage)
+        {
+            // Asked for as soon as the stage may route, whatever this execution's side.
+            let check_key = format!(
+                "q:{}:{}",
+                self.shared.classifier.load().rules().version,
+                t.fingerprint.id
+            );
+            let ready = matches!(
+                self.checked(&check_key, text, target, &[]),
+                Some(Check::Ready { .. })
+            );
+            if side == Side::Target && ready {
+                served.target.increment(1);
+                let tag = t.write_tag.as_deref().unwrap_or("");
+                return Some(messages::query_frame(&format!("{target}{tag}")));
+            }
+        }
+        if side == Side::Target {
+            side = Side::Legacy;
+        }
+        served.side(side).increment(1);
+        t.write_tag
+            .as_deref()
+            .and_then(|tag| messages::tagged_query(body, tag))
+    }
+
+    fn parse(&mut self, body: &[u8]) -> Option<Bytes> {
+        let (name, sql) = messages::parse_text(body)?;
+        let (served, classification) = self.classify(sql);
+        let typed = classification.as_ref().and_then(|c| {
+            let Classification::Typed(_) = &**c else {
+                return None;
+            };
+            Some(Arc::new(Source {
+                classification: Arc::clone(c),
+                sql: std::str::from_utf8(sql).ok()?.into(),
+                param_types: messages::parse_param_types(body)?.into(),
+                rules: Arc::clone(self.shared.classifier.load().rules_arc()),
+            }))
+        });
+        if let Some(source) = &typed {
+            let t = source.typed();
+            if let Rewrite::Target(target) = &t.route
+                && may_route(self.stage(t))
+            {
+                // Asked for now, so that it is in by the first Bind.
+                let _ = self.checked(
+                    &prepared_check_key(source),
+                    &source.sql,
+                    target,
+                    &source.param_types,
+                );
+            }
+        }
+        let write_tag = typed.as_ref().and_then(|s| s.typed().write_tag.clone());
+        self.statements.insert(
+            name.into(),
+            Prepared {
+                served,
+                typed,
+                target_ready: false,
+            },
+        );
+        write_tag.and_then(|tag| messages::tagged_parse(body, &tag))
+    }
+
+    /// Whether a Bind of prepared statement `name` must be read whole: its executions may be
+    /// routed to the target now, or compared.
+    pub fn bind_needs_whole(&self, name: &[u8]) -> bool {
+        let Some(source) = self.statements.get(name).and_then(|p| p.typed.as_ref()) else {
+            return false;
+        };
+        let t = source.typed();
+        let stage = self.stage(t);
+        (matches!(t.route, Rewrite::Target(_)) && may_route(stage)) || self.compared(t, stage)
+    }
+
+    /// A Bind: its portal executes what `statement` was parsed as, on the side its key
+    /// decides. `body` is the whole message when [`Self::bind_needs_whole`] said so.
+    /// Returns what to send instead of the Bind, if anything.
+    pub fn bind(&mut self, portal: &[u8], statement: &[u8], body: Option<&[u8]>) -> Option<Bytes> {
+        let Some(prepared) = self.statements.get(statement) else {
+            let passthrough = self.shared.metrics.queries.passthrough.clone();
+            self.portals.insert(
+                portal.into(),
+                Portal {
+                    served: Served {
+                        legacy: passthrough.clone(),
+                        target: passthrough,
+                    },
+                    side: Side::Legacy,
+                    job: None,
+                },
+            );
+            return None;
+        };
+        let served = prepared.served.clone();
+        let (Some(source), Some(body)) = (prepared.typed.clone(), body) else {
+            self.portals.insert(
+                portal.into(),
+                Portal {
+                    served,
+                    side: Side::Legacy,
+                    job: None,
+                },
+            );
+            return None;
+        };
+        let t = source.typed();
+        let stage = self.stage(t);
+        let params = messages::bind_params(body);
+        let job = params
+            .as_ref()
+            .filter(|_| self.compared(t, stage) && Self::sampled(t))
+            .map(|params| shadow::Job {
+                classification: Arc::clone(&source.classification),
+                sql: Arc::clone(&source.sql),
+                param_types: Arc::clone(&source.param_types),
+                params: params
+                    .iter()
+                    .map(|(binary, value)| shadow::Param {
+                        binary: *binary,
+                        value: value.map(Bytes::copy_from_slice),
+                    })
+                    .collect(),
+                inline: false,
+                rules: Arc::clone(&source.rules),
+            });
+        let key = match (&t.bucket_key, &params) {
+            (BucketKey::Param(n), Some(params)) => params
+                .get(n - 1)
+                .and_then(|(binary, value)| Some(route::key_text(*binary, (*value)?))),
+            (BucketKey::Literal(v), _) => Some(std::borrow::Cow::Borrowed(v.as_bytes())),
+            _ => None,
+        };
+        let wanted = self.side(t, stage, key.as_deref());
+        let replacement = match (wanted, &t.route) {
+            (Side::Target, Rewrite::Target(target)) if !self.routing_broken.load(Relaxed) => {
+                self.bind_to_target(statement, &source, target, portal, body)
+            }
+            _ => None,
+        };
+        let side = if replacement.is_some() {
+            Side::Target
+        } else {
+            Side::Legacy
+        };
+        self.portals
+            .insert(portal.into(), Portal { served, side, job });
+        replacement
+    }
+
+    /// The Bind rewritten to name the statement's target variant, preceded (the first time)
+    /// by the Close and Parse that prepare it; `None` while the route check has not said yes.
+    fn bind_to_target(
+        &mut self,
+        statement: &[u8],
+        source: &Source,
+        target: &str,
+        portal: &[u8],
+        body: &[u8],
+    ) -> Option<Bytes> {
+        let Some(Check::Ready { param_types }) = self.checked(
+            &prepared_check_key(source),
+            &source.sql,
+            target,
+            &source.param_types,
+        ) else {
+            return None;
+        };
+        let variant = format!("{TARGET_PREFIX}{}", hex::encode(statement));
+        let mut out = BytesMut::new();
+        let prepared = self.statements.get_mut(statement)?;
+        if !prepared.target_ready {
+            prepared.target_ready = true;
+            let tag = source.typed().write_tag.as_deref().unwrap_or("");
+            out.extend_from_slice(&messages::close_statement_frame(variant.as_bytes()));
+            out.extend_from_slice(&messages::parse_frame(
+                variant.as_bytes(),
+                &format!("{target}{tag}"),
+                &param_types,
+            ));
+            self.await_answer(Awaited::Close { injected: true });
+            self.await_answer(Awaited::Parse { injected: true });
+        }
+        // Bind: portal, the variant's name, then the client's formats and values as sent.
+        let rest = &body[portal.len() + 1 + statement.len() + 1..];
+        let mut bind = BytesMut::with_capacity(portal.len() + variant.len() + 2 + rest.len());
+        bind.put_slice(portal);
+        bind.put_u8(0);
+        bind.put_slice(variant.as_bytes());
+        bind.put_u8(0);
+        bind.put_slice(rest);
+        out.extend_from_slice(&wire::frame(frontend::BIND, &bind));
+        Some(out.freeze())
+    }
+}

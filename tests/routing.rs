@@ -1,0 +1,293 @@
+//! Routing: a query type in `cutover N%` is served by the target for N% of its keys, the same
+//! key always on the same side, prepared statements split per execution; a rewrite bug at 50%
+//! sends the query type back to `shadow` by itself.
+//!
+//! To see which side served a read, the target's names are changed behind the proxy's back
+//! (`v2:` prefixed): a row that comes back with it was served by the target.
+
+mod support;
+
+use std::{collections::HashMap, time::Duration};
+
+use cutover::fixture::{self, TreeSpec};
+use support::{Proxy, TestDb, cutover_on, metric, proxy_with};
+use tokio_postgres::Client;
+
+const RULES: &str = include_str!("../rules/fature.toml");
+
+struct Setup {
+    db: TestDb,
+    proxy: Proxy,
+    _rules: tempfile::TempDir,
+}
+
+/// A backfilled tree whose v2 names are marked `v2:`, and a proxy with the rules' `stages`
+/// (query type → TOML stage lines) and `extra` rules.
+async fn setup(affiliates: u64, stages: &[(&str, &str)], extra: &str) -> Setup {
+    let db = support::migrated_db().await;
+    let client = db.client().await;
+    fixture::load(&client, &TreeSpec::clean(affiliates))
+        .await
+        .unwrap();
+    let (code, out) = cutover_on(&db, "backfill", &[], &[]);
+    assert_eq!(code, 0, "{out}");
+    client
+        .batch_execute(
+            "BEGIN; SET LOCAL cutover.mirroring = 'on';
+             UPDATE fature_v2.affiliates_optimized SET name = 'v2:' || name; COMMIT",
+        )
+        .await
+        .unwrap();
+
+    let mut rules = RULES.to_owned();
+    for (name, stage) in stages {
+        let at = format!("name = \"{name}\"\n");
+        assert!(rules.contains(&at), "{name} is not in the rules");
+        rules = rules.replace(&at, &format!("{at}{stage}\n"));
+    }
+    rules.push_str(extra);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fature.toml"), rules).unwrap();
+    let url = db.url();
+    let rules_dir = dir.path().to_owned();
+    let proxy = proxy_with(move |c| {
+        c.control = Some(url);
+        c.rules = Some(rules_dir);
+    })
+    .await;
+    Setup {
+        db,
+        proxy,
+        _rules: dir,
+    }
+}
+
+fn served_by_target(name: &str) -> bool {
+    name.starts_with("v2:")
+}
+
+/// Runs `sql` (a read of one affiliate by `$1`) with a key whose bucket the target serves
+/// until the target serves it: its route check is made (until then, legacy serves it).
+async fn warm_up(client: &Client, sql: &str, percent: u8) {
+    let key = (1i64..)
+        .find(|k| cutover::route::bucket(k.to_string().as_bytes()) < percent)
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = client.query_one(sql, &[&key]).await.unwrap();
+        if served_by_target(row.get("name")) || row.get::<_, String>("name").starts_with("aff-") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never served by the target"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn ten_thousand_keys_at_25_percent_prepared_and_simple() {
+    let keys = 10_000i64;
+    let s = setup(
+        keys as u64,
+        // Not compared: every v2 name differs, and the ramp-down would send it back.
+        &[(
+            "affiliate_by_id",
+            "stage = \"cutover\"\npercent = 25\nsample_rate = 0.0",
+        )],
+        "",
+    )
+    .await;
+    let app = s.proxy.client(&s.db.name).await;
+    let sql = "SELECT * FROM affiliates WHERE affiliate_id = $1";
+    warm_up(&app, sql, 25).await;
+
+    // One prepared statement, executed for every key: split per execution.
+    let statement = app.prepare(sql).await.unwrap();
+    let mut side: HashMap<i64, bool> = HashMap::new();
+    for id in 1..=keys {
+        let row = app.query_one(&statement, &[&id]).await.unwrap();
+        side.insert(id, served_by_target(row.get("name")));
+    }
+    let on_target = side.values().filter(|t| **t).count();
+    assert!(
+        (2300..=2700).contains(&on_target),
+        "{on_target} of {keys} keys served by the target at 25%"
+    );
+
+    // The same keys again, with their values inline (simple protocol) and on another
+    // session: every key on the side it was on.
+    let other = s.proxy.client(&s.db.name).await;
+    // (its route check: one per statement shape, made by the first)
+    other
+        .simple_query("SELECT * FROM affiliates WHERE affiliate_id = 1")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for id in (1..=keys).step_by(7) {
+        let rows = other
+            .simple_query(&format!(
+                "SELECT * FROM affiliates WHERE affiliate_id = {id}"
+            ))
+            .await
+            .unwrap();
+        let name = rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get("name").map(str::to_owned),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(
+            served_by_target(&name),
+            side[&id],
+            "key {id} changed sides between sessions and protocols"
+        );
+    }
+
+    let m = s.proxy.metrics().await;
+    let target = metric(
+        &m,
+        "cutover_queries_total{query_type=\"affiliate_by_id\",served_by=\"target\"}",
+    );
+    assert!(target >= on_target as f64, "{target} < {on_target}\n{m}");
+}
+
+#[tokio::test]
+async fn stages_serve_what_they_say_and_writes_flip_at_target() {
+    let s = setup(
+        200,
+        &[
+            ("affiliate_by_id", "stage = \"target\"\nsample_rate = 0.0"),
+            ("affiliate_by_external_id", "stage = \"shadow\""),
+            ("set_status", "stage = \"target\""),
+        ],
+        "",
+    )
+    .await;
+    let app = s.proxy.client(&s.db.name).await;
+    let sql = "SELECT * FROM affiliates WHERE affiliate_id = $1";
+    warm_up(&app, sql, 100).await;
+    for id in 1..=20i64 {
+        let row = app.query_one(sql, &[&id]).await.unwrap();
+        assert!(served_by_target(row.get("name")), "{id} at target");
+    }
+    // In shadow, legacy serves.
+    let external: String =
+        s.db.client()
+            .await
+            .query_one(
+                "SELECT external_id FROM affiliates WHERE affiliate_id = 5",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    let by_external =
+        "SELECT affiliate_id, name, email, status FROM public.affiliates WHERE external_id = $1";
+    for _ in 0..3 {
+        let row = app.query_one(by_external, &[&external]).await.unwrap();
+        assert!(!served_by_target(row.get("name")));
+    }
+
+    // A write of a type at `target` goes to v2 first and is mirrored into legacy.
+    let update = "UPDATE affiliates SET status = $1, updated_at = now() WHERE affiliate_id = $2";
+    app.execute(update, &[&"inactive", &1i64]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = app.execute(update, &[&"suspended", &7i64]).await.unwrap();
+    assert_eq!(n, 1, "the command tag counts the row");
+    let direct = s.db.client().await;
+    let row = direct
+        .query_one(
+            "SELECT l.status, t.status FROM affiliates l JOIN fature_v2.affiliates_optimized t USING (affiliate_id) WHERE affiliate_id = 7",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        ("suspended".to_owned(), "suspended".to_owned())
+    );
+    let m = s.proxy.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "cutover_queries_total{query_type=\"set_status\",served_by=\"target\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_rewrite_bug_at_50_percent_ramps_back_to_shadow_by_itself() {
+    let s = setup(
+        300,
+        &[],
+        r#"
+[[query_type]]
+name = "wrong_column"
+match = "SELECT affiliate_id, name FROM affiliates WHERE affiliate_id = $1"
+target = "SELECT affiliate_id, external_id AS name FROM fature_v2.affiliates_optimized WHERE affiliate_id = $1"
+bucket = "affiliate_id"
+stage = "cutover"
+percent = 50
+"#,
+    )
+    .await;
+    let app = s.proxy.client(&s.db.name).await;
+    let sql = "SELECT affiliate_id, name FROM affiliates WHERE affiliate_id = $1";
+    warm_up(&app, sql, 50).await;
+    let mut wrong = 0;
+    for id in 1..=150i64 {
+        let row = app.query_one(sql, &[&id]).await.unwrap();
+        if row.get::<_, String>("name").starts_with("aff-") {
+            wrong += 1;
+        }
+    }
+    assert!(
+        wrong > 30,
+        "half the keys served by the (wrong) target: {wrong}"
+    );
+
+    // The shadow confirms rewrite bugs; the ramp-down (every 5 s) sends it back.
+    let direct = s.db.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stage: String = direct
+            .query_one(
+                "SELECT stage FROM cutover.query_type_state WHERE query_type = 'wrong_column'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if stage == "shadow" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {stage} after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (by, reason): (String, String) = {
+        let row = direct
+            .query_one(
+                "SELECT changed_by, reason FROM cutover.stage_audit
+                 WHERE query_type = 'wrong_column' ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(by, "auto");
+    assert!(reason.contains("confirmed divergences"), "{reason}");
+    // Back in shadow, legacy serves every key within a second.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for id in 1..=50i64 {
+        let row = app.query_one(sql, &[&id]).await.unwrap();
+        assert!(!row.get::<_, String>("name").starts_with("aff-"), "{id}");
+    }
+}
