@@ -21,10 +21,25 @@ const MAX_CHECKS: usize = 10_000;
 /// What a check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
-    /// The target may serve it; its parameters are declared with these types.
-    Ready { param_types: Arc<[u32]> },
+    /// The target may serve it; its parameters are declared with these types, and the
+    /// columns it returns are described as legacy describes them.
+    Ready {
+        param_types: Arc<[u32]>,
+        columns: Arc<[LegacyColumn]>,
+    },
     /// It stays on legacy, and why.
     Refused(String),
+}
+
+/// What a RowDescription says of a legacy column besides its name and type: the table and
+/// attribute it comes from (0 for an expression) and its type modifier. Drivers use them
+/// (JDBC's `getColumnTypeName` says `bigserial` for `affiliate_id` because of them), so a
+/// target-served answer is described with legacy's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LegacyColumn {
+    pub table_oid: u32,
+    pub attnum: i16,
+    pub typmod: i32,
 }
 
 struct Request {
@@ -163,7 +178,9 @@ fn short(key: &str) -> &str {
     &key[..key.len().min(80)]
 }
 
-fn type_of(oid: u32) -> Type {
+/// A type for `prepare_typed`: the known one, or the OID as it came (0 lets the server
+/// infer it).
+pub(crate) fn type_of(oid: u32) -> Type {
     Type::from_oid(oid)
         .unwrap_or_else(|| Type::new(format!("oid{oid}"), oid, Kind::Pseudo, String::new()))
 }
@@ -229,7 +246,29 @@ async fn check(
             describe(&t, &target)
         )));
     }
+    let mut columns = Vec::with_capacity(legacy.columns().len());
+    for c in legacy.columns() {
+        let (table_oid, attnum) = (c.table_oid().unwrap_or(0), c.column_id().unwrap_or(0));
+        let typmod = if table_oid == 0 {
+            // An expression: PostgreSQL gives nearly all of them -1.
+            -1
+        } else {
+            client
+                .query_opt(
+                    "SELECT atttypmod FROM pg_attribute WHERE attrelid = $1 AND attnum = $2",
+                    &[&table_oid, &attnum],
+                )
+                .await?
+                .map_or(-1, |r| r.get(0))
+        };
+        columns.push(LegacyColumn {
+            table_oid,
+            attnum,
+            typmod,
+        });
+    }
     Ok(Check::Ready {
         param_types: legacy.params().iter().map(Type::oid).collect(),
+        columns: columns.into(),
     })
 }

@@ -3,17 +3,23 @@
 //! out before the client sees them, and only those.
 //!
 //! The server answers messages strictly in order. The client→server side records every
-//! message whose answer matters here: Parse (ParseComplete), Close (CloseComplete), and the
-//! points where the server says ReadyForQuery (Sync, a simple Query, a FunctionCall). The
-//! server→client side pops them as the answers arrive. After an error in the extended
-//! protocol the server skips every message up to the next Sync, as it does; so does this
-//! queue. Messages whose answers are not recorded (Bind, Describe, Execute) need nothing:
-//! the proxy never adds them.
+//! message whose answer matters here: Parse (ParseComplete), Close (CloseComplete), Describe
+//! (its RowDescription or NoData), and the points where the server says ReadyForQuery (Sync,
+//! a simple Query, a FunctionCall). The server→client side pops them as the answers arrive.
+//! After an error in the extended protocol the server skips every message up to the next
+//! Sync, as it does; so does this queue. Messages whose answers are not recorded (Bind,
+//! Execute) need nothing: the proxy never adds them, and they describe no rows.
+//!
+//! A Describe of a portal the target serves, and a simple Query sent as its target SQL,
+//! carry how legacy describes the columns: their RowDescription is rewritten to say it.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
+
+/// How legacy describes each column: table OID, attribute number, type modifier.
+pub type Described = Arc<[(u32, i16, i32)]>;
 
 /// A message waiting for its answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Awaited {
     /// Parse → ParseComplete; `injected`: the proxy's, its answer is not the client's.
     Parse { injected: bool },
@@ -23,7 +29,9 @@ pub enum Awaited {
     Sync,
     /// A simple Query or a FunctionCall: everything up to its ReadyForQuery is its own
     /// (an error inside it skips nothing else).
-    Query,
+    Query { described: Option<Described> },
+    /// Describe → (ParameterDescription and) RowDescription or NoData.
+    Describe { described: Option<Described> },
 }
 
 /// What to do with an answer.
@@ -37,6 +45,8 @@ pub enum Answer {
     /// client's messages up to Sync too, and the client must learn why) and stop routing
     /// that statement.
     InjectedFailed,
+    /// A RowDescription of the target's, as legacy would have sent it.
+    Described(bytes::Bytes),
 }
 
 #[derive(Debug, Default)]
@@ -70,13 +80,13 @@ impl Pending {
     pub fn error(&mut self) -> Answer {
         let injected = match self.queue.front() {
             // Inside a simple Query: it ends at its own ReadyForQuery.
-            Some(Awaited::Query) | None => return Answer::Forward,
+            Some(Awaited::Query { .. }) | None => return Answer::Forward,
             Some(Awaited::Parse { injected } | Awaited::Close { injected }) => *injected,
-            Some(Awaited::Sync) => false,
+            Some(Awaited::Sync | Awaited::Describe { .. }) => false,
         };
         // The server skips everything up to the next Sync.
         while let Some(front) = self.queue.front() {
-            if matches!(front, Awaited::Sync | Awaited::Query) {
+            if matches!(front, Awaited::Sync | Awaited::Query { .. }) {
                 break;
             }
             self.queue.pop_front();
@@ -91,9 +101,30 @@ impl Pending {
     /// A ReadyForQuery arrived: everything up to the Sync or Query it answers is done.
     pub fn ready(&mut self) {
         while let Some(front) = self.queue.pop_front() {
-            if matches!(front, Awaited::Sync | Awaited::Query) {
+            if matches!(front, Awaited::Sync | Awaited::Query { .. }) {
                 return;
             }
+        }
+    }
+
+    /// A RowDescription arrived: how legacy would describe its columns, when the target
+    /// produced it.
+    pub fn row_description(&mut self) -> Option<Described> {
+        match self.queue.front() {
+            Some(Awaited::Describe { described }) => {
+                let described = described.clone();
+                self.queue.pop_front();
+                described
+            }
+            Some(Awaited::Query { described }) => described.clone(),
+            _ => None,
+        }
+    }
+
+    /// A NoData arrived.
+    pub fn no_data(&mut self) {
+        if let Some(Awaited::Describe { .. }) = self.queue.front() {
+            self.queue.pop_front();
         }
     }
 }
@@ -137,10 +168,25 @@ mod tests {
 
         // An error inside a simple Query skips nothing.
         let mut p = Pending::default();
-        p.push(Awaited::Query);
+        p.push(Awaited::Query { described: None });
         p.push(Awaited::Parse { injected: true });
         assert_eq!(p.error(), Answer::Forward);
         p.ready();
         assert_eq!(p.complete(), Answer::Swallow);
+    }
+
+    #[test]
+    fn describes_of_target_portals_carry_legacy_columns() {
+        let legacy: Described = Arc::new([(16384, 1, -1)]);
+        let mut p = Pending::default();
+        p.push(Awaited::Describe { described: None });
+        p.push(Awaited::Describe {
+            described: Some(Arc::clone(&legacy)),
+        });
+        p.push(Awaited::Sync);
+        assert_eq!(p.row_description(), None);
+        assert_eq!(p.row_description(), Some(legacy));
+        p.ready();
+        assert!(p.queue.is_empty());
     }
 }

@@ -208,6 +208,7 @@ impl ClientToServer<'_> {
                     | frontend::EXECUTE
                     | frontend::CLOSE
                     | frontend::SYNC
+                    | frontend::DESCRIBE
                     | frontend::FUNCTION_CALL
                     | frontend::TERMINATE => {
                         if available < header.total {
@@ -364,14 +365,17 @@ impl ServerToClient<'_> {
                     | backend::NOTICE_RESPONSE
                     | backend::READY_FOR_QUERY
                     | backend::PARSE_COMPLETE
-                    | backend::CLOSE_COMPLETE => {
+                    | backend::CLOSE_COMPLETE
+                    | backend::ROW_DESCRIPTION
+                    | backend::NO_DATA => {
                         if available < header.total {
                             self.buf.reserve(header.total - available);
                             break;
                         }
                         let body = &self.buf[ready + 5..ready + header.total];
-                        let action = match self.answer(header.tag) {
+                        let action = match self.answer(header.tag, body) {
                             Answer::Swallow => Action::Replace(Bytes::new()),
+                            Answer::Described(frame) => Action::Replace(frame),
                             Answer::InjectedFailed | Answer::Forward => inspect_server_frame(
                                 header.tag,
                                 body,
@@ -414,9 +418,17 @@ impl ServerToClient<'_> {
     }
 
     /// Where a server message stands in the answers the server owes (see [`Pending`]).
-    fn answer(&self, tag: u8) -> Answer {
+    fn answer(&self, tag: u8, body: &[u8]) -> Answer {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         match tag {
+            backend::ROW_DESCRIPTION => pending
+                .row_description()
+                .and_then(|legacy| messages::described_as(body, &legacy))
+                .map_or(Answer::Forward, Answer::Described),
+            backend::NO_DATA => {
+                pending.no_data();
+                Answer::Forward
+            }
             backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => pending.complete(),
             backend::ERROR_RESPONSE => {
                 let answer = pending.error();

@@ -25,7 +25,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{
     Shared,
-    pending::{Awaited, Pending},
+    pending::{Awaited, Described, Pending},
 };
 use crate::{
     classify::{BucketKey, Classification, Typed},
@@ -90,6 +90,14 @@ impl Source {
     }
 }
 
+/// How legacy describes the columns, as the relay rewrites a RowDescription.
+fn described(columns: &[crate::route::check::LegacyColumn]) -> Described {
+    columns
+        .iter()
+        .map(|c| (c.table_oid, c.attnum, c.typmod))
+        .collect()
+}
+
 /// Whether a stage may serve anything from the target.
 fn may_route(stage: Stage) -> bool {
     !matches!(stage, Stage::Legacy | Stage::Shadow)
@@ -106,6 +114,8 @@ fn prepared_check_key(source: &Source) -> String {
 struct Portal {
     served: Served,
     side: Side,
+    /// Served by the target: how legacy describes its columns.
+    described: Option<Described>,
     /// A comparison to hand to the shadow at the portal's first Execute.
     job: Option<shadow::Job>,
 }
@@ -214,8 +224,21 @@ impl<'s> Statements<'s> {
     pub fn inspect(&mut self, tag: u8, body: &[u8]) -> Option<Bytes> {
         match tag {
             frontend::QUERY => {
-                self.await_answer(Awaited::Query);
-                return self.query(body);
+                let (replacement, described) = match self.query(body) {
+                    Some((frame, described)) => (Some(frame), described),
+                    None => (None, None),
+                };
+                self.await_answer(Awaited::Query { described });
+                return replacement;
+            }
+            frontend::DESCRIBE => {
+                let described = match messages::close_target(body) {
+                    Some((b'P', portal)) => {
+                        self.portals.get(portal).and_then(|p| p.described.clone())
+                    }
+                    _ => None,
+                };
+                self.await_answer(Awaited::Describe { described });
             }
             frontend::PARSE => {
                 self.await_answer(Awaited::Parse { injected: false });
@@ -244,13 +267,15 @@ impl<'s> Statements<'s> {
                 }
             }
             frontend::SYNC => self.await_answer(Awaited::Sync),
-            frontend::FUNCTION_CALL => self.await_answer(Awaited::Query),
+            frontend::FUNCTION_CALL => self.await_answer(Awaited::Query { described: None }),
             _ => {}
         }
         None
     }
 
-    fn query(&mut self, body: &[u8]) -> Option<Bytes> {
+    /// A simple Query: what to send instead, and (served by the target) how legacy
+    /// describes its columns.
+    fn query(&mut self, body: &[u8]) -> Option<(Bytes, Option<Described>)> {
         let sql = messages::query_text(body)?;
         let (served, classification) = self.classify(sql);
         let Some(classification) = classification else {
@@ -290,14 +315,17 @@ impl<'s> Statements<'s> {
                 self.shared.classifier.load().rules().version,
                 t.fingerprint.id
             );
-            let ready = matches!(
-                self.checked(&check_key, text, target, &[]),
-                Some(Check::Ready { .. })
-            );
-            if side == Side::Target && ready {
+            let ready = match self.checked(&check_key, text, target, &[]) {
+                Some(Check::Ready { columns, .. }) => Some(described(&columns)),
+                _ => None,
+            };
+            if side == Side::Target
+                && let Some(columns) = ready
+            {
                 served.target.increment(1);
                 let tag = t.write_tag.as_deref().unwrap_or("");
-                return Some(messages::query_frame(&format!("{target}{tag}")));
+                let frame = messages::query_frame(&format!("{target}{tag}"));
+                return Some((frame, Some(columns)));
             }
         }
         if side == Side::Target {
@@ -307,6 +335,7 @@ impl<'s> Statements<'s> {
         t.write_tag
             .as_deref()
             .and_then(|tag| messages::tagged_query(body, tag))
+            .map(|frame| (frame, None))
     }
 
     fn parse(&mut self, body: &[u8]) -> Option<Bytes> {
@@ -374,6 +403,7 @@ impl<'s> Statements<'s> {
                         target: passthrough,
                     },
                     side: Side::Legacy,
+                    described: None,
                     job: None,
                 },
             );
@@ -386,6 +416,7 @@ impl<'s> Statements<'s> {
                 Portal {
                     served,
                     side: Side::Legacy,
+                    described: None,
                     job: None,
                 },
             );
@@ -425,13 +456,19 @@ impl<'s> Statements<'s> {
             }
             _ => None,
         };
-        let side = if replacement.is_some() {
-            Side::Target
-        } else {
-            Side::Legacy
+        let (side, described, replacement) = match replacement {
+            Some((frames, described)) => (Side::Target, Some(described), Some(frames)),
+            None => (Side::Legacy, None, None),
         };
-        self.portals
-            .insert(portal.into(), Portal { served, side, job });
+        self.portals.insert(
+            portal.into(),
+            Portal {
+                served,
+                side,
+                described,
+                job,
+            },
+        );
         replacement
     }
 
@@ -444,13 +481,17 @@ impl<'s> Statements<'s> {
         target: &str,
         portal: &[u8],
         body: &[u8],
-    ) -> Option<Bytes> {
-        let Some(Check::Ready { param_types }) = self.checked(
+    ) -> Option<(Bytes, Described)> {
+        let Some(Check::Ready {
+            param_types,
+            columns,
+        }) = self.checked(
             &prepared_check_key(source),
             &source.sql,
             target,
             &source.param_types,
-        ) else {
+        )
+        else {
             return None;
         };
         let variant = format!("{TARGET_PREFIX}{}", hex::encode(statement));
@@ -477,6 +518,6 @@ impl<'s> Statements<'s> {
         bind.put_u8(0);
         bind.put_slice(rest);
         out.extend_from_slice(&wire::frame(frontend::BIND, &bind));
-        Some(out.freeze())
+        Some((out.freeze(), described(&columns)))
     }
 }

@@ -26,7 +26,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_postgres::{
     Client, Statement,
     error::SqlState,
-    types::{Format, IsNull, Kind as TypeKind, ToSql, Type, to_sql_checked},
+    types::{Format, IsNull, ToSql, Type, to_sql_checked},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -330,7 +330,10 @@ impl Conn {
         if let Some(s) = self.statements.get(&key) {
             return Ok(s.clone());
         }
-        let types: Vec<Type> = types.iter().map(|&oid| type_of(oid)).collect();
+        let types: Vec<Type> = types
+            .iter()
+            .map(|&oid| crate::route::check::type_of(oid))
+            .collect();
         let statement = self.client.prepare_typed(sql, &types).await?;
         // Statements with their values inline are one-offs: not worth keeping.
         if !inline {
@@ -447,13 +450,6 @@ fn involved_keys(job: &Job, rules: &RuleSet, legacy: &Answer, diff: &compare::Di
         }
     }
     keys.into_iter().collect()
-}
-
-/// A type for `prepare_typed`: the known one, or the OID as it came (0 lets the server
-/// infer it).
-fn type_of(oid: u32) -> Type {
-    Type::from_oid(oid)
-        .unwrap_or_else(|| Type::new(format!("oid{oid}"), oid, TypeKind::Pseudo, String::new()))
 }
 
 impl ToSql for Param {

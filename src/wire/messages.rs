@@ -17,6 +17,7 @@ pub mod frontend {
     pub const TERMINATE: u8 = b'X';
     pub const SYNC: u8 = b'S';
     pub const FUNCTION_CALL: u8 = b'F';
+    pub const DESCRIBE: u8 = b'D';
 }
 
 /// Backend message types the proxy looks at.
@@ -27,6 +28,8 @@ pub mod backend {
     pub const NOTICE_RESPONSE: u8 = b'N';
     pub const READY_FOR_QUERY: u8 = b'Z';
     pub const PARSE_COMPLETE: u8 = b'1';
+    pub const ROW_DESCRIPTION: u8 = b'T';
+    pub const NO_DATA: u8 = b'n';
     pub const CLOSE_COMPLETE: u8 = b'3';
 }
 
@@ -179,6 +182,32 @@ pub fn parse_text(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let name = take_cstr(&mut rest)?;
     let sql = take_cstr(&mut rest)?;
     Some((name, sql))
+}
+
+/// A RowDescription body with each field's table OID, attribute number and type modifier
+/// replaced by `fields` (name, type, length and format kept); `None` if the counts differ or
+/// the body is malformed.
+pub fn described_as(body: &[u8], fields: &[(u32, i16, i32)]) -> Option<Bytes> {
+    let (count, mut rest) = body.split_first_chunk::<2>()?;
+    if usize::from(u16::from_be_bytes(*count)) != fields.len() {
+        return None;
+    }
+    let mut out = BytesMut::with_capacity(body.len());
+    out.put_slice(count);
+    for &(table_oid, attnum, typmod) in fields {
+        let name = take_cstr(&mut rest)?;
+        out.put_slice(name);
+        out.put_u8(0);
+        // table oid (4), attnum (2), type oid (4), typlen (2), typmod (4), format (2)
+        let (field, tail) = rest.split_first_chunk::<18>()?;
+        rest = tail;
+        out.put_u32(table_oid);
+        out.put_i16(attnum);
+        out.put_slice(&field[6..12]);
+        out.put_i32(typmod);
+        out.put_slice(&field[16..18]);
+    }
+    Some(frame(backend::ROW_DESCRIPTION, &out))
 }
 
 /// A Query message for `sql`.

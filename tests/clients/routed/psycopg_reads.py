@@ -1,0 +1,37 @@
+"""The customer's reads through psycopg 3 (server-side binding, prepared after the first
+execution): run directly on legacy and through a proxy serving them from the target by
+tests/routing_clients.rs, which compares the two transcripts."""
+import json
+import sys
+
+import psycopg
+
+BY_ID = "SELECT * FROM affiliates WHERE affiliate_id = %s"
+CHILDREN = """SELECT affiliate_id, name, registration_date FROM affiliates
+WHERE parent_affiliate_id = %s ORDER BY registration_date, affiliate_id"""
+NETWORK = """WITH RECURSIVE downline AS (
+    SELECT affiliate_id, 1 AS depth FROM affiliates WHERE parent_affiliate_id = %s
+    UNION ALL
+    SELECT a.affiliate_id, d.depth + 1
+    FROM affiliates a JOIN downline d ON a.parent_affiliate_id = d.affiliate_id
+    WHERE d.depth < %s
+)
+SELECT COUNT(*) FROM downline"""
+ACTIVE = "SELECT COUNT(*) FROM affiliates WHERE status = 'active'"
+
+out = []
+with psycopg.connect(sys.argv[1], prepare_threshold=1, autocommit=True) as conn:
+    for rnd in range(2):
+        for i in range(1, 41):
+            cur = conn.execute(BY_ID, (i,))
+            out.append(["by_id", [d.name for d in cur.description], cur.fetchall()])
+            out.append(["children", conn.execute(CHILDREN, (i,)).fetchall()])
+            out.append(["network", conn.execute(NETWORK, (i, 3)).fetchall()])
+        out.append(["active", conn.execute(ACTIVE).fetchall()])
+    # Binary results too.
+    cur = conn.cursor(binary=True)
+    for i in range(1, 11):
+        cur.execute(BY_ID, (i,))
+        out.append(["binary", cur.fetchall()])
+for line in out:
+    print(json.dumps(line, default=str, ensure_ascii=False))
