@@ -42,6 +42,7 @@ pub mod connect;
 pub mod console;
 pub mod control;
 pub mod ctl;
+pub mod demo;
 pub mod divergence;
 pub mod fixture;
 pub mod listener;

@@ -18,6 +18,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole migration end to end on a private PostgreSQL it starts itself: a generated
+    /// Fature tree, migrate, the proxy with the app's traffic, dual-write, backfill, verify,
+    /// shadow comparison, and the stages walked through the real gates to target. The
+    /// cluster is removed when it ends.
+    Demo {
+        /// Affiliates in the generated tree
+        #[arg(long, default_value_t = 50_000)]
+        affiliates: u64,
+        /// Concurrent application clients
+        #[arg(long, default_value_t = 8)]
+        clients: u64,
+        /// After the walk, keep the proxy up this many seconds, then exit (default: until
+        /// Ctrl-C)
+        #[arg(long, value_name = "SECONDS")]
+        exit_after: Option<u64>,
+        /// Directory the summary is written to
+        #[arg(long, default_value = "cutover-demo")]
+        out: PathBuf,
+    },
     /// Copy every legacy row into the target, parents first, set-based and resumable; rows
     /// that cannot go (orphans, cycles and their subtrees) are quarantined with their reason.
     /// Exit 0: done, no anomalies; 1: done, with quarantined rows or drifted legacy counters.
@@ -314,6 +333,21 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve(*args).await,
+        Command::Demo {
+            affiliates,
+            clients,
+            exit_after,
+            out,
+        } => {
+            cutover::demo::run(cutover::demo::Options {
+                affiliates,
+                clients: clients.max(1),
+                exit_after: exit_after.map(std::time::Duration::from_secs),
+                out,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ctl {
             admin,
             token,

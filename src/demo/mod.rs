@@ -1,0 +1,442 @@
+//! `cutover demo`: the whole migration, end to end, on a private PostgreSQL it starts itself —
+//! the customer's phases with the real commands' code paths:
+//!
+//! 1. prepare: a throwaway cluster, the legacy table with a generated Fature tree (with the
+//!    anomalies real data has: drifted counters, orphans), `migrate`;
+//! 2. the proxy starts in front of it and the application's traffic runs through it
+//!    (concurrent clients: reads prepared and inline, writes in transactions);
+//! 3. dual-write on (the write types to `shadow`, through the admin API), then `backfill`
+//!    under that load, then `verify`;
+//! 4. the read types to `shadow`: every read compared on both schemas;
+//! 5. once the evidence is in (the gate: 1,000 comparisons at 95%), each walked type is raised
+//!    `cutover 10%` → `50%` → `target` through the admin API — the real gate answers;
+//! 6. a summary of what was compared, a final `verify`, and the proxy left up for `psql` until
+//!    Ctrl-C (or `--exit-after`).
+//!
+//! The cluster is removed on every way out (its owner's drop, and a watchdog if the process
+//! dies).
+
+mod workload;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+
+use crate::{
+    config::FileConfig,
+    connect,
+    fixture::{self, TreeSpec},
+    localpg::{LocalPg, Options as PgOptions},
+    migrate,
+    rules::RuleSet,
+};
+
+/// `cutover demo` options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub affiliates: u64,
+    pub clients: u64,
+    /// Leave the proxy up this long after the walk, then exit (default: until Ctrl-C).
+    pub exit_after: Option<Duration>,
+    /// Where the summary is written.
+    pub out: PathBuf,
+}
+
+/// The read types the demo walks to `target` (the others stay compared in `shadow`).
+const WALKED: &[&str] = &[
+    "affiliate_by_id",
+    "affiliate_by_external_id",
+    "financial_summary",
+    "upline",
+];
+/// Read types put in `shadow` and compared, but not walked (their legacy side is a
+/// sequential scan of the unindexed parent column: slow to gather 1,000 samples).
+const COMPARED: &[&str] = &["direct_referrals", "network_size", "count_active"];
+/// Write types: in `shadow`, their statements are dual-written.
+const WRITES: &[&str] = &[
+    "new_affiliate",
+    "bump_parent_referrals",
+    "record_deposit",
+    "set_status",
+];
+
+const RULES: &str = include_str!("../../rules/fature.toml");
+const TOKEN_NAME: &str = "demo";
+
+fn step(n: u32, what: &str) {
+    println!("\n[{n}/6] {what}");
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let started = Instant::now();
+    step(
+        1,
+        "prepare: a private PostgreSQL, the legacy table, the fature_v2 schema",
+    );
+    let pg = tokio::task::spawn_blocking(|| LocalPg::start_with(PgOptions::default()))
+        .await
+        .context("start PostgreSQL")??;
+    println!(
+        "  PostgreSQL on 127.0.0.1:{} (removed when the demo ends)",
+        pg.port()
+    );
+    let config = pg.config("postgres");
+    let admin_client = connect::connect(&config).await?;
+    fixture::create_legacy_table(&admin_client).await?;
+    let spec = TreeSpec {
+        orphans: 3,
+        drifted_counters: (options.affiliates / 500).max(5),
+        ..TreeSpec::clean(options.affiliates)
+    };
+    let generated = fixture::load(&admin_client, &spec).await?;
+    println!(
+        "  public.affiliates: {} affiliates ({} with a drifted level_1_referrals, {} orphans)",
+        options.affiliates,
+        spec.drifted_counters,
+        generated.orphans.len()
+    );
+    let report = migrate::run(&config, &migrate::MigrationSet::embedded(), false).await?;
+    println!(
+        "  cutover migrate: {} migrations applied",
+        report.applied.len()
+    );
+
+    step(
+        2,
+        "the proxy in front, the application's traffic through it",
+    );
+    let rules_dir = tempfile::tempdir()?;
+    std::fs::write(rules_dir.path().join("fature.toml"), RULES)?;
+    let rules = RuleSet::load_dir(rules_dir.path())?;
+    let token = format!("demo-{:032x}", rand::random::<u128>());
+    let file = FileConfig {
+        listen: Some("127.0.0.1:0".into()),
+        admin: Some("127.0.0.1:0".into()),
+        upstream: Some(pg.url("postgres")),
+        rules: Some(rules_dir.path().to_owned()),
+        shutdown_grace_seconds: Some(1),
+        admin_tokens: Some(
+            [(TOKEN_NAME.to_owned(), token.clone())]
+                .into_iter()
+                .collect(),
+        ),
+        ..FileConfig::default()
+    };
+    let proxy =
+        crate::listener::start(file.validate().map_err(|e| anyhow::anyhow!("{e}"))?).await?;
+    let admin = proxy
+        .admin_addr
+        .context("the admin endpoint is on")?
+        .to_string();
+    let app_url = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres",
+        proxy.addr.port()
+    );
+    println!("  cutover serve: {app_url}  (admin http://{admin})");
+
+    let counts = Arc::new(workload::Counts::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let app_config = connect::parse_url(&app_url)?;
+    let mut clients = Vec::new();
+    for n in 0..options.clients {
+        let client = connect::connect(&app_config).await?;
+        clients.push(tokio::spawn(workload::client(
+            client,
+            n,
+            options.affiliates as i64,
+            0.1,
+            Arc::clone(&counts),
+            Arc::clone(&stop),
+        )));
+    }
+    println!(
+        "  {} clients running the app's statements (90% reads, 10% writes)",
+        options.clients
+    );
+
+    let result = async {
+        step(3, "dual-write on, backfill under load, verify");
+        for qt in WRITES {
+            set_stage(&admin, &token, qt, "shadow", None, "demo: dual-write on").await?;
+        }
+        println!("  write types in shadow: every write on legacy is mirrored into v2 at COMMIT");
+        let summary = migrate::backfill::run(
+            &admin_client,
+            &rules.table,
+            &migrate::backfill::Options {
+                batch: migrate::backfill::DEFAULT_BATCH,
+                dry_run: false,
+                progress: false,
+                abort_after_batches: None,
+            },
+        )
+        .await?;
+        admin_client.batch_execute("RESET cutover.mirroring").await?;
+        println!(
+            "  cutover backfill: {} rows copied in {:.1} s, {} quarantined (orphans), {} written meanwhile caught up",
+            summary.copied,
+            summary.seconds,
+            summary.quarantined.len(),
+            summary.caught_up
+        );
+        let verified = migrate::verify::verify(&admin_client, &rules.table, 10_000).await?;
+        println!(
+            "  cutover verify: {} legacy rows, {} in v2, {} missing, {} different, {} quarantined — {}",
+            verified.legacy_rows,
+            verified.target_rows,
+            verified.missing.count,
+            verified.different.count,
+            verified.quarantined,
+            if verified.ok { "clean" } else { "DRIFT (see `cutover verify`)" }
+        );
+
+        step(4, "shadow: reads compared on both schemas");
+        for qt in WALKED.iter().chain(COMPARED) {
+            set_stage(&admin, &token, qt, "shadow", None, "demo: compare").await?;
+        }
+        wait_for_evidence(&admin_client, &counts).await?;
+
+        step(5, "gradual cutover through the gate: 10% → 50% → target");
+        let mut before = proxy_metrics(&admin).await;
+        for (stage, percent) in [("cutover", Some(10)), ("cutover", Some(50)), ("target", None)] {
+            for qt in WALKED {
+                let to = percent.map_or(stage.to_owned(), |p| format!("{stage} {p}%"));
+                match set_stage(&admin, &token, qt, stage, percent, &format!("demo: {to}")).await {
+                    Ok(()) => {}
+                    Err(e) => println!("  {qt}: {e}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let after = proxy_metrics(&admin).await;
+            print_served(&before, &after, stage, percent);
+            before = after;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+
+    stop.store(true, Relaxed);
+    for c in clients {
+        let _ = c.await;
+    }
+    result?;
+
+    step(6, "the evidence");
+    let summary = summary(&admin_client).await?;
+    print!("{summary}");
+    println!(
+        "  (count_active's confirmed divergences are real: legacy counts the orphans the backfill\n   quarantined, v2 does not have them — `cutover verify` lists them as quarantined.\n   `dropped`: comparisons the shadow pool could not take at this load; the app never waited.)"
+    );
+    std::fs::create_dir_all(&options.out)?;
+    let path = options.out.join("cutover-demo-summary.md");
+    std::fs::write(&path, &summary)?;
+    let verified = migrate::verify::verify(&admin_client, &rules.table, 10_000).await?;
+    println!(
+        "\n  final cutover verify: {}; {} reads and {} writes went through the proxy ({} errors)",
+        if verified.ok { "clean" } else { "DRIFT" },
+        counts.reads.load(Relaxed),
+        counts.writes.load(Relaxed),
+        counts.errors.load(Relaxed)
+    );
+    println!("  summary written to {}", path.display());
+    println!("  whole demo: {:.0} s", started.elapsed().as_secs_f64());
+
+    println!("\nThe proxy is still up:");
+    println!("  psql \"{app_url}\"                      # the application's view");
+    println!(
+        "  psql \"postgres://{TOKEN_NAME}@127.0.0.1:{}/cutover\"   # the admin console (password: {token})",
+        proxy.addr.port()
+    );
+    println!("  cutover ctl --admin {admin} status");
+    println!("  curl http://{admin}/metrics");
+    match options.exit_after {
+        Some(d) => {
+            println!("(exiting in {} s)", d.as_secs());
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        None => {
+            println!("Ctrl-C to stop (the private PostgreSQL is removed).");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    proxy.shutdown().await;
+    drop(pg);
+    Ok(())
+}
+
+/// A stage change through the admin API, as an operator makes it (blocking HTTP, off the
+/// runtime's threads).
+async fn set_stage(
+    admin: &str,
+    token: &str,
+    query_type: &str,
+    stage: &str,
+    percent: Option<u8>,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let (admin, token, qt, stage, reason) = (
+        admin.to_owned(),
+        token.to_owned(),
+        query_type.to_owned(),
+        stage.to_owned(),
+        reason.to_owned(),
+    );
+    let outcome = tokio::task::spawn_blocking(move || {
+        crate::ctl::set(
+            &admin,
+            Some(&token),
+            &qt,
+            &stage,
+            percent,
+            &reason,
+            false,
+            false,
+        )
+    })
+    .await??;
+    match outcome {
+        crate::ctl::Outcome::Done(text) => {
+            print!("  {text}");
+            Ok(())
+        }
+        crate::ctl::Outcome::Refused(text) => anyhow::bail!("{}", text.trim()),
+    }
+}
+
+/// Waits until every walked type has the gate's evidence, printing progress.
+async fn wait_for_evidence(
+    client: &tokio_postgres::Client,
+    counts: &workload::Counts,
+) -> anyhow::Result<()> {
+    let need = crate::control::GATE_MIN_SAMPLES;
+    let deadline = Instant::now() + Duration::from_secs(150);
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut line = Vec::new();
+        let mut ready = true;
+        for qt in WALKED {
+            let row = client
+                .query_one(
+                    "SELECT coalesce(sum(matched + expected + confirmed), 0)::int8,
+                            coalesce(sum(matched + expected), 0)::int8
+                     FROM cutover.comparison_stats WHERE query_type = $1",
+                    &[qt],
+                )
+                .await?;
+            let (samples, agreeing): (i64, i64) = (row.get(0), row.get(1));
+            ready &= samples >= need;
+            let rate = if samples > 0 {
+                agreeing as f64 * 100.0 / samples as f64
+            } else {
+                0.0
+            };
+            line.push(format!("{qt} {}/{need} ({rate:.1}%)", samples.min(need)));
+        }
+        println!(
+            "  compared: {}   [{} reads so far]",
+            line.join(", "),
+            counts.reads.load(Relaxed)
+        );
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the shadow did not gather the gate's evidence in time");
+        }
+    }
+}
+
+async fn proxy_metrics(admin: &str) -> String {
+    let admin = admin.to_owned();
+    tokio::task::spawn_blocking(move || {
+        ureq::get(&format!("http://{admin}/metrics"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The share each walked type's target served between two scrapes.
+fn print_served(before: &str, after: &str, stage: &str, percent: Option<u8>) {
+    let parts: Vec<String> = WALKED
+        .iter()
+        .map(|qt| {
+            let side = |s: &str| {
+                let series =
+                    format!("cutover_queries_total{{query_type=\"{qt}\",served_by=\"{s}\"}}");
+                metric(after, &series) - metric(before, &series)
+            };
+            let (l, t) = (side("legacy"), side("target"));
+            format!("{qt} {:.0}% by target", t * 100.0 / (l + t).max(1.0))
+        })
+        .collect();
+    let at = percent.map_or(stage.to_owned(), |p| format!("{stage} {p}%"));
+    println!("  at {at}, the last 4 s: {}", parts.join(", "));
+}
+
+/// What the shadow found, per query type, as Markdown.
+async fn summary(client: &tokio_postgres::Client) -> anyhow::Result<String> {
+    let rows = client
+        .query(
+            "SELECT s.query_type, q.stage, q.percent,
+                    sum(matched)::int8, sum(expected)::int8, sum(confirmed)::int8,
+                    sum(transient)::int8, sum(nondeterministic)::int8, sum(skipped)::int8,
+                    sum(dropped)::int8,
+                    (sum(legacy_us_sum)::float8 / nullif(sum(timed), 0) / 1000.0),
+                    (sum(target_us_sum)::float8 / nullif(sum(timed), 0) / 1000.0),
+                    sum(drift)::int8, sum(undetermined)::int8
+             FROM cutover.comparison_stats s
+             JOIN cutover.query_type_state q USING (query_type)
+             GROUP BY s.query_type, q.stage, q.percent ORDER BY s.query_type",
+            &[],
+        )
+        .await?;
+    let mut out = String::from(
+        "| query type | stage | matched | expected | confirmed (drift, undetermined) | transient | nondeterministic | skipped | dropped | legacy ms | target ms |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let stage: String = r.get(1);
+        let percent: i16 = r.get(2);
+        let stage = if stage == "cutover" {
+            format!("cutover {percent}%")
+        } else {
+            stage
+        };
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        out.push_str(&format!(
+            "| {} | {stage} | {} | {} | {} ({}, {}) | {} | {} | {} | {} | {} | {} |\n",
+            r.get::<_, String>(0),
+            r.get::<_, i64>(3),
+            r.get::<_, i64>(4),
+            r.get::<_, i64>(5),
+            r.get::<_, i64>(12),
+            r.get::<_, i64>(13),
+            r.get::<_, i64>(6),
+            r.get::<_, i64>(7),
+            r.get::<_, i64>(8),
+            r.get::<_, i64>(9),
+            ms(r.get(10)),
+            ms(r.get(11)),
+        ));
+    }
+    Ok(out)
+}
