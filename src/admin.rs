@@ -44,6 +44,7 @@ pub async fn serve(
         .route("/api/state/{query_type}", post(api_set))
         .route("/api/history", get(api_history))
         .route("/api/marks", post(api_mark))
+        .route("/status", get(status_page))
         .with_state(state);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -259,6 +260,64 @@ async fn api_set(
             };
             problem(status, message)
         }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct StatusQuery {
+    lang: Option<String>,
+}
+
+/// `/status`: the report of the last hour, as HTML that reloads itself every 10 seconds.
+async fn status_page(
+    State(state): State<AdminState>,
+    Query(query): Query<StatusQuery>,
+) -> Response {
+    let lang = match query
+        .lang
+        .as_deref()
+        .unwrap_or("en")
+        .parse::<crate::report::Lang>()
+    {
+        Ok(lang) => lang,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, e),
+    };
+    let page = |status: StatusCode, body: String| {
+        (
+            status,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            body,
+        )
+            .into_response()
+    };
+    let Some(database) = state.shared.control.database() else {
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "<!DOCTYPE html><title>cutover</title><p>No control database: the status page reads the shared state there (--control).</p>".into(),
+        );
+    };
+    let report = async {
+        let client = crate::connect::connect(database)
+            .await
+            .map_err(|e| e.to_string())?;
+        let rules = state.shared.classifier.load().rules_arc().clone();
+        crate::report::gather(&client, std::time::Duration::from_secs(3600), Some(&rules))
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    match report {
+        Ok(report) => page(
+            StatusCode::OK,
+            crate::report::render::html(&report, lang, Some(10)),
+        ),
+        Err(error) => page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "<!DOCTYPE html><meta http-equiv=\"refresh\" content=\"10\"><title>cutover</title><p>The control database cannot be read: {}</p>",
+                error.replace('<', "&lt;")
+            ),
+        ),
     }
 }
 

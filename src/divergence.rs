@@ -111,6 +111,22 @@ struct Counts {
     target_us_sum: i64,
     legacy_us_max: i64,
     target_us_max: i64,
+    legacy_hist: [i64; HIST_BUCKETS],
+    target_hist: [i64; HIST_BUCKETS],
+}
+
+/// Upper bounds (µs) of the latency histogram's buckets; the last one is everything above.
+pub const HIST_BOUNDS_US: [i64; HIST_BUCKETS - 1] = [
+    100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000,
+    1_000_000, 2_000_000, 5_000_000,
+];
+pub const HIST_BUCKETS: usize = 16;
+
+fn hist_bucket(us: i64) -> usize {
+    HIST_BOUNDS_US
+        .iter()
+        .position(|b| us <= *b)
+        .unwrap_or(HIST_BUCKETS - 1)
 }
 
 impl Counts {
@@ -135,6 +151,8 @@ impl Counts {
             self.target_us_sum += t;
             self.legacy_us_max = self.legacy_us_max.max(l);
             self.target_us_max = self.target_us_max.max(t);
+            self.legacy_hist[hist_bucket(l)] += 1;
+            self.target_hist[hist_bucket(t)] += 1;
         }
     }
 
@@ -154,6 +172,10 @@ impl Counts {
         self.target_us_sum += other.target_us_sum;
         self.legacy_us_max = self.legacy_us_max.max(other.legacy_us_max);
         self.target_us_max = self.target_us_max.max(other.target_us_max);
+        for i in 0..HIST_BUCKETS {
+            self.legacy_hist[i] += other.legacy_hist[i];
+            self.target_hist[i] += other.target_hist[i];
+        }
     }
 }
 
@@ -483,9 +505,10 @@ async fn upsert(
             "INSERT INTO cutover.comparison_stats AS s
                  (query_type, minute, matched, confirmed, transient, nondeterministic, skipped,
                   dropped, drift, rewrite_bug, errors, undetermined, expected, timed,
-                  legacy_us_sum, target_us_sum, legacy_us_max, target_us_max)
+                  legacy_us_sum, target_us_sum, legacy_us_max, target_us_max,
+                  legacy_us_hist, target_us_hist)
              VALUES ($1, date_trunc('minute', now()), $2, $3::int8 + $4::int8 + $5::int8 + $6::int8, $7, $8, $9, $10,
-                     $3, $4, $5, $6, $11, $12, $13, $14, $15, $16)
+                     $3, $4, $5, $6, $11, $12, $13, $14, $15, $16, $17, $18)
              ON CONFLICT (query_type, minute) DO UPDATE SET
                  matched = s.matched + EXCLUDED.matched,
                  confirmed = s.confirmed + EXCLUDED.confirmed,
@@ -502,7 +525,9 @@ async fn upsert(
                  legacy_us_sum = s.legacy_us_sum + EXCLUDED.legacy_us_sum,
                  target_us_sum = s.target_us_sum + EXCLUDED.target_us_sum,
                  legacy_us_max = greatest(s.legacy_us_max, EXCLUDED.legacy_us_max),
-                 target_us_max = greatest(s.target_us_max, EXCLUDED.target_us_max)",
+                 target_us_max = greatest(s.target_us_max, EXCLUDED.target_us_max),
+                 legacy_us_hist = cutover.hist_add(s.legacy_us_hist, EXCLUDED.legacy_us_hist),
+                 target_us_hist = cutover.hist_add(s.target_us_hist, EXCLUDED.target_us_hist)",
             &[
                 &query_type,
                 &c.matched,
@@ -520,6 +545,8 @@ async fn upsert(
                 &c.target_us_sum,
                 &c.legacy_us_max,
                 &c.target_us_max,
+                &c.legacy_hist.to_vec(),
+                &c.target_hist.to_vec(),
             ],
         )
         .await

@@ -50,6 +50,7 @@ pub mod localpg;
 pub mod metrics;
 pub mod migrate;
 pub mod reload;
+pub mod report;
 pub mod rewrite;
 pub mod route;
 pub mod rules;

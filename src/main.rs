@@ -18,6 +18,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The divergence report for reviewers: per query type the outcomes, match rate, latency
+    /// of both sides, trend, readiness verdict against the gate and real examples; overall
+    /// the success rate, performance improvement, write divergences, backfill, last verify
+    /// and the audit. Reads the shared state, so it covers every replica.
+    Report {
+        /// The control database (the cutover schema)
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// The window: how far back (e.g. 30m, 24h, 7d)
+        #[arg(long, default_value = "24h", value_parser = parse_window)]
+        since: std::time::Duration,
+        /// html (one self-contained file), md or json
+        #[arg(long, default_value = "html")]
+        format: cutover::report::render::Format,
+        /// en or pt-BR
+        #[arg(long, default_value = "en")]
+        lang: cutover::report::Lang,
+        /// Where to write it (default: standard output)
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Directory of the rule files (for the expected classes they declare)
+        #[arg(long, default_value = "rules")]
+        rules: PathBuf,
+    },
     /// The whole migration end to end on a private PostgreSQL it starts itself: a generated
     /// Fature tree, migrate, the proxy with the app's traffic, dual-write, backfill, verify,
     /// shadow comparison, and the stages walked through the real gates to target. The
@@ -33,7 +57,7 @@ enum Command {
         /// Ctrl-C)
         #[arg(long, value_name = "SECONDS")]
         exit_after: Option<u64>,
-        /// Directory the summary is written to
+        /// Directory the report (HTML and Markdown) is written to
         #[arg(long, default_value = "cutover-demo")]
         out: PathBuf,
     },
@@ -298,6 +322,25 @@ struct ServeArgs {
     shadow_timeout_ms: Option<u64>,
 }
 
+/// A window like `30m`, `24h`, `7d`, `90s`.
+fn parse_window(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: a number and a unit (30m, 24h, 7d)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" | "" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err("the window must not be empty".into());
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -333,6 +376,29 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve(*args).await,
+        Command::Report {
+            database_url,
+            since,
+            format,
+            lang,
+            out,
+            rules: dir,
+        } => {
+            // The rules only add the expected classes they declare: the report goes on without.
+            let rules = rules::RuleSet::load_dir(&dir).ok();
+            let client = connect::connect(&connect::parse_url(&database_url)?).await?;
+            let report = cutover::report::gather(&client, since, rules.as_ref()).await?;
+            let text = cutover::report::render::render(&report, format, lang);
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, text)
+                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                    eprintln!("report written to {}", path.display());
+                }
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo {
             affiliates,
             clients,
@@ -411,6 +477,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let set = rules::RuleSet::load_dir(&dir)?;
             let client = connect::connect(&connect::parse_url(&database_url)?).await?;
             let report = migrate::verify::verify(&client, &set.table, chunk).await?;
+            if let Err(error) = migrate::verify::record(&client, &report).await {
+                eprintln!("warning: the run was not recorded in cutover.verify_runs: {error}");
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -10,8 +10,8 @@
 //! 4. the read types to `shadow`: every read compared on both schemas;
 //! 5. once the evidence is in (the gate: 1,000 comparisons at 95%), each walked type is raised
 //!    `cutover 10%` → `50%` → `target` through the admin API — the real gate answers;
-//! 6. a summary of what was compared, a final `verify`, and the proxy left up for `psql` until
-//!    Ctrl-C (or `--exit-after`).
+//! 6. the divergence report (HTML and Markdown), a final `verify`, and the proxy left up for
+//!    `psql` until Ctrl-C (or `--exit-after`).
 //!
 //! The cluster is removed on every way out (its owner's drop, and a watchdog if the process
 //! dies).
@@ -45,7 +45,7 @@ pub struct Options {
     pub clients: u64,
     /// Leave the proxy up this long after the walk, then exit (default: until Ctrl-C).
     pub exit_after: Option<Duration>,
-    /// Where the summary is written.
+    /// Where the report is written.
     pub out: PathBuf,
 }
 
@@ -187,6 +187,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             summary.caught_up
         );
         let verified = migrate::verify::verify(&admin_client, &rules.table, 10_000).await?;
+        migrate::verify::record(&admin_client, &verified).await?;
         println!(
             "  cutover verify: {} legacy rows, {} in v2, {} missing, {} different, {} quarantined — {}",
             verified.legacy_rows,
@@ -235,9 +236,22 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         "  (count_active's confirmed divergences are real: legacy counts the orphans the backfill\n   quarantined, v2 does not have them — `cutover verify` lists them as quarantined.\n   `dropped`: comparisons the shadow pool could not take at this load; the app never waited.)"
     );
     std::fs::create_dir_all(&options.out)?;
-    let path = options.out.join("cutover-demo-summary.md");
-    std::fs::write(&path, &summary)?;
+    let report =
+        crate::report::gather(&admin_client, Duration::from_secs(3600), Some(&rules)).await?;
+    let mut written = Vec::new();
+    for (format, name) in [
+        (crate::report::render::Format::Html, "cutover-report.html"),
+        (crate::report::render::Format::Markdown, "cutover-report.md"),
+    ] {
+        let path = options.out.join(name);
+        std::fs::write(
+            &path,
+            crate::report::render::render(&report, format, crate::report::Lang::En),
+        )?;
+        written.push(path);
+    }
     let verified = migrate::verify::verify(&admin_client, &rules.table, 10_000).await?;
+    migrate::verify::record(&admin_client, &verified).await?;
     println!(
         "\n  final cutover verify: {}; {} reads and {} writes went through the proxy ({} errors)",
         if verified.ok { "clean" } else { "DRIFT" },
@@ -245,7 +259,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         counts.writes.load(Relaxed),
         counts.errors.load(Relaxed)
     );
-    println!("  summary written to {}", path.display());
+    for path in &written {
+        println!("  report: {}", path.display());
+    }
     println!("  whole demo: {:.0} s", started.elapsed().as_secs_f64());
 
     println!("\nThe proxy is still up:");
@@ -255,6 +271,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         proxy.addr.port()
     );
     println!("  cutover ctl --admin {admin} status");
+    println!("  http://{admin}/status                # the live report");
     println!("  curl http://{admin}/metrics");
     match options.exit_after {
         Some(d) => {
@@ -393,7 +410,7 @@ fn print_served(before: &str, after: &str, stage: &str, percent: Option<u8>) {
     println!("  at {at}, the last 4 s: {}", parts.join(", "));
 }
 
-/// What the shadow found, per query type, as Markdown.
+/// What the shadow found, per query type, as a Markdown table for the terminal.
 async fn summary(client: &tokio_postgres::Client) -> anyhow::Result<String> {
     let rows = client
         .query(

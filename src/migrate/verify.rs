@@ -91,6 +91,37 @@ impl Problem {
 }
 
 /// Runs every comparison and check in one snapshot.
+/// Records a run in `cutover.verify_runs` (what the report shows as the last verify); a
+/// database without the table (migrations older than 0012) records nothing.
+pub async fn record(client: &Client, report: &Report) -> Result<(), tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('cutover.verify_runs') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(());
+    }
+    let failed = report.checks.iter().filter(|c| !c.passed).count() as i32;
+    client
+        .execute(
+            "INSERT INTO cutover.verify_runs
+                 (ok, legacy_rows, target_rows, missing, extra, different, quarantined, failed_checks)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &report.ok,
+                &report.legacy_rows,
+                &report.target_rows,
+                &report.missing.count,
+                &report.extra.count,
+                &report.different.count,
+                &report.quarantined,
+                &failed,
+            ],
+        )
+        .await
+        .map(drop)
+}
+
 pub async fn verify(
     client: &Client,
     table: &TableMap,

@@ -65,6 +65,13 @@ fn shown(p: &Param) -> String {
         return String::new();
     };
     if p.binary {
+        // Binary text is its UTF-8 bytes; binary integers are rarely all printable.
+        if let Ok(text) = std::str::from_utf8(v)
+            && !text.is_empty()
+            && text.chars().all(|c| !c.is_control())
+        {
+            return truncate(text);
+        }
         return match integer(p) {
             Some(n) => n.to_string(),
             None => format!("[{} bytes, binary]", v.len()),

@@ -1,0 +1,636 @@
+//! The report as JSON, Markdown (fit to paste into a pull request) or one self-contained HTML
+//! file (no external assets; charts in inline SVG; real tables and headings).
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+use super::{Example, Lang, Latency, QueryTypeReport, Report, TrendPoint, text::OUTCOMES};
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Html,
+    Markdown,
+    Json,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "html" => Ok(Format::Html),
+            "md" | "markdown" => Ok(Format::Markdown),
+            "json" => Ok(Format::Json),
+            other => Err(format!("format {other:?}: html, md or json")),
+        }
+    }
+}
+
+pub fn render(report: &Report, format: Format, lang: Lang) -> String {
+    match format {
+        Format::Json => serde_json::to_string_pretty(report).unwrap_or_default() + "\n",
+        Format::Markdown => markdown(report, lang),
+        Format::Html => html(report, lang, None),
+    }
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("–".into(), |v| format!("{:.2}%", v * 100.0))
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("–".into(), |v| format!("{v:.2}"))
+}
+
+fn le_ms(v: Option<f64>) -> String {
+    v.map_or("–".into(), |v| format!("≤ {v}"))
+}
+
+fn outcome_values(q: &QueryTypeReport) -> [i64; 11] {
+    let o = &q.outcomes;
+    [
+        o.matched,
+        o.expected,
+        o.confirmed,
+        o.drift,
+        o.rewrite_bug,
+        o.error,
+        o.undetermined,
+        o.transient,
+        o.nondeterministic,
+        o.skipped,
+        o.dropped,
+    ]
+}
+
+fn verdict_line(q: &QueryTypeReport, lang: Lang) -> String {
+    let t = lang.text();
+    match &q.verdict.next {
+        None => t.final_stage.to_owned(),
+        Some(next) if q.verdict.ready => format!("{} {next}", t.ready_for),
+        Some(next) if q.kind == "write" => {
+            format!("{} {next} — {}", t.not_ready_for, t.writes_by_verify)
+        }
+        Some(next) => format!(
+            "{} {next} — {}: {}",
+            t.not_ready_for,
+            t.needs,
+            q.verdict.missing.join("; ")
+        ),
+    }
+}
+
+fn overall_rows(r: &Report, lang: Lang) -> Vec<(String, String)> {
+    let t = lang.text();
+    let o = &r.overall;
+    vec![
+        (t.success_rate.into(), pct(o.success_rate)),
+        (t.improvement.into(), pct(o.performance_improvement)),
+        (t.samples.into(), o.samples.to_string()),
+        (
+            t.write_divergences.into(),
+            format!(
+                "{} {}, {} {}",
+                o.write_divergences.pending,
+                t.pending_repair,
+                o.write_divergences.repaired,
+                t.repaired
+            ),
+        ),
+        (
+            t.backfill.into(),
+            o.backfill.as_ref().map_or(t.none.into(), |b| {
+                format!("{} ({} rows, {})", b.state, b.rows_copied, b.updated_at)
+            }),
+        ),
+        (
+            t.last_verify.into(),
+            o.last_verify.as_ref().map_or(t.none.into(), |v| {
+                format!(
+                    "{} — {} ({} legacy / {} v2 rows; {} missing, {} extra, {} different, {} quarantined, {} failed checks)",
+                    v.ran_at,
+                    if v.ok { t.clean } else { t.drift },
+                    v.legacy_rows,
+                    v.target_rows,
+                    v.missing,
+                    v.extra,
+                    v.different,
+                    v.quarantined,
+                    v.failed_checks
+                )
+            }),
+        ),
+    ]
+}
+
+fn latency_row(l: &Latency) -> [String; 4] {
+    [
+        ms(l.mean_ms),
+        le_ms(l.p50_ms),
+        le_ms(l.p95_ms),
+        le_ms(l.p99_ms),
+    ]
+}
+
+/// A value of a diff row as text.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "NULL".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The differing rows of an example: (key, column, legacy, target, differs) for changed
+/// rows, and whole rows present on one side only.
+fn diff_rows(e: &Example) -> Vec<(String, String, String, String, bool)> {
+    let mut out = Vec::new();
+    for c in e.diff["changed"].as_array().into_iter().flatten() {
+        let key = cell(&c["key"]);
+        let differing: Vec<&str> = c["columns"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if let Some(legacy) = c["legacy"].as_object() {
+            for (col, lv) in legacy {
+                let tv = &c["target"][col];
+                out.push((
+                    key.clone(),
+                    col.clone(),
+                    cell(lv),
+                    cell(tv),
+                    differing.contains(&col.as_str()),
+                ));
+            }
+        }
+    }
+    for (side, rows) in [
+        ("legacy", &e.diff["only_legacy"]),
+        ("target", &e.diff["only_target"]),
+    ] {
+        for row in rows.as_array().into_iter().flatten() {
+            let text = row
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| format!("{k}={}", cell(v)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            let (l, t) = if side == "legacy" {
+                (text, "(absent)".to_owned())
+            } else {
+                ("(absent)".to_owned(), text)
+            };
+            out.push(("–".into(), "(row)".into(), l, t, true));
+        }
+    }
+    out
+}
+
+fn md_escape(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+fn markdown(r: &Report, lang: Lang) -> String {
+    let t = lang.text();
+    let mut m = String::new();
+    let _ = writeln!(m, "# {}\n", t.title);
+    let _ = writeln!(
+        m,
+        "{}: {} → {} ({:.1} h); {} {}\n",
+        t.window, r.window.since, r.window.until, r.window.hours, t.generated, r.generated_at
+    );
+    let _ = writeln!(m, "## {}\n\n| | |\n|---|---|", t.overall);
+    for (k, v) in overall_rows(r, lang) {
+        let _ = writeln!(m, "| {k} | {} |", md_escape(&v));
+    }
+    let _ = writeln!(
+        m,
+        "\n## {}\n\n| {} | {} | {} | {} | {} |\n|---|---|---:|---:|---|",
+        t.query_types, t.query_type, t.stage, t.samples, t.match_rate, t.verdict
+    );
+    for q in &r.query_types {
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {} |",
+            q.query_type,
+            q.stage,
+            q.samples,
+            pct(q.match_rate),
+            md_escape(&verdict_line(q, lang))
+        );
+    }
+    if r.overall.samples == 0 {
+        let _ = writeln!(m, "\n> {}", t.empty);
+    }
+    for q in &r.query_types {
+        let _ = writeln!(m, "\n### {} — {}\n", q.query_type, q.stage);
+        let _ = writeln!(m, "**{}**: {}\n", t.verdict, verdict_line(q, lang));
+        let _ = writeln!(m, "| {} | {} |\n|---|---:|", t.outcome, t.count);
+        for (name, n) in t.outcome_names.iter().zip(outcome_values(q)) {
+            let _ = writeln!(m, "| {} | {n} |", name.trim_start());
+        }
+        let _ = writeln!(
+            m,
+            "\n| {} | {} | p50 | p95 | p99 |\n|---|---:|---:|---:|---:|",
+            t.side, t.mean
+        );
+        for (side, l) in [(t.legacy, &q.legacy), (t.target, &q.target)] {
+            let [mean, p50, p95, p99] = latency_row(l);
+            let _ = writeln!(m, "| {side} ({}) | {mean} | {p50} | {p95} | {p99} |", "ms");
+        }
+        if let Some(i) = q.improvement {
+            let _ = writeln!(m, "\n{}: {:.1}%", t.improvement, i * 100.0);
+        }
+        if !q.expected.is_empty() {
+            let _ = writeln!(
+                m,
+                "\n**{}**\n\n| class | {} | {} | {} |\n|---|---|---|---|",
+                t.expected, t.columns, t.note, t.source
+            );
+            for e in &q.expected {
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | {} | {} |",
+                    e.class,
+                    e.columns.join(", "),
+                    md_escape(&e.note),
+                    e.source
+                );
+            }
+        }
+        if !q.examples.is_empty() {
+            let _ = writeln!(m, "\n**{}**", t.examples);
+        }
+        for e in &q.examples {
+            let _ = writeln!(
+                m,
+                "\n- {} — **{}**{} — {}: {}\n\n  ```sql\n  -- legacy\n  {}\n  -- target\n  {}\n  ```",
+                e.found_at,
+                e.kind,
+                e.expected_class
+                    .as_ref()
+                    .map_or(String::new(), |c| format!(" ({})", c)),
+                t.params,
+                e.params,
+                e.legacy_sql.replace('\n', "\n  "),
+                e.target_sql.replace('\n', "\n  ")
+            );
+            for err in [&e.legacy_error, &e.target_error].into_iter().flatten() {
+                let _ = writeln!(m, "  error: `{err}`");
+            }
+            let rows = diff_rows(e);
+            if !rows.is_empty() {
+                let _ = writeln!(
+                    m,
+                    "\n  | key | column | {} | {} |\n  |---|---|---|---|",
+                    t.legacy, t.target
+                );
+                for (k, c, l, tv, differs) in rows {
+                    let (l, tv) = if differs {
+                        (
+                            format!("**{}**", md_escape(&l)),
+                            format!("**{}**", md_escape(&tv)),
+                        )
+                    } else {
+                        (md_escape(&l), md_escape(&tv))
+                    };
+                    let _ = writeln!(m, "  | {k} | {c} | {l} | {tv} |");
+                }
+            }
+        }
+    }
+    let _ = writeln!(
+        m,
+        "\n## {}\n\n| {} | {} | {} | {} | {} |\n|---|---|---|---|---|",
+        t.audit, t.when, t.query_type, t.change, t.by, t.why
+    );
+    for a in &r.audit {
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} → {}{} | {} ({}) | {} |",
+            a.changed_at,
+            a.query_type,
+            a.from.as_deref().unwrap_or("–"),
+            a.to,
+            if a.forced {
+                format!(" ({})", t.forced)
+            } else {
+                String::new()
+            },
+            a.changed_by,
+            a.via,
+            md_escape(&a.reason)
+        );
+    }
+    m
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const CSS: &str = "body{font:15px/1.5 system-ui,-apple-system,'Segoe UI',sans-serif;color:#1b1b1b;background:#fff;max-width:1100px;margin:0 auto;padding:1.5rem}
+h1{font-size:1.6rem}h2{margin-top:2rem;border-bottom:2px solid #ddd}h3{margin-top:1.6rem}
+table{border-collapse:collapse;margin:.6rem 0;width:100%}th,td{border:1px solid #bbb;padding:.3rem .5rem;text-align:left;vertical-align:top}
+th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.ready{color:#0a6b2a;font-weight:600}.blocked{color:#a10000;font-weight:600}
+mark{background:#ffe08a;color:#000}pre{background:#f6f6f6;padding:.5rem;overflow-x:auto;white-space:pre-wrap}
+.charts{display:flex;flex-wrap:wrap;gap:1rem}figure{margin:0}figcaption{font-size:.85rem;color:#333}
+section.qt{border-top:1px solid #ccc}";
+
+/// A line chart of `series` (each a list of optional values, one per point) in inline SVG.
+fn chart(
+    title: &str,
+    points: &[TrendPoint],
+    series: &[(&str, fn(&TrendPoint) -> Option<f64>, &str)],
+    max: Option<f64>,
+) -> String {
+    let (w, h, pad) = (480.0, 160.0, 34.0);
+    let values: Vec<f64> = series
+        .iter()
+        .flat_map(|(_, f, _)| points.iter().filter_map(f))
+        .collect();
+    let top = max.unwrap_or_else(|| values.iter().copied().fold(0.0, f64::max).max(0.001) * 1.1);
+    let n = points.len().max(2) as f64 - 1.0;
+    let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / n;
+    let y = |v: f64| h - pad + -(h - 2.0 * pad) * (v / top);
+    let mut svg = format!(
+        "<figure><svg role=\"img\" aria-label=\"{t}\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\"><title>{t}</title>\
+         <rect x=\"0\" y=\"0\" width=\"{w}\" height=\"{h}\" fill=\"#fff\"/>\
+         <line x1=\"{pad}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"#555\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{b}\" stroke=\"#555\"/>\
+         <text x=\"2\" y=\"{ty}\" font-size=\"10\">{top:.1}</text><text x=\"2\" y=\"{b}\" font-size=\"10\">0</text>",
+        t = esc(title),
+        b = h - pad,
+        r = w - pad,
+        ty = pad + 4.0,
+    );
+    if let (Some(first), Some(last)) = (points.first(), points.last()) {
+        let _ = write!(
+            svg,
+            "<text x=\"{pad}\" y=\"{}\" font-size=\"10\">{}</text><text x=\"{}\" y=\"{}\" font-size=\"10\" text-anchor=\"end\">{}</text>",
+            h - 8.0,
+            esc(&first.at),
+            w - pad,
+            h - 8.0,
+            esc(&last.at)
+        );
+    }
+    for (_, f, style) in series {
+        let pts: Vec<(f64, f64)> = points
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| f(p).map(|v| (x(i), y(v))))
+            .collect();
+        let line: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
+        if !pts.is_empty() {
+            let _ = write!(
+                svg,
+                "<polyline fill=\"none\" stroke-width=\"2\" {style} points=\"{}\"/>",
+                line.join(" ")
+            );
+        }
+        for (a, b) in &pts {
+            let _ = write!(
+                svg,
+                "<circle cx=\"{a:.1}\" cy=\"{b:.1}\" r=\"2.5\" {style} fill=\"#fff\"/>"
+            );
+        }
+    }
+    let _ = write!(
+        svg,
+        "</svg><figcaption>{}</figcaption></figure>",
+        esc(title)
+    );
+    svg
+}
+
+/// The HTML report; `refresh` (seconds) makes the page reload itself (`/status`).
+pub fn html(r: &Report, lang: Lang, refresh: Option<u32>) -> String {
+    let t = lang.text();
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!DOCTYPE html><html lang=\"{}\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">{}<title>{}</title><style>{CSS}</style></head><body><main>",
+        t.lang,
+        refresh.map_or(String::new(), |s| format!(
+            "<meta http-equiv=\"refresh\" content=\"{s}\">"
+        )),
+        esc(t.title)
+    );
+    let _ = write!(
+        h,
+        "<h1>{}</h1><p>{}: {} → {} ({:.1} h); {} {}</p>",
+        esc(t.title),
+        t.window,
+        esc(&r.window.since),
+        esc(&r.window.until),
+        r.window.hours,
+        t.generated,
+        esc(&r.generated_at)
+    );
+    let _ = write!(h, "<h2>{}</h2><table><tbody>", t.overall);
+    for (k, v) in overall_rows(r, lang) {
+        let _ = write!(
+            h,
+            "<tr><th scope=\"row\">{}</th><td>{}</td></tr>",
+            esc(&k),
+            esc(&v)
+        );
+    }
+    h.push_str("</tbody></table>");
+    let _ = write!(
+        h,
+        "<h2>{}</h2><table><thead><tr><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th></tr></thead><tbody>",
+        t.query_types, t.query_type, t.stage, t.samples, t.match_rate, t.verdict
+    );
+    for q in &r.query_types {
+        let class = if q.verdict.ready { "ready" } else { "blocked" };
+        let _ = write!(
+            h,
+            "<tr><td><a href=\"#qt-{0}\">{0}</a></td><td>{1}</td><td class=\"n\">{2}</td><td class=\"n\">{3}</td><td class=\"{class}\">{4}</td></tr>",
+            esc(&q.query_type),
+            esc(&q.stage),
+            q.samples,
+            pct(q.match_rate),
+            esc(&verdict_line(q, lang))
+        );
+    }
+    h.push_str("</tbody></table>");
+    if r.overall.samples == 0 {
+        let _ = write!(h, "<p>{}</p>", esc(t.empty));
+    }
+    for q in &r.query_types {
+        let _ = write!(
+            h,
+            "<section class=\"qt\" id=\"qt-{0}\"><h3>{0} — {1}</h3><p class=\"{2}\">{3}: {4}</p>",
+            esc(&q.query_type),
+            esc(&q.stage),
+            if q.verdict.ready { "ready" } else { "blocked" },
+            t.verdict,
+            esc(&verdict_line(q, lang))
+        );
+        let _ = write!(
+            h,
+            "<table><caption>{}</caption><thead><tr><th scope=\"col\">{}</th><th scope=\"col\">{}</th></tr></thead><tbody>",
+            t.outcomes, t.outcome, t.count
+        );
+        for ((key, name), n) in OUTCOMES.iter().zip(t.outcome_names).zip(outcome_values(q)) {
+            let _ = write!(
+                h,
+                "<tr data-outcome=\"{key}\"><td>{}</td><td class=\"n\">{n}</td></tr>",
+                esc(name.trim_start())
+            );
+        }
+        h.push_str("</tbody></table>");
+        let _ = write!(
+            h,
+            "<table><caption>{}</caption><thead><tr><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">p50</th><th scope=\"col\">p95</th><th scope=\"col\">p99</th></tr></thead><tbody>",
+            t.latency, t.side, t.mean
+        );
+        for (side, l) in [(t.legacy, &q.legacy), (t.target, &q.target)] {
+            let [mean, p50, p95, p99] = latency_row(l);
+            let _ = write!(
+                h,
+                "<tr><th scope=\"row\">{side}</th><td class=\"n\">{mean}</td><td class=\"n\">{p50}</td><td class=\"n\">{p95}</td><td class=\"n\">{p99}</td></tr>"
+            );
+        }
+        h.push_str("</tbody></table>");
+        if let Some(i) = q.improvement {
+            let _ = write!(h, "<p>{}: {:.1}%</p>", t.improvement, i * 100.0);
+        }
+        if q.trend.is_empty() {
+            let _ = write!(h, "<p>{}: {}</p>", t.trend, t.no_samples);
+        } else {
+            let _ = write!(
+                h,
+                "<div class=\"charts\">{}{}</div>",
+                chart(
+                    t.match_rate_chart,
+                    &q.trend,
+                    &[(
+                        "rate",
+                        |p| p.match_rate.map(|r| r * 100.0),
+                        "stroke=\"#0a6b2a\""
+                    )],
+                    Some(100.0)
+                ),
+                chart(
+                    t.latency_chart,
+                    &q.trend,
+                    &[
+                        ("legacy", |p| p.legacy_ms, "stroke=\"#1f4e9c\""),
+                        (
+                            "target",
+                            |p| p.target_ms,
+                            "stroke=\"#b35900\" stroke-dasharray=\"6 4\""
+                        ),
+                    ],
+                    None
+                )
+            );
+        }
+        if !q.expected.is_empty() {
+            let _ = write!(
+                h,
+                "<table><caption>{}</caption><thead><tr><th scope=\"col\">class</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th></tr></thead><tbody>",
+                t.expected, t.columns, t.note, t.source
+            );
+            for e in &q.expected {
+                let _ = write!(
+                    h,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(&e.class),
+                    esc(&e.columns.join(", ")),
+                    esc(&e.note),
+                    esc(&e.source)
+                );
+            }
+            h.push_str("</tbody></table>");
+        }
+        let _ = write!(h, "<h4>{}</h4>", t.examples);
+        if q.examples.is_empty() {
+            let _ = write!(h, "<p>{}</p>", t.no_examples);
+        }
+        for e in &q.examples {
+            let _ = write!(
+                h,
+                "<article><p><strong>{}</strong>{} — {} — {}: <code>{}</code></p><pre>-- {}\n{}\n-- {}\n{}</pre>",
+                esc(&e.kind),
+                e.expected_class
+                    .as_ref()
+                    .map_or(String::new(), |c| format!(" ({})", esc(c))),
+                esc(&e.found_at),
+                t.params,
+                esc(&e.params.to_string()),
+                t.legacy,
+                esc(&e.legacy_sql),
+                t.target,
+                esc(&e.target_sql)
+            );
+            for err in [&e.legacy_error, &e.target_error].into_iter().flatten() {
+                let _ = write!(h, "<p>error: <code>{}</code></p>", esc(err));
+            }
+            let rows = diff_rows(e);
+            if !rows.is_empty() {
+                let _ = write!(
+                    h,
+                    "<table><caption>{}</caption><thead><tr><th scope=\"col\">key</th><th scope=\"col\">column</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th></tr></thead><tbody>",
+                    t.differing_rows, t.legacy, t.target
+                );
+                for (k, c, l, tv, differs) in rows {
+                    let (l, tv) = if differs {
+                        (
+                            format!("<mark>{}</mark>", esc(&l)),
+                            format!("<mark>{}</mark>", esc(&tv)),
+                        )
+                    } else {
+                        (esc(&l), esc(&tv))
+                    };
+                    let _ = write!(
+                        h,
+                        "<tr><td>{}</td><td>{}</td><td>{l}</td><td>{tv}</td></tr>",
+                        esc(&k),
+                        esc(&c)
+                    );
+                }
+                h.push_str("</tbody></table>");
+            }
+            h.push_str("</article>");
+        }
+        h.push_str("</section>");
+    }
+    let _ = write!(
+        h,
+        "<h2>{}</h2><table><thead><tr><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th></tr></thead><tbody>",
+        t.audit, t.when, t.query_type, t.change, t.by, t.why
+    );
+    for a in &r.audit {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{} → {}{}</td><td>{} ({})</td><td>{}</td></tr>",
+            esc(&a.changed_at),
+            esc(&a.query_type),
+            esc(a.from.as_deref().unwrap_or("–")),
+            esc(&a.to),
+            if a.forced {
+                format!(" <strong>({})</strong>", t.forced)
+            } else {
+                String::new()
+            },
+            esc(&a.changed_by),
+            esc(&a.via),
+            esc(&a.reason)
+        );
+    }
+    h.push_str("</tbody></table></main></body></html>\n");
+    h
+}
