@@ -242,7 +242,7 @@ fn markdown(r: &Report, lang: Lang) -> String {
         );
         for (side, l) in [(t.legacy, &q.legacy), (t.target, &q.target)] {
             let [mean, p50, p95, p99] = latency_row(l);
-            let _ = writeln!(m, "| {side} ({}) | {mean} | {p50} | {p95} | {p99} |", "ms");
+            let _ = writeln!(m, "| {side} (ms) | {mean} | {p50} | {p95} | {p99} |");
         }
         if let Some(i) = q.improvement {
             let _ = writeln!(m, "\n{}: {:.1}%", t.improvement, i * 100.0);
@@ -347,13 +347,11 @@ mark{background:#ffe08a;color:#000}pre{background:#f6f6f6;padding:.5rem;overflow
 .charts{display:flex;flex-wrap:wrap;gap:1rem}figure{margin:0}figcaption{font-size:.85rem;color:#333}
 section.qt{border-top:1px solid #ccc}";
 
+/// One line of a chart: its name, how to read its value at a point, its SVG stroke.
+type Series<'a> = (&'a str, fn(&TrendPoint) -> Option<f64>, &'a str);
+
 /// A line chart of `series` (each a list of optional values, one per point) in inline SVG.
-fn chart(
-    title: &str,
-    points: &[TrendPoint],
-    series: &[(&str, fn(&TrendPoint) -> Option<f64>, &str)],
-    max: Option<f64>,
-) -> String {
+fn chart(title: &str, points: &[TrendPoint], series: &[Series<'_>], max: Option<f64>) -> String {
     let (w, h, pad) = (480.0, 160.0, 34.0);
     let values: Vec<f64> = series
         .iter()
