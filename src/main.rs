@@ -18,6 +18,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create the legacy table (as the Fature app has it) and load a generated affiliate tree
+    /// into a database, for trials (compose, a scratch database). Refuses a table that
+    /// already holds rows.
+    Fixture {
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// Affiliates to generate
+        #[arg(long, default_value_t = 50_000)]
+        affiliates: u64,
+        /// Add the anomalies real data has: a few orphans and drifted level_1_referrals
+        #[arg(long)]
+        anomalies: bool,
+        /// A table that already holds rows is left as it is (exit 0) instead of refused
+        #[arg(long)]
+        if_empty: bool,
+    },
     /// The divergence report for reviewers: per query type the outcomes, match rate, latency
     /// of both sides, trend, readiness verdict against the gate and real examples; overall
     /// the success rate, performance improvement, write divergences, backfill, last verify
@@ -376,6 +392,52 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve(*args).await,
+        Command::Fixture {
+            database_url,
+            affiliates,
+            anomalies,
+            if_empty,
+        } => {
+            let client = connect::connect(&connect::parse_url(&database_url)?).await?;
+            let exists: bool = client
+                .query_one("SELECT to_regclass('public.affiliates') IS NOT NULL", &[])
+                .await?
+                .get(0);
+            if exists {
+                let rows: i64 = client
+                    .query_one("SELECT count(*) FROM public.affiliates", &[])
+                    .await?
+                    .get(0);
+                if rows > 0 && if_empty {
+                    println!("public.affiliates already holds {rows} rows: left as it is");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                if rows > 0 {
+                    anyhow::bail!(
+                        "public.affiliates already holds {rows} rows: the fixture only fills an empty table"
+                    );
+                }
+            } else {
+                cutover::fixture::create_legacy_table(&client).await?;
+            }
+            let spec = cutover::fixture::TreeSpec {
+                orphans: if anomalies { 3 } else { 0 },
+                drifted_counters: if anomalies {
+                    (affiliates / 500).max(5)
+                } else {
+                    0
+                },
+                ..cutover::fixture::TreeSpec::clean(affiliates)
+            };
+            let generated = cutover::fixture::load(&client, &spec).await?;
+            println!(
+                "public.affiliates: {} affiliates loaded ({} orphans, {} drifted counters)",
+                generated.rows,
+                generated.orphans.len(),
+                generated.drifted.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Report {
             database_url,
             since,
