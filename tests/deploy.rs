@@ -100,7 +100,11 @@ fn the_commands_in_the_docs_exist_with_their_flags() {
             }
             let line = line.replace("cargo run --release -- ", "cutover ");
             if in_code && line.trim_start().starts_with("cutover ") {
-                check_command(line.split('#').next().unwrap(), doc);
+                // Each command of a `a && b | c; d` line on its own.
+                let code = line.split(" #").next().unwrap();
+                for command in code.split(['&', '|', ';']) {
+                    check_command(command, doc);
+                }
                 checked += 1;
             }
         }
