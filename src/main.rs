@@ -380,7 +380,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let result = runtime.block_on(run(cli.command));
+    // Tasks still blocked (an HTTP call of an interrupted demo, say) do not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(3));
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -74,7 +74,19 @@ fn step(n: u32, what: &str) {
     println!("\n[{n}/6] {what}");
 }
 
+/// Runs the demo; Ctrl-C at any point ends it, removing the private cluster (dropping the
+/// walk drops the cluster's owner).
 pub async fn run(options: Options) -> anyhow::Result<()> {
+    tokio::select! {
+        result = walk(options) => result,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\ninterrupted: stopping the proxy and removing the private PostgreSQL");
+            Ok(())
+        }
+    }
+}
+
+async fn walk(options: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     step(
         1,
