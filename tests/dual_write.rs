@@ -545,6 +545,48 @@ async fn from_target_on_v2_is_written_first_and_legacy_mirrored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_target_a_write_on_v2_is_drift_not_a_new_legacy_truth() {
+    // Dual-write on (a type in shadow): legacy is the truth. A write made on v2 by anything
+    // but cutover must not reach legacy; verify shows it.
+    let db = tree_db(200).await;
+    let client = db.client().await;
+    set_stage(&client, "new_affiliate", "shadow").await;
+    client
+        .batch_execute(
+            "UPDATE fature_v2.affiliates_optimized SET name = 'by hand' WHERE affiliate_id = 5",
+        )
+        .await
+        .unwrap();
+    let legacy: String = client
+        .query_one(
+            "SELECT name FROM public.affiliates WHERE affiliate_id = 5",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(legacy, "by hand");
+    let (code, out) = verify(&db);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("name"), "{out}");
+    // From target on, the same write is mirrored (v2 is the truth then).
+    set_stage(&client, "new_affiliate", "target").await;
+    client
+        .batch_execute("UPDATE fature_v2.affiliates_optimized SET name = 'by hand, later' WHERE affiliate_id = 6")
+        .await
+        .unwrap();
+    let legacy: String = client
+        .query_one(
+            "SELECT name FROM public.affiliates WHERE affiliate_id = 6",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(legacy, "by hand, later");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_empties_v2_or_is_recorded() {
     let p = proxy().await;
     let db = tree_db(100).await;
@@ -916,13 +958,8 @@ async fn a_backfill_alongside_eight_writers_ends_with_verify_clean() {
     p.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serializable_writers_do_not_conflict_over_the_mirror() {
-    // The mirror's bookkeeping must not make concurrent SERIALIZABLE committers look like
-    // conflicts to each other (it did, when the queue was a shared table: 70% failures).
-    let p = proxy().await;
-    let db = tree_db(2000).await;
-    set_stage(&db.client().await, "record_deposit", "shadow").await;
+/// 8 writers × 60 SERIALIZABLE transactions through the proxy; how many failed to serialize.
+async fn serializable_failures(p: &support::Proxy, db: &TestDb) -> i64 {
     let mut writers = Vec::new();
     for w in 0..8i64 {
         let client = p.client(&db.name).await;
@@ -956,11 +993,23 @@ async fn serializable_writers_do_not_conflict_over_the_mirror() {
     for w in writers {
         failures += w.await.unwrap();
     }
-    // On 2,000 rows a few of these conflict on shared index pages anyway (about 1%); the
-    // queue in a shared table made 70% fail.
+    failures
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_writers_do_not_conflict_over_the_mirror() {
+    // The mirror's bookkeeping must not make concurrent SERIALIZABLE committers look like
+    // conflicts to each other (it did, when the queue was a shared table: 70% failures).
+    // Measured against the same writers with dual-write off, in the same run: on 2,000 rows
+    // some conflict on shared index pages anyway, more so on a loaded machine.
+    let p = proxy().await;
+    let baseline = serializable_failures(&p, &tree_db(2000).await).await;
+    let db = tree_db(2000).await;
+    set_stage(&db.client().await, "record_deposit", "shadow").await;
+    let mirrored = serializable_failures(&p, &db).await;
     assert!(
-        failures < 48,
-        "{failures} of 480 serializable transactions failed"
+        mirrored <= 2 * baseline + 24,
+        "{mirrored} of 480 serializable transactions failed with dual-write on, {baseline} without"
     );
     assert_verify_clean(&db);
     p.shutdown().await;
