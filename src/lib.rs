@@ -7,31 +7,36 @@
 //!
 //! # Layout
 //!
-//! What exists today, in the order the work flows:
+//! In the order the work flows:
 //!
 //! - [`listener`]: accepts clients, answers SSL/GSS/cancel negotiation, enforces the client
 //!   limit, owns start and graceful shutdown; [`tls`] terminates TLS.
 //! - [`session`]: one client session — upstream connection with the client's own startup,
-//!   then the frame relay ([`session::relay`]) where the stages plug in.
-//! - [`classify`]: the cheap pre-check that leaves statements not on the legacy table
-//!   unparsed.
+//!   then the frame relay ([`session::relay`]); the session's statements, where each Query
+//!   and Bind is classified, routed and handed to the shadow, and the queue of answers the
+//!   server owes (the proxy's own messages' answers taken out).
+//! - [`classify`]: the cheap pre-check, the query type of a statement (cached by SQL text),
+//!   its bucketing key and what comparing it needs; [`classify::fingerprint`] names
+//!   statements.
+//! - [`route`]: which side serves an execution (stage, sticky bucket) and the route checks
+//!   that make sure a client cannot tell; [`rewrite`]: a statement as the same statement on
+//!   the target.
 //! - [`upstream`]: connections to PostgreSQL; [`cancel`]: the proxy's cancel keys.
+//! - [`shadow`]: the bounded hand-off and the pool that runs reads on both sides, confirms
+//!   in one snapshot and classifies; [`compare`]: the comparison itself (pure functions);
+//!   [`divergence`]: the store of outcomes, samples and reviewers' marks.
 //! - [`wire`]: the frame codec (no I/O).
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`metrics`]: every metric, in one place.
-//! - [`config`]: `cutover serve` configuration (TOML file + flags).
-//! - [`rules`]: the rule files (table and column map, query types), validated with
-//!   `file:line:column` diagnostics; [`classify::fingerprint`] names statements.
-//! - [`rewrite`]: a statement on the legacy table as the same statement on the target.
-//! - [`compare`]: the two sides' answers compared (canonical values, multisets, ties,
-//!   tolerances) and which statements cannot be compared (pure functions; the shadow that
-//!   feeds them is issue 5).
+//! - [`control`]: live state shared through PostgreSQL, gates, audit, ramp-down; [`admin`]:
+//!   `/metrics`, `/healthz`, `/readyz`, `/status`, the control API; [`console`]: the SQL admin
+//!   console; [`ctl`]: the operator's CLI; [`reload`]: rules hot reload.
+//! - [`report`]: `cutover report` and `/status`.
+//! - [`metrics`]: every metric, in one place; [`config`]: `cutover serve` configuration.
+//! - [`rules`]: the rule files, validated with `file:line:column` diagnostics.
 //! - [`connect`]: reaching a PostgreSQL server from a URL, with errors an operator can act on.
-//! - [`migrate`]: `cutover migrate` (the recorded, checksummed migrations of `migrations/`)
-//!   and the seed's integrity checks of the `fature_v2` tree.
-//! - [`fixture`]: the legacy `public.affiliates` table and a deterministic generator of a
-//!   seed-shaped affiliate tree, with optional anomalies (tests, demo, benchmarks).
-//! - [`localpg`]: a private, throwaway PostgreSQL cluster started from the system binaries
-//!   (tests and the demo).
+//! - [`migrate`]: `cutover migrate`, `backfill`, `verify`, `repair`.
+//! - [`fixture`]: the legacy table and a deterministic generator of a seed-shaped affiliate
+//!   tree (tests, demo, benchmarks, `cutover fixture`); [`localpg`]: a private, throwaway
+//!   PostgreSQL cluster; [`demo`]: `cutover demo`.
 
 pub mod admin;
 pub mod cancel;

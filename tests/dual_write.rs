@@ -10,20 +10,8 @@ mod support;
 use std::{path::Path, process::Command};
 
 use cutover::fixture::{self, TreeSpec};
-use support::{TestDb, cluster, cutover_on, metric, proxy};
+use support::{TestDb, cluster, cutover_on, metric, proxy, tree_db};
 use tokio_postgres::{Client, error::SqlState};
-
-/// A database with a clean generated tree, backfilled into v2.
-async fn tree_db(affiliates: u64) -> TestDb {
-    let db = support::migrated_db().await;
-    let client = db.client().await;
-    fixture::load(&client, &TreeSpec::clean(affiliates))
-        .await
-        .unwrap();
-    let (code, out) = cutover_on(&db, "backfill", &[], &[]);
-    assert_eq!(code, 0, "{out}");
-    db
-}
 
 /// Puts a query type in a stage (dual-write is on while any is in shadow, cutover or
 /// target).

@@ -7,11 +7,8 @@ mod support;
 
 use std::{path::Path, process::Command, time::Duration};
 
-use cutover::fixture::{self, TreeSpec};
-use support::{Proxy, TestDb, cutover, cutover_on, http_get, proxy_with};
+use support::{Proxy, TestDb, cutover, http_get};
 use tokio_postgres::Client;
-
-const RULES: &str = include_str!("../rules/fature.toml");
 
 const EXTRA: &str = r#"
 [[query_type]]
@@ -30,26 +27,10 @@ stage = "shadow"
 "#;
 
 async fn setup() -> (TestDb, Proxy, tempfile::TempDir) {
-    let db = support::migrated_db().await;
-    fixture::load(&db.client().await, &TreeSpec::clean(200))
-        .await
-        .unwrap();
-    let (code, out) = cutover_on(&db, "backfill", &[], &[]);
-    assert_eq!(code, 0, "{out}");
-    let mut rules = RULES.replace(
-        "name = \"affiliate_by_id\"\n",
-        "name = \"affiliate_by_id\"\nstage = \"shadow\"\n",
-    );
-    rules.push_str(EXTRA);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("fature.toml"), rules).unwrap();
-    let (url, rules_dir) = (db.url(), dir.path().to_owned());
-    let proxy = proxy_with(move |c| {
-        c.control = Some(url);
-        c.rules = Some(rules_dir);
-    })
-    .await;
-    (db, proxy, dir)
+    let db = support::tree_db(200).await;
+    let rules = support::rules_with(&[("affiliate_by_id", "stage = \"shadow\"")], EXTRA);
+    let proxy = support::proxy_on(&db, &rules, |_| {}).await;
+    (db, proxy, rules)
 }
 
 /// 20 reads by id (one of them drifted), 5 through a wrong rule, 5 racy ones; waits until

@@ -9,11 +9,8 @@ mod support;
 
 use std::{collections::HashMap, time::Duration};
 
-use cutover::fixture::{self, TreeSpec};
-use support::{Proxy, TestDb, cutover_on, metric, proxy_with};
+use support::{Proxy, TestDb, metric};
 use tokio_postgres::Client;
-
-const RULES: &str = include_str!("../rules/fature.toml");
 
 struct Setup {
     db: TestDb,
@@ -24,41 +21,21 @@ struct Setup {
 /// A backfilled tree whose v2 names are marked `v2:`, and a proxy with the rules' `stages`
 /// (query type → TOML stage lines) and `extra` rules.
 async fn setup(affiliates: u64, stages: &[(&str, &str)], extra: &str) -> Setup {
-    let db = support::migrated_db().await;
-    let client = db.client().await;
-    fixture::load(&client, &TreeSpec::clean(affiliates))
+    let db = support::tree_db(affiliates).await;
+    db.client()
         .await
-        .unwrap();
-    let (code, out) = cutover_on(&db, "backfill", &[], &[]);
-    assert_eq!(code, 0, "{out}");
-    client
         .batch_execute(
             "BEGIN; SET LOCAL cutover.mirroring = 'on';
              UPDATE fature_v2.affiliates_optimized SET name = 'v2:' || name; COMMIT",
         )
         .await
         .unwrap();
-
-    let mut rules = RULES.to_owned();
-    for (name, stage) in stages {
-        let at = format!("name = \"{name}\"\n");
-        assert!(rules.contains(&at), "{name} is not in the rules");
-        rules = rules.replace(&at, &format!("{at}{stage}\n"));
-    }
-    rules.push_str(extra);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("fature.toml"), rules).unwrap();
-    let url = db.url();
-    let rules_dir = dir.path().to_owned();
-    let proxy = proxy_with(move |c| {
-        c.control = Some(url);
-        c.rules = Some(rules_dir);
-    })
-    .await;
+    let rules = support::rules_with(stages, extra);
+    let proxy = support::proxy_on(&db, &rules, |_| {}).await;
     Setup {
         db,
         proxy,
-        _rules: dir,
+        _rules: rules,
     }
 }
 

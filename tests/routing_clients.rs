@@ -7,38 +7,21 @@ mod support;
 
 use std::{path::Path, process::Command};
 
-use cutover::fixture::{self, TreeSpec};
-use support::{Proxy, TestDb, cluster, cutover_on, metric, proxy_with};
-
-const RULES: &str = include_str!("../rules/fature.toml");
+use support::{Proxy, TestDb, cluster, metric};
 
 async fn setup() -> (TestDb, Proxy, tempfile::TempDir) {
-    let db = support::migrated_db().await;
-    fixture::load(&db.client().await, &TreeSpec::clean(300))
-        .await
-        .unwrap();
-    let (code, out) = cutover_on(&db, "backfill", &[], &[]);
-    assert_eq!(code, 0, "{out}");
-    let mut rules = RULES.to_owned();
-    for (name, stage) in [
-        ("affiliate_by_id", "stage = \"target\""),
-        ("direct_referrals", "stage = \"cutover\"\npercent = 50"),
-        ("network_size", "stage = \"target\""),
-        ("count_active", "stage = \"cutover\"\npercent = 50"),
-    ] {
-        let at = format!("name = \"{name}\"\n");
-        assert!(rules.contains(&at), "{name}");
-        rules = rules.replace(&at, &format!("{at}{stage}\n"));
-    }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("fature.toml"), rules).unwrap();
-    let (url, rules_dir) = (db.url(), dir.path().to_owned());
-    let proxy = proxy_with(move |c| {
-        c.control = Some(url);
-        c.rules = Some(rules_dir);
-    })
-    .await;
-    (db, proxy, dir)
+    let db = support::tree_db(300).await;
+    let rules = support::rules_with(
+        &[
+            ("affiliate_by_id", "stage = \"target\""),
+            ("direct_referrals", "stage = \"cutover\"\npercent = 50"),
+            ("network_size", "stage = \"target\""),
+            ("count_active", "stage = \"cutover\"\npercent = 50"),
+        ],
+        "",
+    );
+    let proxy = support::proxy_on(&db, &rules, |_| {}).await;
+    (db, proxy, rules)
 }
 
 /// Runs a program off the runtime's threads (the proxy under test runs on them).

@@ -10,14 +10,9 @@ mod support;
 
 use std::{collections::HashMap, time::Duration};
 
-use cutover::{
-    config::FileConfig,
-    fixture::{self, TreeSpec},
-};
-use support::{Proxy, TestDb, cutover_on, metric, proxy_with};
+use cutover::config::FileConfig;
+use support::{Proxy, TestDb, metric};
 use tokio_postgres::Client;
-
-const RULES: &str = include_str!("../rules/fature.toml");
 
 /// Query types the tests add to the customer's rules, each in `shadow`.
 const EXTRA: &str = r#"
@@ -64,35 +59,17 @@ struct Setup {
 /// A backfilled tree of `affiliates`, and a proxy comparing `shadowed` (plus the extra query
 /// types) with the shadow pool on the test database.
 async fn setup(affiliates: u64, shadowed: &[&str], adjust: impl FnOnce(&mut FileConfig)) -> Setup {
-    let db = support::migrated_db().await;
-    fixture::load(&db.client().await, &TreeSpec::clean(affiliates))
-        .await
-        .unwrap();
-    let (code, out) = cutover_on(&db, "backfill", &[], &[]);
-    assert_eq!(code, 0, "{out}");
-
-    let mut rules = RULES.to_owned();
-    for name in shadowed {
-        let at = format!("name = \"{name}\"\n");
-        assert!(rules.contains(&at), "{name} is not in the rules");
-        rules = rules.replace(&at, &format!("{at}stage = \"shadow\"\n"));
-    }
-    rules.push_str(EXTRA);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("fature.toml"), rules).unwrap();
-
-    let url = db.url();
-    let rules_dir = dir.path().to_owned();
-    let proxy = proxy_with(move |c| {
-        c.control = Some(url);
-        c.rules = Some(rules_dir);
-        adjust(c);
-    })
-    .await;
+    let db = support::tree_db(affiliates).await;
+    let stages: Vec<(&str, &str)> = shadowed
+        .iter()
+        .map(|n| (*n, "stage = \"shadow\""))
+        .collect();
+    let rules = support::rules_with(&stages, EXTRA);
+    let proxy = support::proxy_on(&db, &rules, adjust).await;
     Setup {
         db,
         proxy,
-        _rules: dir,
+        _rules: rules,
     }
 }
 

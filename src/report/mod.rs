@@ -34,7 +34,7 @@ pub struct Report {
     pub window: Window,
     pub overall: Overall,
     pub query_types: Vec<QueryTypeReport>,
-    pub audit: Vec<AuditEntry>,
+    pub audit: Vec<crate::control::AuditEntry>,
 }
 
 #[derive(Debug, Serialize)]
@@ -174,18 +174,6 @@ pub struct QueryTypeReport {
     pub trend: Vec<TrendPoint>,
     pub examples: Vec<Example>,
     pub expected: Vec<ExpectedClass>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct AuditEntry {
-    pub changed_at: String,
-    pub query_type: String,
-    pub from: Option<String>,
-    pub to: String,
-    pub changed_by: String,
-    pub via: String,
-    pub reason: String,
-    pub forced: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -438,7 +426,7 @@ pub async fn gather(
         },
         overall,
         query_types,
-        audit: audit(client).await?,
+        audit: crate::control::history(client, AUDIT).await?,
     })
 }
 
@@ -610,33 +598,6 @@ async fn last_verify(client: &Client) -> Result<Option<VerifyRun>, tokio_postgre
             quarantined: r.get(7),
             failed_checks: r.get(8),
         }))
-}
-
-async fn audit(client: &Client) -> Result<Vec<AuditEntry>, tokio_postgres::Error> {
-    Ok(client
-        .query(
-            "SELECT changed_at, query_type, from_stage, from_percent, to_stage, to_percent,
-                    changed_by, via, reason, forced
-             FROM cutover.stage_audit ORDER BY id DESC LIMIT $1",
-            &[&AUDIT],
-        )
-        .await?
-        .iter()
-        .map(|r| {
-            let from: Option<String> = r.get(2);
-            let from_percent: Option<i16> = r.get(3);
-            AuditEntry {
-                changed_at: time(r.get(0)),
-                query_type: r.get(1),
-                from: from.map(|s| stage_name(&s, from_percent.unwrap_or(0))),
-                to: stage_name(&r.get::<_, String>(4), r.get(5)),
-                changed_by: r.get(6),
-                via: r.get(7),
-                reason: r.get(8),
-                forced: r.get(9),
-            }
-        })
-        .collect())
 }
 
 #[cfg(test)]

@@ -435,3 +435,49 @@ pub fn cutover_on(
     let (code, out, err) = cutover(&args, env);
     (code, format!("{out}{err}"))
 }
+
+/// A migrated database with a clean generated tree of `affiliates`, backfilled into v2 (so
+/// `cutover verify` is clean).
+pub async fn tree_db(affiliates: u64) -> TestDb {
+    let db = migrated_db().await;
+    cutover::fixture::load(
+        &db.client().await,
+        &cutover::fixture::TreeSpec::clean(affiliates),
+    )
+    .await
+    .expect("load the generated tree");
+    let (code, out) = cutover_on(&db, "backfill", &[], &[]);
+    assert_eq!(code, 0, "{out}");
+    db
+}
+
+/// A rules directory: the repository's rules with `stages` (query type → the TOML lines to
+/// add to its rule, e.g. `stage = "shadow"`) and `extra` rules appended.
+pub fn rules_with(stages: &[(&str, &str)], extra: &str) -> tempfile::TempDir {
+    let mut rules = include_str!("../../rules/fature.toml").to_owned();
+    for (name, lines) in stages {
+        let at = format!("name = \"{name}\"\n");
+        assert!(rules.contains(&at), "{name} is not in the rules");
+        rules = rules.replace(&at, &format!("{at}{lines}\n"));
+    }
+    rules.push_str(extra);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fature.toml"), rules).unwrap();
+    dir
+}
+
+/// A proxy whose control database (and so shadow and route checks) is `db`, with the rules
+/// of `rules`.
+pub async fn proxy_on(
+    db: &TestDb,
+    rules: &tempfile::TempDir,
+    adjust: impl FnOnce(&mut FileConfig),
+) -> Proxy {
+    let (url, dir) = (db.url(), rules.path().to_owned());
+    proxy_with(move |c| {
+        c.control = Some(url);
+        c.rules = Some(dir);
+        adjust(c);
+    })
+    .await
+}
