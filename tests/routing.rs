@@ -139,6 +139,7 @@ async fn stages_serve_what_they_say_and_writes_flip_at_target() {
             ("affiliate_by_id", "stage = \"target\"\nsample_rate = 0.0"),
             ("affiliate_by_external_id", "stage = \"shadow\""),
             ("set_status", "stage = \"target\""),
+            ("new_affiliate", "stage = \"target\""),
         ],
         "",
     )
@@ -186,14 +187,39 @@ async fn stages_serve_what_they_say_and_writes_flip_at_target() {
         (row.get::<_, String>(0), row.get::<_, String>(1)),
         ("suspended".to_owned(), "suspended".to_owned())
     );
+    // An insert with RETURNING, v2 first: the id comes from legacy's sequence, both tables
+    // hold the row, the client gets its id.
+    let insert =
+        "INSERT INTO affiliates (parent_affiliate_id, external_id, name, email, registration_date)
+VALUES ($1, $2, $3, $4, now())
+RETURNING affiliate_id";
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let row = app
+            .query_one(
+                insert,
+                &[&3i64, &format!("routed-{n}"), &"Nova", &"nova@example.com"],
+            )
+            .await
+            .unwrap();
+        ids.push(row.get::<_, i64>(0));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let both: i64 = direct
+        .query_one(
+            "SELECT count(*) FROM affiliates l JOIN fature_v2.affiliates_optimized t USING (affiliate_id)
+             WHERE affiliate_id = ANY($1) AND l.external_id = t.external_id",
+            &[&ids],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(both, 3, "{ids:?}");
     let m = s.proxy.metrics().await;
-    assert!(
-        metric(
-            &m,
-            "cutover_queries_total{query_type=\"set_status\",served_by=\"target\"}"
-        ) >= 1.0,
-        "{m}"
-    );
+    for qt in ["set_status", "new_affiliate"] {
+        let series = format!("cutover_queries_total{{query_type=\"{qt}\",served_by=\"target\"}}");
+        assert!(metric(&m, &series) >= 1.0, "{series}\n{m}");
+    }
 }
 
 #[tokio::test]
