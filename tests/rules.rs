@@ -151,9 +151,15 @@ fn duplicates_and_unparsable_sql_are_refused() {
 #[test]
 fn all_problems_are_reported_at_once() {
     let text = "[[query_type]]\nname = \"Q-1\"\nmatch = \"SELECT 1 FROM affiliates\"\nstage = \"nope\"\n\
-                [query_type.compare]\nignore_columns = [\"x\"]\nnumeric_tolerance = \"-1\"\n";
+                [query_type.compare]\nignore_columns = [\"x\"]\nnumeric_tolerance = \"-1\"\nfloat_tolerance = -0.5\n";
     let diagnostics = check(text);
-    assert_eq!(diagnostics.len(), 4, "{diagnostics:#?}");
+    assert_eq!(diagnostics.len(), 5, "{diagnostics:#?}");
+    assert!(
+        diagnostics
+            .iter()
+            .any(|d| d.message.contains("float_tolerance")),
+        "{diagnostics:#?}"
+    );
 }
 
 #[test]

@@ -220,6 +220,8 @@ pub struct CompareOptions {
     /// the statement's ORDER BY (`None`).
     pub ordered: Option<bool>,
     pub numeric_tolerance: Decimal,
+    /// Largest absolute difference between floating-point values still counted equal.
+    pub float_tolerance: f64,
     pub ignore_columns: Vec<String>,
     pub expected: Vec<Expected>,
 }
@@ -903,6 +905,19 @@ impl Builder {
                             t.get_ref()
                         ),
                     ),
+                }
+            }
+            if let Some(t) = &c.float_tolerance {
+                let v = *t.get_ref();
+                if v.is_finite() && v >= 0.0 {
+                    compare.float_tolerance = v;
+                } else {
+                    self.at(
+                        path,
+                        text,
+                        t,
+                        format!("float_tolerance {v} is not a non-negative number"),
+                    );
                 }
             }
             for col in &c.ignore_columns {

@@ -66,6 +66,7 @@ pub struct RawQueryType {
 pub struct RawCompare {
     pub ordered: Option<bool>,
     pub numeric_tolerance: Option<Spanned<String>>,
+    pub float_tolerance: Option<Spanned<f64>>,
     #[serde(default)]
     pub ignore_columns: Vec<Spanned<String>>,
     #[serde(default)]

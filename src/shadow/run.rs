@@ -377,7 +377,7 @@ fn options(rule: Option<&QueryType>, rules: &RuleSet) -> compare::Options {
         numeric_tolerance: rule
             .map(|r| r.compare.numeric_tolerance)
             .unwrap_or_default(),
-        float_tolerance: 0.0,
+        float_tolerance: rule.map_or(0.0, |r| r.compare.float_tolerance),
         ignore_columns: rule
             .map(|r| r.compare.ignore_columns.clone())
             .unwrap_or_default(),
