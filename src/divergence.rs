@@ -370,6 +370,19 @@ impl Store {
 
     /// Adds the pending counts and inserts the pending samples; what fails stays pending.
     pub async fn flush(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
+        // Samples first: a count seen in the database has its sample stored already.
+        let mut samples =
+            std::mem::take(&mut *self.samples.lock().unwrap_or_else(|e| e.into_inner()));
+        while !samples.is_empty() {
+            if let Err(e) = insert_sample(client, &samples[0], &self.replica).await {
+                // Kept for the next flush (the queue stays bounded: `sample` drops past it).
+                let mut pending = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+                samples.append(&mut pending);
+                *pending = samples;
+                return Err(e);
+            }
+            samples.remove(0);
+        }
         let counts = std::mem::take(&mut *self.counts.lock().unwrap_or_else(|e| e.into_inner()));
         let mut failed: Option<tokio_postgres::Error> = None;
         let mut unwritten = HashMap::new();
@@ -389,14 +402,10 @@ impl Store {
                 counts.entry(query_type).or_default().merge(&c);
             }
         }
-        if let Some(e) = failed {
-            return Err(e);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        let samples = std::mem::take(&mut *self.samples.lock().unwrap_or_else(|e| e.into_inner()));
-        for sample in samples {
-            insert_sample(client, &sample, &self.replica).await?;
-        }
-        Ok(())
     }
 
     async fn load_marks(&self, client: &Client) -> Result<(), tokio_postgres::Error> {

@@ -351,7 +351,12 @@ async fn a_writer_racing_the_shadowed_reads_confirms_nothing() {
 
     let direct = s.db.client().await;
     let st = settled(&direct, "affiliate_by_id", reads + 2).await;
-    assert_eq!(st["confirmed"], 0, "{st:?}");
+    assert_eq!(
+        st["confirmed"],
+        0,
+        "{st:?}\n{:?}",
+        samples(&direct, "affiliate_by_id").await
+    );
     assert!(st["matched"] > 0, "{st:?}");
     eprintln!("{reads} reads beside 200 writes: {st:?}");
 }

@@ -13,7 +13,13 @@
 //! A Describe of a portal the target serves, and a simple Query sent as its target SQL,
 //! carry how legacy describes the columns: their RowDescription is rewritten to say it.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+};
 
 /// How legacy describes each column: table OID, attribute number, type modifier.
 pub type Described = Arc<[(u32, i16, i32)]>;
@@ -188,5 +194,81 @@ mod tests {
         assert_eq!(p.row_description(), Some(legacy));
         p.ready();
         assert!(p.queue.is_empty());
+    }
+}
+
+/// Whether the session has written in a transaction that has not ended yet — seen from both
+/// directions of the relay. Dual-write brings v2 level with legacy at COMMIT, so until then a
+/// read of the transaction's own writes must be served by legacy: the session's reads stay
+/// there while a write is unsettled.
+///
+/// Counted in batches (a Sync, a simple Query or a FunctionCall each end one, answered by one
+/// ReadyForQuery): a write belongs to the batch being sent; it is settled once a
+/// ReadyForQuery that says idle (`I`) answers that batch or a later one.
+#[derive(Debug, Default)]
+pub struct Writes {
+    sent: AtomicU64,
+    last_write: AtomicU64,
+    answered: AtomicU64,
+    settled: AtomicU64,
+}
+
+impl Writes {
+    /// A write statement is being sent (in the current batch).
+    pub fn write_sent(&self) {
+        self.last_write.store(self.sent.load(Relaxed) + 1, Relaxed);
+    }
+
+    /// A Sync, Query or FunctionCall is being sent: the current batch ends.
+    pub fn batch_sent(&self) {
+        self.sent.fetch_add(1, Relaxed);
+    }
+
+    /// A ReadyForQuery arrived with this transaction status.
+    pub fn ready(&self, status: u8) {
+        // The ReadyForQuery that ends the startup answers no batch.
+        if self.answered.load(Relaxed) >= self.sent.load(Relaxed) {
+            return;
+        }
+        let answered = self.answered.fetch_add(1, Relaxed) + 1;
+        if status == b'I' {
+            self.settled.store(answered, Relaxed);
+        }
+    }
+
+    /// A write has been sent whose transaction has not been seen to end.
+    pub fn unsettled(&self) -> bool {
+        self.last_write.load(Relaxed) > self.settled.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod writes_tests {
+    use super::*;
+
+    #[test]
+    fn a_write_is_settled_when_its_transaction_ends() {
+        let w = Writes::default();
+        assert!(!w.unsettled());
+        // BEGIN; UPDATE … (one batch, answered "in a transaction")
+        w.write_sent();
+        w.batch_sent();
+        w.ready(b'T');
+        assert!(w.unsettled());
+        // COMMIT
+        w.batch_sent();
+        w.ready(b'I');
+        assert!(!w.unsettled());
+        // An autocommit write, and a new transaction's write sent before its answer.
+        w.write_sent();
+        w.batch_sent();
+        w.batch_sent(); // BEGIN
+        w.write_sent();
+        w.batch_sent();
+        w.ready(b'I'); // answers the autocommit write
+        assert!(w.unsettled(), "the later write's transaction is still open");
+        w.ready(b'T');
+        w.ready(b'T');
+        assert!(w.unsettled());
     }
 }

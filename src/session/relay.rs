@@ -19,7 +19,7 @@ use tokio_postgres::error::SqlState;
 
 use super::{
     Shared,
-    pending::{Answer, Pending},
+    pending::{Answer, Pending, Writes},
     statements::{MAX_INSPECTED_BIND, Statements},
 };
 use crate::{
@@ -107,11 +107,19 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
         let client_at_boundary = AtomicBool::new(true);
         let pending = Mutex::new(Pending::default());
         let routing_broken = AtomicBool::new(false);
+        let writes = Writes::default();
         let mut to_upstream = ClientToServer {
             shared,
             buf: BytesMut::with_capacity(READ_CHUNK),
             streaming: 0,
-            statements: Statements::new(shared, self.shadow, self.id, &pending, &routing_broken),
+            statements: Statements::new(
+                shared,
+                self.shadow,
+                self.id,
+                &pending,
+                &routing_broken,
+                &writes,
+            ),
         };
         let mut to_client = ServerToClient {
             shared,
@@ -123,6 +131,7 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
             at_boundary: &client_at_boundary,
             pending: &pending,
             routing_broken: &routing_broken,
+            writes: &writes,
         };
 
         let end = tokio::select! {
@@ -312,6 +321,7 @@ struct ServerToClient<'s> {
     at_boundary: &'s AtomicBool,
     pending: &'s Mutex<Pending>,
     routing_broken: &'s AtomicBool,
+    writes: &'s Writes,
 }
 
 /// What to do with an inspected server frame.
@@ -442,6 +452,8 @@ impl ServerToClient<'_> {
             }
             backend::READY_FOR_QUERY => {
                 pending.ready();
+                self.writes
+                    .ready(messages::ready_status(body).unwrap_or(b'I'));
                 Answer::Forward
             }
             _ => Answer::Forward,

@@ -25,7 +25,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{
     Shared,
-    pending::{Awaited, Described, Pending},
+    pending::{Awaited, Described, Pending, Writes},
 };
 use crate::{
     classify::{BucketKey, Classification, Typed},
@@ -59,6 +59,8 @@ pub struct Statements<'s> {
     /// A target variant the proxy prepared failed: this session routes no more prepared
     /// statements (the client saw the error).
     routing_broken: &'s AtomicBool,
+    /// Writes whose transaction has not ended: reads stay on legacy meanwhile.
+    writes: &'s Writes,
     statements: HashMap<Box<[u8]>, Prepared>,
     portals: HashMap<Box<[u8]>, Portal>,
 }
@@ -127,6 +129,7 @@ impl<'s> Statements<'s> {
         session_id: u32,
         pending: &'s Mutex<Pending>,
         routing_broken: &'s AtomicBool,
+        writes: &'s Writes,
     ) -> Self {
         Self {
             shared,
@@ -134,6 +137,7 @@ impl<'s> Statements<'s> {
             session_key: format!("session:{session_id}"),
             pending,
             routing_broken,
+            writes,
             statements: HashMap::new(),
             portals: HashMap::new(),
         }
@@ -166,6 +170,10 @@ impl<'s> Statements<'s> {
                 Stage::Target | Stage::Complete => Side::Target,
                 _ => Side::Legacy,
             };
+        }
+        // v2 receives this transaction's legacy writes at its COMMIT: until then, legacy.
+        if self.writes.unsettled() {
+            return Side::Legacy;
         }
         let bucket = route::bucket(key.unwrap_or(self.session_key.as_bytes()));
         route::decide(stage, bucket)
@@ -229,6 +237,7 @@ impl<'s> Statements<'s> {
                     None => (None, None),
                 };
                 self.await_answer(Awaited::Query { described });
+                self.writes.batch_sent();
                 return replacement;
             }
             frontend::DESCRIBE => {
@@ -266,8 +275,14 @@ impl<'s> Statements<'s> {
                     }
                 }
             }
-            frontend::SYNC => self.await_answer(Awaited::Sync),
-            frontend::FUNCTION_CALL => self.await_answer(Awaited::Query { described: None }),
+            frontend::SYNC => {
+                self.await_answer(Awaited::Sync);
+                self.writes.batch_sent();
+            }
+            frontend::FUNCTION_CALL => {
+                self.await_answer(Awaited::Query { described: None });
+                self.writes.batch_sent();
+            }
             _ => {}
         }
         None
@@ -287,6 +302,9 @@ impl<'s> Statements<'s> {
             return None;
         };
         let stage = self.stage(t);
+        if t.write_tag.is_some() {
+            self.writes.write_sent();
+        }
         let text = std::str::from_utf8(sql).ok()?;
         if self.compared(t, stage)
             && Self::sampled(t)
@@ -410,6 +428,13 @@ impl<'s> Statements<'s> {
             return None;
         };
         let served = prepared.served.clone();
+        if prepared
+            .typed
+            .as_ref()
+            .is_some_and(|s| s.typed().write_tag.is_some())
+        {
+            self.writes.write_sent();
+        }
         let (Some(source), Some(body)) = (prepared.typed.clone(), body) else {
             self.portals.insert(
                 portal.into(),

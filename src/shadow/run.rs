@@ -216,7 +216,7 @@ impl Conn {
         if expected.is_none() {
             tracing::info!(query_type = %typed.query_type, kind = kind.as_str(), columns = ?columns, "confirmed divergence");
         }
-        count(outcome, latency);
+        // The sample before the count: whoever sees the count finds the sample stored too.
         if shadow.store.wants_sample(&typed.query_type) {
             let error = |side: &Side| match side {
                 Side::Failed { code, message } => Some(redact::error(code, message)),
@@ -247,6 +247,7 @@ impl Conn {
                 rules_version: job.rules.version.clone(),
             });
         }
+        count(outcome, latency);
     }
 
     /// Runs one side on committed data (autocommit).

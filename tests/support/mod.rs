@@ -474,10 +474,28 @@ pub async fn proxy_on(
     adjust: impl FnOnce(&mut FileConfig),
 ) -> Proxy {
     let (url, dir) = (db.url(), rules.path().to_owned());
-    proxy_with(move |c| {
+    let proxy = proxy_with(move |c| {
         c.control = Some(url);
         c.rules = Some(dir);
         adjust(c);
     })
-    .await
+    .await;
+    // The rules' stages reach the database (and turn dual-write on) when the proxy's control
+    // feed has seeded them: tests write only after that.
+    let client = db.client().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while client
+        .query_one("SELECT count(*) FROM cutover.query_type_state", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy never seeded the live state"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    proxy
 }
