@@ -130,7 +130,7 @@ async fn a_raise_without_enough_samples_is_refused_and_a_forced_one_recorded() {
     until(&p, |s| s["control_connected"] == true).await;
     let (status, _) = set(
         &p,
-        "set_status",
+        "top_referrers",
         r#"{"stage": "shadow", "reason": "compare"}"#,
         Some(TOKEN),
     )
@@ -139,7 +139,7 @@ async fn a_raise_without_enough_samples_is_refused_and_a_forced_one_recorded() {
 
     let (status, refused) = set(
         &p,
-        "set_status",
+        "top_referrers",
         r#"{"stage": "cutover", "percent": 10, "reason": "first step"}"#,
         Some(TOKEN),
     )
@@ -151,11 +151,11 @@ async fn a_raise_without_enough_samples_is_refused_and_a_forced_one_recorded() {
         "{why}"
     );
     // (the change to shadow reaches this replica's state through the feed, not at once)
-    until(&p, |s| stage_of(s, "set_status").0 == "shadow").await;
+    until(&p, |s| stage_of(s, "top_referrers").0 == "shadow").await;
 
     let (status, forced) = set(
         &p,
-        "set_status",
+        "top_referrers",
         r#"{"stage": "cutover", "percent": 10, "reason": "load test window", "force": true}"#,
         Some(TOKEN),
     )
@@ -163,7 +163,7 @@ async fn a_raise_without_enough_samples_is_refused_and_a_forced_one_recorded() {
     assert_eq!(status, 200, "{forced}");
     assert_eq!(forced["forced"], true);
     until(&p, |s| {
-        stage_of(s, "set_status") == ("cutover".into(), 10, "live".into())
+        stage_of(s, "top_referrers") == ("cutover".into(), 10, "live".into())
     })
     .await;
     assert_eq!(history(&p).await[0]["forced"], true);
@@ -172,13 +172,13 @@ async fn a_raise_without_enough_samples_is_refused_and_a_forced_one_recorded() {
     assert!(
         p.metrics()
             .await
-            .contains(r#"cutover_stage_percent{query_type="set_status"}"#)
+            .contains(r#"cutover_stage_percent{query_type="top_referrers"}"#)
     );
 
     // Stepping back needs no evidence.
     let (status, back) = set(
         &p,
-        "set_status",
+        "top_referrers",
         r#"{"stage": "shadow", "reason": "roll back"}"#,
         Some(TOKEN),
     )
@@ -308,7 +308,7 @@ async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
     assert!(out.contains("control database: connected"), "{out}");
     assert!(
         out.lines()
-            .any(|l| l.starts_with("record_deposit") && l.contains("legacy")),
+            .any(|l| l.starts_with("count_active") && l.contains("legacy")),
         "{out}"
     );
 
@@ -316,21 +316,21 @@ async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
         &p,
         &[
             "set",
-            "record_deposit",
+            "count_active",
             "shadow",
             "--reason",
-            "compare deposits",
+            "compare active counts",
         ],
         Some(TOKEN),
     )
     .await;
     assert_eq!(code, 0, "{out}");
-    assert_eq!(out.trim(), "record_deposit: legacy → shadow");
+    assert_eq!(out.trim(), "count_active: legacy → shadow");
 
     // Refused by the gate: exit 1 with the numbers; forced: recorded.
     let (code, out) = ctl(
         &p,
-        &["set", "record_deposit", "cutover", "10", "--reason", "ramp"],
+        &["set", "count_active", "cutover", "10", "--reason", "ramp"],
         Some(TOKEN),
     )
     .await;
@@ -343,7 +343,7 @@ async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
         &p,
         &[
             "set",
-            "record_deposit",
+            "count_active",
             "cutover",
             "10",
             "--reason",
@@ -362,7 +362,7 @@ async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
     // Without the token: a clear error, exit 2.
     let (code, out) = ctl(
         &p,
-        &["set", "record_deposit", "shadow", "--reason", "x"],
+        &["set", "count_active", "shadow", "--reason", "x"],
         None,
     )
     .await;
@@ -373,7 +373,7 @@ async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
     assert_eq!(code, 0, "{out}");
     let lines: Vec<&str> = out.lines().collect();
     assert!(
-        lines[1].contains("record_deposit")
+        lines[1].contains("count_active")
             && lines[1].contains("shadow → cutover 10%")
             && lines[1].contains("[FORCED]"),
         "{out}"
@@ -558,7 +558,7 @@ async fn the_sql_console_works_from_psql() {
     );
     assert!(
         out.lines()
-            .any(|l| l.starts_with("set_status|legacy|0|isolated|live|")),
+            .any(|l| l.starts_with("top_referrers|legacy|0|isolated|live|")),
         "{out}"
     );
 
@@ -566,18 +566,18 @@ async fn the_sql_console_works_from_psql() {
         &p,
         "ops",
         TOKEN,
-        "SET STAGE set_status shadow REASON 'from psql'",
+        "SET STAGE top_referrers shadow REASON 'from psql'",
     )
     .await;
     assert!(ok && out.contains("SET STAGE"), "{out}");
-    until(&p, |s| stage_of(s, "set_status").0 == "shadow").await;
+    until(&p, |s| stage_of(s, "top_referrers").0 == "shadow").await;
 
     // The gate answers in SQLSTATE terms; FORCE goes past it, recorded.
     let (ok, out) = console(
         &p,
         "ops",
         TOKEN,
-        "SET STAGE set_status cutover 20 REASON 'ramp'",
+        "SET STAGE top_referrers cutover 20 REASON 'ramp'",
     )
     .await;
     assert!(!ok && out.contains("0 compared samples"), "{out}");
@@ -585,7 +585,7 @@ async fn the_sql_console_works_from_psql() {
         &p,
         "ops",
         TOKEN,
-        "set stage set_status cutover 20 reason 'ramp, it''s fine' force;",
+        "set stage top_referrers cutover 20 reason 'ramp, it''s fine' force;",
     )
     .await;
     assert!(ok, "{out}");
@@ -593,7 +593,7 @@ async fn the_sql_console_works_from_psql() {
     assert!(ok, "{out}");
     let newest = out.lines().nth(1).unwrap();
     assert!(
-        newest.contains("|set_status|shadow|cutover 20%|ops|sql|ramp, it's fine|true"),
+        newest.contains("|top_referrers|shadow|cutover 20%|ops|sql|ramp, it's fine|true"),
         "{out}"
     );
 
@@ -698,4 +698,35 @@ async fn a_query_type_that_starts_diverging_is_ramped_down_by_itself() {
             .contains(r#"cutover_auto_rampdowns_total{query_type="network_size"}"#)
     );
     p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_type_moves_on_a_clean_verify_not_on_samples() {
+    let db = support::tree_db(100).await;
+    let p = replica(&db).await;
+    until(&p, |s| s["control_connected"] == true).await;
+    let (status, body) = set(
+        &p,
+        "set_status",
+        r#"{"stage": "shadow", "reason": "dual-write on"}"#,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let raise = r#"{"stage": "target", "reason": "writes v2-first"}"#;
+    let (status, body) = set(&p, "set_status", raise, Some(TOKEN)).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("cutover verify"),
+        "{body}"
+    );
+    // A clean verify opens the gate for writes (and is what the report shows).
+    let (code, out) =
+        tokio::task::spawn_blocking(move || support::cutover_on(&db, "verify", &[], &[]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let (status, body) = set(&p, "set_status", raise, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["forced"], false);
 }

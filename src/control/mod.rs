@@ -342,6 +342,9 @@ pub struct Change {
     pub who: String,
     pub via: &'static str,
     pub force: bool,
+    /// The query type writes: the shadow does not compare writes, so its gate is a clean
+    /// `cutover verify` in the gate's window instead of compared samples.
+    pub writes: bool,
 }
 
 /// The safety gate's bar (design.md): in the current window, this many compared samples
@@ -377,6 +380,10 @@ pub enum ChangeError {
         rate: String,
         bar: f64,
     },
+    #[error(
+        "refused by the safety gate: a write type moves on the evidence of a clean `cutover verify` in the last hour, and {last}; run it, or force with a reason if you must"
+    )]
+    WriteGate { last: String },
     #[error(transparent)]
     Database(#[from] tokio_postgres::Error),
 }
@@ -405,6 +412,7 @@ pub async fn request_change(
     let database = control.database().ok_or(ChangeError::NoControlDatabase)?;
     let mut client = crate::connect::connect(database).await?;
     let change = Change {
+        writes: rules.writes(&query_type).unwrap_or(false),
         query_type,
         stage,
         reason,
@@ -453,7 +461,30 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
         });
     }
     let raise = served_by_target(change.stage) > from.map_or(0, served_by_target);
-    if raise && !change.force {
+    if raise && !change.force && change.writes {
+        let last = tx
+            .query_opt(
+                &format!(
+                    "SELECT ok, to_char(ran_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') FROM cutover.verify_runs
+                     WHERE ran_at >= now() - interval '{GATE_WINDOW}' ORDER BY ran_at DESC LIMIT 1"
+                ),
+                &[],
+            )
+            .await?;
+        match last.map(|r| (r.get::<_, bool>(0), r.get::<_, String>(1))) {
+            Some((true, _)) => {}
+            Some((false, at)) => {
+                return Err(ChangeError::WriteGate {
+                    last: format!("the last one ({at} UTC) found drift"),
+                });
+            }
+            None => {
+                return Err(ChangeError::WriteGate {
+                    last: "there was none".into(),
+                });
+            }
+        }
+    } else if raise && !change.force {
         let (samples, matched) = window_samples(&tx, &change.query_type).await?;
         let rate = if samples > 0 {
             matched as f64 / samples as f64
@@ -588,6 +619,8 @@ pub async fn ramp_down(client: &mut Client, bar: RampDown) -> Result<Vec<Changed
             who: "auto".into(),
             via: "auto",
             force: false,
+            // A step back: no gate.
+            writes: false,
         };
         // Another replica may have done it already: the stage is read again under lock.
         let still = client

@@ -254,19 +254,14 @@ fn percentile(hist: &[i64], p: f64) -> Option<f64> {
     None
 }
 
-const WRITES_BY_VERIFY: &str = "a clean `cutover verify` (writes are not compared by the shadow); raise with --force, citing it";
+const WRITES_BY_VERIFY: &str =
+    "a clean `cutover verify` in the last hour (writes are not compared by the shadow)";
 
 /// Whether a query type reads or writes, from its rule's example statement.
 fn kind_of(rules: Option<&RuleSet>, query_type: &str) -> &'static str {
-    let Some(example) = rules
-        .and_then(|r| r.named(query_type))
-        .and_then(|q| q.example_sql.as_deref())
-    else {
-        return "unknown";
-    };
-    match crate::classify::fingerprint::parse(example).ok().as_deref() {
-        Some([sqlparser::ast::Statement::Query(_)]) => "read",
-        Some(_) => "write",
+    match rules.and_then(|r| r.writes(query_type)) {
+        Some(true) => "write",
+        Some(false) => "read",
         None => "unknown",
     }
 }
@@ -331,6 +326,17 @@ pub async fn gather(
         )
         .await?;
     let step = (secs / TREND_POINTS as f64).max(60.0);
+    let verified_recently = client
+        .query_opt(
+            &format!(
+                "SELECT ok FROM cutover.verify_runs
+                 WHERE ran_at >= now() - interval '{}' ORDER BY ran_at DESC LIMIT 1",
+                crate::control::GATE_WINDOW
+            ),
+            &[],
+        )
+        .await?
+        .is_some_and(|r| r.get::<_, bool>(0));
     let mut query_types = Vec::new();
     let (mut all_samples, mut all_agree, mut all_timed, mut all_l, mut all_t) = (0, 0, 0, 0, 0);
     for r in rows {
@@ -382,8 +388,14 @@ pub async fn gather(
         let expected = expected(client, rules, &query_type, from).await?;
         let kind = kind_of(rules, &query_type);
         let mut verdict = verdict(&stage, percent, samples, match_rate);
-        if kind == "write" && !verdict.ready && verdict.next.is_some() {
-            verdict.missing = vec![WRITES_BY_VERIFY.to_owned()];
+        if kind == "write" && stage != "legacy" && verdict.next.is_some() {
+            // The gate of a write type: a clean verify in the gate's window.
+            verdict.ready = verified_recently;
+            verdict.missing = if verified_recently {
+                Vec::new()
+            } else {
+                vec![WRITES_BY_VERIFY.to_owned()]
+            };
         }
         query_types.push(QueryTypeReport {
             kind,

@@ -144,7 +144,7 @@ pub const EN: Text = Text {
     no_samples: "no comparisons yet",
     match_rate_chart: "match rate (%)",
     latency_chart: "mean latency (ms): legacy solid, target dashed",
-    writes_by_verify: "writes are not compared by the shadow: `cutover verify` is their evidence (a clean run), and they move to `target` with --force and that run as the reason",
+    writes_by_verify: "needs a clean `cutover verify` in the last hour (writes are not compared by the shadow: verify is their evidence)",
     outcome_names: [
         "matched",
         "expected (reviewed)",
@@ -213,7 +213,7 @@ pub const PT_BR: Text = Text {
     no_samples: "ainda sem comparações",
     match_rate_chart: "taxa de correspondência (%)",
     latency_chart: "latência média (ms): legado contínua, alvo tracejada",
-    writes_by_verify: "escritas não são comparadas pelo shadow: a evidência é o `cutover verify` (uma execução sem divergências); passam a `target` com --force citando essa execução",
+    writes_by_verify: "falta um `cutover verify` sem divergências na última hora (escritas não são comparadas pelo shadow: o verify é a evidência delas)",
     outcome_names: [
         "correspondências",
         "esperadas (revisadas)",

@@ -299,6 +299,17 @@ pub struct RuleSet {
 
 impl RuleSet {
     /// The query type a fingerprint belongs to, if a rule names it.
+    /// Whether the named query type `name` writes (its example statement is not a single
+    /// query); `None` when no rule names it or it has no example.
+    pub fn writes(&self, name: &str) -> Option<bool> {
+        let example = self.named(name)?.example_sql.as_deref()?;
+        let statements = crate::classify::fingerprint::parse(example).ok()?;
+        Some(!matches!(
+            statements.as_slice(),
+            [sqlparser::ast::Statement::Query(_)]
+        ))
+    }
+
     /// The named query type called `name`.
     pub fn named(&self, name: &str) -> Option<&QueryType> {
         self.query_types.iter().find(|q| q.name == name)
