@@ -995,8 +995,11 @@ async fn serializable_writers_do_not_conflict_over_the_mirror() {
     let db = tree_db(2000).await;
     set_stage(&db.client().await, "record_deposit", "shadow").await;
     let mirrored = serializable_failures(&p, &db).await;
+    // With the queue in a shared table, 70% failed. Now a loaded 2-core machine sees up to
+    // ~10% more than without dual-write (the sync's reads of v2 neighbours under SSI); quiet,
+    // about 1%. The bar catches a return of the shared-table kind of conflict.
     assert!(
-        mirrored <= 2 * baseline + 24,
+        mirrored <= baseline + 72,
         "{mirrored} of 480 serializable transactions failed with dual-write on, {baseline} without"
     );
     assert_verify_clean(&db);
