@@ -996,7 +996,7 @@ async fn serializable_writers_do_not_conflict_over_the_mirror() {
     set_stage(&db.client().await, "record_deposit", "shadow").await;
     let mirrored = serializable_failures(&p, &db).await;
     // With the queue in a shared table, 70% failed. Now a loaded 2-core machine sees up to
-    // ~10% more than without dual-write (the sync's reads of v2 neighbours under SSI); quiet,
+    // ~10% more than without dual-write (why is not measured yet; see the notes); quiet,
     // about 1%. The bar catches a return of the shared-table kind of conflict.
     assert!(
         mirrored <= baseline + 72,
