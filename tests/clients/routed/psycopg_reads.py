@@ -28,6 +28,22 @@ with psycopg.connect(sys.argv[1], prepare_threshold=1, autocommit=True) as conn:
             out.append(["children", conn.execute(CHILDREN, (i,)).fetchall()])
             out.append(["network", conn.execute(NETWORK, (i, 3)).fetchall()])
         out.append(["active", conn.execute(ACTIVE).fetchall()])
+    # Pipeline mode: many Parse/Bind/Execute before one Sync, the proxy's own messages
+    # in between.
+    with conn.pipeline():
+        curs = [conn.execute(BY_ID, (i,)) for i in range(41, 61)]
+        curs += [conn.execute(CHILDREN, (i,)) for i in range(41, 61)]
+    for cur in curs:
+        out.append(["pipelined", cur.fetchall()])
+    # An error inside a pipeline: the rest up to the Sync is skipped, as the server does.
+    try:
+        with conn.pipeline():
+            conn.execute(BY_ID, (5,))
+            conn.execute("SELECT 1/0")
+            conn.execute(BY_ID, (6,))
+    except psycopg.errors.DivisionByZero as e:
+        out.append(["pipeline error", e.sqlstate])
+    out.append(["after the error", conn.execute(BY_ID, (7,)).fetchall()])
     # Binary results too.
     cur = conn.cursor(binary=True)
     for i in range(1, 11):
