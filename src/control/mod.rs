@@ -85,6 +85,30 @@ pub struct QueryTypeState {
 #[derive(Debug, Default)]
 pub struct LiveState {
     pub by_type: HashMap<String, QueryTypeState>,
+    /// The stage of each query type, parsed once per load (sessions read it per statement).
+    stages: HashMap<String, Stage>,
+}
+
+impl LiveState {
+    pub fn new(states: Vec<QueryTypeState>) -> Self {
+        let stages = states
+            .iter()
+            .filter_map(|s| {
+                let stage = stage_of(&s.stage, Some(i64::from(s.percent))).ok()?;
+                Some((s.query_type.clone(), stage))
+            })
+            .collect();
+        let by_type = states
+            .into_iter()
+            .map(|s| (s.query_type.clone(), s))
+            .collect();
+        Self { by_type, stages }
+    }
+
+    /// A query type's live stage, if the live state has one that parses.
+    pub fn stage(&self, query_type: &str) -> Option<Stage> {
+        self.stages.get(query_type).copied()
+    }
 }
 
 /// The control plane of one proxy.
@@ -131,6 +155,12 @@ impl Control {
     /// The last state loaded (empty before the first load, or without a control database).
     pub fn live(&self) -> Arc<LiveState> {
         self.live.load_full()
+    }
+
+    /// A query type's live stage (`None`: the live state has none; the rules' applies). On
+    /// every statement's path: no reference count is taken.
+    pub fn stage(&self, query_type: &str) -> Option<Stage> {
+        self.live.load().stage(query_type)
     }
 
     /// Whether the change feed is connected now.
@@ -272,12 +302,8 @@ impl Control {
     }
 
     async fn reload(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
-        let by_type = load(client)
-            .await?
-            .into_iter()
-            .map(|s| (s.query_type.clone(), s))
-            .collect();
-        self.live.store(Arc::new(LiveState { by_type }));
+        self.live
+            .store(Arc::new(LiveState::new(load(client).await?)));
         self.publish();
         Ok(())
     }

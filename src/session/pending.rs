@@ -16,10 +16,12 @@
 use std::{
     collections::VecDeque,
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
 };
+
+use crate::wire::messages::{self, backend};
 
 /// How legacy describes each column: table OID, attribute number, type modifier.
 pub type Described = Arc<[(u32, i16, i32)]>;
@@ -194,6 +196,78 @@ mod tests {
         assert_eq!(p.row_description(), Some(legacy));
         p.ready();
         assert!(p.queue.is_empty());
+    }
+}
+
+/// What the two directions of one session's relay share: the answers the server owes, the
+/// session's unsettled writes, and whether routing prepared statements is still safe.
+#[derive(Debug, Default)]
+pub struct Flow {
+    answers: Mutex<Pending>,
+    writes: Writes,
+    /// A target variant the proxy prepared failed: this session routes no more prepared
+    /// statements (the client saw the error).
+    routing_broken: AtomicBool,
+}
+
+impl Flow {
+    /// A message whose answer matters is being sent; a Sync or a Query also ends a batch.
+    pub fn expect(&self, awaited: Awaited) {
+        if matches!(awaited, Awaited::Sync | Awaited::Query { .. }) {
+            self.writes.batch_sent();
+        }
+        self.answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(awaited);
+    }
+
+    /// A write statement is being sent.
+    pub fn write_sent(&self) {
+        self.writes.write_sent();
+    }
+
+    /// A write has been sent whose transaction has not been seen to end.
+    pub fn unsettled(&self) -> bool {
+        self.writes.unsettled()
+    }
+
+    pub fn routing_broken(&self) -> bool {
+        self.routing_broken.load(Relaxed)
+    }
+
+    /// Where a server message (`tag`, whole `body` for the kinds the relay inspects) stands
+    /// in the answers the server owes.
+    pub fn answer(&self, tag: u8, body: &[u8]) -> Answer {
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        match tag {
+            backend::ROW_DESCRIPTION => answers
+                .row_description()
+                .and_then(|legacy| messages::described_as(body, &legacy))
+                .map_or(Answer::Forward, Answer::Described),
+            backend::NO_DATA => {
+                answers.no_data();
+                Answer::Forward
+            }
+            backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => answers.complete(),
+            backend::ERROR_RESPONSE => {
+                let answer = answers.error();
+                if answer == Answer::InjectedFailed {
+                    self.routing_broken.store(true, Relaxed);
+                    tracing::warn!(
+                        "a target statement the proxy prepared failed; this session's prepared statements stay on legacy"
+                    );
+                }
+                answer
+            }
+            backend::READY_FOR_QUERY => {
+                answers.ready();
+                self.writes
+                    .ready(messages::ready_status(body).unwrap_or(b'I'));
+                Answer::Forward
+            }
+            _ => Answer::Forward,
+        }
     }
 }
 

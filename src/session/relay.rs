@@ -8,10 +8,7 @@
 //! write. Frames are forwarded byte for byte, except during startup: the server's
 //! BackendKeyData (replaced by the proxy's key) and SASL mechanism list (no `-PLUS`).
 
-use std::sync::{
-    Mutex,
-    atomic::{AtomicBool, Ordering::Relaxed},
-};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -19,7 +16,7 @@ use tokio_postgres::error::SqlState;
 
 use super::{
     Shared,
-    pending::{Answer, Pending, Writes},
+    pending::{Answer, Flow},
     statements::{MAX_INSPECTED_BIND, Statements},
 };
 use crate::{
@@ -105,21 +102,12 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
         // Whether the client has been sent only whole frames, so that a proxy-made error
         // can be written to it without cutting a frame in two.
         let client_at_boundary = AtomicBool::new(true);
-        let pending = Mutex::new(Pending::default());
-        let routing_broken = AtomicBool::new(false);
-        let writes = Writes::default();
+        let flow = Flow::default();
         let mut to_upstream = ClientToServer {
             shared,
             buf: BytesMut::with_capacity(READ_CHUNK),
             streaming: 0,
-            statements: Statements::new(
-                shared,
-                self.shadow,
-                self.id,
-                &pending,
-                &routing_broken,
-                &writes,
-            ),
+            statements: Statements::new(shared, self.shadow, self.id, &flow),
         };
         let mut to_client = ServerToClient {
             shared,
@@ -129,9 +117,7 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
             last_was_fatal: false,
             key_guard: None,
             at_boundary: &client_at_boundary,
-            pending: &pending,
-            routing_broken: &routing_broken,
-            writes: &writes,
+            flow: &flow,
         };
 
         let end = tokio::select! {
@@ -179,7 +165,31 @@ struct ClientToServer<'s> {
     statements: Statements<'s>,
 }
 
+/// The upstream is gone. Give the other direction a moment to relay what the server said
+/// before closing (a FATAL error, usually).
+async fn upstream_gone() -> End {
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    End::UpstreamClosed
+}
+
 impl ClientToServer<'_> {
+    /// Sends the `ready` bytes before a message, then `frames` in place of the message
+    /// (`total` bytes, dropped); false if the upstream is gone.
+    async fn replace<W: AsyncWrite + Unpin>(
+        &mut self,
+        upstream: &mut W,
+        ready: usize,
+        total: usize,
+        frames: &[u8],
+    ) -> bool {
+        let written = upstream.write_all(&self.buf[..ready]).await.is_ok()
+            && upstream.write_all(frames).await.is_ok();
+        if written {
+            self.buf.advance(ready + total);
+        }
+        written
+    }
+
     async fn run<R, W>(&mut self, client: &mut R, upstream: &mut W) -> End
     where
         R: AsyncRead + Unpin,
@@ -231,14 +241,9 @@ impl ClientToServer<'_> {
                         match replacement {
                             None => ready += header.total,
                             Some(frame) => {
-                                // What came before, then the tagged message in its place.
-                                let written = upstream.write_all(&self.buf[..ready]).await.is_ok()
-                                    && upstream.write_all(&frame).await.is_ok();
-                                if !written {
-                                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                                    return End::UpstreamClosed;
+                                if !self.replace(upstream, ready, header.total, &frame).await {
+                                    return upstream_gone().await;
                                 }
-                                self.buf.advance(ready + header.total);
                                 ready = 0;
                             }
                         }
@@ -255,27 +260,23 @@ impl ClientToServer<'_> {
                             }
                             let names = &self.buf[ready + 5..ready + prefix];
                             if let Some((portal, statement)) = messages::bind_names(names) {
-                                let whole = header.total <= MAX_INSPECTED_BIND
-                                    && self.statements.bind_needs_whole(statement);
-                                if whole && available < header.total {
+                                let whole = if header.total <= MAX_INSPECTED_BIND {
+                                    self.statements.bind_needs_whole(statement)
+                                } else {
+                                    None
+                                };
+                                if whole.is_some() && available < header.total {
                                     self.buf.reserve(header.total - available);
                                     break;
                                 }
-                                let body =
-                                    whole.then(|| &self.buf[ready + 5..ready + header.total]);
-                                let (portal, statement) = (portal.to_vec(), statement.to_vec());
-                                if let Some(frames) =
-                                    self.statements.bind(&portal, &statement, body)
+                                let whole = whole.map(|stage| {
+                                    (&self.buf[ready + 5..ready + header.total], stage)
+                                });
+                                if let Some(frames) = self.statements.bind(portal, statement, whole)
                                 {
-                                    // What came before, then the Bind as routed.
-                                    let written =
-                                        upstream.write_all(&self.buf[..ready]).await.is_ok()
-                                            && upstream.write_all(&frames).await.is_ok();
-                                    if !written {
-                                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                                        return End::UpstreamClosed;
+                                    if !self.replace(upstream, ready, header.total, &frames).await {
+                                        return upstream_gone().await;
                                     }
-                                    self.buf.advance(ready + header.total);
                                     ready = 0;
                                     continue;
                                 }
@@ -293,10 +294,7 @@ impl ClientToServer<'_> {
             }
             if ready > 0 {
                 if upstream.write_all(&self.buf[..ready]).await.is_err() {
-                    // The upstream is gone. Give the other direction a moment to relay
-                    // what the server said before closing (a FATAL error, usually).
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    return End::UpstreamClosed;
+                    return upstream_gone().await;
                 }
                 self.buf.advance(ready);
             }
@@ -319,9 +317,8 @@ struct ServerToClient<'s> {
     last_was_fatal: bool,
     key_guard: Option<KeyGuard>,
     at_boundary: &'s AtomicBool,
-    pending: &'s Mutex<Pending>,
-    routing_broken: &'s AtomicBool,
-    writes: &'s Writes,
+    /// Shared with the client side (see [`Flow`]).
+    flow: &'s Flow,
 }
 
 /// What to do with an inspected server frame.
@@ -383,7 +380,7 @@ impl ServerToClient<'_> {
                             break;
                         }
                         let body = &self.buf[ready + 5..ready + header.total];
-                        let action = match self.answer(header.tag, body) {
+                        let action = match self.flow.answer(header.tag, body) {
                             Answer::Swallow => Action::Replace(Bytes::new()),
                             Answer::Described(frame) => Action::Replace(frame),
                             Answer::InjectedFailed | Answer::Forward => inspect_server_frame(
@@ -424,39 +421,6 @@ impl ServerToClient<'_> {
             }
             release_if_large(&mut self.buf);
             self.at_boundary.store(self.streaming == 0, Relaxed);
-        }
-    }
-
-    /// Where a server message stands in the answers the server owes (see [`Pending`]).
-    fn answer(&self, tag: u8, body: &[u8]) -> Answer {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        match tag {
-            backend::ROW_DESCRIPTION => pending
-                .row_description()
-                .and_then(|legacy| messages::described_as(body, &legacy))
-                .map_or(Answer::Forward, Answer::Described),
-            backend::NO_DATA => {
-                pending.no_data();
-                Answer::Forward
-            }
-            backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => pending.complete(),
-            backend::ERROR_RESPONSE => {
-                let answer = pending.error();
-                if answer == Answer::InjectedFailed {
-                    self.routing_broken.store(true, Relaxed);
-                    tracing::warn!(
-                        "a target statement the proxy prepared failed; this session's prepared statements stay on legacy"
-                    );
-                }
-                answer
-            }
-            backend::READY_FOR_QUERY => {
-                pending.ready();
-                self.writes
-                    .ready(messages::ready_status(body).unwrap_or(b'I'));
-                Answer::Forward
-            }
-            _ => Answer::Forward,
         }
     }
 

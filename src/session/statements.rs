@@ -13,23 +13,16 @@
 //! - writes go to the target from stage `target` on (all of them: mixing v2-first and
 //!   legacy-first writes of one type could deadlock), reads by bucket from `cutover N%` on.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering::Relaxed},
-    },
-};
+use std::{collections::HashMap, sync::Arc};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{
     Shared,
-    pending::{Awaited, Described, Pending, Writes},
+    pending::{Awaited, Described, Flow},
 };
 use crate::{
     classify::{BucketKey, Classification, Typed},
-    control::stage_of,
     metrics::Served,
     rewrite::Rewrite,
     route::{self, Side, check::Check},
@@ -55,12 +48,9 @@ pub struct Statements<'s> {
     shadow: Option<&'s Shadow>,
     /// The session's bucketing key when the rule names none.
     session_key: String,
-    pending: &'s Mutex<Pending>,
-    /// A target variant the proxy prepared failed: this session routes no more prepared
-    /// statements (the client saw the error).
-    routing_broken: &'s AtomicBool,
-    /// Writes whose transaction has not ended: reads stay on legacy meanwhile.
-    writes: &'s Writes,
+    /// Shared with the server side: the answers owed, unsettled writes (reads stay on
+    /// legacy meanwhile), whether routing broke.
+    flow: &'s Flow,
     statements: HashMap<Box<[u8]>, Prepared>,
     portals: HashMap<Box<[u8]>, Portal>,
 }
@@ -80,9 +70,22 @@ struct Source {
     sql: Arc<str>,
     param_types: Arc<[u32]>,
     rules: Arc<RuleSet>,
+    /// Its route check's key, made the first time it is needed (then once per statement,
+    /// not once per execution).
+    check_key: std::sync::OnceLock<String>,
 }
 
 impl Source {
+    /// A prepared statement's route check: per rules, declared parameter types and SQL text.
+    fn check_key(&self) -> &str {
+        self.check_key.get_or_init(|| {
+            format!(
+                "p:{}:{:?}:{}",
+                self.rules.version, self.param_types, self.sql
+            )
+        })
+    }
+
     fn typed(&self) -> &Typed {
         match &*self.classification {
             Classification::Typed(t) => t,
@@ -105,14 +108,6 @@ fn may_route(stage: Stage) -> bool {
     !matches!(stage, Stage::Legacy | Stage::Shadow)
 }
 
-/// A prepared statement's route check: per rules, declared parameter types and SQL text.
-fn prepared_check_key(source: &Source) -> String {
-    format!(
-        "p:{}:{:?}:{}",
-        source.rules.version, source.param_types, source.sql
-    )
-}
-
 struct Portal {
     served: Served,
     side: Side,
@@ -127,36 +122,21 @@ impl<'s> Statements<'s> {
         shared: &'s Shared,
         shadow: Option<&'s Shadow>,
         session_id: u32,
-        pending: &'s Mutex<Pending>,
-        routing_broken: &'s AtomicBool,
-        writes: &'s Writes,
+        flow: &'s Flow,
     ) -> Self {
         Self {
             shared,
             shadow,
             session_key: format!("session:{session_id}"),
-            pending,
-            routing_broken,
-            writes,
+            flow,
             statements: HashMap::new(),
             portals: HashMap::new(),
         }
     }
 
-    fn await_answer(&self, awaited: Awaited) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(awaited);
-    }
-
     /// The live stage of a query type (the rules' when the live state has none).
     fn stage(&self, t: &Typed) -> Stage {
-        let live = self.shared.control.live();
-        live.by_type
-            .get(&t.query_type)
-            .and_then(|s| stage_of(&s.stage, Some(i64::from(s.percent))).ok())
-            .unwrap_or(t.stage)
+        self.shared.control.stage(&t.query_type).unwrap_or(t.stage)
     }
 
     /// Which side serves an execution of `t` in `stage` whose key is `key` (`None`: the
@@ -172,7 +152,7 @@ impl<'s> Statements<'s> {
             };
         }
         // v2 receives this transaction's legacy writes at its COMMIT: until then, legacy.
-        if self.writes.unsettled() {
+        if self.flow.unsettled() {
             return Side::Legacy;
         }
         let bucket = route::bucket(key.unwrap_or(self.session_key.as_bytes()));
@@ -236,8 +216,7 @@ impl<'s> Statements<'s> {
                     Some((frame, described)) => (Some(frame), described),
                     None => (None, None),
                 };
-                self.await_answer(Awaited::Query { described });
-                self.writes.batch_sent();
+                self.flow.expect(Awaited::Query { described });
                 return replacement;
             }
             frontend::DESCRIBE => {
@@ -247,10 +226,10 @@ impl<'s> Statements<'s> {
                     }
                     _ => None,
                 };
-                self.await_answer(Awaited::Describe { described });
+                self.flow.expect(Awaited::Describe { described });
             }
             frontend::PARSE => {
-                self.await_answer(Awaited::Parse { injected: false });
+                self.flow.expect(Awaited::Parse { injected: false });
                 return self.parse(body);
             }
             frontend::EXECUTE => {
@@ -266,7 +245,7 @@ impl<'s> Statements<'s> {
                 }
             }
             frontend::CLOSE => {
-                self.await_answer(Awaited::Close { injected: false });
+                self.flow.expect(Awaited::Close { injected: false });
                 if let Some((kind, name)) = messages::close_target(body) {
                     if kind == b'S' {
                         self.statements.remove(name);
@@ -275,14 +254,8 @@ impl<'s> Statements<'s> {
                     }
                 }
             }
-            frontend::SYNC => {
-                self.await_answer(Awaited::Sync);
-                self.writes.batch_sent();
-            }
-            frontend::FUNCTION_CALL => {
-                self.await_answer(Awaited::Query { described: None });
-                self.writes.batch_sent();
-            }
+            frontend::SYNC => self.flow.expect(Awaited::Sync),
+            frontend::FUNCTION_CALL => self.flow.expect(Awaited::Query { described: None }),
             _ => {}
         }
         None
@@ -303,7 +276,7 @@ impl<'s> Statements<'s> {
         };
         let stage = self.stage(t);
         if t.write_tag.is_some() {
-            self.writes.write_sent();
+            self.flow.write_sent();
         }
         let text = std::str::from_utf8(sql).ok()?;
         if self.compared(t, stage)
@@ -368,6 +341,7 @@ impl<'s> Statements<'s> {
                 sql: std::str::from_utf8(sql).ok()?.into(),
                 param_types: messages::parse_param_types(body)?.into(),
                 rules: Arc::clone(self.shared.classifier.load().rules_arc()),
+                check_key: std::sync::OnceLock::new(),
             }))
         });
         if let Some(source) = &typed {
@@ -376,12 +350,7 @@ impl<'s> Statements<'s> {
                 && may_route(self.stage(t))
             {
                 // Asked for now, so that it is in by the first Bind.
-                let _ = self.checked(
-                    &prepared_check_key(source),
-                    &source.sql,
-                    target,
-                    &source.param_types,
-                );
+                let _ = self.checked(source.check_key(), &source.sql, target, &source.param_types);
             }
         }
         let write_tag = typed.as_ref().and_then(|s| s.typed().write_tag.clone());
@@ -398,19 +367,25 @@ impl<'s> Statements<'s> {
 
     /// Whether a Bind of prepared statement `name` must be read whole: its executions may be
     /// routed to the target now, or compared.
-    pub fn bind_needs_whole(&self, name: &[u8]) -> bool {
-        let Some(source) = self.statements.get(name).and_then(|p| p.typed.as_ref()) else {
-            return false;
-        };
+    /// The live stage, when it does (so that the Bind does not look it up again).
+    pub fn bind_needs_whole(&self, name: &[u8]) -> Option<Stage> {
+        let source = self.statements.get(name)?.typed.as_ref()?;
         let t = source.typed();
         let stage = self.stage(t);
-        (matches!(t.route, Rewrite::Target(_)) && may_route(stage)) || self.compared(t, stage)
+        ((matches!(t.route, Rewrite::Target(_)) && may_route(stage)) || self.compared(t, stage))
+            .then_some(stage)
     }
 
     /// A Bind: its portal executes what `statement` was parsed as, on the side its key
-    /// decides. `body` is the whole message when [`Self::bind_needs_whole`] said so.
-    /// Returns what to send instead of the Bind, if anything.
-    pub fn bind(&mut self, portal: &[u8], statement: &[u8], body: Option<&[u8]>) -> Option<Bytes> {
+    /// decides. `whole` is the whole message and the stage when
+    /// [`Self::bind_needs_whole`] said so. Returns what to send instead of the Bind, if
+    /// anything.
+    pub fn bind(
+        &mut self,
+        portal: &[u8],
+        statement: &[u8],
+        whole: Option<(&[u8], Stage)>,
+    ) -> Option<Bytes> {
         let Some(prepared) = self.statements.get(statement) else {
             let passthrough = self.shared.metrics.queries.passthrough.clone();
             self.portals.insert(
@@ -433,9 +408,9 @@ impl<'s> Statements<'s> {
             .as_ref()
             .is_some_and(|s| s.typed().write_tag.is_some())
         {
-            self.writes.write_sent();
+            self.flow.write_sent();
         }
-        let (Some(source), Some(body)) = (prepared.typed.clone(), body) else {
+        let (Some(source), Some((body, stage))) = (prepared.typed.clone(), whole) else {
             self.portals.insert(
                 portal.into(),
                 Portal {
@@ -448,7 +423,6 @@ impl<'s> Statements<'s> {
             return None;
         };
         let t = source.typed();
-        let stage = self.stage(t);
         let params = messages::bind_params(body);
         let job = params
             .as_ref()
@@ -476,7 +450,7 @@ impl<'s> Statements<'s> {
         };
         let wanted = self.side(t, stage, key.as_deref());
         let replacement = match (wanted, &t.route) {
-            (Side::Target, Rewrite::Target(target)) if !self.routing_broken.load(Relaxed) => {
+            (Side::Target, Rewrite::Target(target)) if !self.flow.routing_broken() => {
                 self.bind_to_target(statement, &source, target, portal, body)
             }
             _ => None,
@@ -510,12 +484,7 @@ impl<'s> Statements<'s> {
         let Some(Check::Ready {
             param_types,
             columns,
-        }) = self.checked(
-            &prepared_check_key(source),
-            &source.sql,
-            target,
-            &source.param_types,
-        )
+        }) = self.checked(source.check_key(), &source.sql, target, &source.param_types)
         else {
             return None;
         };
@@ -531,8 +500,8 @@ impl<'s> Statements<'s> {
                 &format!("{target}{tag}"),
                 &param_types,
             ));
-            self.await_answer(Awaited::Close { injected: true });
-            self.await_answer(Awaited::Parse { injected: true });
+            self.flow.expect(Awaited::Close { injected: true });
+            self.flow.expect(Awaited::Parse { injected: true });
         }
         // Bind: portal, the variant's name, then the client's formats and values as sent.
         let rest = &body[portal.len() + 1 + statement.len() + 1..];
