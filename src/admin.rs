@@ -167,6 +167,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A connection to the control database for one request, or why there is none.
+async fn control_client(shared: &Shared) -> Result<tokio_postgres::Client, String> {
+    let database = shared
+        .control
+        .database()
+        .ok_or("no control database (start the proxy with --control)")?;
+    crate::connect::connect(database)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// The name of the request's token, or the 401 to answer.
 #[allow(clippy::result_large_err)]
 fn authorized(shared: &Shared, headers: &HeaderMap) -> Result<String, Response> {
@@ -201,12 +212,9 @@ async fn api_mark(
     if !problems.is_empty() {
         return problem(StatusCode::BAD_REQUEST, problems.join("; "));
     }
-    let Some(database) = state.shared.control.database() else {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, "no control database");
-    };
-    let client = match crate::connect::connect(database).await {
+    let client = match control_client(&state.shared).await {
         Ok(client) => client,
-        Err(error) => return problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+        Err(error) => return problem(StatusCode::SERVICE_UNAVAILABLE, error),
     };
     match crate::divergence::mark(&client, &request, &who).await {
         Ok(()) => (StatusCode::OK, Json(request)).into_response(),
@@ -292,16 +300,8 @@ async fn status_page(
         )
             .into_response()
     };
-    let Some(database) = state.shared.control.database() else {
-        return page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "<!DOCTYPE html><title>cutover</title><p>No control database: the status page reads the shared state there (--control).</p>".into(),
-        );
-    };
     let report = async {
-        let client = crate::connect::connect(database)
-            .await
-            .map_err(|e| e.to_string())?;
+        let client = control_client(&state.shared).await?;
         let rules = state.shared.classifier.load().rules_arc().clone();
         crate::report::gather(&client, std::time::Duration::from_secs(3600), Some(&rules))
             .await
@@ -332,12 +332,9 @@ async fn api_history(
     State(state): State<AdminState>,
     Query(query): Query<HistoryQuery>,
 ) -> Response {
-    let Some(database) = state.shared.control.database() else {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, "no control database");
-    };
-    let client = match crate::connect::connect(database).await {
+    let client = match control_client(&state.shared).await {
         Ok(client) => client,
-        Err(error) => return problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+        Err(error) => return problem(StatusCode::SERVICE_UNAVAILABLE, error),
     };
     match control::history(&client, query.limit.unwrap_or(50).clamp(1, 1000)).await {
         Ok(entries) => Json(entries).into_response(),

@@ -70,6 +70,34 @@ fn send(
     Ok((status, body))
 }
 
+/// A GET that must answer 200; its JSON body.
+fn get(addr: &str, path: &str) -> Result<Value, CtlError> {
+    let (status, body) = send(addr, |a| a.get(url(addr, path)).call())?;
+    if status != 200 {
+        return Err(CtlError::Failed {
+            status,
+            message: message(&body),
+        });
+    }
+    Ok(body)
+}
+
+/// A POST of `request` with the bearer token; the status and the JSON body.
+fn post(
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    request: &impl serde::Serialize,
+) -> Result<(u16, Value), CtlError> {
+    send(addr, |a| {
+        let mut post = a.post(url(addr, path));
+        if let Some(token) = token {
+            post = post.header("Authorization", &format!("Bearer {token}"));
+        }
+        post.send_json(request)
+    })
+}
+
 fn message(body: &Value) -> String {
     body["error"]
         .as_str()
@@ -78,13 +106,7 @@ fn message(body: &Value) -> String {
 
 /// `ctl status`: every query type's stage.
 pub fn status(addr: &str, json: bool) -> Result<Outcome, CtlError> {
-    let (status, body) = send(addr, |a| a.get(url(addr, "/api/state")).call())?;
-    if status != 200 {
-        return Err(CtlError::Failed {
-            status,
-            message: message(&body),
-        });
-    }
+    let body = get(addr, "/api/state")?;
     if json {
         return Ok(Outcome::Done(pretty(&body)));
     }
@@ -102,10 +124,10 @@ pub fn status(addr: &str, json: bool) -> Result<Outcome, CtlError> {
         "changed"
     );
     for qt in body["query_types"].as_array().into_iter().flatten() {
-        let stage = match qt["stage"].as_str().unwrap_or("?") {
-            "cutover" => format!("cutover {}%", qt["percent"]),
-            other => other.to_owned(),
-        };
+        let stage = crate::control::stage_label(
+            qt["stage"].as_str().unwrap_or("?"),
+            qt["percent"].as_i64().unwrap_or(0) as i16,
+        );
         out.push_str(&format!(
             "{:<28} {:<14} {:<9} {:<6} {}\n",
             qt["query_type"].as_str().unwrap_or("?"),
@@ -137,13 +159,7 @@ pub fn set(
         "force": force,
     });
     let path = format!("/api/state/{query_type}");
-    let (status, body) = send(addr, |a| {
-        let mut post = a.post(url(addr, &path));
-        if let Some(token) = token {
-            post = post.header("Authorization", &format!("Bearer {token}"));
-        }
-        post.send_json(&request)
-    })?;
+    let (status, body) = post(addr, &path, token, &request)?;
     match status {
         200 if json => Ok(Outcome::Done(pretty(&body))),
         200 => Ok(Outcome::Done(format!(
@@ -167,16 +183,7 @@ pub fn set(
 
 /// `ctl history`: the latest stage changes, newest first.
 pub fn history(addr: &str, limit: u32, json: bool) -> Result<Outcome, CtlError> {
-    let (status, body) = send(addr, |a| {
-        a.get(url(addr, &format!("/api/history?limit={limit}")))
-            .call()
-    })?;
-    if status != 200 {
-        return Err(CtlError::Failed {
-            status,
-            message: message(&body),
-        });
-    }
+    let body = get(addr, &format!("/api/history?limit={limit}"))?;
     if json {
         return Ok(Outcome::Done(pretty(&body)));
     }
@@ -213,13 +220,7 @@ pub fn mark(
     request: &crate::divergence::MarkRequest,
     json: bool,
 ) -> Result<Outcome, CtlError> {
-    let (status, body) = send(addr, |a| {
-        let mut post = a.post(url(addr, "/api/marks"));
-        if let Some(token) = token {
-            post = post.header("Authorization", &format!("Bearer {token}"));
-        }
-        post.send_json(request)
-    })?;
+    let (status, body) = post(addr, "/api/marks", token, request)?;
     match status {
         200 if json => Ok(Outcome::Done(pretty(&body))),
         200 => Ok(Outcome::Done(format!(

@@ -22,6 +22,14 @@ pub fn recorder() -> &'static PrometheusHandle {
     })
 }
 
+/// The value of one series in scraped Prometheus text (exact labels as rendered), or 0 when
+/// it is not there — for the programs that read `/metrics` (demo, tests).
+pub fn scraped(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// `query_type` of statements that do not touch the legacy table.
 pub const PASSTHROUGH: &str = "passthrough";
 
@@ -117,6 +125,14 @@ impl Served {
         Self {
             legacy: served_by("legacy"),
             target: served_by("target"),
+        }
+    }
+
+    /// One counter whichever side serves (statements the proxy does not route).
+    pub fn either(counter: &Counter) -> Self {
+        Self {
+            legacy: counter.clone(),
+            target: counter.clone(),
         }
     }
 

@@ -40,6 +40,13 @@ pub fn stage_columns(stage: Stage) -> (&'static str, i16) {
     }
 }
 
+/// A stored stage as people read it (`cutover 10%`, `target`); the stored text when it does
+/// not make a stage.
+pub fn stage_label(stage: &str, percent: i16) -> String {
+    let percent = (stage == "cutover").then_some(i64::from(percent));
+    stage_of(stage, percent).map_or_else(|_| stage.to_owned(), describe)
+}
+
 /// The stage of stored columns (or a request's), if they make one.
 pub fn stage_of(name: &str, percent: Option<i64>) -> Result<Stage, String> {
     match (name, percent) {
@@ -488,16 +495,7 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
     }
     let raise = served_by_target(change.stage) > from.map_or(0, served_by_target);
     if raise && !change.force && change.writes {
-        let last = tx
-            .query_opt(
-                &format!(
-                    "SELECT ok, to_char(ran_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') FROM cutover.verify_runs
-                     WHERE ran_at >= now() - interval '{GATE_WINDOW}' ORDER BY ran_at DESC LIMIT 1"
-                ),
-                &[],
-            )
-            .await?;
-        match last.map(|r| (r.get::<_, bool>(0), r.get::<_, String>(1))) {
+        match window_verify(&tx).await? {
             Some((true, _)) => {}
             Some((false, at)) => {
                 return Err(ChangeError::WriteGate {
@@ -574,8 +572,8 @@ pub const GATE_WINDOW: &str = "1 hour";
 
 /// Compared samples with a verdict (matched, expected by reviewers, confirmed) and the
 /// agreeing ones (matched or expected), of a query type in the gate's window (`cutover.comparison_stats`, written by the shadow).
-async fn window_samples(
-    client: &tokio_postgres::Transaction<'_>,
+pub async fn window_samples(
+    client: &impl tokio_postgres::GenericClient,
     query_type: &str,
 ) -> Result<(i64, i64), tokio_postgres::Error> {
     let row = client
@@ -590,6 +588,23 @@ async fn window_samples(
         )
         .await?;
     Ok((row.get(0), row.get(1)))
+}
+
+/// The last `cutover verify` run in the gate's window: clean or not, and when (UTC) — the
+/// evidence a write type is raised on.
+pub async fn window_verify(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Option<(bool, String)>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            &format!(
+                "SELECT ok, to_char(ran_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') FROM cutover.verify_runs
+                 WHERE ran_at >= now() - interval '{GATE_WINDOW}' ORDER BY ran_at DESC LIMIT 1"
+            ),
+            &[],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
 }
 
 /// When a query type serving from the target is sent back to shadow by itself: more than
@@ -684,9 +699,7 @@ pub async fn history(
     limit: i64,
 ) -> Result<Vec<AuditEntry>, tokio_postgres::Error> {
     let shown = |stage: Option<String>, percent: Option<i16>| -> Option<String> {
-        let stage = stage?;
-        let percent = (stage == "cutover").then(|| i64::from(percent.unwrap_or(0)));
-        Some(stage_of(&stage, percent).map_or(stage, describe))
+        Some(stage_label(&stage?, percent.unwrap_or(0)))
     };
     Ok(client
         .query(

@@ -242,14 +242,13 @@ async fn walk(options: Options) -> anyhow::Result<()> {
     result?;
 
     step(6, "the evidence");
-    let summary = summary(&admin_client).await?;
-    print!("{summary}");
+    let report =
+        crate::report::gather(&admin_client, Duration::from_secs(3600), Some(&rules)).await?;
+    print!("{}", summary(&report));
     println!(
         "  (count_active's confirmed divergences are real: legacy counts the orphans the backfill\n   quarantined, v2 does not have them — `cutover verify` lists them as quarantined.\n   `dropped`: comparisons the shadow pool could not take at this load; the app never waited.)"
     );
     std::fs::create_dir_all(&options.out)?;
-    let report =
-        crate::report::gather(&admin_client, Duration::from_secs(3600), Some(&rules)).await?;
     let mut written = Vec::new();
     for (format, name) in [
         (crate::report::render::Format::Html, "cutover-report.html"),
@@ -354,15 +353,8 @@ async fn wait_for_evidence(
         let mut line = Vec::new();
         let mut ready = true;
         for qt in WALKED {
-            let row = client
-                .query_one(
-                    "SELECT coalesce(sum(matched + expected + confirmed), 0)::int8,
-                            coalesce(sum(matched + expected), 0)::int8
-                     FROM cutover.comparison_stats WHERE query_type = $1",
-                    &[qt],
-                )
-                .await?;
-            let (samples, agreeing): (i64, i64) = (row.get(0), row.get(1));
+            // What the gate itself will read.
+            let (samples, agreeing) = crate::control::window_samples(client, qt).await?;
             ready &= samples >= need;
             let rate = if samples > 0 {
                 agreeing as f64 * 100.0 / samples as f64
@@ -398,12 +390,6 @@ async fn proxy_metrics(admin: &str) -> String {
     .unwrap_or_default()
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// The share each walked type's target served between two scrapes.
 fn print_served(before: &str, after: &str, stage: &str, percent: Option<u8>) {
     let parts: Vec<String> = WALKED
@@ -412,7 +398,7 @@ fn print_served(before: &str, after: &str, stage: &str, percent: Option<u8>) {
             let side = |s: &str| {
                 let series =
                     format!("cutover_queries_total{{query_type=\"{qt}\",served_by=\"{s}\"}}");
-                metric(after, &series) - metric(before, &series)
+                crate::metrics::scraped(after, &series) - crate::metrics::scraped(before, &series)
             };
             let (l, t) = (side("legacy"), side("target"));
             format!("{qt} {:.0}% by target", t * 100.0 / (l + t).max(1.0))
@@ -422,50 +408,34 @@ fn print_served(before: &str, after: &str, stage: &str, percent: Option<u8>) {
     println!("  at {at}, the last 4 s: {}", parts.join(", "));
 }
 
-/// What the shadow found, per query type, as a Markdown table for the terminal.
-async fn summary(client: &tokio_postgres::Client) -> anyhow::Result<String> {
-    let rows = client
-        .query(
-            "SELECT s.query_type, q.stage, q.percent,
-                    sum(matched)::int8, sum(expected)::int8, sum(confirmed)::int8,
-                    sum(transient)::int8, sum(nondeterministic)::int8, sum(skipped)::int8,
-                    sum(dropped)::int8,
-                    (sum(legacy_us_sum)::float8 / nullif(sum(timed), 0) / 1000.0),
-                    (sum(target_us_sum)::float8 / nullif(sum(timed), 0) / 1000.0),
-                    sum(drift)::int8, sum(undetermined)::int8
-             FROM cutover.comparison_stats s
-             JOIN cutover.query_type_state q USING (query_type)
-             GROUP BY s.query_type, q.stage, q.percent ORDER BY s.query_type",
-            &[],
-        )
-        .await?;
+/// What the shadow found, per query type that it compared, as a table for the terminal.
+fn summary(report: &crate::report::Report) -> String {
     let mut out = String::from(
         "| query type | stage | matched | expected | confirmed (drift, undetermined) | transient | nondeterministic | skipped | dropped | legacy ms | target ms |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for r in rows {
-        let stage: String = r.get(1);
-        let percent: i16 = r.get(2);
-        let stage = if stage == "cutover" {
-            format!("cutover {percent}%")
-        } else {
-            stage
-        };
-        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+    for q in &report.query_types {
+        let o = &q.outcomes;
+        let compared = o.matched + o.expected + o.confirmed + o.transient;
+        if compared + o.nondeterministic + o.skipped + o.dropped == 0 {
+            continue;
+        }
         out.push_str(&format!(
-            "| {} | {stage} | {} | {} | {} ({}, {}) | {} | {} | {} | {} | {} | {} |\n",
-            r.get::<_, String>(0),
-            r.get::<_, i64>(3),
-            r.get::<_, i64>(4),
-            r.get::<_, i64>(5),
-            r.get::<_, i64>(12),
-            r.get::<_, i64>(13),
-            r.get::<_, i64>(6),
-            r.get::<_, i64>(7),
-            r.get::<_, i64>(8),
-            r.get::<_, i64>(9),
-            ms(r.get(10)),
-            ms(r.get(11)),
+            "| {} | {} | {} | {} | {} ({}, {}) | {} | {} | {} | {} | {} | {} |\n",
+            q.query_type,
+            q.stage,
+            o.matched,
+            o.expected,
+            o.confirmed,
+            o.drift,
+            o.undetermined,
+            o.transient,
+            o.nondeterministic,
+            o.skipped,
+            o.dropped,
+            ms(q.legacy.mean_ms),
+            ms(q.target.mean_ms),
         ));
     }
-    Ok(out)
+    out
 }

@@ -186,14 +186,6 @@ pub enum ReportError {
     Database(#[from] tokio_postgres::Error),
 }
 
-fn stage_name(stage: &str, percent: i16) -> String {
-    if stage == "cutover" {
-        format!("cutover {percent}%")
-    } else {
-        stage.to_owned()
-    }
-}
-
 /// The next stage and whether the gate lets a query type reach it.
 pub fn verdict(stage: &str, percent: i16, samples: i64, rate: Option<f64>) -> Verdict {
     let next = match stage {
@@ -326,17 +318,10 @@ pub async fn gather(
         )
         .await?;
     let step = (secs / TREND_POINTS as f64).max(60.0);
-    let verified_recently = client
-        .query_opt(
-            &format!(
-                "SELECT ok FROM cutover.verify_runs
-                 WHERE ran_at >= now() - interval '{}' ORDER BY ran_at DESC LIMIT 1",
-                crate::control::GATE_WINDOW
-            ),
-            &[],
-        )
-        .await?
-        .is_some_and(|r| r.get::<_, bool>(0));
+    let verified_recently = matches!(
+        crate::control::window_verify(client).await?,
+        Some((true, _))
+    );
     let mut query_types = Vec::new();
     let (mut all_samples, mut all_agree, mut all_timed, mut all_l, mut all_t) = (0, 0, 0, 0, 0);
     for r in rows {
@@ -400,7 +385,7 @@ pub async fn gather(
         query_types.push(QueryTypeReport {
             kind,
             verdict,
-            stage: stage_name(&stage, percent),
+            stage: crate::control::stage_label(&stage, percent),
             query_type,
             percent,
             samples,

@@ -180,10 +180,7 @@ impl<'s> Statements<'s> {
     /// legacy table.
     fn classify(&self, sql: &[u8]) -> (Served, Option<Arc<Classification>>) {
         let queries = &self.shared.metrics.queries;
-        let passthrough = || Served {
-            legacy: queries.passthrough.clone(),
-            target: queries.passthrough.clone(),
-        };
+        let passthrough = || Served::either(&queries.passthrough);
         let Ok(sql) = std::str::from_utf8(sql) else {
             // Not UTF-8 (another client_encoding): never parsed, relayed as it is.
             return (passthrough(), None);
@@ -192,14 +189,7 @@ impl<'s> Statements<'s> {
         let served = match &*classification {
             Classification::Passthrough => return (passthrough(), None),
             Classification::Unparsable { .. } => {
-                let unparsable = queries.unparsable.clone();
-                return (
-                    Served {
-                        legacy: unparsable.clone(),
-                        target: unparsable,
-                    },
-                    None,
-                );
+                return (Served::either(&queries.unparsable), None);
             }
             Classification::Typed(t) if t.named => queries.named(&t.query_type),
             Classification::Typed(_) => queries.automatic.clone(),
@@ -387,14 +377,10 @@ impl<'s> Statements<'s> {
         whole: Option<(&[u8], Stage)>,
     ) -> Option<Bytes> {
         let Some(prepared) = self.statements.get(statement) else {
-            let passthrough = self.shared.metrics.queries.passthrough.clone();
             self.portals.insert(
                 portal.into(),
                 Portal {
-                    served: Served {
-                        legacy: passthrough.clone(),
-                        target: passthrough,
-                    },
+                    served: Served::either(&self.shared.metrics.queries.passthrough),
                     side: Side::Legacy,
                     described: None,
                     job: None,

@@ -83,15 +83,11 @@ fn shown(p: &Param) -> String {
 /// A parameter's value as an integer, in text or binary (2, 4 or 8 bytes).
 pub fn integer(p: &Param) -> Option<i64> {
     let v = p.value.as_ref()?;
-    if !p.binary {
-        return std::str::from_utf8(v).ok()?.trim().parse().ok();
+    if p.binary && ![2, 4, 8].contains(&v.len()) {
+        return None;
     }
-    match **v {
-        [a, b] => Some(i16::from_be_bytes([a, b]).into()),
-        [a, b, c, d] => Some(i32::from_be_bytes([a, b, c, d]).into()),
-        [a, b, c, d, e, f, g, h] => Some(i64::from_be_bytes([a, b, c, d, e, f, g, h])),
-        _ => None,
-    }
+    let text = crate::route::key_text(p.binary, v);
+    std::str::from_utf8(&text).ok()?.trim().parse().ok()
 }
 
 fn truncate(text: &str) -> String {

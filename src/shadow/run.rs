@@ -155,8 +155,9 @@ impl Conn {
                 .count(&typed.query_type, label(typed), outcome, latency)
         };
 
-        let legacy = self.side(&job.sql, job).await;
-        let target = self.side(target_sql, job).await;
+        // Each side on committed data (autocommit).
+        let legacy = self.run(&job.sql, job).await;
+        let target = self.run(target_sql, job).await;
         let latency = match (&legacy, &target) {
             (Side::Answer(_, l), Side::Answer(_, t)) => Some((*l, *t)),
             _ => None,
@@ -248,11 +249,6 @@ impl Conn {
             });
         }
         count(outcome, latency);
-    }
-
-    /// Runs one side on committed data (autocommit).
-    async fn side(&mut self, sql: &str, job: &Job) -> Side {
-        self.run(sql, job).await
     }
 
     /// Runs one side inside the open snapshot, under a savepoint so that a failing side

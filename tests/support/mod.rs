@@ -375,9 +375,7 @@ pub async fn http_request(
 
 /// The value of a metric line (exact labels as rendered), or 0.
 pub fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    cutover::metrics::scraped(text, series)
 }
 
 /// The legacy columns that v2 stores under the same names (all but the derived counter).
