@@ -411,6 +411,19 @@ fn chart(title: &str, points: &[TrendPoint], series: &[Series<'_>], max: Option<
     svg
 }
 
+/// Opens an HTML table: its caption, a header row of column headers, the body.
+fn table_head(h: &mut String, caption: Option<&str>, columns: &[&str]) {
+    h.push_str("<table>");
+    if let Some(caption) = caption {
+        let _ = write!(h, "<caption>{}</caption>", esc(caption));
+    }
+    h.push_str("<thead><tr>");
+    for column in columns {
+        let _ = write!(h, "<th scope=\"col\">{}</th>", esc(column));
+    }
+    h.push_str("</tr></thead><tbody>");
+}
+
 /// The HTML report; `refresh` (seconds) makes the page reload itself (`/status`).
 pub fn html(r: &Report, lang: Lang, refresh: Option<u32>) -> String {
     let t = lang.text();
@@ -445,10 +458,11 @@ pub fn html(r: &Report, lang: Lang, refresh: Option<u32>) -> String {
         );
     }
     h.push_str("</tbody></table>");
-    let _ = write!(
-        h,
-        "<h2>{}</h2><table><thead><tr><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th></tr></thead><tbody>",
-        t.query_types, t.query_type, t.stage, t.samples, t.match_rate, t.verdict
+    let _ = write!(h, "<h2>{}</h2>", t.query_types);
+    table_head(
+        &mut h,
+        None,
+        &[t.query_type, t.stage, t.samples, t.match_rate, t.verdict],
     );
     for q in &r.query_types {
         let class = if q.verdict.ready { "ready" } else { "blocked" };
@@ -476,11 +490,7 @@ pub fn html(r: &Report, lang: Lang, refresh: Option<u32>) -> String {
             t.verdict,
             esc(&verdict_line(q, lang))
         );
-        let _ = write!(
-            h,
-            "<table><caption>{}</caption><thead><tr><th scope=\"col\">{}</th><th scope=\"col\">{}</th></tr></thead><tbody>",
-            t.outcomes, t.outcome, t.count
-        );
+        table_head(&mut h, Some(t.outcomes), &[t.outcome, t.count]);
         for ((key, name), n) in OUTCOMES.iter().zip(t.outcome_names).zip(outcome_values(q)) {
             let _ = write!(
                 h,
@@ -489,10 +499,10 @@ pub fn html(r: &Report, lang: Lang, refresh: Option<u32>) -> String {
             );
         }
         h.push_str("</tbody></table>");
-        let _ = write!(
-            h,
-            "<table><caption>{}</caption><thead><tr><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">p50</th><th scope=\"col\">p95</th><th scope=\"col\">p99</th></tr></thead><tbody>",
-            t.latency, t.side, t.mean
+        table_head(
+            &mut h,
+            Some(t.latency),
+            &[t.side, t.mean, "p50", "p95", "p99"],
         );
         for (side, l) in [(t.legacy, &q.legacy), (t.target, &q.target)] {
             let [mean, p50, p95, p99] = latency_row(l);
@@ -537,10 +547,10 @@ pub fn html(r: &Report, lang: Lang, refresh: Option<u32>) -> String {
             );
         }
         if !q.expected.is_empty() {
-            let _ = write!(
-                h,
-                "<table><caption>{}</caption><thead><tr><th scope=\"col\">class</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th></tr></thead><tbody>",
-                t.expected, t.columns, t.note, t.source
+            table_head(
+                &mut h,
+                Some(t.expected),
+                &["class", t.columns, t.note, t.source],
             );
             for e in &q.expected {
                 let _ = write!(
@@ -579,10 +589,10 @@ pub fn html(r: &Report, lang: Lang, refresh: Option<u32>) -> String {
             }
             let rows = diff_rows(e);
             if !rows.is_empty() {
-                let _ = write!(
-                    h,
-                    "<table><caption>{}</caption><thead><tr><th scope=\"col\">key</th><th scope=\"col\">column</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th></tr></thead><tbody>",
-                    t.differing_rows, t.legacy, t.target
+                table_head(
+                    &mut h,
+                    Some(t.differing_rows),
+                    &["key", "column", t.legacy, t.target],
                 );
                 for (k, c, l, tv, differs) in rows {
                     let (l, tv) = if differs {
@@ -606,11 +616,8 @@ pub fn html(r: &Report, lang: Lang, refresh: Option<u32>) -> String {
         }
         h.push_str("</section>");
     }
-    let _ = write!(
-        h,
-        "<h2>{}</h2><table><thead><tr><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th><th scope=\"col\">{}</th></tr></thead><tbody>",
-        t.audit, t.when, t.query_type, t.change, t.by, t.why
-    );
+    let _ = write!(h, "<h2>{}</h2>", t.audit);
+    table_head(&mut h, None, &[t.when, t.query_type, t.change, t.by, t.why]);
     for a in &r.audit {
         let _ = write!(
             h,
