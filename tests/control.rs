@@ -194,53 +194,38 @@ async fn changes_need_the_token_and_a_valid_request() {
     let p = replica(&db).await;
     until(&p, |s| s["control_connected"] == true).await;
     let body = r#"{"stage": "shadow", "reason": "x"}"#;
-    assert_eq!(set(&p, "set_status", body, None).await.0, 401);
-    assert_eq!(
-        set(&p, "set_status", body, Some("not-the-token-000000"))
-            .await
-            .0,
-        401
-    );
-    assert_eq!(
-        set(
-            &p,
+    // (query type, request, token) → the status the API answers.
+    let refused = [
+        ("set_status", body, None, 401),
+        ("set_status", body, Some("not-the-token-000000"), 401),
+        (
             "set_status",
             r#"{"stage": "live", "reason": "x"}"#,
-            Some(TOKEN)
-        )
-        .await
-        .0,
-        400
-    );
-    assert_eq!(
-        set(
-            &p,
+            Some(TOKEN),
+            400,
+        ),
+        (
             "set_status",
             r#"{"stage": "cutover", "reason": "x"}"#,
-            Some(TOKEN)
-        )
-        .await
-        .0,
-        400
-    );
-    assert_eq!(
-        set(
-            &p,
+            Some(TOKEN),
+            400,
+        ),
+        (
             "set_status",
             r#"{"stage": "shadow", "reason": " "}"#,
-            Some(TOKEN)
-        )
-        .await
-        .0,
-        400
-    );
-    assert_eq!(
-        set(&p, "set_status", r#"{"stage": "shadow"}"#, Some(TOKEN))
-            .await
-            .0,
-        400
-    );
-    assert_eq!(set(&p, "no_such_type", body, Some(TOKEN)).await.0, 404);
+            Some(TOKEN),
+            400,
+        ),
+        ("set_status", r#"{"stage": "shadow"}"#, Some(TOKEN), 400),
+        ("no_such_type", body, Some(TOKEN), 404),
+    ];
+    for (query_type, request, token, expected) in refused {
+        let (status, answer) = set(&p, query_type, request, token).await;
+        assert_eq!(
+            status, expected,
+            "{query_type} {request} {token:?}: {answer}"
+        );
+    }
     // Nothing of it reached the state or the audit.
     assert_eq!(stage_of(&state(&p).await, "set_status").0, "legacy");
     assert!(history(&p).await.is_empty());

@@ -16,25 +16,34 @@ use tokio_postgres::{Client, error::SqlState};
 /// Puts a query type in a stage (dual-write is on while any is in shadow, cutover or
 /// target).
 async fn set_stage(client: &Client, query_type: &str, stage: &str) {
+    set_state(client, query_type, "stage", stage).await;
+}
+
+/// Sets one column of a query type's live state, as an operator's SQL would.
+async fn set_state(client: &Client, query_type: &str, column: &str, value: &str) {
     client
         .execute(
-            "INSERT INTO cutover.query_type_state (query_type, stage) VALUES ($1, $2)
-             ON CONFLICT (query_type) DO UPDATE SET stage = EXCLUDED.stage",
-            &[&query_type, &stage],
+            &format!(
+                "INSERT INTO cutover.query_type_state (query_type, {column}) VALUES ($1, $2)
+                 ON CONFLICT (query_type) DO UPDATE SET {column} = EXCLUDED.{column}"
+            ),
+            &[&query_type, &value],
         )
         .await
         .unwrap();
 }
 
+/// A backfilled tree of `affiliates` with dual-write on (`query_type` in shadow), and a
+/// direct connection to it.
+async fn dual_written(affiliates: u64, query_type: &str) -> (TestDb, Client) {
+    let db = tree_db(affiliates).await;
+    let admin = db.client().await;
+    set_stage(&admin, query_type, "shadow").await;
+    (db, admin)
+}
+
 async fn set_mode(client: &Client, query_type: &str, mode: &str) {
-    client
-        .execute(
-            "INSERT INTO cutover.query_type_state (query_type, dual_write) VALUES ($1, $2)
-             ON CONFLICT (query_type) DO UPDATE SET dual_write = EXCLUDED.dual_write",
-            &[&query_type, &mode],
-        )
-        .await
-        .unwrap();
+    set_state(client, query_type, "dual_write", mode).await;
 }
 
 fn verify(db: &TestDb) -> (i32, String) {
@@ -81,8 +90,8 @@ async fn psql_transcript(url: &str, script: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_write_is_mirrored_and_the_client_sees_what_postgres_says() {
     let p = proxy().await;
-    let (direct, proxied) = (tree_db(300).await, tree_db(300).await);
-    set_stage(&proxied.client().await, "new_affiliate", "shadow").await;
+    let direct = tree_db(300).await;
+    let (proxied, _) = dual_written(300, "new_affiliate").await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dual_write/writes.sql");
 
     let expected = psql_transcript(&direct.url(), &script).await;
@@ -276,8 +285,8 @@ async fn extended_workload(client: &Client) -> Vec<Outcome> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_statements_in_the_extended_protocol_are_mirrored() {
     let p = proxy().await;
-    let (direct, proxied) = (tree_db(300).await, tree_db(300).await);
-    set_stage(&proxied.client().await, "record_deposit", "shadow").await;
+    let direct = tree_db(300).await;
+    let (proxied, _) = dual_written(300, "record_deposit").await;
 
     let expected = extended_workload(&direct.client().await).await;
     let through = extended_workload(&p.client(&proxied.name).await).await;
@@ -318,9 +327,7 @@ async fn deposits(client: &Client, key: i64) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v2_failure_never_fails_the_app_is_recorded_and_repaired() {
     let p = proxy().await;
-    let db = tree_db(200).await;
-    let admin = db.client().await;
-    set_stage(&admin, "record_deposit", "shadow").await;
+    let (db, admin) = dual_written(200, "record_deposit").await;
     admin
         .batch_execute("UPDATE affiliates SET total_deposits = 0 WHERE affiliate_id IN (42, 43)")
         .await
@@ -405,9 +412,7 @@ async fn a_parent_v2_lacks_is_contained_before_commit() {
     // v2's parent key is deferred: the mirror checks it inside its own subtransaction, so the
     // app's COMMIT never meets it.
     let p = proxy().await;
-    let db = tree_db(100).await;
-    let admin = db.client().await;
-    set_stage(&admin, "new_affiliate", "shadow").await;
+    let (db, admin) = dual_written(100, "new_affiliate").await;
     let app = p.client(&db.name).await;
     app.batch_execute(
         "BEGIN;
@@ -437,9 +442,7 @@ async fn a_parent_v2_lacks_is_contained_before_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mode_fails_the_statement_with_the_v2_error() {
     let p = proxy().await;
-    let db = tree_db(100).await;
-    let admin = db.client().await;
-    set_stage(&admin, "record_deposit", "shadow").await;
+    let (db, admin) = dual_written(100, "record_deposit").await;
     set_mode(&admin, "record_deposit", "strict").await;
     admin
         .batch_execute("UPDATE affiliates SET total_deposits = 0 WHERE affiliate_id = 42")
@@ -577,9 +580,7 @@ async fn before_target_a_write_on_v2_is_drift_not_a_new_legacy_truth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_empties_v2_or_is_recorded() {
     let p = proxy().await;
-    let db = tree_db(100).await;
-    let admin = db.client().await;
-    set_stage(&admin, "new_affiliate", "shadow").await;
+    let (db, admin) = dual_written(100, "new_affiliate").await;
     let app = p.client(&db.name).await;
     app.batch_execute("TRUNCATE affiliates").await.unwrap();
     let left: i64 = admin
@@ -595,9 +596,7 @@ async fn truncate_empties_v2_or_is_recorded() {
     assert_verify_clean(&db);
 
     // v2 data that references the affiliates is never cascaded away: recorded instead.
-    let db = tree_db(100).await;
-    let admin = db.client().await;
-    set_stage(&admin, "new_affiliate", "shadow").await;
+    let (db, admin) = dual_written(100, "new_affiliate").await;
     admin
         .batch_execute(
             "INSERT INTO fature_v2.transactions (affiliate_id, transaction_type, amount, transaction_date)
@@ -812,8 +811,7 @@ async fn writer(client: Client, id: u64, old_max: i64, transactions: usize) -> W
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_writers_leave_zero_drift() {
     let p = proxy().await;
-    let db = tree_db(2000).await;
-    set_stage(&db.client().await, "new_affiliate", "shadow").await;
+    let (db, _) = dual_written(2000, "new_affiliate").await;
     let mut writers = Vec::new();
     for id in 0..16 {
         let client = p.client(&db.name).await;
@@ -846,8 +844,8 @@ async fn sixteen_concurrent_writers_leave_zero_drift() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_writes_are_mirrored_and_see_what_postgres_says() {
     let p = proxy().await;
-    let (direct, proxied) = (tree_db(200).await, tree_db(200).await);
-    set_stage(&proxied.client().await, "record_deposit", "shadow").await;
+    let direct = tree_db(200).await;
+    let (proxied, _) = dual_written(200, "record_deposit").await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dual_write/psycopg_writes.py");
     let transcript = |url: String| {
         let mut cmd = Command::new("python3");
@@ -992,8 +990,7 @@ async fn serializable_writers_do_not_conflict_over_the_mirror() {
     // some conflict on shared index pages anyway, more so on a loaded machine.
     let p = proxy().await;
     let baseline = serializable_failures(&p, &tree_db(2000).await).await;
-    let db = tree_db(2000).await;
-    set_stage(&db.client().await, "record_deposit", "shadow").await;
+    let (db, _) = dual_written(2000, "record_deposit").await;
     let mirrored = serializable_failures(&p, &db).await;
     // With the queue in a shared table, 70% failed. Now a loaded 2-core machine sees up to
     // ~10% more than without dual-write (why is not measured yet; see the notes); quiet,
