@@ -359,3 +359,43 @@ async fn mark_v2(db: &TestDb, id: i64) {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_stage_set_back_by_hand_in_sql_is_followed() {
+    // The runbook's SQL way back: `SET stage = 'shadow'` leaves the row's old percent (100
+    // from target); the proxy must still read it as shadow, not fall back to the rules'.
+    let s = setup(
+        100,
+        &[("affiliate_by_id", "stage = \"target\"\nsample_rate = 0.0")],
+        "",
+    )
+    .await;
+    let app = s.proxy.client(&s.db.name).await;
+    let read = "SELECT * FROM affiliates WHERE affiliate_id = $1";
+    warm_up(&app, read, 100).await;
+    s.db.client()
+        .await
+        .batch_execute(
+            "UPDATE cutover.query_type_state SET stage = 'shadow', updated_at = now()
+             WHERE query_type = 'affiliate_by_id'",
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let row = app.query_one(read, &[&3i64]).await.unwrap();
+        if !served_by_target(row.get("name")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still served by the target after the stage was set back by hand"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = s.proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "cutover_stage_percent{query_type=\"affiliate_by_id\"}"),
+        0.0
+    );
+}

@@ -101,7 +101,10 @@ impl LiveState {
         let stages = states
             .iter()
             .filter_map(|s| {
-                let stage = stage_of(&s.stage, Some(i64::from(s.percent))).ok()?;
+                // The percent counts only with `cutover`: a row changed by hand
+                // (`SET stage = 'shadow'`) keeps its old percent and is still a stage.
+                let percent = (s.stage == "cutover").then_some(i64::from(s.percent));
+                let stage = stage_of(&s.stage, percent).ok()?;
                 Some((s.query_type.clone(), stage))
             })
             .collect();
@@ -147,14 +150,8 @@ impl Control {
     fn publish(&self) {
         let live = self.live.load();
         for qt in &self.rules.load().query_types {
-            let percent = match live.by_type.get(&qt.name) {
-                Some(s) => match s.stage.as_str() {
-                    "cutover" => f64::from(s.percent),
-                    "target" | "complete" => 100.0,
-                    _ => 0.0,
-                },
-                None => f64::from(served_by_target(qt.stage).min(100)),
-            };
+            let stage = live.stage(&qt.name).unwrap_or(qt.stage);
+            let percent = f64::from(served_by_target(stage).min(100));
             metrics::gauge!("cutover_stage_percent", "query_type" => qt.name.clone()).set(percent);
         }
     }
