@@ -134,6 +134,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         .or_else(|| shared.config.control.clone())
     {
         let checks = Arc::new(crate::route::check::Checks::new());
+        checks.set_table(shared.classifier.load().rules().table.clone());
         tokio::spawn(Arc::clone(&checks).run(database, shutdown.clone()));
         shared.checks = Some(checks);
     }

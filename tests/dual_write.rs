@@ -518,19 +518,23 @@ async fn from_target_on_v2_is_written_first_and_legacy_mirrored() {
         (row.get::<_, Option<i64>>(0), row.get::<_, String>(1)),
         (Some(2), "Primeiro".into())
     );
-    // Legacy's counter follows v2's maintained count (v2 is the truth from target on).
-    let (legacy, v2): (i32, i32) = {
+    // Legacy's counter is legacy's own, carried in v2 (the app's value, not v2's derived
+    // count): a child v2 gained does not change it, so a way back finds what legacy had.
+    let (legacy, carried, before): (i32, i32, i32) = {
         let r = client
             .query_one(
-                "SELECT l.level_1_referrals, v.direct_referrals_count FROM public.affiliates l
+                "SELECT l.level_1_referrals, v.legacy_level_1_referrals,
+                        (SELECT count(*)::int FROM public.affiliates c
+                         WHERE c.parent_affiliate_id = 2 AND c.external_id <> 'v2-first')
+                 FROM public.affiliates l
                  JOIN fature_v2.affiliates_optimized v USING (affiliate_id) WHERE affiliate_id = 2",
                 &[],
             )
             .await
             .unwrap();
-        (r.get(0), r.get(1))
+        (r.get(0), r.get(1), r.get(2))
     };
-    assert_eq!(legacy, v2);
+    assert_eq!((legacy, carried), (before, before));
     assert_eq!(queue(&client).await, vec![]);
     assert_verify_clean(&db);
 }

@@ -138,8 +138,14 @@ async fn stages_serve_what_they_say_and_writes_flip_at_target() {
         &[
             ("affiliate_by_id", "stage = \"target\"\nsample_rate = 0.0"),
             ("affiliate_by_external_id", "stage = \"shadow\""),
+            // Writes flip to v2 when every write type is at target (one write side).
             ("set_status", "stage = \"target\""),
             ("new_affiliate", "stage = \"target\""),
+            ("bump_parent_referrals", "stage = \"target\""),
+            ("record_deposit", "stage = \"target\""),
+            ("move_affiliate", "stage = \"target\""),
+            ("delete_affiliate", "stage = \"target\""),
+            ("upsert_by_external_id", "stage = \"target\""),
         ],
         "",
     )

@@ -94,6 +94,9 @@ pub struct Typed {
     pub write_tag: Option<Arc<str>>,
     /// For a single read (one query): what the shadow needs to compare its answers.
     pub read: Option<Arc<ReadPlan>>,
+    /// A locking read (`FOR UPDATE`, `FOR SHARE`, …): served by the side that serves the
+    /// transaction's writes, never by bucket, and not compared.
+    pub locking: bool,
 }
 
 /// Where an execution's bucketing key is.
@@ -230,7 +233,11 @@ impl Classifier {
                     | S::Truncate { .. }
             )
         });
-        let read = (!writes)
+        // A locking read (FOR UPDATE / FOR SHARE …) is served where the transaction writes.
+        let locking = statements
+            .iter()
+            .any(|s| matches!(s, sqlparser::ast::Statement::Query(q) if !q.locks.is_empty()));
+        let read = (!writes && !locking)
             .then(|| {
                 let key = self.rules.table.key.as_str();
                 match determinism::analyze(&statements, &[key]) {
@@ -275,6 +282,7 @@ impl Classifier {
             explicit_target,
             write_tag,
             read,
+            locking,
         })
     }
 }

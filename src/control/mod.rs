@@ -127,16 +127,22 @@ pub struct Control {
     rules: ArcSwap<RuleSet>,
     live: ArcSwap<LiveState>,
     connected: AtomicBool,
+    /// Whether the table's writes are served by the target: every rule-named write type is
+    /// at `target` or `complete` (docs/routing.md, "One transaction, one write side").
+    writes_to_target: AtomicBool,
 }
 
 impl Control {
     pub fn new(config: Option<tokio_postgres::Config>, rules: Arc<RuleSet>) -> Self {
-        Self {
+        let control = Self {
             config,
             rules: ArcSwap::new(rules),
             live: ArcSwap::from_pointee(LiveState::default()),
             connected: AtomicBool::new(false),
-        }
+            writes_to_target: AtomicBool::new(false),
+        };
+        control.publish();
+        control
     }
 
     /// The rules from now on (after a reload): their query types are the gauges' labels.
@@ -147,13 +153,34 @@ impl Control {
 
     /// `cutover_stage_percent{query_type}`: the share served by the target, per rule-named
     /// query type (0 in legacy and shadow, N in cutover N%, 100 in target and complete).
+    /// Also decides the table's write side from the write types' stages.
     fn publish(&self) {
         let live = self.live.load();
-        for qt in &self.rules.load().query_types {
+        let rules = self.rules.load();
+        let mut write_types = 0;
+        let mut at_target = 0;
+        for qt in &rules.query_types {
             let stage = live.stage(&qt.name).unwrap_or(qt.stage);
             let percent = f64::from(served_by_target(stage).min(100));
             metrics::gauge!("cutover_stage_percent", "query_type" => qt.name.clone()).set(percent);
+            if rules.writes(&qt.name) == Some(true) {
+                write_types += 1;
+                at_target += usize::from(matches!(stage, Stage::Target | Stage::Complete));
+            }
         }
+        let to_target = write_types > 0 && at_target == write_types;
+        if self.writes_to_target.swap(to_target, Ordering::Relaxed) != to_target {
+            tracing::info!(
+                write_side = if to_target { "target" } else { "legacy" },
+                "the table's write side changed (transactions already open keep theirs)"
+            );
+        }
+    }
+
+    /// Whether a transaction that starts writing now writes the target first: every
+    /// rule-named write type is at `target` or `complete`.
+    pub fn writes_to_target(&self) -> bool {
+        self.writes_to_target.load(Ordering::Relaxed)
     }
 
     /// The last state loaded (empty before the first load, or without a control database).

@@ -165,6 +165,7 @@ pub async fn run(
                        LEFT JOIN fature_v2.hierarchy_index h ON h.ancestor_id = a.affiliate_id
                        GROUP BY a.affiliate_id) c
                  WHERE t.affiliate_id = c.affiliate_id AND t.total_network_size IS DISTINCT FROM c.n;
+                 SELECT cutover.carry_legacy_counters(NULL);
                  UPDATE cutover.backfill_progress SET phase = 'catchup', updated_at = now();
                  COMMIT;",
             )

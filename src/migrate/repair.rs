@@ -243,6 +243,10 @@ async fn repair(
         )
         .await?;
     summary.counters_fixed = fixed;
+    // Legacy's own counter, carried in v2 for the way back (migration 0014).
+    client
+        .batch_execute("SELECT cutover.carry_legacy_counters(NULL)")
+        .await?;
     queue(client, &mut summary).await?;
     Ok(summary)
 }

@@ -57,6 +57,10 @@ pub struct Rewriter {
     target: ObjectName,
     /// `SELECT <legacy columns from target columns> FROM <target>`, parsed once.
     view: Box<Query>,
+    /// For write statements when a derived column carries legacy's own value in another
+    /// target column (`legacy_copy`): the same rewriter with that column mapped there, so
+    /// that a write reads and writes legacy's value as legacy would.
+    writes: Option<Box<Rewriter>>,
 }
 
 /// System columns a derived table does not have.
@@ -64,6 +68,21 @@ const SYSTEM_COLUMNS: &[&str] = &["ctid", "xmin", "xmax", "cmin", "cmax", "table
 
 impl Rewriter {
     pub fn new(table: &TableMap) -> Self {
+        let mut rewriter = Self::for_columns(table);
+        if table.columns.iter().any(|c| c.legacy_copy.is_some()) {
+            let mut writes = table.clone();
+            for c in &mut writes.columns {
+                if let Some(copy) = c.legacy_copy.take() {
+                    c.target = copy;
+                    c.derived = false;
+                }
+            }
+            rewriter.writes = Some(Box::new(Self::for_columns(&writes)));
+        }
+        rewriter
+    }
+
+    fn for_columns(table: &TableMap) -> Self {
         let select_list: Vec<String> = table
             .columns
             .iter()
@@ -115,6 +134,7 @@ impl Rewriter {
                 Ident::with_quote('"', table.target.name.clone()),
             ]),
             view,
+            writes: None,
         }
     }
 
@@ -140,7 +160,11 @@ impl Rewriter {
         let query = match statement {
             Statement::Query(q) => q,
             Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => {
-                return self.rewrite_write(statement);
+                return self
+                    .writes
+                    .as_deref()
+                    .unwrap_or(self)
+                    .rewrite_write(statement);
             }
             other => {
                 let kind = other
@@ -939,10 +963,17 @@ mod tests {
             ),
             "{t}"
         );
-        assert!(t.contains("direct_referrals_count > 0"), "{t}");
+        // A write reads legacy's own counter, carried in v2 (`legacy_copy`), as legacy would.
+        assert!(t.contains("legacy_level_1_referrals > 0"), "{t}");
         assert!(t.contains("RETURNING affiliate_id AS affiliate_id"), "{t}");
         assert!(
-            t.contains("direct_referrals_count AS level_1_referrals"),
+            t.contains("legacy_level_1_referrals AS level_1_referrals"),
+            "{t}"
+        );
+        // And writes it.
+        let t = target("UPDATE affiliates SET level_1_referrals = level_1_referrals + 1");
+        assert!(
+            t.ends_with("SET legacy_level_1_referrals = legacy_level_1_referrals + 1"),
             "{t}"
         );
         let t = target("INSERT INTO affiliates VALUES (1, NULL, 'x', 'n')");
@@ -959,7 +990,7 @@ mod tests {
         );
         assert!(t.contains("p.level_1_referrals = 0"), "{t}");
         assert!(
-            t.ends_with("RETURNING a.direct_referrals_count AS level_1_referrals"),
+            t.ends_with("RETURNING a.legacy_level_1_referrals AS level_1_referrals"),
             "{t}"
         );
         let t = target(
@@ -1009,11 +1040,19 @@ mod tests {
         assert!(
             refused("WITH affiliates AS (SELECT 1) SELECT * FROM affiliates").contains("shadows")
         );
-        assert!(refused("UPDATE affiliates SET level_1_referrals = 0").contains("derives itself"));
-        assert!(
-            refused("INSERT INTO affiliates (affiliate_id, level_1_referrals) VALUES (1, 1)")
-                .contains("derives itself")
-        );
+        // Without a `legacy_copy`, a write of the derived column has nowhere to go on v2.
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("rules");
+        let mut table = RuleSet::load_dir(&dir).unwrap().table;
+        table.columns.iter_mut().for_each(|c| c.legacy_copy = None);
+        for sql in [
+            "UPDATE affiliates SET level_1_referrals = 0",
+            "INSERT INTO affiliates (affiliate_id, level_1_referrals) VALUES (1, 1)",
+        ] {
+            match Rewriter::new(&table).rewrite(sql) {
+                Rewrite::NotRoutable(why) => assert!(why.contains("derives itself"), "{why}"),
+                Rewrite::Target(t) => panic!("{sql}: rewritten to {t}"),
+            }
+        }
         let t = target("INSERT INTO affiliates (external_id) VALUES ('x'), ('y')");
         assert!(t.contains("(affiliate_id, external_id) VALUES (nextval('public.affiliates_affiliate_id_seq'), 'x'), (nextval("), "{t}");
         assert!(

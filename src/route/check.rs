@@ -55,6 +55,12 @@ pub struct Checks {
     asked: Mutex<std::collections::HashSet<String>>,
     requests: mpsc::Sender<Request>,
     receiver: Mutex<Option<mpsc::Receiver<Request>>>,
+    /// Woken whenever a check is done.
+    finished: tokio::sync::Notify,
+    /// The table whose errors [`Self::identities`] maps (set before [`Self::run`]).
+    table: Mutex<Option<crate::rules::TableMap>>,
+    /// Legacy's names for the target's, read when the connection first comes up.
+    identities: arc_swap::ArcSwapOption<super::identity::Identities>,
 }
 
 impl Default for Checks {
@@ -71,6 +77,9 @@ impl Checks {
             asked: Mutex::default(),
             requests,
             receiver: Mutex::new(Some(receiver)),
+            finished: tokio::sync::Notify::new(),
+            table: Mutex::new(None),
+            identities: arc_swap::ArcSwapOption::empty(),
         }
     }
 
@@ -105,6 +114,41 @@ impl Checks {
         None
     }
 
+    /// The check of `key`, waiting for it up to `patience` if it has not been made (asked
+    /// for if need be); `None` if it is still not in.
+    pub async fn wait(
+        &self,
+        key: &str,
+        legacy_sql: &str,
+        target_sql: &str,
+        param_types: &[u32],
+        patience: Duration,
+    ) -> Option<Check> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let finished = self.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            if let Some(check) = self.get(key, legacy_sql, target_sql, param_types) {
+                return Some(check);
+            }
+            if tokio::time::timeout_at(deadline, finished).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// The table whose target errors are to read as legacy's (from the rules).
+    pub fn set_table(&self, table: crate::rules::TableMap) {
+        *self.table.lock().unwrap_or_else(|e| e.into_inner()) = Some(table);
+        self.identities.store(None);
+    }
+
+    /// Legacy's names for the target's objects, once read.
+    pub fn identities(&self) -> Option<Arc<super::identity::Identities>> {
+        self.identities.load_full()
+    }
+
     /// Forgets what was found (the rules changed).
     pub fn clear(&self) {
         self.done.lock().unwrap_or_else(|e| e.into_inner()).clear();
@@ -136,6 +180,19 @@ impl Checks {
                     .await
                     .inspect_err(|e| tracing::warn!(error = %e, "route checks: no database; statements stay on legacy"))
                     .ok();
+            }
+            if let Some(c) = &client
+                && self.identities.load().is_none()
+            {
+                let table = self.table.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Some(table) = table {
+                    match super::identity::Identities::load(c, &table).await {
+                        Ok(map) => self.identities.store(Some(Arc::new(map))),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "route checks: legacy's names for the target's errors could not be read")
+                        }
+                    }
+                }
             }
             let Some(c) = &client else {
                 self.asked
@@ -170,6 +227,8 @@ impl Checks {
                 done.clear();
             }
             done.insert(request.key, check);
+            drop(done);
+            self.finished.notify_waiters();
         }
     }
 }

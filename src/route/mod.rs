@@ -10,6 +10,7 @@
 //! Raising N only adds buckets: a key served by the target at 25% still is at 50%.
 
 pub mod check;
+pub mod identity;
 
 use std::borrow::Cow;
 

@@ -69,6 +69,14 @@ pub async fn check_against_database(
                     c.target, c.legacy, table.target
                 )));
             }
+            if let Some(copy) = &c.legacy_copy
+                && !target_columns.contains(copy)
+            {
+                problems.push(table.location.diagnostic(format!(
+                    "column {copy:?} (legacy_copy of {:?}) is not in {}",
+                    c.legacy, table.target
+                )));
+            }
         }
     }
 

@@ -141,6 +141,10 @@ pub struct ColumnMap {
     pub target: String,
     /// Maintained by the target itself: read from it, never written by the application.
     pub derived: bool,
+    /// For a derived column: the target column carrying legacy's own value, which the
+    /// application's writes served by the target read and write instead (so that the way
+    /// back to legacy gives legacy's counter exactly).
+    pub legacy_copy: Option<String>,
 }
 
 /// The legacy table and its target.
@@ -602,6 +606,7 @@ impl Builder {
                 legacy: c.clone(),
                 target: c.clone(),
                 derived: false,
+                legacy_copy: None,
             })
             .collect();
         for (name, mapping) in columns {
@@ -629,6 +634,21 @@ impl Builder {
             }
             m.target = target_name;
             m.derived = mapping.derived;
+            if let Some(copy) = &mapping.legacy_copy {
+                let copy_name = copy.get_ref().to_ascii_lowercase();
+                if !mapping.derived {
+                    self.at(path, text, copy, "legacy_copy is only for a derived column");
+                } else if !is_identifier(&copy_name) {
+                    self.at(
+                        path,
+                        text,
+                        copy,
+                        format!("{:?} is not a column name", copy.get_ref()),
+                    );
+                } else {
+                    m.legacy_copy = Some(copy_name);
+                }
+            }
         }
         if maps.iter().any(|m| m.legacy == key && m.derived) {
             self.at(path, text, &raw.key, "the key cannot be a derived column");

@@ -33,6 +33,9 @@ pub struct RawColumn {
     pub target: Spanned<String>,
     #[serde(default)]
     pub derived: bool,
+    /// For a derived column: the target column that carries legacy's own value (written by
+    /// the application's statements served from the target, copied back to legacy).
+    pub legacy_copy: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

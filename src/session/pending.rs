@@ -17,11 +17,14 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed},
     },
 };
 
-use crate::wire::messages::{self, backend};
+use crate::{
+    route::Side,
+    wire::messages::{self, backend},
+};
 
 /// How legacy describes each column: table OID, attribute number, type modifier.
 pub type Described = Arc<[(u32, i16, i32)]>;
@@ -208,6 +211,12 @@ pub struct Flow {
     /// A target variant the proxy prepared failed: this session routes no more prepared
     /// statements (the client saw the error).
     routing_broken: AtomicBool,
+    /// The side serving the writes and locking reads of the open transaction: 0 none yet,
+    /// 1 legacy, 2 the target. Meaningful while a write is unsettled (a transaction that
+    /// has written has not ended); the next transaction decides again.
+    write_side: AtomicU8,
+    /// Something was served by the target: its errors are given legacy's names.
+    target_served: AtomicBool,
 }
 
 impl Flow {
@@ -222,14 +231,45 @@ impl Flow {
             .push(awaited);
     }
 
-    /// A write statement is being sent.
-    pub fn write_sent(&self) {
-        self.writes.write_sent();
-    }
-
     /// A write has been sent whose transaction has not been seen to end.
     pub fn unsettled(&self) -> bool {
         self.writes.unsettled()
+    }
+
+    /// An execution is being sent to the target.
+    pub fn target_sent(&self) {
+        self.target_served.store(true, Relaxed);
+    }
+
+    /// Whether this session has had anything served by the target.
+    pub fn target_served(&self) -> bool {
+        self.target_served.load(Relaxed)
+    }
+
+    /// The side the open transaction's writes and locking reads are served by, once its
+    /// first one was sent.
+    pub fn write_side(&self) -> Option<Side> {
+        if !self.writes.unsettled() {
+            return None;
+        }
+        match self.write_side.load(Relaxed) {
+            1 => Some(Side::Legacy),
+            2 => Some(Side::Target),
+            _ => None,
+        }
+    }
+
+    /// A write or locking read is being sent, served by `side`: the first of its
+    /// transaction decides the transaction's write side.
+    pub fn write_sent_to(&self, side: Side) {
+        if self.write_side().is_none() {
+            let code = match side {
+                Side::Legacy => 1,
+                Side::Target => 2,
+            };
+            self.write_side.store(code, Relaxed);
+        }
+        self.writes.write_sent();
     }
 
     pub fn routing_broken(&self) -> bool {

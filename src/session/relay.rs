@@ -234,6 +234,13 @@ impl ClientToServer<'_> {
                             self.buf.reserve(header.total - available);
                             break;
                         }
+                        if let Some(check) = self.statements.check_to_await(
+                            header.tag,
+                            &self.buf[ready + 5..ready + header.total],
+                            None,
+                        ) {
+                            self.statements.await_check(check).await;
+                        }
                         let replacement = self
                             .statements
                             .inspect(header.tag, &self.buf[ready + 5..ready + header.total]);
@@ -268,6 +275,12 @@ impl ClientToServer<'_> {
                                 if whole.is_some() && available < header.total {
                                     self.buf.reserve(header.total - available);
                                     break;
+                                }
+                                if whole.is_some()
+                                    && let Some(check) =
+                                        self.statements.check_to_await(tag, &[], Some(statement))
+                                {
+                                    self.statements.await_check(check).await;
                                 }
                                 let whole = whole.map(|stage| {
                                     (&self.buf[ready + 5..ready + header.total], stage)
@@ -390,6 +403,7 @@ impl ServerToClient<'_> {
                                 &mut self.key_guard,
                                 self.shared,
                                 self.id,
+                                self.flow,
                             ),
                         };
                         match action {
@@ -456,12 +470,22 @@ fn inspect_server_frame(
     key_guard: &mut Option<KeyGuard>,
     shared: &Shared,
     id: u32,
+    flow: &Flow,
 ) -> Action {
     *last_was_fatal = false;
     match tag {
         backend::ERROR_RESPONSE => {
             *last_was_fatal = messages::parse_error(body).is_fatal();
-            Action::Forward
+            // A statement served by the target fails with legacy's names.
+            match flow
+                .target_served()
+                .then(|| shared.checks.as_ref()?.identities())
+                .flatten()
+                .and_then(|map| map.error_as_legacy(body))
+            {
+                Some(frame) => Action::Replace(frame),
+                None => Action::Forward,
+            }
         }
         // The dual-write trigger's report is the proxy's, not the client's.
         backend::NOTICE_RESPONSE => match messages::dual_write_report(body) {

@@ -10,8 +10,10 @@
 //!   that goes to the target names that variant instead of the client's statement;
 //! - a statement is served by the target only after its [route check](crate::route::check)
 //!   found that the client would not notice (same parameters, same columns and types);
-//! - writes go to the target from stage `target` on (all of them: mixing v2-first and
-//!   legacy-first writes of one type could deadlock), reads by bucket from `cutover N%` on.
+//! - writes and locking reads go to their transaction's write side: the first of a
+//!   transaction decides it from the table's (the target once every write type is at
+//!   `target`), and the rest follow (docs/routing.md, "One transaction, one write side");
+//!   reads go by bucket from `cutover N%` on.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -42,6 +44,18 @@ pub const MAX_INSPECTED_BIND: usize = 64 * 1024;
 /// Prefix of the names of the target variants the proxy prepares (`cutover_t_` and the
 /// client's statement name in hex).
 pub const TARGET_PREFIX: &str = "cutover_t_";
+
+/// How long a write whose transaction writes the target waits for its route check (made
+/// once per statement, in milliseconds) before legacy serves it.
+const CHECK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A route check a statement waits for.
+pub struct Awaitable {
+    key: String,
+    legacy: Arc<str>,
+    target: String,
+    types: Arc<[u32]>,
+}
 
 pub struct Statements<'s> {
     shared: &'s Shared,
@@ -108,6 +122,12 @@ fn may_route(stage: Stage) -> bool {
     !matches!(stage, Stage::Legacy | Stage::Shadow)
 }
 
+/// Whether executions of `t` are served where its transaction writes: a write, or a locking
+/// read (`FOR UPDATE`, `FOR SHARE`, …).
+fn on_write_side(t: &Typed) -> bool {
+    t.write_tag.is_some() || t.locking
+}
+
 struct Portal {
     served: Served,
     side: Side,
@@ -139,17 +159,48 @@ impl<'s> Statements<'s> {
         self.shared.control.stage(&t.query_type).unwrap_or(t.stage)
     }
 
+    /// The side the session's writes go to now: its open transaction's, or, for the first
+    /// write of a transaction, the table's (the target once every write type is there).
+    fn write_side(&self) -> Side {
+        self.flow
+            .write_side()
+            .unwrap_or(if self.shared.control.writes_to_target() {
+                Side::Target
+            } else {
+                Side::Legacy
+            })
+    }
+
+    /// Whether executions of `t` in `stage` may be served by the target now (and so its
+    /// route check is wanted).
+    fn may_route(&self, t: &Typed, stage: Stage) -> bool {
+        if on_write_side(t) {
+            self.write_side() == Side::Target
+        } else {
+            may_route(stage)
+        }
+    }
+
+    /// A statement served by `side` is being sent: a write or locking read settles its
+    /// transaction's write side (the first one decides it).
+    fn sent(&self, t: &Typed, side: Side) {
+        if side == Side::Target {
+            self.flow.target_sent();
+        }
+        if on_write_side(t) {
+            self.flow.write_sent_to(side);
+        }
+    }
+
     /// Which side serves an execution of `t` in `stage` whose key is `key` (`None`: the
-    /// session's).
+    /// session's). Writes and locking reads go where the transaction writes (one side per
+    /// transaction: docs/routing.md); reads by stage and bucket.
     fn side(&self, t: &Typed, stage: Stage, key: Option<&[u8]>) -> Side {
         if !matches!(t.route, Rewrite::Target(_)) {
             return Side::Legacy;
         }
-        if t.write_tag.is_some() {
-            return match stage {
-                Stage::Target | Stage::Complete => Side::Target,
-                _ => Side::Legacy,
-            };
+        if on_write_side(t) {
+            return self.write_side();
         }
         // v2 receives this transaction's legacy writes at its COMMIT: until then, legacy.
         if self.flow.unsettled() {
@@ -195,6 +246,88 @@ impl<'s> Statements<'s> {
             Classification::Typed(_) => queries.automatic.clone(),
         };
         (served, Some(classification))
+    }
+
+    /// The route check a Query (`tag`, whole `body`) or a Bind (of prepared statement
+    /// `statement`) must wait for before it is sent: a write or locking read whose
+    /// transaction writes the target, whose check is not in yet. Served by legacy for want
+    /// of its check, it would take legacy's locks first where every other transaction takes
+    /// v2's (a deadlock), or split its transaction.
+    pub fn check_to_await(
+        &self,
+        tag: u8,
+        body: &[u8],
+        statement: Option<&[u8]>,
+    ) -> Option<Awaitable> {
+        self.shared.checks.as_ref()?;
+        let (key, legacy, target, types) = match tag {
+            frontend::QUERY => {
+                let sql = messages::query_text(body)?;
+                let (_, classification) = self.classify(sql);
+                let classification = classification?;
+                let Classification::Typed(t) = &*classification else {
+                    return None;
+                };
+                let Rewrite::Target(target) = &t.route else {
+                    return None;
+                };
+                if !on_write_side(t) || self.write_side() != Side::Target {
+                    return None;
+                }
+                let key = format!(
+                    "q:{}:{}",
+                    self.shared.classifier.load().rules().version,
+                    t.fingerprint.id
+                );
+                let legacy: Arc<str> = std::str::from_utf8(sql).ok()?.into();
+                (key, legacy, target.clone(), Arc::from([]))
+            }
+            frontend::BIND => {
+                let source = self.statements.get(statement?)?.typed.clone()?;
+                let t = source.typed();
+                let Rewrite::Target(target) = &t.route else {
+                    return None;
+                };
+                if !on_write_side(t) || self.write_side() != Side::Target {
+                    return None;
+                }
+                (
+                    source.check_key().to_owned(),
+                    Arc::clone(&source.sql),
+                    target.clone(),
+                    Arc::clone(&source.param_types),
+                )
+            }
+            _ => return None,
+        };
+        self.checked(&key, &legacy, &target, &types)
+            .is_none()
+            .then_some(Awaitable {
+                key,
+                legacy,
+                target,
+                types,
+            })
+    }
+
+    /// Waits for a check [`Self::check_to_await`] named (bounded: then legacy serves).
+    pub async fn await_check(&self, awaitable: Awaitable) {
+        if let Some(checks) = &self.shared.checks {
+            let waited = checks
+                .wait(
+                    &awaitable.key,
+                    &awaitable.legacy,
+                    &awaitable.target,
+                    &awaitable.types,
+                    CHECK_PATIENCE,
+                )
+                .await;
+            if waited.is_none() {
+                tracing::warn!(
+                    "a write's route check did not come in time: its transaction stays on legacy"
+                );
+            }
+        }
     }
 
     /// Looks at a whole Query, Parse, Execute, Close, Sync or FunctionCall; returns what to
@@ -265,10 +398,10 @@ impl<'s> Statements<'s> {
             return None;
         };
         let stage = self.stage(t);
-        if t.write_tag.is_some() {
-            self.flow.write_sent();
-        }
-        let text = std::str::from_utf8(sql).ok()?;
+        let Ok(text) = std::str::from_utf8(sql) else {
+            self.sent(t, Side::Legacy);
+            return None;
+        };
         if self.compared(t, stage)
             && Self::sampled(t)
             && let Some(shadow) = self.shadow
@@ -288,7 +421,7 @@ impl<'s> Statements<'s> {
         };
         let mut side = self.side(t, stage, key);
         if let Rewrite::Target(target) = &t.route
-            && may_route(stage)
+            && self.may_route(t, stage)
         {
             // Asked for as soon as the stage may route, whatever this execution's side.
             let check_key = format!(
@@ -304,6 +437,7 @@ impl<'s> Statements<'s> {
                 && let Some(columns) = ready
             {
                 served.target.increment(1);
+                self.sent(t, Side::Target);
                 let tag = t.write_tag.as_deref().unwrap_or("");
                 let frame = messages::query_frame(&format!("{target}{tag}"));
                 return Some((frame, Some(columns)));
@@ -312,6 +446,7 @@ impl<'s> Statements<'s> {
         if side == Side::Target {
             side = Side::Legacy;
         }
+        self.sent(t, side);
         served.side(side).increment(1);
         t.write_tag
             .as_deref()
@@ -337,7 +472,7 @@ impl<'s> Statements<'s> {
         if let Some(source) = &typed {
             let t = source.typed();
             if let Rewrite::Target(target) = &t.route
-                && may_route(self.stage(t))
+                && self.may_route(t, self.stage(t))
             {
                 // Asked for now, so that it is in by the first Bind.
                 let _ = self.checked(source.check_key(), &source.sql, target, &source.param_types);
@@ -362,8 +497,9 @@ impl<'s> Statements<'s> {
         let source = self.statements.get(name)?.typed.as_ref()?;
         let t = source.typed();
         let stage = self.stage(t);
-        ((matches!(t.route, Rewrite::Target(_)) && may_route(stage)) || self.compared(t, stage))
-            .then_some(stage)
+        ((matches!(t.route, Rewrite::Target(_)) && self.may_route(t, stage))
+            || self.compared(t, stage))
+        .then_some(stage)
     }
 
     /// A Bind: its portal executes what `statement` was parsed as, on the side its key
@@ -389,14 +525,10 @@ impl<'s> Statements<'s> {
             return None;
         };
         let served = prepared.served.clone();
-        if prepared
-            .typed
-            .as_ref()
-            .is_some_and(|s| s.typed().write_tag.is_some())
-        {
-            self.flow.write_sent();
-        }
         let (Some(source), Some((body, stage))) = (prepared.typed.clone(), whole) else {
+            if let Some(source) = &prepared.typed {
+                self.sent(source.typed(), Side::Legacy);
+            }
             self.portals.insert(
                 portal.into(),
                 Portal {
@@ -445,6 +577,7 @@ impl<'s> Statements<'s> {
             Some((frames, described)) => (Side::Target, Some(described), Some(frames)),
             None => (Side::Legacy, None, None),
         };
+        self.sent(t, side);
         self.portals.insert(
             portal.into(),
             Portal {

@@ -126,6 +126,34 @@ async fn create_db(template: &str) -> TestDb {
     TestDb { name }
 }
 
+/// A new database copied from `template` (which nobody may be connected to; a connection
+/// just closed may take a moment to go).
+pub async fn clone_db(template: &TestDb) -> TestDb {
+    let name = format!(
+        "test_{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::Relaxed)
+    );
+    let admin = admin().await;
+    for attempt in 0.. {
+        match admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {name} TEMPLATE {}",
+                template.name
+            ))
+            .await
+        {
+            Ok(()) => break,
+            Err(e) if attempt < 100 => {
+                let _ = e;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("create database {name} from {}: {e}", template.name),
+        }
+    }
+    TestDb { name }
+}
+
 /// A new database with nothing in it.
 pub async fn empty_db() -> TestDb {
     create_db("template0").await
@@ -393,6 +421,11 @@ pub async fn copy_legacy_into_target(client: &Client) {
         ))
         .await
         .expect("copy legacy rows through the v2 triggers");
+    // Legacy's own counter, carried in v2 for the way back (migration 0014).
+    client
+        .batch_execute("SELECT cutover.carry_legacy_counters(NULL)")
+        .await
+        .expect("carry legacy's counters");
 }
 
 /// The legacy id sequence's state; sequences ignore rollbacks, so tests that run a write on
