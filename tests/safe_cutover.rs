@@ -20,7 +20,7 @@ use std::{sync::OnceLock, time::Duration};
 
 use proptest::prelude::*;
 use rust_decimal::Decimal;
-use support::TestDb;
+use support::{SHARED_COLUMNS, TestDb};
 use tokio::sync::OnceCell;
 use tokio_postgres::{
     Client, SimpleQueryMessage,
@@ -237,6 +237,20 @@ struct Statement {
     returns_rows: bool,
 }
 
+/// The SQL of a rule-named query type: its rule's example, the application's own statement
+/// (`../shared/workloads/fature_app.sql`), so the model cannot drift from what the rules name.
+fn rule_sql(name: &str) -> &'static str {
+    static RULES: OnceLock<cutover::rules::RuleSet> = OnceLock::new();
+    RULES
+        .get_or_init(|| {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+            cutover::rules::RuleSet::load_dir(&dir).expect("the customer's rules are valid")
+        })
+        .named(name)
+        .and_then(|q| q.example_sql.as_deref())
+        .unwrap_or_else(|| panic!("no rule {name} with an example"))
+}
+
 fn statement(
     sql: &str,
     params: Vec<Box<dyn ToSql + Sync + Send>>,
@@ -256,6 +270,11 @@ fn statement(
     }
 }
 
+/// A statement whose one parameter is an affiliate id.
+fn by_id(sql: &str, id: i64, returns_rows: bool) -> Statement {
+    statement(sql, vec![Box::new(id)], &[id.to_string()], returns_rows)
+}
+
 fn text(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
@@ -269,9 +288,7 @@ fn render(op: &Op, last: i64, case: u64) -> Option<Statement> {
     let ext = |e: u8| format!("model-{case}-{e}");
     Some(match op {
         Op::New { parent, ext: e } => statement(
-            "INSERT INTO affiliates (parent_affiliate_id, external_id, name, email, registration_date)
-VALUES ($1, $2, $3, $4, now())
-RETURNING affiliate_id",
+            rule_sql("new_affiliate"),
             vec![
                 Box::new(*parent),
                 Box::new(ext(*e)),
@@ -289,8 +306,7 @@ RETURNING affiliate_id",
         Op::Deposit { key, cents } => {
             let amount = Decimal::new(*cents, 2);
             statement(
-                "UPDATE affiliates SET total_deposits = total_deposits + $1, updated_at = now()
-WHERE affiliate_id = $2",
+                rule_sql("record_deposit"),
                 vec![Box::new(amount), Box::new(id(key))],
                 &[amount.to_string(), id(key).to_string()],
                 false,
@@ -299,33 +315,24 @@ WHERE affiliate_id = $2",
         Op::Status { key, banned } => {
             let status = if *banned { "banned" } else { "active" };
             statement(
-                "UPDATE affiliates SET status = $1, updated_at = now() WHERE affiliate_id = $2",
+                rule_sql("set_status"),
                 vec![Box::new(status.to_owned()), Box::new(id(key))],
                 &[text(status), id(key).to_string()],
                 false,
             )
         }
-        Op::Bump { key } => statement(
-            "UPDATE affiliates SET level_1_referrals = level_1_referrals + 1, updated_at = now()
-WHERE affiliate_id = $1",
-            vec![Box::new(id(key))],
-            &[id(key).to_string()],
-            false,
-        ),
+        Op::Bump { key } => by_id(rule_sql("bump_parent_referrals"), id(key), false),
         Op::Move { key, parent } => statement(
-            "UPDATE affiliates SET parent_affiliate_id = $1, updated_at = now() WHERE affiliate_id = $2",
+            rule_sql("move_affiliate"),
             vec![Box::new(*parent), Box::new(*key)],
             &[parent.to_string(), key.to_string()],
             false,
         ),
         // Only leaves created by the case: v2 detaches the children of a deleted affiliate
         // (a declared behaviour change), and the tree's ids must stay parents for moves.
-        Op::DeleteLeaf { key } if id(key) > TREE => statement(
-            "DELETE FROM affiliates WHERE affiliate_id = $1",
-            vec![Box::new(id(key))],
-            &[id(key).to_string()],
-            false,
-        ),
+        Op::DeleteLeaf { key } if id(key) > TREE => {
+            by_id(rule_sql("delete_affiliate"), id(key), false)
+        }
         Op::DeleteReturning { key } if id(key) > TREE => statement(
             "DELETE FROM affiliates AS a WHERE a.affiliate_id = $1
 AND NOT EXISTS (SELECT 1 FROM affiliates c WHERE c.parent_affiliate_id = a.affiliate_id)
@@ -336,9 +343,7 @@ RETURNING a.affiliate_id, a.name, a.total_deposits",
         ),
         Op::DeleteLeaf { .. } | Op::DeleteReturning { .. } => return None,
         Op::Upsert { ext: e, name } => statement(
-            "INSERT INTO affiliates (external_id, name, email, registration_date)
-VALUES ($1, $2, $3, now())
-ON CONFLICT (external_id) DO UPDATE SET name = EXCLUDED.name, email = EXCLUDED.email, updated_at = now()",
+            rule_sql("upsert_by_external_id"),
             vec![
                 Box::new(ext(*e)),
                 Box::new(format!("upserted {name}")),
@@ -376,27 +381,14 @@ RETURNING a.affiliate_id, a.total_bets",
             &[id(parent).to_string()],
             true,
         ),
-        Op::LockRead { key } => statement(
+        Op::LockRead { key } => by_id(
             "SELECT affiliate_id, status, total_deposits FROM affiliates WHERE affiliate_id = $1 FOR UPDATE",
-            vec![Box::new(id(key))],
-            &[id(key).to_string()],
+            id(key),
             true,
         ),
-        Op::Read { key } => statement(
-            "SELECT * FROM affiliates WHERE affiliate_id = $1",
-            vec![Box::new(id(key))],
-            &[id(key).to_string()],
-            true,
-        ),
+        Op::Read { key } => by_id(rule_sql("affiliate_by_id"), id(key), true),
         Op::Downline { key } => statement(
-            "WITH RECURSIVE downline AS (
-    SELECT affiliate_id, 1 AS depth FROM affiliates WHERE parent_affiliate_id = $1
-    UNION ALL
-    SELECT a.affiliate_id, d.depth + 1
-    FROM affiliates a JOIN downline d ON a.parent_affiliate_id = d.affiliate_id
-    WHERE d.depth < $2
-)
-SELECT COUNT(*) FROM downline",
+            rule_sql("network_size"),
             vec![Box::new(*key), Box::new(3i32)],
             &[key.to_string(), "3".into()],
             true,
@@ -515,17 +507,10 @@ async fn run_tx(client: &Client, tx: &Tx, last: &mut i64, case: u64) -> Vec<Answ
     answers
 }
 
-/// The legacy table, every column but the masked ones, in key order.
-async fn legacy_rows(client: &Client) -> Vec<String> {
+/// The first column of every row `sql` returns.
+async fn first_column<T: for<'a> FromSql<'a>>(client: &Client, sql: &str) -> Vec<T> {
     client
-        .query(
-            "SELECT format('%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s', affiliate_id,
-                    parent_affiliate_id, external_id, name, email, status, level_1_referrals,
-                    total_deposits, total_bets, total_withdrawals, total_cpa_earned,
-                    total_rev_earned, total_commissions_paid)
-             FROM public.affiliates ORDER BY affiliate_id",
-            &[],
-        )
+        .query(sql, &[])
         .await
         .unwrap()
         .iter()
@@ -533,33 +518,36 @@ async fn legacy_rows(client: &Client) -> Vec<String> {
         .collect()
 }
 
-/// Where v2 differs from legacy in one database (shared columns, timestamps included, and
-/// legacy's carried counter); empty when level.
-async fn v2_drift(client: &Client) -> Vec<String> {
-    client
-        .query(
-            "SELECT format('%s: legacy %s, v2 %s', coalesce(l.affiliate_id, v.affiliate_id),
-                    l.affiliate_id IS NOT NULL, v.affiliate_id IS NOT NULL)
-             FROM public.affiliates l
-             FULL JOIN fature_v2.affiliates_optimized v USING (affiliate_id)
-             WHERE l.affiliate_id IS NULL OR v.affiliate_id IS NULL
-                OR (l.parent_affiliate_id, l.external_id, l.name, l.email, l.status,
-                    l.registration_date, l.level_1_referrals, l.total_deposits, l.total_bets,
-                    l.total_withdrawals, l.total_cpa_earned, l.total_rev_earned,
-                    l.total_commissions_paid, l.created_at, l.updated_at)
-                   IS DISTINCT FROM
-                   (v.parent_affiliate_id, v.external_id, v.name, v.email, v.status,
-                    v.registration_date, v.legacy_level_1_referrals, v.total_deposits,
-                    v.total_bets, v.total_withdrawals, v.total_cpa_earned, v.total_rev_earned,
-                    v.total_commissions_paid, v.created_at, v.updated_at)
-             ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+/// The legacy table, every column but the masked ones, in key order.
+async fn legacy_rows(client: &Client) -> Vec<String> {
+    first_column(
+        client,
+        "SELECT format('%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s', affiliate_id,
+                parent_affiliate_id, external_id, name, email, status, level_1_referrals,
+                total_deposits, total_bets, total_withdrawals, total_cpa_earned,
+                total_rev_earned, total_commissions_paid)
+         FROM public.affiliates ORDER BY affiliate_id",
+    )
+    .await
+}
+
+/// Keys whose row v2 does not hold as legacy does in one database (every shared column,
+/// timestamps included, and legacy's counter against the one v2 carries); empty when level.
+async fn v2_drift(client: &Client) -> Vec<i64> {
+    let legacy = format!("SELECT {SHARED_COLUMNS}, level_1_referrals FROM public.affiliates");
+    let v2 = format!(
+        "SELECT {SHARED_COLUMNS}, legacy_level_1_referrals FROM fature_v2.affiliates_optimized"
+    );
+    first_column(
+        client,
+        &format!(
+            "SELECT affiliate_id FROM (({legacy}) EXCEPT ({v2})) l
+             UNION
+             SELECT affiliate_id FROM (({v2}) EXCEPT ({legacy})) v
+             ORDER BY 1"
+        ),
+    )
+    .await
 }
 
 /// v2's derived columns against the truth recomputed from its parent links.
@@ -700,7 +688,7 @@ proptest! {
 
 /// `sessions` clients each add 1 to affiliate 1's total_bets `rounds` times, reading it with
 /// `SELECT … FOR UPDATE` and writing what they read plus one: no increment may be lost.
-async fn increments_survive(writes_at_target: bool, read_stage: (&str, i16)) {
+async fn increments_survive(writes_at_target: bool, read_stage: (&'static str, i16)) {
     let db = support::clone_db(base().await).await;
     let rules = support::rules_with(&[], "");
     let proxy = support::proxy_on(&db, &rules, |_| {}).await;
@@ -708,17 +696,7 @@ async fn increments_survive(writes_at_target: bool, read_stage: (&str, i16)) {
     let phase = Phase {
         writes_at_target,
         write_stages: vec![("cutover", 50); WRITE_TYPES.len()],
-        read_stages: vec![
-            (
-                if read_stage.0 == "cutover" {
-                    "cutover"
-                } else {
-                    "target"
-                },
-                read_stage.1,
-            );
-            READ_TYPES.len()
-        ],
+        read_stages: vec![read_stage; READ_TYPES.len()],
         txs: vec![],
     };
     set_stages(&control, &phase).await;
@@ -737,7 +715,7 @@ async fn increments_survive(writes_at_target: bool, read_stage: (&str, i16)) {
         let client = proxy.client(&db.name).await;
         tasks.push(tokio::spawn(async move {
             for r in 0..rounds {
-                // Each session on its own key's bucket for the lock, half of them simple.
+                // Every session on the same row; half the rounds in the simple protocol.
                 let simple = (s + r) % 2 == 0;
                 client.batch_execute("BEGIN").await.unwrap();
                 let bets: Decimal = if simple {

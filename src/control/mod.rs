@@ -134,15 +134,13 @@ pub struct Control {
 
 impl Control {
     pub fn new(config: Option<tokio_postgres::Config>, rules: Arc<RuleSet>) -> Self {
-        let control = Self {
+        Self {
             config,
             rules: ArcSwap::new(rules),
             live: ArcSwap::from_pointee(LiveState::default()),
             connected: AtomicBool::new(false),
             writes_to_target: AtomicBool::new(false),
-        };
-        control.publish();
-        control
+        }
     }
 
     /// The rules from now on (after a reload): their query types are the gauges' labels.

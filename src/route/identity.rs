@@ -10,12 +10,9 @@
 
 use std::collections::HashMap;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 
-use crate::{
-    rules::TableMap,
-    wire::{self, messages::backend},
-};
+use crate::{rules::TableMap, wire::messages};
 
 /// How the target's names read on legacy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,36 +92,29 @@ impl Identities {
     /// An ErrorResponse body that names the target table, as legacy would have sent it;
     /// `None` when it does not name it (forwarded as it is).
     pub fn error_as_legacy(&self, body: &[u8]) -> Option<Bytes> {
-        let fields = fields(body)?;
-        let names_target = fields
-            .iter()
-            .any(|(k, v)| *k == b't' && *v == self.target_table)
-            && fields
-                .iter()
-                .any(|(k, v)| *k == b's' && *v == self.target_schema);
-        if !names_target {
+        let names = |kind: u8, name: &str| {
+            messages::error_field_list(body).any(|(k, v)| k == kind && v == name.as_bytes())
+        };
+        if !names(b't', &self.target_table) || !names(b's', &self.target_schema) {
             return None;
         }
-        let mut out = BytesMut::with_capacity(body.len());
-        for (kind, value) in &fields {
-            let value = match kind {
-                b's' => self.legacy_schema.clone(),
-                b't' => self.legacy_table.clone(),
-                b'n' => self
-                    .constraints
-                    .get(value)
-                    .cloned()
-                    .unwrap_or(value.clone()),
-                b'c' => self.columns.get(value).cloned().unwrap_or(value.clone()),
-                b'M' | b'D' => self.text(value),
-                _ => value.clone(),
-            };
-            out.put_u8(*kind);
-            out.put_slice(value.as_bytes());
-            out.put_u8(0);
-        }
-        out.put_u8(0);
-        Some(wire::frame(backend::ERROR_RESPONSE, &out))
+        let fields: Vec<(u8, String)> = messages::error_field_list(body)
+            .map(|(kind, value)| {
+                let value = String::from_utf8_lossy(value).into_owned();
+                let value = match kind {
+                    b's' => self.legacy_schema.clone(),
+                    b't' => self.legacy_table.clone(),
+                    b'n' => self.constraints.get(&value).cloned().unwrap_or(value),
+                    b'c' => self.columns.get(&value).cloned().unwrap_or(value),
+                    b'M' | b'D' => self.text(&value),
+                    _ => value,
+                };
+                (kind, value)
+            })
+            .collect();
+        Some(messages::error_frame(
+            fields.iter().map(|(kind, value)| (*kind, value.as_bytes())),
+        ))
     }
 
     /// A message naming the target's objects in quotes, with legacy's names.
@@ -147,20 +137,6 @@ impl Identities {
             );
         }
         text
-    }
-}
-
-/// An ErrorResponse's fields in order; `None` if malformed.
-fn fields(mut body: &[u8]) -> Option<Vec<(u8, String)>> {
-    let mut out = Vec::new();
-    loop {
-        let (&kind, rest) = body.split_first()?;
-        if kind == 0 {
-            return Some(out);
-        }
-        let end = rest.iter().position(|&b| b == 0)?;
-        out.push((kind, String::from_utf8_lossy(&rest[..end]).into_owned()));
-        body = &rest[end + 1..];
     }
 }
 

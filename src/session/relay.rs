@@ -234,11 +234,11 @@ impl ClientToServer<'_> {
                             self.buf.reserve(header.total - available);
                             break;
                         }
-                        if let Some(check) = self.statements.check_to_await(
-                            header.tag,
-                            &self.buf[ready + 5..ready + header.total],
-                            None,
-                        ) {
+                        if header.tag == frontend::QUERY
+                            && let Some(check) = self
+                                .statements
+                                .query_check_to_await(&self.buf[ready + 5..ready + header.total])
+                        {
                             self.statements.await_check(check).await;
                         }
                         let replacement = self
@@ -278,7 +278,7 @@ impl ClientToServer<'_> {
                                 }
                                 if whole.is_some()
                                     && let Some(check) =
-                                        self.statements.check_to_await(tag, &[], Some(statement))
+                                        self.statements.bind_check_to_await(statement)
                                 {
                                     self.statements.await_check(check).await;
                                 }

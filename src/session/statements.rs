@@ -128,6 +128,14 @@ fn on_write_side(t: &Typed) -> bool {
     t.write_tag.is_some() || t.locking
 }
 
+/// The target SQL of a write or locking read that the target can serve.
+fn routed_write(t: &Typed) -> Option<&str> {
+    match &t.route {
+        Rewrite::Target(target) if on_write_side(t) => Some(target),
+        _ => None,
+    }
+}
+
 struct Portal {
     served: Served,
     side: Side,
@@ -173,7 +181,7 @@ impl<'s> Statements<'s> {
 
     /// Whether executions of `t` in `stage` may be served by the target now (and so its
     /// route check is wanted).
-    fn may_route(&self, t: &Typed, stage: Stage) -> bool {
+    fn routable_now(&self, t: &Typed, stage: Stage) -> bool {
         if on_write_side(t) {
             self.write_side() == Side::Target
         } else {
@@ -248,69 +256,72 @@ impl<'s> Statements<'s> {
         (served, Some(classification))
     }
 
-    /// The route check a Query (`tag`, whole `body`) or a Bind (of prepared statement
-    /// `statement`) must wait for before it is sent: a write or locking read whose
-    /// transaction writes the target, whose check is not in yet. Served by legacy for want
-    /// of its check, it would take legacy's locks first where every other transaction takes
-    /// v2's (a deadlock), or split its transaction.
-    pub fn check_to_await(
-        &self,
-        tag: u8,
-        body: &[u8],
-        statement: Option<&[u8]>,
-    ) -> Option<Awaitable> {
-        self.shared.checks.as_ref()?;
-        let (key, legacy, target, types) = match tag {
-            frontend::QUERY => {
-                let sql = messages::query_text(body)?;
-                let (_, classification) = self.classify(sql);
-                let classification = classification?;
-                let Classification::Typed(t) = &*classification else {
-                    return None;
-                };
-                let Rewrite::Target(target) = &t.route else {
-                    return None;
-                };
-                if !on_write_side(t) || self.write_side() != Side::Target {
-                    return None;
-                }
-                let key = format!(
-                    "q:{}:{}",
-                    self.shared.classifier.load().rules().version,
-                    t.fingerprint.id
-                );
-                let legacy: Arc<str> = std::str::from_utf8(sql).ok()?.into();
-                (key, legacy, target.clone(), Arc::from([]))
-            }
-            frontend::BIND => {
-                let source = self.statements.get(statement?)?.typed.clone()?;
-                let t = source.typed();
-                let Rewrite::Target(target) = &t.route else {
-                    return None;
-                };
-                if !on_write_side(t) || self.write_side() != Side::Target {
-                    return None;
-                }
-                (
-                    source.check_key().to_owned(),
-                    Arc::clone(&source.sql),
-                    target.clone(),
-                    Arc::clone(&source.param_types),
-                )
-            }
-            _ => return None,
+    /// The route check a Query (whole `body`) must wait for before it is sent: a write or
+    /// locking read whose transaction writes the target, whose check is not in yet. Served by
+    /// legacy for want of its check, it would take legacy's locks first where every other
+    /// transaction takes v2's (a deadlock), or split its transaction.
+    pub fn query_check_to_await(&self, body: &[u8]) -> Option<Awaitable> {
+        // Nothing waits while the transaction's writes go to legacy (no classifying).
+        if self.shared.checks.is_none() || self.write_side() != Side::Target {
+            return None;
+        }
+        let sql = messages::query_text(body)?;
+        let classification = self.classify(sql).1?;
+        let Classification::Typed(t) = &*classification else {
+            return None;
         };
-        self.checked(&key, &legacy, &target, &types)
+        let target = routed_write(t)?;
+        self.unchecked(
+            self.query_check_key(t),
+            std::str::from_utf8(sql).ok()?.into(),
+            target,
+            Arc::from([]),
+        )
+    }
+
+    /// The same for a Bind of prepared statement `statement`.
+    pub fn bind_check_to_await(&self, statement: &[u8]) -> Option<Awaitable> {
+        if self.shared.checks.is_none() || self.write_side() != Side::Target {
+            return None;
+        }
+        let source = self.statements.get(statement)?.typed.as_ref()?;
+        let target = routed_write(source.typed())?;
+        self.unchecked(
+            source.check_key().to_owned(),
+            Arc::clone(&source.sql),
+            target,
+            Arc::clone(&source.param_types),
+        )
+    }
+
+    /// The check to wait for, if it is not in yet.
+    fn unchecked(
+        &self,
+        key: String,
+        legacy: Arc<str>,
+        target: &str,
+        types: Arc<[u32]>,
+    ) -> Option<Awaitable> {
+        self.checked(&key, &legacy, target, &types)
             .is_none()
-            .then_some(Awaitable {
+            .then(|| Awaitable {
                 key,
                 legacy,
-                target,
+                target: target.to_owned(),
                 types,
             })
     }
 
-    /// Waits for a check [`Self::check_to_await`] named (bounded: then legacy serves).
+    /// A simple Query's route check: per rules and fingerprint (its values are inline).
+    fn query_check_key(&self, t: &Typed) -> String {
+        format!(
+            "q:{}:{}",
+            self.shared.classifier.load().rules().version,
+            t.fingerprint.id
+        )
+    }
+
+    /// Waits for a check [`Self::query_check_to_await`] or [`Self::bind_check_to_await`] named (bounded: then legacy serves).
     pub async fn await_check(&self, awaitable: Awaitable) {
         if let Some(checks) = &self.shared.checks {
             let waited = checks
@@ -421,14 +432,10 @@ impl<'s> Statements<'s> {
         };
         let mut side = self.side(t, stage, key);
         if let Rewrite::Target(target) = &t.route
-            && self.may_route(t, stage)
+            && self.routable_now(t, stage)
         {
             // Asked for as soon as the stage may route, whatever this execution's side.
-            let check_key = format!(
-                "q:{}:{}",
-                self.shared.classifier.load().rules().version,
-                t.fingerprint.id
-            );
+            let check_key = self.query_check_key(t);
             let ready = match self.checked(&check_key, text, target, &[]) {
                 Some(Check::Ready { columns, .. }) => Some(described(&columns)),
                 _ => None,
@@ -472,7 +479,7 @@ impl<'s> Statements<'s> {
         if let Some(source) = &typed {
             let t = source.typed();
             if let Rewrite::Target(target) = &t.route
-                && self.may_route(t, self.stage(t))
+                && self.routable_now(t, self.stage(t))
             {
                 // Asked for now, so that it is in by the first Bind.
                 let _ = self.checked(source.check_key(), &source.sql, target, &source.param_types);
@@ -497,7 +504,7 @@ impl<'s> Statements<'s> {
         let source = self.statements.get(name)?.typed.as_ref()?;
         let t = source.typed();
         let stage = self.stage(t);
-        ((matches!(t.route, Rewrite::Target(_)) && self.may_route(t, stage))
+        ((matches!(t.route, Rewrite::Target(_)) && self.routable_now(t, stage))
             || self.compared(t, stage))
         .then_some(stage)
     }

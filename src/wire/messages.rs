@@ -56,19 +56,37 @@ impl Severity {
 /// An ErrorResponse frame built by the proxy itself (errors from PostgreSQL are relayed
 /// untouched, never rebuilt).
 pub fn error_response(severity: Severity, code: &SqlState, message: &str) -> Bytes {
-    let mut body = BytesMut::with_capacity(message.len() + 32);
-    for (field, value) in [
-        (b'S', severity.as_str()),
-        (b'V', severity.as_str()),
-        (b'C', code.code()),
-        (b'M', message),
-    ] {
+    error_frame([
+        (b'S', severity.as_str().as_bytes()),
+        (b'V', severity.as_str().as_bytes()),
+        (b'C', code.code().as_bytes()),
+        (b'M', message.as_bytes()),
+    ])
+}
+
+/// An ErrorResponse frame with these fields (type, value), in this order.
+pub fn error_frame<'a>(fields: impl IntoIterator<Item = (u8, &'a [u8])>) -> Bytes {
+    let mut body = BytesMut::with_capacity(128);
+    for (field, value) in fields {
         body.put_u8(field);
-        body.put_slice(value.as_bytes());
+        body.put_slice(value);
         body.put_u8(0);
     }
     body.put_u8(0);
     frame(backend::ERROR_RESPONSE, &body)
+}
+
+/// The fields of an ErrorResponse or NoticeResponse body in order, as (type, value); ends
+/// at the terminator or at a field cut short.
+pub fn error_field_list(mut body: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    std::iter::from_fn(move || {
+        let (&kind, rest) = body.split_first()?;
+        if kind == 0 {
+            return None;
+        }
+        body = rest;
+        Some((kind, take_cstr(&mut body)?))
+    })
 }
 
 /// The fields of an ErrorResponse or NoticeResponse the proxy needs.
@@ -86,17 +104,10 @@ impl ErrorFields {
     }
 }
 
-pub fn parse_error(mut body: &[u8]) -> ErrorFields {
+pub fn parse_error(body: &[u8]) -> ErrorFields {
     let mut fields = ErrorFields::default();
     let mut localized = String::new();
-    while let Some((&kind, rest)) = body.split_first() {
-        if kind == 0 {
-            break;
-        }
-        body = rest;
-        let Some(value) = take_cstr(&mut body) else {
-            break;
-        };
+    for (kind, value) in error_field_list(body) {
         let value = String::from_utf8_lossy(value).into_owned();
         match kind {
             b'V' => fields.severity = value,

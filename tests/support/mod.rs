@@ -112,46 +112,31 @@ pub async fn admin() -> Client {
         .expect("connect to the test cluster")
 }
 
+/// A new database copied from `template`. Nobody may be connected to the template: a
+/// connection just closed may take a moment to go, so the copy is retried for up to 5 s.
 async fn create_db(template: &str) -> TestDb {
     let name = format!(
         "test_{}_{}",
         std::process::id(),
         NEXT_DB.fetch_add(1, Ordering::Relaxed)
     );
-    admin()
-        .await
-        .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
-        .await
-        .unwrap_or_else(|e| panic!("create database {name}: {e}"));
-    TestDb { name }
-}
-
-/// A new database copied from `template` (which nobody may be connected to; a connection
-/// just closed may take a moment to go).
-pub async fn clone_db(template: &TestDb) -> TestDb {
-    let name = format!(
-        "test_{}_{}",
-        std::process::id(),
-        NEXT_DB.fetch_add(1, Ordering::Relaxed)
-    );
     let admin = admin().await;
+    let sql = format!("CREATE DATABASE {name} TEMPLATE {template}");
     for attempt in 0.. {
-        match admin
-            .batch_execute(&format!(
-                "CREATE DATABASE {name} TEMPLATE {}",
-                template.name
-            ))
-            .await
-        {
+        match admin.batch_execute(&sql).await {
             Ok(()) => break,
-            Err(e) if attempt < 100 => {
-                let _ = e;
+            Err(_) if attempt < 100 => {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-            Err(e) => panic!("create database {name} from {}: {e}", template.name),
+            Err(e) => panic!("create database {name}: {e}"),
         }
     }
     TestDb { name }
+}
+
+/// A new database copied from another test database.
+pub async fn clone_db(template: &TestDb) -> TestDb {
+    create_db(&template.name).await
 }
 
 /// A new database with nothing in it.
