@@ -255,9 +255,9 @@ async fn api_set(
             let status = match &error {
                 control::ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
                 control::ChangeError::UnknownQueryType(_) => StatusCode::NOT_FOUND,
-                control::ChangeError::Gate { .. } | control::ChangeError::WriteGate { .. } => {
-                    StatusCode::CONFLICT
-                }
+                control::ChangeError::Gate { .. }
+                | control::ChangeError::WriteGate { .. }
+                | control::ChangeError::NotBackfilled { .. } => StatusCode::CONFLICT,
                 control::ChangeError::NoControlDatabase
                 | control::ChangeError::Unreachable(_)
                 | control::ChangeError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,

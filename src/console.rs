@@ -401,7 +401,9 @@ async fn set_stage(shared: &Shared, user: &str, text: &str) -> Answer {
             let code = match &error {
                 control::ChangeError::Invalid(_) => SqlState::INVALID_PARAMETER_VALUE,
                 control::ChangeError::UnknownQueryType(_) => SqlState::UNDEFINED_OBJECT,
-                control::ChangeError::Gate { .. } | control::ChangeError::WriteGate { .. } => {
+                control::ChangeError::Gate { .. }
+                | control::ChangeError::WriteGate { .. }
+                | control::ChangeError::NotBackfilled { .. } => {
                     SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
                 }
                 control::ChangeError::NoControlDatabase

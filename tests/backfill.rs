@@ -194,3 +194,60 @@ async fn a_row_dual_written_during_the_backfill_is_not_overwritten() {
     assert_integrity(&client).await;
     assert_eq!(verify(&db).0, 0);
 }
+
+#[tokio::test]
+async fn a_second_backfill_is_refused_while_one_runs() {
+    let db = support::migrated_db().await;
+    let holder = db.client().await;
+    // What a running backfill holds.
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&i64::from_be_bytes(*b"backfill")],
+        )
+        .await
+        .unwrap();
+    let (code, out) = backfill(&db, &[], &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("another `cutover backfill` is running"),
+        "{out}"
+    );
+    // A dry run reads only: it goes ahead.
+    let (code, out) = backfill(&db, &["--dry-run"], &[]);
+    assert_eq!(code, 0, "{out}");
+    drop(holder);
+}
+
+#[tokio::test]
+async fn a_new_backfill_is_refused_while_v2_serves() {
+    let db = support::tree_db(200).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO cutover.query_type_state (query_type, stage, percent) VALUES
+                 ('affiliate_by_id', 'cutover', 30), ('set_status', 'shadow', 0)",
+        )
+        .await
+        .unwrap();
+    let (code, out) = backfill(&db, &[], &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("v2 already serves affiliate_by_id (cutover)")
+            && out.contains("cutover repair"),
+        "{out}"
+    );
+    let phase: String = client
+        .query_one("SELECT phase FROM cutover.backfill_progress", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(phase, "done", "the finished backfill is left as it was");
+    // Stepped back to shadow, a new backfill runs.
+    client
+        .batch_execute("UPDATE cutover.query_type_state SET stage = 'shadow', percent = 0")
+        .await
+        .unwrap();
+    let (code, out) = backfill(&db, &[], &[]);
+    assert_eq!(code, 0, "{out}");
+}

@@ -20,6 +20,14 @@ async fn replica(db: &TestDb) -> Proxy {
     .await
 }
 
+/// A migrated database whose backfill (of an empty table) has completed: v2 may serve.
+async fn backfilled_db() -> TestDb {
+    let db = migrated_db().await;
+    let (code, out) = support::cutover_on(&db, "backfill", &[], &[]);
+    assert_eq!(code, 0, "{out}");
+    db
+}
+
 async fn state(p: &Proxy) -> Value {
     let (status, body) = http_request(p.admin.unwrap(), "GET", "/api/state", None, None).await;
     assert_eq!(status, 200, "{body}");
@@ -136,6 +144,23 @@ async fn a_raise_without_enough_samples_is_refused_and_a_forced_one_recorded() {
     )
     .await;
     assert_eq!(status, 200);
+
+    // Before a backfill has completed v2 serves nothing, forced or not.
+    let (status, refused) = set(
+        &p,
+        "top_referrers",
+        r#"{"stage": "cutover", "percent": 10, "reason": "too early", "force": true}"#,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    let why = refused["error"].as_str().unwrap();
+    assert!(
+        why.contains("before a backfill has completed (none has run)"),
+        "{why}"
+    );
+    let (code, out) = support::cutover_on(&db, "backfill", &[], &[]);
+    assert_eq!(code, 0, "{out}");
 
     let (status, refused) = set(
         &p,
@@ -284,7 +309,7 @@ async fn ctl(p: &Proxy, args: &[&str], token: Option<&str>) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
-    let db = migrated_db().await;
+    let db = backfilled_db().await;
     let p = replica(&db).await;
     until(&p, |s| s["control_connected"] == true).await;
 
@@ -531,7 +556,7 @@ async fn console(p: &Proxy, user: &str, password: &str, sql: &str) -> (bool, Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sql_console_works_from_psql() {
-    let db = migrated_db().await;
+    let db = backfilled_db().await;
     let p = replica(&db).await;
     until(&p, |s| s["control_connected"] == true).await;
 
@@ -609,7 +634,7 @@ async fn evidence(db: &TestDb, query_type: &str, matched: i64, confirmed: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gate_opens_on_enough_matching_evidence_only() {
-    let db = migrated_db().await;
+    let db = backfilled_db().await;
     let p = replica(&db).await;
     until(&p, |s| s["control_connected"] == true).await;
     let to_shadow = r#"{"stage": "shadow", "reason": "compare"}"#;
@@ -647,7 +672,7 @@ async fn the_gate_opens_on_enough_matching_evidence_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_type_that_starts_diverging_is_ramped_down_by_itself() {
-    let db = migrated_db().await;
+    let db = backfilled_db().await;
     let p = replica(&db).await;
     until(&p, |s| s["control_connected"] == true).await;
     assert_eq!(

@@ -33,7 +33,8 @@ async fn drift_of_every_kind_is_repaired() {
              UPDATE fature_v2.affiliates_optimized SET parent_affiliate_id = 1 WHERE affiliate_id = 2500;
              UPDATE fature_v2.affiliates_optimized SET direct_referrals_count = 99 WHERE affiliate_id = 5;
              UPDATE fature_v2.hierarchy_index SET level_distance = level_distance + 1
-                 WHERE id = (SELECT min(id) FROM fature_v2.hierarchy_index);
+                 WHERE (ancestor_id, descendant_id) = (SELECT ancestor_id, descendant_id
+                     FROM fature_v2.hierarchy_index ORDER BY ancestor_id, descendant_id LIMIT 1);
              DELETE FROM fature_v2.hierarchy_index WHERE descendant_id = 1500 AND level_distance = 1;",
         )
         .await

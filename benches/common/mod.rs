@@ -116,7 +116,7 @@ pub async fn legacy_database(
 pub async fn backfill(
     client: &tokio_postgres::Client,
     rules: &cutover::rules::RuleSet,
-) -> Result<cutover::migrate::backfill::Summary, tokio_postgres::Error> {
+) -> Result<cutover::migrate::backfill::Summary, cutover::migrate::backfill::BackfillError> {
     use cutover::migrate::backfill;
     backfill::run(
         client,

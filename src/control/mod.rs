@@ -439,6 +439,10 @@ pub enum ChangeError {
         "refused by the safety gate: a write type moves on the evidence of a clean `cutover verify` in the last hour, and {last}; run it, or force with a reason if you must"
     )]
     WriteGate { last: String },
+    #[error(
+        "refused: v2 cannot serve before a backfill has completed ({state}); every write until then is handed to the backfill, so v2 would answer with rows it does not have yet. Run `cutover backfill` (forcing does not lift this)"
+    )]
+    NotBackfilled { state: String },
     #[error(transparent)]
     Database(#[from] tokio_postgres::Error),
 }
@@ -516,6 +520,9 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
         });
     }
     let raise = served_by_target(change.stage) > from.map_or(0, served_by_target);
+    if raise {
+        backfilled(&tx).await?;
+    }
     if raise && !change.force && change.writes {
         match window_verify(&tx).await? {
             Some((true, _)) => {}
@@ -587,6 +594,24 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
         to: describe(change.stage),
         forced: change.force && raise,
     })
+}
+
+/// Nothing serves from the target before a backfill has completed, forced or not: until then
+/// dual-write hands every write to the backfill instead of v2.
+async fn backfilled(client: &impl tokio_postgres::GenericClient) -> Result<(), ChangeError> {
+    let phase: Option<String> = client
+        .query_opt("SELECT phase FROM cutover.backfill_progress", &[])
+        .await?
+        .map(|r| r.get(0));
+    match phase.as_deref() {
+        Some("done") => Ok(()),
+        Some(phase) => Err(ChangeError::NotBackfilled {
+            state: format!("the last one stopped in its {phase} phase; run it again to finish"),
+        }),
+        None => Err(ChangeError::NotBackfilled {
+            state: "none has run".into(),
+        }),
+    }
 }
 
 /// The gate's window.

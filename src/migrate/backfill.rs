@@ -62,6 +62,22 @@ impl Summary {
     }
 }
 
+/// Key of the advisory lock a running backfill holds ("backfill" in ASCII): a second one is
+/// refused while it runs.
+const BACKFILL_LOCK: i64 = i64::from_be_bytes(*b"backfill");
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    #[error("another `cutover backfill` is running on this database; wait for it to end")]
+    Running,
+    #[error(
+        "v2 already serves {0}: a new backfill would hand the application's writes to itself until it ends, and what v2 serves would go stale meanwhile. `cutover repair` brings v2 back to legacy in place; or step those query types back to shadow first"
+    )]
+    TargetServes(String),
+    #[error(transparent)]
+    Database(#[from] tokio_postgres::Error),
+}
+
 /// Options of a run.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -73,6 +89,54 @@ pub struct Options {
 }
 
 pub async fn run(
+    client: &Client,
+    table: &TableMap,
+    options: &Options,
+) -> Result<Summary, BackfillError> {
+    if options.dry_run {
+        return Ok(run_unlocked(client, table, options).await?);
+    }
+    let locked: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&BACKFILL_LOCK])
+        .await?
+        .get(0);
+    if !locked {
+        return Err(BackfillError::Running);
+    }
+    let result = match serving_from_target(client).await {
+        Ok(serving) if !serving.is_empty() => Err(BackfillError::TargetServes(serving.join(", "))),
+        Ok(_) => run_unlocked(client, table, options)
+            .await
+            .map_err(Into::into),
+        Err(e) => Err(e.into()),
+    };
+    // Closing the connection releases the lock too; unlock explicitly to be tidy.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&BACKFILL_LOCK])
+        .await;
+    result
+}
+
+/// Query types served (in part) by the target, when a backfill has completed: a new plan would
+/// take v2 back from dual-write (writes handed to it until it ends) while they read from v2.
+/// A backfill that never completed is resumed or planned afresh freely: nothing serves from v2
+/// before one has (the stage gate refuses it).
+async fn serving_from_target(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT s.query_type || ' (' || s.stage || ')' FROM cutover.query_type_state s
+             WHERE EXISTS (SELECT 1 FROM cutover.backfill_progress WHERE phase = 'done')
+               AND (s.stage IN ('target', 'complete') OR (s.stage = 'cutover' AND s.percent > 0))
+             ORDER BY s.query_type",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+async fn run_unlocked(
     client: &Client,
     table: &TableMap,
     options: &Options,
@@ -91,8 +155,10 @@ pub async fn run(
         .get(0);
 
     if options.dry_run {
-        // Everything in one transaction that is rolled back: nothing changes.
-        client.batch_execute("BEGIN").await?;
+        // Everything in one transaction, in one snapshot, rolled back: nothing changes.
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            .await?;
         let result = dry_run(client, table, &mut summary).await;
         client.batch_execute("ROLLBACK").await?;
         result?;
@@ -113,7 +179,7 @@ pub async fn run(
         clock = Instant::now();
     };
     if !summary.resumed {
-        plan(client, table).await?;
+        plan(client, table, PlanInto::Commit).await?;
         lap(&mut summary, "plan");
     }
     summary.quarantined = quarantined(client).await?;
@@ -257,20 +323,51 @@ async fn set_phase(client: &Client, phase: &str) -> Result<(), tokio_postgres::E
     Ok(())
 }
 
-/// The plan: levels and paths of reachable rows, and the quarantine of the others.
-async fn plan(client: &Client, table: &TableMap) -> Result<(), tokio_postgres::Error> {
+/// Where a plan goes. A run commits it (`cutover.backfill_plan`, the quarantine and the
+/// progress row) for the phases after it; a dry run, already inside a transaction that is
+/// rolled back, keeps it in a temporary table and its quarantine in memory, and writes
+/// nothing a real run or dual-write would read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PlanInto {
+    Commit,
+    DryRun,
+}
+
+impl PlanInto {
+    fn table(self) -> &'static str {
+        match self {
+            PlanInto::Commit => "cutover.backfill_plan",
+            PlanInto::DryRun => "pg_temp.backfill_plan",
+        }
+    }
+}
+
+/// The plan: levels and paths of reachable rows, and the quarantine of the others (returned).
+async fn plan(
+    client: &Client,
+    table: &TableMap,
+    into: PlanInto,
+) -> Result<Vec<Quarantined>, tokio_postgres::Error> {
     let legacy = table.legacy.quoted();
     let key = quote_ident(&table.key);
+    let plan = into.table();
+    let (open, create) = match into {
+        PlanInto::Commit => (
+            "BEGIN ISOLATION LEVEL REPEATABLE READ;
+             DROP TABLE IF EXISTS cutover.backfill_plan;",
+            "CREATE UNLOGGED TABLE",
+        ),
+        PlanInto::DryRun => ("", "CREATE TEMP TABLE"),
+    };
     client
         .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ;
-             DROP TABLE IF EXISTS cutover.backfill_plan;
+            "{open}
              -- The rows themselves, as of one snapshot: the copy reads them from here, so
              -- v2 is legacy as of this instant, consistent (every parent with its
              -- children), whatever the application does meanwhile; what it does is handed
              -- over by dual-write (cutover.backfill_catchup) and replayed at the end.
              -- (The walk carries keys only; the rows join it after, in the same snapshot.)
-             CREATE UNLOGGED TABLE cutover.backfill_plan AS
+             {create} {plan} AS
              WITH RECURSIVE tree(affiliate_id, level, path) AS (
                  SELECT {key}, 1, {key}::text::ltree FROM {legacy} WHERE parent_affiliate_id IS NULL
                  UNION ALL
@@ -280,20 +377,17 @@ async fn plan(client: &Client, table: &TableMap) -> Result<(), tokio_postgres::E
              SELECT l.*, t.level, t.path, 0 AS direct, 0 AS network
              FROM tree t JOIN {legacy} l ON l.{key} = t.affiliate_id;
              -- Counters from the plan itself, so rows go in complete (no rewrite of every row).
-             UPDATE cutover.backfill_plan p SET direct = c.n
+             UPDATE {plan} p SET direct = c.n
              FROM (SELECT subpath(path, nlevel(path) - 2, 1)::text::int8 AS id, count(*)::int AS n
-                   FROM cutover.backfill_plan WHERE level > 1 GROUP BY 1) c
+                   FROM {plan} WHERE level > 1 GROUP BY 1) c
              WHERE p.affiliate_id = c.id;
-             UPDATE cutover.backfill_plan p SET network = c.n
+             UPDATE {plan} p SET network = c.n
              FROM (SELECT a.label::int8 AS id, count(*)::int AS n
-                   FROM cutover.backfill_plan, unnest(string_to_array(path::text, '.')) WITH ORDINALITY AS a(label, ord)
+                   FROM {plan}, unnest(string_to_array(path::text, '.')) WITH ORDINALITY AS a(label, ord)
                    WHERE a.ord < level GROUP BY 1) c
              WHERE p.affiliate_id = c.id;
-             CREATE UNIQUE INDEX ON cutover.backfill_plan (level, affiliate_id);
-             ANALYZE cutover.backfill_plan;
-             DELETE FROM cutover.backfill_quarantine;
-             DELETE FROM cutover.backfill_progress;
-             INSERT INTO cutover.backfill_progress (phase) VALUES ('rows');"
+             CREATE UNIQUE INDEX ON {plan} (level, affiliate_id);
+             ANALYZE {plan};"
         ))
         .await?;
     // The unreachable rows are few; their reasons are found by following their parents. In
@@ -303,7 +397,7 @@ async fn plan(client: &Client, table: &TableMap) -> Result<(), tokio_postgres::E
         .query(
             &format!(
                 "SELECT l.{key}::int8, l.parent_affiliate_id::int8 FROM {legacy} l
-                 WHERE NOT EXISTS (SELECT 1 FROM cutover.backfill_plan p WHERE p.affiliate_id = l.{key})"
+                 WHERE NOT EXISTS (SELECT 1 FROM {plan} p WHERE p.affiliate_id = l.{key})"
             ),
             &[],
         )
@@ -312,18 +406,35 @@ async fn plan(client: &Client, table: &TableMap) -> Result<(), tokio_postgres::E
     let existing: std::collections::HashSet<i64> = parents.keys().copied().collect();
     let mut ids: Vec<i64> = parents.keys().copied().collect();
     ids.sort();
-    for id in ids {
-        let reason = reason_for(id, &parents, &existing);
+    let quarantine: Vec<Quarantined> = ids
+        .into_iter()
+        .map(|id| Quarantined {
+            affiliate_id: id,
+            parent_affiliate_id: parents[&id],
+            reason: reason_for(id, &parents, &existing),
+        })
+        .collect();
+    if into == PlanInto::DryRun {
+        return Ok(quarantine);
+    }
+    client
+        .batch_execute(
+            "DELETE FROM cutover.backfill_quarantine;
+             DELETE FROM cutover.backfill_progress;
+             INSERT INTO cutover.backfill_progress (phase) VALUES ('rows');",
+        )
+        .await?;
+    for q in &quarantine {
         client
             .execute(
                 "INSERT INTO cutover.backfill_quarantine (affiliate_id, parent_affiliate_id, reason)
                  VALUES ($1, $2, $3)",
-                &[&id, &parents[&id], &reason],
+                &[&q.affiliate_id, &q.parent_affiliate_id, &q.reason],
             )
             .await?;
     }
     client.batch_execute("COMMIT").await?;
-    Ok(())
+    Ok(quarantine)
 }
 
 /// Why an unreachable row cannot be placed: follow its parents among the unreachable rows.
@@ -762,11 +873,10 @@ async fn dry_run(
     table: &TableMap,
     summary: &mut Summary,
 ) -> Result<(), tokio_postgres::Error> {
-    plan(client, table).await?;
-    summary.quarantined = quarantined(client).await?;
+    summary.quarantined = plan(client, table, PlanInto::DryRun).await?;
     let to_copy: i64 = client
         .query_one(
-            "SELECT count(*) FROM cutover.backfill_plan p
+            "SELECT count(*) FROM pg_temp.backfill_plan p
              WHERE NOT EXISTS (SELECT 1 FROM fature_v2.affiliates_optimized t WHERE t.affiliate_id = p.affiliate_id)",
             &[],
         )
