@@ -405,3 +405,98 @@ async fn a_stage_set_back_by_hand_in_sql_is_followed() {
         0.0
     );
 }
+
+/// The `name` of affiliate `id` as `sql` (a read by `$1`) answers it, prepared and simple.
+async fn name_of(client: &Client, sql: &str, id: i64) -> (String, String) {
+    let prepared: String = client.query_one(sql, &[&id]).await.unwrap().get("name");
+    let simple = client
+        .simple_query(&sql.replace("$1", &id.to_string()))
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get("name").map(str::to_owned),
+            _ => None,
+        })
+        .unwrap();
+    (prepared, simple)
+}
+
+/// Asserts that both protocols' answers for affiliate `id` satisfy `by`.
+async fn assert_served(client: &Client, sql: &str, id: i64, by: impl Fn(&str) -> bool) {
+    let (prepared, simple) = name_of(client, sql, id).await;
+    assert!(by(&prepared) && by(&simple), "{id}: {prepared} / {simple}");
+}
+
+#[tokio::test]
+async fn another_table_named_affiliates_is_never_routed() {
+    let s = setup(
+        200,
+        &[("affiliate_by_id", "stage = \"target\"\nsample_rate = 0.0")],
+        "",
+    )
+    .await;
+    s.db.client()
+        .await
+        .batch_execute(
+            "CREATE SCHEMA tenant_x;
+             CREATE TABLE tenant_x.affiliates AS
+                 SELECT affiliate_id, 'tenant:' || name AS name FROM public.affiliates;",
+        )
+        .await
+        .unwrap();
+    let sql = "SELECT * FROM affiliates WHERE affiliate_id = $1";
+    let tenant = |name: &str| name.starts_with("tenant:");
+    let temp = |name: &str| name.starts_with("temp:");
+
+    // A session whose search_path comes with its startup packet.
+    let mut config = s.proxy.config(&s.db.name);
+    config.options("-c search_path=tenant_x,public");
+    let app = cutover::connect::connect(&config).await.unwrap();
+    for id in [3, 7, 11] {
+        assert_served(&app, sql, id, tenant).await;
+    }
+    // Its qualified statements are the legacy table's.
+    let qualified = "SELECT * FROM public.affiliates WHERE affiliate_id = $1";
+    assert_served(&app, qualified, 3, |n| !tenant(n)).await;
+
+    // A plain session is served by v2 (once both route checks are in) …
+    let app = s.proxy.client(&s.db.name).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (prepared, simple) = name_of(&app, sql, 3).await;
+        if served_by_target(&prepared) && served_by_target(&simple) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never served by the target"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // … until it sets its own search_path (in a transaction too), …
+    app.batch_execute("SET search_path = tenant_x, public")
+        .await
+        .unwrap();
+    assert_served(&app, sql, 3, tenant).await;
+    app.batch_execute("RESET search_path").await.unwrap();
+    assert_served(&app, sql, 3, served_by_target).await;
+    app.batch_execute("BEGIN; SET LOCAL search_path = tenant_x, public")
+        .await
+        .unwrap();
+    assert_served(&app, sql, 5, tenant).await;
+    app.batch_execute("COMMIT").await.unwrap();
+    assert!(served_by_target(&name_of(&app, sql, 5).await.0));
+    // … or creates a temporary table of that name, which comes before every schema.
+    app.batch_execute(
+        "CREATE TEMP TABLE affiliates AS
+             SELECT affiliate_id, 'temp:' || name AS name FROM public.affiliates",
+    )
+    .await
+    .unwrap();
+    assert_served(&app, sql, 9, temp).await;
+    app.batch_execute("DROP TABLE pg_temp.affiliates")
+        .await
+        .unwrap();
+    assert_served(&app, sql, 9, served_by_target).await;
+}

@@ -59,6 +59,81 @@ impl Precheck {
     }
 }
 
+/// How a session's unqualified table names are watched: the question that asks the server
+/// whether the legacy table's bare name is the legacy table for this session, and the
+/// statements after which the answer may have changed.
+#[derive(Debug, Clone)]
+pub struct Names {
+    /// `SELECT to_regclass('name') IS NOT DISTINCT FROM to_regclass('schema.name')`, as a
+    /// simple Query frame.
+    question: bytes::Bytes,
+    words: aho_corasick::AhoCorasick,
+}
+
+/// The words [`Names::may_change`] looks for, in this order (their indexes below).
+const NAME_WORDS: &[&str] = &[
+    "search_path",
+    "discard",
+    "authorization",
+    "role",
+    "set",
+    "reset",
+    "temp",
+    "temporary",
+    "pg_temp",
+    "create",
+    "alter",
+    "drop",
+];
+
+impl Names {
+    pub fn new(table: &crate::rules::TableName) -> Self {
+        let literal = |s: &str| s.replace('\'', "''");
+        let question = format!(
+            "SELECT pg_catalog.to_regclass('{}') IS NOT DISTINCT FROM pg_catalog.to_regclass('{}')",
+            literal(&crate::rules::quote_ident(&table.name)),
+            literal(&table.quoted()),
+        );
+        let mut words: Vec<String> = NAME_WORDS.iter().map(|w| (*w).to_owned()).collect();
+        words.push(table.name.to_ascii_lowercase());
+        Self {
+            question: crate::wire::messages::query_frame(&question),
+            // Built from a few fixed words and a table name: cannot fail.
+            words: aho_corasick::AhoCorasick::builder()
+                .ascii_case_insensitive(true)
+                .build(&words)
+                .expect("a word list builds an automaton"),
+        }
+    }
+
+    /// The question, as a simple Query frame (its answer is one row, `t` or `f`).
+    pub fn question(&self) -> bytes::Bytes {
+        self.question.clone()
+    }
+
+    /// Whether `sql` may change how its session resolves the table's bare name: a
+    /// `search_path` (SET, set_config, RESET, a function's), `DISCARD`, a role change
+    /// (`SET ROLE`, `SESSION AUTHORIZATION`: `"$user"`), or a temporary table or DDL that
+    /// names the table. Words, not substrings (`created_at` is not `create`); one pass.
+    pub fn may_change(&self, sql: &[u8]) -> bool {
+        let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$';
+        let mut seen = 0u32;
+        for m in self.words.find_overlapping_iter(sql) {
+            let before = m.start().checked_sub(1).map(|i| sql[i]);
+            let after = sql.get(m.end()).copied();
+            if before.is_some_and(ident) || after.is_some_and(ident) {
+                continue;
+            }
+            seen |= 1 << m.pattern().as_u32();
+        }
+        let any = |indexes: &[u32]| indexes.iter().any(|i| seen & (1 << i) != 0);
+        let table = 1 << NAME_WORDS.len() as u32;
+        any(&[0, 1, 2])
+            || (any(&[3]) && any(&[4, 5]))
+            || (seen & table != 0 && any(&[6, 7, 8, 9, 10, 11]))
+    }
+}
+
 /// What a statement is, for the proxy.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Classification {
@@ -97,6 +172,10 @@ pub struct Typed {
     /// A locking read (`FOR UPDATE`, `FOR SHARE`, …): served by the side that serves the
     /// transaction's writes, never by bucket, and not compared.
     pub locking: bool,
+    /// It names the table without its schema: which table that is depends on the session's
+    /// search_path (and temporary tables), so it is the legacy table's only in sessions that
+    /// resolve the name to it ([`Names`]).
+    pub unqualified: bool,
 }
 
 /// Where an execution's bucketing key is.
@@ -160,6 +239,7 @@ pub struct ReadPlan {
 /// Classifies statements against one rule set, with a bounded cache by SQL text.
 pub struct Classifier {
     precheck: Precheck,
+    names: Names,
     rules: Arc<RuleSet>,
     rewriter: Rewriter,
     /// Explicit targets, parsed once, by query type name.
@@ -185,11 +265,22 @@ impl Classifier {
             .collect();
         Self {
             precheck: Precheck::new(&rules.table.legacy.name),
+            names: Names::new(&rules.table.legacy),
             rewriter: Rewriter::new(&rules.table),
             plans,
             cache: Cache::new(CACHE_ENTRIES),
             rules,
         }
+    }
+
+    /// Whether `sql` may mention the legacy table (the pre-check alone, nothing parsed).
+    pub fn mentions_table(&self, sql: &[u8]) -> bool {
+        self.precheck.mentions_table(sql)
+    }
+
+    /// How sessions resolve the table's bare name.
+    pub fn names(&self) -> &Names {
+        &self.names
     }
 
     pub fn rules(&self) -> &RuleSet {
@@ -221,6 +312,7 @@ impl Classifier {
         if !self.rewriter.concerns(&statements) {
             return Classification::Passthrough;
         }
+        let unqualified = self.rewriter.names_unqualified(&statements);
         let writes = statements.iter().any(|s| {
             use sqlparser::ast::Statement as S;
             matches!(
@@ -283,6 +375,7 @@ impl Classifier {
             write_tag,
             read,
             locking,
+            unqualified,
         })
     }
 }
@@ -408,6 +501,45 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+
+    #[test]
+    fn statements_that_may_change_name_resolution_are_told_apart() {
+        let names = Names::new(&crate::rules::TableName {
+            schema: "public".into(),
+            name: "affiliates".into(),
+        });
+        for sql in [
+            "SET search_path = tenant_x, public",
+            "set SEARCH_PATH to default",
+            "SELECT set_config('search_path', 'x', false)",
+            "RESET ALL; DISCARD ALL",
+            "SET ROLE app_reader",
+            "reset role",
+            "SET SESSION AUTHORIZATION alice",
+            "CREATE TEMP TABLE affiliates (id int)",
+            "create temporary table Affiliates as select 1",
+            "DROP TABLE pg_temp.affiliates",
+            "CREATE TABLE tenant.affiliates (id int)",
+            "ALTER TABLE tenant.other RENAME TO affiliates",
+        ] {
+            assert!(names.may_change(sql.as_bytes()), "{sql}");
+        }
+        for sql in [
+            "SELECT * FROM affiliates WHERE affiliate_id = $1",
+            "INSERT INTO affiliates (name, created_at) VALUES ($1, now())",
+            "UPDATE affiliates SET status = $1 WHERE affiliate_id = $2",
+            "SELECT role FROM users",
+            "SET statement_timeout = 0",
+            "CREATE TABLE other (id int)",
+            "SELECT temperature FROM affiliates_log",
+        ] {
+            assert!(!names.may_change(sql.as_bytes()), "{sql}");
+        }
+        assert_eq!(
+            &names.question()[5..],
+            b"SELECT pg_catalog.to_regclass('\"affiliates\"') IS NOT DISTINCT FROM pg_catalog.to_regclass('\"public\".\"affiliates\"')\0"
+        );
+    }
 
     #[test]
     fn finds_the_table_in_any_case_or_form() {

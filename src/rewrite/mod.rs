@@ -516,6 +516,22 @@ impl Rewriter {
             })
     }
 
+    /// Whether any of the statements names the legacy table without its schema.
+    pub fn names_unqualified(&self, statements: &[Statement]) -> bool {
+        let bare = |name: &ObjectName| self.is_legacy(name) && name.0.len() == 1;
+        let mut found = false;
+        for statement in statements {
+            let _ = sqlparser::ast::visit_relations(statement, |name| {
+                found |= bare(name);
+                ControlFlow::<()>::Continue(())
+            });
+        }
+        found
+            || statements.iter().any(|s| {
+                matches!(s, Statement::Copy { source: sqlparser::ast::CopySource::Table { table_name, .. }, .. } if bare(table_name))
+            })
+    }
+
     /// Whether an object name refers to the legacy table (under the default search_path).
     fn is_legacy(&self, name: &ObjectName) -> bool {
         let parts: Option<Vec<String>> = name

@@ -43,6 +43,9 @@ pub enum Awaited {
     Query { described: Option<Described> },
     /// Describe → (ParameterDescription and) RowDescription or NoData.
     Describe { described: Option<Described> },
+    /// The proxy's own simple Query asking how the session resolves the table's bare name
+    /// ([`Flow::ask_names`]): everything up to its ReadyForQuery is the proxy's.
+    Names,
 }
 
 /// What to do with an answer.
@@ -93,11 +96,14 @@ impl Pending {
             // Inside a simple Query: it ends at its own ReadyForQuery.
             Some(Awaited::Query { .. }) | None => return Answer::Forward,
             Some(Awaited::Parse { injected } | Awaited::Close { injected }) => *injected,
-            Some(Awaited::Sync | Awaited::Describe { .. }) => false,
+            Some(Awaited::Sync | Awaited::Describe { .. } | Awaited::Names) => false,
         };
         // The server skips everything up to the next Sync.
         while let Some(front) = self.queue.front() {
-            if matches!(front, Awaited::Sync | Awaited::Query { .. }) {
+            if matches!(
+                front,
+                Awaited::Sync | Awaited::Query { .. } | Awaited::Names
+            ) {
                 break;
             }
             self.queue.pop_front();
@@ -112,7 +118,10 @@ impl Pending {
     /// A ReadyForQuery arrived: everything up to the Sync or Query it answers is done.
     pub fn ready(&mut self) {
         while let Some(front) = self.queue.pop_front() {
-            if matches!(front, Awaited::Sync | Awaited::Query { .. }) {
+            if matches!(
+                front,
+                Awaited::Sync | Awaited::Query { .. } | Awaited::Names
+            ) {
                 return;
             }
         }
@@ -217,7 +226,37 @@ pub struct Flow {
     write_side: AtomicU8,
     /// Something was served by the target: its errors are given legacy's names.
     target_served: AtomicBool,
+    /// How this session resolves the legacy table's bare name (`NAMES_*`).
+    names: AtomicU8,
+    /// What the answer to the question in flight says (`NAMES_LEGACY` or `NAMES_ELSEWHERE`).
+    names_answer: AtomicU8,
+    /// The proxy's names question has been sent and its ReadyForQuery has not come back:
+    /// the server side takes its rows out.
+    question_in_flight: AtomicBool,
+    /// Woken when the question is answered.
+    names_answered: tokio::sync::Notify,
+    /// The last ReadyForQuery said idle: no transaction is open.
+    idle: AtomicBool,
+    /// The client has sent extended-protocol messages that no Sync has closed yet.
+    batch_open: AtomicBool,
 }
+
+/// How a session resolves the legacy table's bare name (`affiliates`): its search_path (from
+/// the startup packet, the role's or database's settings, `SET`), its temporary tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// The bare name is the legacy table.
+    Legacy,
+    /// The bare name is another table (or none): its statements are not the legacy table's.
+    Elsewhere,
+    /// Not known yet, or it may have changed since it was asked.
+    Unknown,
+}
+
+const NAMES_UNKNOWN: u8 = 0;
+const NAMES_ASKED: u8 = 1;
+const NAMES_LEGACY: u8 = 2;
+const NAMES_ELSEWHERE: u8 = 3;
 
 impl Flow {
     /// A message whose answer matters is being sent; a Sync or a Query also ends a batch.
@@ -272,6 +311,114 @@ impl Flow {
         self.writes.write_sent();
     }
 
+    /// How the session resolves the table's bare name, as far as the proxy knows.
+    pub fn names(&self) -> Resolution {
+        match self.names.load(Relaxed) {
+            NAMES_LEGACY => Resolution::Legacy,
+            NAMES_ELSEWHERE => Resolution::Elsewhere,
+            _ => Resolution::Unknown,
+        }
+    }
+
+    /// A statement that may change how the session resolves the bare name is being sent: ask
+    /// again before the next statement that depends on it.
+    pub fn names_may_change(&self) {
+        self.names.store(NAMES_UNKNOWN, Relaxed);
+    }
+
+    /// A client message of type `tag` is being sent (for [`Self::ask_names`]: whether an
+    /// extended-protocol batch is open).
+    pub fn client_sent(&self, tag: u8) {
+        use crate::wire::messages::frontend;
+        match tag {
+            frontend::SYNC => self.batch_open.store(false, Relaxed),
+            frontend::PARSE
+            | frontend::BIND
+            | frontend::EXECUTE
+            | frontend::DESCRIBE
+            | frontend::CLOSE
+            | frontend::FLUSH => self.batch_open.store(true, Relaxed),
+            _ => {}
+        }
+    }
+
+    /// Whether the proxy may ask its names question now, and if so records it as asked: the
+    /// answer is unknown, and the session is between transactions with nothing owed (the
+    /// question then runs as a transaction of its own and changes nothing of the client's).
+    /// The caller sends the question before the client's next message.
+    pub fn ask_names(&self) -> bool {
+        if self.names.load(Relaxed) != NAMES_UNKNOWN
+            || !self.idle.load(Relaxed)
+            || self.batch_open.load(Relaxed)
+        {
+            return false;
+        }
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        if !answers.queue.is_empty() {
+            return false;
+        }
+        answers.push(Awaited::Names);
+        self.names_answer.store(NAMES_ELSEWHERE, Relaxed);
+        self.question_in_flight.store(true, Relaxed);
+        self.names.store(NAMES_ASKED, Relaxed);
+        true
+    }
+
+    /// Waits (up to `patience`) for the answer to the names question, if one is in flight.
+    pub async fn names_answered(&self, patience: std::time::Duration) {
+        let wait = async {
+            loop {
+                let notified = self.names_answered.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.names.load(Relaxed) != NAMES_ASKED {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(patience, wait).await;
+    }
+
+    /// Whether a server message belongs to the proxy's names question (its rows and
+    /// command tag, which the relay does not otherwise look at, must be read too).
+    pub fn question_in_flight(&self) -> bool {
+        self.question_in_flight.load(Relaxed)
+    }
+
+    /// A server message answering the names question: the proxy's, taken out — except what
+    /// the server sends unasked (notices, notifications, parameter changes).
+    fn names_reply(&self, answers: &mut Pending, tag: u8, body: &[u8]) -> Answer {
+        match tag {
+            backend::DATA_ROW => {
+                if messages::first_value(body) == Some(b"t".as_slice()) {
+                    self.names_answer.store(NAMES_LEGACY, Relaxed);
+                }
+                Answer::Swallow
+            }
+            backend::ROW_DESCRIPTION
+            | backend::COMMAND_COMPLETE
+            | backend::EMPTY_QUERY_RESPONSE
+            | backend::ERROR_RESPONSE => Answer::Swallow,
+            backend::READY_FOR_QUERY => {
+                answers.queue.pop_front();
+                self.idle
+                    .store(messages::ready_status(body) == Some(b'I'), Relaxed);
+                self.question_in_flight.store(false, Relaxed);
+                // Unless a statement that may change the answer was sent meanwhile.
+                let _ = self.names.compare_exchange(
+                    NAMES_ASKED,
+                    self.names_answer.load(Relaxed),
+                    Relaxed,
+                    Relaxed,
+                );
+                self.names_answered.notify_waiters();
+                Answer::Swallow
+            }
+            _ => Answer::Forward,
+        }
+    }
+
     pub fn routing_broken(&self) -> bool {
         self.routing_broken.load(Relaxed)
     }
@@ -280,6 +427,9 @@ impl Flow {
     /// in the answers the server owes.
     pub fn answer(&self, tag: u8, body: &[u8]) -> Answer {
         let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        if self.question_in_flight() && answers.queue.front() == Some(&Awaited::Names) {
+            return self.names_reply(&mut answers, tag, body);
+        }
         match tag {
             backend::ROW_DESCRIPTION => answers
                 .row_description()
@@ -302,6 +452,8 @@ impl Flow {
             }
             backend::READY_FOR_QUERY => {
                 answers.ready();
+                self.idle
+                    .store(messages::ready_status(body) == Some(b'I'), Relaxed);
                 self.writes
                     .ready(messages::ready_status(body).unwrap_or(b'I'));
                 Answer::Forward
@@ -359,6 +511,60 @@ impl Writes {
 #[cfg(test)]
 mod writes_tests {
     use super::*;
+
+    fn data_row(value: &[u8]) -> Vec<u8> {
+        let mut body = 1i16.to_be_bytes().to_vec();
+        body.extend_from_slice(&(value.len() as i32).to_be_bytes());
+        body.extend_from_slice(value);
+        body
+    }
+
+    #[test]
+    fn the_names_question_is_asked_between_transactions_only_and_its_answer_taken_out() {
+        let flow = Flow::default();
+        assert!(!flow.ask_names(), "not before the server said it is ready");
+        assert_eq!(flow.answer(backend::READY_FOR_QUERY, b"I"), Answer::Forward);
+        flow.client_sent(crate::wire::messages::frontend::PARSE);
+        assert!(!flow.ask_names(), "not inside an extended-protocol batch");
+        flow.client_sent(crate::wire::messages::frontend::SYNC);
+        assert!(flow.ask_names());
+        assert!(!flow.ask_names(), "once");
+        assert_eq!(flow.names(), Resolution::Unknown);
+        assert_eq!(flow.answer(backend::ROW_DESCRIPTION, b""), Answer::Swallow);
+        assert_eq!(
+            flow.answer(backend::DATA_ROW, &data_row(b"t")),
+            Answer::Swallow
+        );
+        // What the server sends unasked is the client's.
+        assert_eq!(flow.answer(backend::NOTICE_RESPONSE, b""), Answer::Forward);
+        assert_eq!(
+            flow.answer(backend::COMMAND_COMPLETE, b"SELECT 1\0"),
+            Answer::Swallow
+        );
+        assert_eq!(flow.answer(backend::READY_FOR_QUERY, b"I"), Answer::Swallow);
+        assert_eq!(flow.names(), Resolution::Legacy);
+        assert!(!flow.question_in_flight());
+        // Changed: asked again; a failed question leaves the table elsewhere (not routed).
+        flow.names_may_change();
+        assert!(flow.ask_names());
+        assert_eq!(flow.answer(backend::ERROR_RESPONSE, b""), Answer::Swallow);
+        assert_eq!(flow.answer(backend::READY_FOR_QUERY, b"I"), Answer::Swallow);
+        assert_eq!(flow.names(), Resolution::Elsewhere);
+        // A change sent while the question is in flight wins over its answer.
+        flow.names_may_change();
+        assert!(flow.ask_names());
+        flow.names_may_change();
+        assert_eq!(
+            flow.answer(backend::DATA_ROW, &data_row(b"t")),
+            Answer::Swallow
+        );
+        assert_eq!(flow.answer(backend::READY_FOR_QUERY, b"I"), Answer::Swallow);
+        assert_eq!(flow.names(), Resolution::Unknown);
+        // Inside a transaction: not asked.
+        flow.expect(Awaited::Query { described: None });
+        assert_eq!(flow.answer(backend::READY_FOR_QUERY, b"T"), Answer::Forward);
+        assert!(!flow.ask_names());
+    }
 
     #[test]
     fn a_write_is_settled_when_its_transaction_ends() {

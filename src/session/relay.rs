@@ -234,6 +234,19 @@ impl ClientToServer<'_> {
                             self.buf.reserve(header.total - available);
                             break;
                         }
+                        if let Some(question) = self
+                            .statements
+                            .names_question(header.tag, &self.buf[ready + 5..ready + header.total])
+                        {
+                            // Asked first, in its own transaction; the statement waits for
+                            // the answer (one round trip, once per session or change).
+                            if !self.replace(upstream, ready, 0, &question).await {
+                                return upstream_gone().await;
+                            }
+                            ready = 0;
+                            self.statements.await_names().await;
+                        }
+                        self.statements.client_sent(header.tag);
                         if header.tag == frontend::QUERY
                             && let Some(check) = self
                                 .statements
@@ -256,6 +269,7 @@ impl ClientToServer<'_> {
                         }
                     }
                     tag => {
+                        self.statements.client_sent(tag);
                         if tag == frontend::BIND {
                             // Bind starts with the portal's and the statement's names; its
                             // parameters (possibly large) stream through unread — unless
@@ -264,6 +278,20 @@ impl ClientToServer<'_> {
                             if available < prefix {
                                 self.buf.reserve(prefix - available);
                                 break;
+                            }
+                            let names = &self.buf[ready + 5..ready + prefix];
+                            if let Some(question) =
+                                messages::bind_names(names).and_then(|(_, statement)| {
+                                    self.statements.names_question_for_bind(statement)
+                                })
+                            {
+                                if !self.replace(upstream, ready, 0, &question).await {
+                                    return upstream_gone().await;
+                                }
+                                ready = 0;
+                                self.statements.await_names().await;
+                                // The Bind again, from the start of the buffer.
+                                continue;
                             }
                             let names = &self.buf[ready + 5..ready + prefix];
                             if let Some((portal, statement)) = messages::bind_names(names) {
@@ -379,15 +407,7 @@ impl ServerToClient<'_> {
                 };
                 let available = self.buf.len() - ready;
                 match header.tag {
-                    backend::AUTHENTICATION
-                    | backend::BACKEND_KEY_DATA
-                    | backend::ERROR_RESPONSE
-                    | backend::NOTICE_RESPONSE
-                    | backend::READY_FOR_QUERY
-                    | backend::PARSE_COMPLETE
-                    | backend::CLOSE_COMPLETE
-                    | backend::ROW_DESCRIPTION
-                    | backend::NO_DATA => {
+                    tag if inspected(tag, self.flow) => {
                         if available < header.total {
                             self.buf.reserve(header.total - available);
                             break;
@@ -459,6 +479,27 @@ impl ServerToClient<'_> {
 fn release_if_large(buf: &mut BytesMut) {
     if buf.is_empty() && buf.capacity() > KEEP_BUFFER {
         *buf = BytesMut::new();
+    }
+}
+
+/// Whether the relay reads a server frame of type `tag` whole: the kinds that routing, auth
+/// relay and dual-write reports need, and while the proxy's names question is in flight its
+/// rows and command tag (which it takes out).
+fn inspected(tag: u8, flow: &Flow) -> bool {
+    match tag {
+        backend::AUTHENTICATION
+        | backend::BACKEND_KEY_DATA
+        | backend::ERROR_RESPONSE
+        | backend::NOTICE_RESPONSE
+        | backend::READY_FOR_QUERY
+        | backend::PARSE_COMPLETE
+        | backend::CLOSE_COMPLETE
+        | backend::ROW_DESCRIPTION
+        | backend::NO_DATA => true,
+        backend::DATA_ROW | backend::COMMAND_COMPLETE | backend::EMPTY_QUERY_RESPONSE => {
+            flow.question_in_flight()
+        }
+        _ => false,
     }
 }
 

@@ -21,7 +21,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{
     Shared,
-    pending::{Awaited, Described, Flow},
+    pending::{Awaited, Described, Flow, Resolution},
 };
 use crate::{
     classify::{BucketKey, Classification, Typed},
@@ -44,6 +44,10 @@ pub const MAX_INSPECTED_BIND: usize = 64 * 1024;
 /// Prefix of the names of the target variants the proxy prepares (`cutover_t_` and the
 /// client's statement name in hex).
 pub const TARGET_PREFIX: &str = "cutover_t_";
+
+/// How long a statement waits for the answer to the proxy's names question (one round trip,
+/// once per session and after statements that may change it) before it is served by legacy.
+const NAMES_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a write whose transaction writes the target waits for its route check (made
 /// once per statement, in milliseconds) before legacy serves it.
@@ -162,6 +166,59 @@ impl<'s> Statements<'s> {
         }
     }
 
+    /// Whether `t` is the legacy table's in this session: a qualified name always is; a bare
+    /// one as the session resolves it (search_path, temporary tables).
+    fn resolution(&self, t: &Typed) -> Resolution {
+        if t.unqualified {
+            self.flow.names()
+        } else {
+            Resolution::Legacy
+        }
+    }
+
+    /// A client message of type `tag` is being sent.
+    pub fn client_sent(&self, tag: u8) {
+        self.flow.client_sent(tag);
+    }
+
+    /// The proxy's names question, to send before the client's Query or Parse (`tag`, whole
+    /// `body`) when its statement may name the table without a schema and the session's
+    /// answer is not known (at its first such statement, and after a statement that may have
+    /// changed it — which is recorded here too). Only where something could be routed or
+    /// compared.
+    pub fn names_question(&self, tag: u8, body: &[u8]) -> Option<Bytes> {
+        if self.shared.checks.is_none() && self.shadow.is_none() {
+            return None;
+        }
+        let sql = match tag {
+            frontend::QUERY => messages::query_text(body)?,
+            frontend::PARSE => messages::parse_text(body)?.1,
+            _ => return None,
+        };
+        let classifier = self.shared.classifier.load();
+        if classifier.names().may_change(sql) {
+            self.flow.names_may_change();
+            return None;
+        }
+        (self.flow.names() == Resolution::Unknown
+            && classifier.mentions_table(sql)
+            && self.flow.ask_names())
+        .then(|| classifier.names().question())
+    }
+
+    /// The same before a Bind of prepared statement `statement`.
+    pub fn names_question_for_bind(&self, statement: &[u8]) -> Option<Bytes> {
+        let source = self.statements.get(statement)?.typed.as_ref()?;
+        (self.resolution(source.typed()) == Resolution::Unknown && self.flow.ask_names())
+            .then(|| self.shared.classifier.load().names().question())
+    }
+
+    /// Waits for the answer to the names question just sent (bounded: then the statement
+    /// is served as if the answer were unknown).
+    pub async fn await_names(&self) {
+        self.flow.names_answered(NAMES_PATIENCE).await;
+    }
+
     /// The live stage of a query type (the rules' when the live state has none).
     fn stage(&self, t: &Typed) -> Stage {
         self.shared.control.stage(&t.query_type).unwrap_or(t.stage)
@@ -270,6 +327,9 @@ impl<'s> Statements<'s> {
         let Classification::Typed(t) = &*classification else {
             return None;
         };
+        if self.resolution(t) != Resolution::Legacy {
+            return None;
+        }
         let target = routed_write(t)?;
         self.unchecked(
             self.query_check_key(t),
@@ -285,6 +345,9 @@ impl<'s> Statements<'s> {
             return None;
         }
         let source = self.statements.get(statement)?.typed.as_ref()?;
+        if self.resolution(source.typed()) != Resolution::Legacy {
+            return None;
+        }
         let target = routed_write(source.typed())?;
         self.unchecked(
             source.check_key().to_owned(),
@@ -408,6 +471,24 @@ impl<'s> Statements<'s> {
             served.legacy.increment(1);
             return None;
         };
+        match self.resolution(t) {
+            Resolution::Legacy => {}
+            // Another table of that name: not the legacy table's statement at all.
+            Resolution::Elsewhere => {
+                self.shared.metrics.queries.passthrough.increment(1);
+                return None;
+            }
+            // Perhaps the legacy table's: served by legacy, and its transaction stays there.
+            Resolution::Unknown => {
+                self.sent(t, Side::Legacy);
+                served.legacy.increment(1);
+                return t
+                    .write_tag
+                    .as_deref()
+                    .and_then(|tag| messages::tagged_query(body, tag))
+                    .map(|frame| (frame, None));
+            }
+        }
         let stage = self.stage(t);
         let Ok(text) = std::str::from_utf8(sql) else {
             self.sent(t, Side::Legacy);
@@ -479,6 +560,7 @@ impl<'s> Statements<'s> {
         if let Some(source) = &typed {
             let t = source.typed();
             if let Rewrite::Target(target) = &t.route
+                && self.resolution(t) == Resolution::Legacy
                 && self.routable_now(t, self.stage(t))
             {
                 // Asked for now, so that it is in by the first Bind.
@@ -503,6 +585,9 @@ impl<'s> Statements<'s> {
     pub fn bind_needs_whole(&self, name: &[u8]) -> Option<Stage> {
         let source = self.statements.get(name)?.typed.as_ref()?;
         let t = source.typed();
+        if self.resolution(t) != Resolution::Legacy {
+            return None;
+        }
         let stage = self.stage(t);
         ((matches!(t.route, Rewrite::Target(_)) && self.routable_now(t, stage))
             || self.compared(t, stage))

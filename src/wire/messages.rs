@@ -18,6 +18,7 @@ pub mod frontend {
     pub const SYNC: u8 = b'S';
     pub const FUNCTION_CALL: u8 = b'F';
     pub const DESCRIBE: u8 = b'D';
+    pub const FLUSH: u8 = b'H';
 }
 
 /// Backend message types the proxy looks at.
@@ -31,6 +32,9 @@ pub mod backend {
     pub const ROW_DESCRIPTION: u8 = b'T';
     pub const NO_DATA: u8 = b'n';
     pub const CLOSE_COMPLETE: u8 = b'3';
+    pub const DATA_ROW: u8 = b'D';
+    pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
 }
 
 /// Authentication request codes (the first Int32 of an `R` message).
@@ -179,6 +183,17 @@ pub fn cancel_request(pid: u32, secret: &[u8]) -> Bytes {
 /// ReadyForQuery's transaction status: `I` idle, `T` in a transaction, `E` failed transaction.
 pub fn ready_status(body: &[u8]) -> Option<u8> {
     body.first().copied()
+}
+
+/// The first value of a DataRow (`None` when NULL or malformed).
+pub fn first_value(body: &[u8]) -> Option<&[u8]> {
+    let count = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    if count < 1 {
+        return None;
+    }
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let len = usize::try_from(len).ok()?;
+    body.get(6..6 + len)
 }
 
 /// The SQL text of a Query message.
