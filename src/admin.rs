@@ -44,6 +44,8 @@ pub async fn serve(
         .route("/api/state/{query_type}", post(api_set))
         .route("/api/history", get(api_history))
         .route("/api/marks", post(api_mark))
+        .route("/api/behaviour_changes", get(api_behaviour_changes))
+        .route("/api/behaviour_changes/{name}/accept", post(api_accept))
         .route("/status", get(status_page))
         .with_state(state);
     tokio::spawn(async move {
@@ -194,19 +196,29 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> Result<String, Response> 
     })
 }
 
+/// The name of the request's token and its JSON body, or the 401 or 400 to answer.
+#[allow(clippy::result_large_err)]
+fn authorized_body<T>(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<(String, T), Response> {
+    let who = authorized(shared, headers)?;
+    match body {
+        Ok(Json(request)) => Ok((who, request)),
+        Err(rejection) => Err(problem(StatusCode::BAD_REQUEST, rejection.body_text())),
+    }
+}
+
 /// A reviewer marks a class of divergence as expected (token required).
 async fn api_mark(
     State(state): State<AdminState>,
     headers: HeaderMap,
     body: Result<Json<crate::divergence::MarkRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let who = match authorized(&state.shared, &headers) {
-        Ok(who) => who,
+    let (who, request) = match authorized_body(&state.shared, &headers, body) {
+        Ok(request) => request,
         Err(response) => return response,
-    };
-    let Json(request) = match body {
-        Ok(body) => body,
-        Err(rejection) => return problem(StatusCode::BAD_REQUEST, rejection.body_text()),
     };
     let problems = request.problems();
     if !problems.is_empty() {
@@ -229,13 +241,9 @@ async fn api_set(
     body: Result<Json<ChangeRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let shared = &state.shared;
-    let who = match authorized(shared, &headers) {
-        Ok(who) => who,
+    let (who, request) = match authorized_body(shared, &headers, body) {
+        Ok(request) => request,
         Err(response) => return response,
-    };
-    let Json(request) = match body {
-        Ok(body) => body,
-        Err(rejection) => return problem(StatusCode::BAD_REQUEST, rejection.body_text()),
     };
     let result = control::request_change(
         &shared.control,
@@ -251,25 +259,77 @@ async fn api_set(
     .await;
     match result {
         Ok(changed) => (StatusCode::OK, Json(changed)).into_response(),
-        Err(error) => {
-            let status = match &error {
-                control::ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
-                control::ChangeError::UnknownQueryType(_) => StatusCode::NOT_FOUND,
-                control::ChangeError::Gate { .. }
-                | control::ChangeError::WriteGate { .. }
-                | control::ChangeError::NotBackfilled { .. } => StatusCode::CONFLICT,
-                control::ChangeError::NoControlDatabase
-                | control::ChangeError::Unreachable(_)
-                | control::ChangeError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
-            };
-            let message = match &error {
-                control::ChangeError::UnknownQueryType(_) => {
-                    format!("{error} (GET /api/state lists them)")
-                }
-                _ => error.to_string(),
-            };
-            problem(status, message)
+        Err(error) => change_problem(&error),
+    }
+}
+
+/// The answer to a refused or failed change.
+fn change_problem(error: &control::ChangeError) -> Response {
+    let status = match error {
+        control::ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
+        control::ChangeError::UnknownQueryType(_)
+        | control::ChangeError::UnknownBehaviourChange(_) => StatusCode::NOT_FOUND,
+        control::ChangeError::Gate { .. }
+        | control::ChangeError::WriteGate { .. }
+        | control::ChangeError::NotBackfilled { .. }
+        | control::ChangeError::Unaccepted { .. }
+        | control::ChangeError::Undeclared { .. } => StatusCode::CONFLICT,
+        control::ChangeError::NoControlDatabase
+        | control::ChangeError::Unreachable(_)
+        | control::ChangeError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let message = match error {
+        control::ChangeError::UnknownQueryType(_) => {
+            format!("{error} (GET /api/state lists them)")
         }
+        control::ChangeError::UnknownBehaviourChange(_) => {
+            format!("{error} (GET /api/behaviour_changes lists them)")
+        }
+        _ => error.to_string(),
+    };
+    problem(status, message)
+}
+
+/// The declared behaviour changes (and undeclared kinds that happened): how often, accepted
+/// or not.
+async fn api_behaviour_changes(State(state): State<AdminState>) -> Response {
+    let client = match control_client(&state.shared).await {
+        Ok(client) => client,
+        Err(error) => return problem(StatusCode::SERVICE_UNAVAILABLE, error),
+    };
+    match control::behaviour::status(&client, state.shared.classifier.load().rules()).await {
+        Ok(list) => (StatusCode::OK, Json(list)).into_response(),
+        Err(error) => problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct AcceptRequest {
+    reason: String,
+}
+
+/// A reviewer accepts a declared behaviour change (token required).
+async fn api_accept(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<AcceptRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let shared = &state.shared;
+    let (who, request) = match authorized_body(shared, &headers, body) {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    let client = match control_client(shared).await {
+        Ok(client) => client,
+        Err(error) => return problem(StatusCode::SERVICE_UNAVAILABLE, error),
+    };
+    let rules = shared.classifier.load();
+    match control::behaviour::accept(&client, rules.rules(), &name, &request.reason, &who, "api")
+        .await
+    {
+        Ok(status) => (StatusCode::OK, Json(status)).into_response(),
+        Err(error) => change_problem(&error),
     }
 }
 

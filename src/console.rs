@@ -400,10 +400,13 @@ async fn set_stage(shared: &Shared, user: &str, text: &str) -> Answer {
         Err(error) => {
             let code = match &error {
                 control::ChangeError::Invalid(_) => SqlState::INVALID_PARAMETER_VALUE,
-                control::ChangeError::UnknownQueryType(_) => SqlState::UNDEFINED_OBJECT,
+                control::ChangeError::UnknownQueryType(_)
+                | control::ChangeError::UnknownBehaviourChange(_) => SqlState::UNDEFINED_OBJECT,
                 control::ChangeError::Gate { .. }
                 | control::ChangeError::WriteGate { .. }
-                | control::ChangeError::NotBackfilled { .. } => {
+                | control::ChangeError::NotBackfilled { .. }
+                | control::ChangeError::Unaccepted { .. }
+                | control::ChangeError::Undeclared { .. } => {
                     SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
                 }
                 control::ChangeError::NoControlDatabase

@@ -238,6 +238,74 @@ pub fn mark(
     }
 }
 
+/// `ctl changes`: the declared behaviour changes, how often each happened, accepted or not.
+pub fn changes(addr: &str, json: bool) -> Result<Outcome, CtlError> {
+    let body = get(addr, "/api/behaviour_changes")?;
+    if json {
+        return Ok(Outcome::Done(pretty(&body)));
+    }
+    let mut out = format!(
+        "{:<30} {:<18} {:>8}  {}\n",
+        "behaviour change", "kind", "seen", "accepted"
+    );
+    for c in body.as_array().into_iter().flatten() {
+        let accepted = match &c["accepted"] {
+            Value::Null if c["name"].is_null() => "NOT DECLARED in the rules".to_owned(),
+            Value::Null => "no".to_owned(),
+            a => format!(
+                "{} by {}: {}",
+                a["accepted_at"].as_str().unwrap_or("?"),
+                a["accepted_by"].as_str().unwrap_or("?"),
+                a["reason"].as_str().unwrap_or("")
+            ),
+        };
+        out.push_str(&format!(
+            "{:<30} {:<18} {:>8}  {accepted}\n",
+            c["name"].as_str().unwrap_or("-"),
+            c["kind"].as_str().unwrap_or("?"),
+            c["observed"].as_i64().unwrap_or(0),
+        ));
+    }
+    Ok(Outcome::Done(out))
+}
+
+/// `ctl accept`: a reviewer accepts a declared behaviour change.
+pub fn accept(
+    addr: &str,
+    token: Option<&str>,
+    name: &str,
+    reason: &str,
+    json: bool,
+) -> Result<Outcome, CtlError> {
+    let (status, body) = post(
+        addr,
+        &format!("/api/behaviour_changes/{name}/accept"),
+        token,
+        &serde_json::json!({ "reason": reason }),
+    )?;
+    match status {
+        200 if json => Ok(Outcome::Done(pretty(&body))),
+        200 => Ok(Outcome::Done(format!(
+            "{name} accepted ({}, seen {} times): the gate lets {} serve from v2 as far as it is concerned\n",
+            body["kind"].as_str().unwrap_or("?"),
+            body["observed"].as_i64().unwrap_or(0),
+            body["query_types"]
+                .as_array()
+                .map(|q| q
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default()
+        ))),
+        400 | 404 => Ok(Outcome::Refused(format!("refused: {}\n", message(&body)))),
+        status => Err(CtlError::Failed {
+            status,
+            message: message(&body),
+        }),
+    }
+}
+
 fn pretty(body: &Value) -> String {
     serde_json::to_string_pretty(body).unwrap_or_default() + "\n"
 }

@@ -196,6 +196,25 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The behaviour changes the rules declare (where v2 answers differently on purpose):
+    /// how often each happened, and whether a reviewer accepted it.
+    Changes {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Accept a declared behaviour change (reviewers): until then the gate lets none of the
+    /// query types it shows through serve from v2. Exit 1 if refused.
+    Accept {
+        /// Its name in the rules (`cutover ctl changes` lists them)
+        name: String,
+        /// Why it is acceptable (recorded)
+        #[arg(long)]
+        reason: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Every query type: its stage, dual-write mode, and whether the state is live.
     Status {
         /// Print JSON instead of a table
@@ -675,11 +694,12 @@ async fn rules_check(
         }
     }
     println!(
-        "{}: ok: {} → {}, {} query types",
+        "{}: ok: {} → {}, {} query types, {} behaviour changes declared",
         dir.display(),
         set.table.legacy,
         set.table.target,
-        set.query_types.len()
+        set.query_types.len(),
+        set.behaviour_changes.len()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -706,6 +726,10 @@ fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> anyhow::Result<
             json,
         )?,
         CtlCommand::History { limit, json } => ctl::history(admin, limit, json)?,
+        CtlCommand::Changes { json } => ctl::changes(admin, json)?,
+        CtlCommand::Accept { name, reason, json } => {
+            ctl::accept(admin, token, &name, &reason, json)?
+        }
         CtlCommand::Mark {
             query_type,
             kind,

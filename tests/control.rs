@@ -25,7 +25,36 @@ async fn backfilled_db() -> TestDb {
     let db = migrated_db().await;
     let (code, out) = support::cutover_on(&db, "backfill", &[], &[]);
     assert_eq!(code, 0, "{out}");
+    accept_every_behaviour_change(&db).await;
     db
+}
+
+/// The reviewers' acceptance of every behaviour change the repository's rules declare, as
+/// SQL would record it (the gate's own test is `a_behaviour_change_holds_the_gate_…`).
+async fn accept_every_behaviour_change(db: &TestDb) {
+    let rules = cutover::rules::RuleSet::load_dir(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/rules"
+    )))
+    .unwrap();
+    let client = db.client().await;
+    for c in &rules.behaviour_changes {
+        client
+            .execute(
+                "INSERT INTO cutover.behaviour_acceptances (change, kind, reason, accepted_by, via)
+                 VALUES ($1, $2, 'tests of other gates', 'tests', 'sql')",
+                &[&c.name, &c.kind.as_str()],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// A reviewer's acceptance of behaviour change `name` through the admin API.
+async fn accept(p: &Proxy, name: &str, token: Option<&str>) -> (u16, String) {
+    let path = format!("/api/behaviour_changes/{name}/accept");
+    let reason = r#"{"reason": "orphans are not customers"}"#;
+    http_request(p.admin.unwrap(), "POST", &path, token, Some(reason)).await
 }
 
 async fn state(p: &Proxy) -> Value {
@@ -162,13 +191,54 @@ async fn a_raise_without_enough_samples_is_refused_and_a_forced_one_recorded() {
     let (code, out) = support::cutover_on(&db, "backfill", &[], &[]);
     assert_eq!(code, 0, "{out}");
 
-    let (status, refused) = set(
-        &p,
-        "top_referrers",
-        r#"{"stage": "cutover", "percent": 10, "reason": "first step"}"#,
-        Some(TOKEN),
-    )
-    .await;
+    // Then a declared behaviour change it shows (v2 lacks quarantined rows) holds it until a
+    // reviewer accepts it.
+    let first_step = r#"{"stage": "cutover", "percent": 10, "reason": "first step"}"#;
+    let (status, refused) = set(&p, "top_referrers", first_step, Some(TOKEN)).await;
+    assert_eq!(status, 409, "{refused}");
+    let why = refused["error"].as_str().unwrap();
+    assert!(
+        why.contains("quarantined_rows_absent")
+            && why.contains("no reviewer has accepted it")
+            && why.contains("cutover ctl accept"),
+        "{why}"
+    );
+    let admin = p.admin.unwrap();
+    let (status, body) = http_request(admin, "GET", "/api/behaviour_changes", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "cycle_refused",
+            "children_detached_on_delete",
+            "quarantined_rows_absent"
+        ]
+    );
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["accepted"].is_null())
+    );
+    let (status, _) = accept(&p, "quarantined_rows_absent", None).await;
+    assert_eq!(status, 401, "a reviewer's token is needed");
+    let (status, body) = accept(&p, "no_such_change", Some(TOKEN)).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = accept(&p, "quarantined_rows_absent", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let accepted: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(accepted["accepted"]["accepted_by"], "ops");
+    assert_eq!(accepted["accepted"]["reason"], "orphans are not customers");
+
+    let (status, refused) = set(&p, "top_referrers", first_step, Some(TOKEN)).await;
     assert_eq!(status, 409, "{refused}");
     let why = refused["error"].as_str().unwrap();
     assert!(
@@ -316,11 +386,39 @@ async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
     let (code, out) = ctl(&p, &["status"], None).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("control database: connected"), "{out}");
+
     assert!(
         out.lines()
             .any(|l| l.starts_with("count_active") && l.contains("legacy")),
         "{out}"
     );
+
+    // Behaviour changes: listed with their acceptance; accepted again with a new reason.
+    let (code, out) = ctl(&p, &["changes"], None).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("cycle_refused")
+            && l.contains("refused_cycle")
+            && l.contains("tests of other gates")),
+        "{out}"
+    );
+    let (code, out) = ctl(&p, &["accept", "nope", "--reason", "x"], Some(TOKEN)).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no behaviour change \"nope\""), "{out}");
+    let (code, out) = ctl(
+        &p,
+        &["accept", "cycle_refused", "--reason", "v2 is right"],
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("cycle_refused accepted (refused_cycle"),
+        "{out}"
+    );
+    let (code, out) = ctl(&p, &["changes", "--json"], None).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(r#""reason": "v2 is right""#), "{out}");
 
     let (code, out) = ctl(
         &p,
@@ -457,7 +555,8 @@ async fn rules_reload_on_change_and_a_broken_file_keeps_the_last_good_ones() {
     // A good change (the query type renamed): the statement counts under the new name.
     std::fs::write(
         &file,
-        good.replace(r#"name = "count_active""#, r#"name = "count_active_v2""#),
+        // (everywhere: the behaviour changes name it too)
+        good.replace(r#""count_active""#, r#""count_active_v2""#),
     )
     .unwrap();
     let ok = r#"cutover_rules_reloads_total{outcome="ok"}"#;
@@ -713,6 +812,7 @@ async fn a_query_type_that_starts_diverging_is_ramped_down_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_type_moves_on_a_clean_verify_not_on_samples() {
     let db = support::tree_db(100).await;
+    accept_every_behaviour_change(&db).await;
     let p = replica(&db).await;
     until(&p, |s| s["control_connected"] == true).await;
     let (status, body) = set(
@@ -739,4 +839,91 @@ async fn a_write_type_moves_on_a_clean_verify_not_on_samples() {
     let (status, body) = set(&p, "set_status", raise, Some(TOKEN)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["forced"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_behaviour_change_the_rules_do_not_declare_holds_the_gate() {
+    let db = migrated_db().await;
+    cutover::fixture::load(
+        &db.client().await,
+        &cutover::fixture::TreeSpec {
+            affiliates: 300,
+            seed: 21,
+            orphans: 2,
+            cycle_len: 0,
+            drifted_counters: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let (code, out) = support::cutover_on(&db, "backfill", &[], &[]);
+    assert_eq!(code, 1, "orphans quarantined: {out}");
+    // The repository's rules without their [[behaviour_change]] declarations.
+    let rules = tempfile::tempdir().unwrap();
+    let text = include_str!("../rules/fature.toml");
+    let undeclared = text.split("\n# Behaviour changes:").next().unwrap();
+    assert!(!undeclared.contains("[[behaviour_change]]"));
+    std::fs::write(rules.path().join("fature.toml"), undeclared).unwrap();
+    let (url, dir) = (db.url(), rules.path().to_owned());
+    let p = proxy_with(move |c| {
+        c.control = Some(url);
+        c.rules = Some(dir);
+        c.admin_tokens = Some([("ops".to_owned(), TOKEN.to_owned())].into_iter().collect());
+    })
+    .await;
+    until(&p, |s| s["control_connected"] == true).await;
+    let (status, refused) = set(
+        &p,
+        "top_referrers",
+        r#"{"stage": "cutover", "percent": 10, "reason": "first step"}"#,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    let why = refused["error"].as_str().unwrap();
+    assert!(
+        why.contains("v2 behaved differently 2 times (quarantined_rows)")
+            && why.contains("declare no behaviour change"),
+        "{why}"
+    );
+    // The report says so too.
+    let (code, out, err) = support::cutover(
+        &[
+            "report",
+            "--format",
+            "json",
+            "--rules",
+            rules.path().to_str().unwrap(),
+            "--database-url",
+            &db.url(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let changes = report["behaviour_changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0]["kind"], "quarantined_rows");
+    assert_eq!(changes[0]["observed"], 2);
+    assert!(changes[0]["name"].is_null());
+    for format in ["md", "html"] {
+        let (code, out, err) = support::cutover(
+            &[
+                "report",
+                "--format",
+                format,
+                "--rules",
+                rules.path().to_str().unwrap(),
+                "--database-url",
+                &db.url(),
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("Behaviour changes") && out.contains("NOT DECLARED in the rules"),
+            "{format}: {out}"
+        );
+    }
+    p.shutdown().await;
 }

@@ -56,7 +56,7 @@ fn check_command(line: &str, origin: &str) {
     };
     let mut path = vec![*sub];
     let nested: &[&str] = match *sub {
-        "ctl" => &["status", "set", "history", "mark"],
+        "ctl" => &["status", "set", "history", "mark", "changes", "accept"],
         "rules" => &["check", "explain"],
         _ => &[],
     };

@@ -500,3 +500,69 @@ async fn another_table_named_affiliates_is_never_routed() {
         .unwrap();
     assert_served(&app, sql, 9, served_by_target).await;
 }
+
+#[tokio::test]
+async fn a_cycle_v2_refuses_is_counted_as_a_behaviour_change() {
+    let writes = [
+        "set_status",
+        "new_affiliate",
+        "bump_parent_referrals",
+        "record_deposit",
+        "move_affiliate",
+        "delete_affiliate",
+        "upsert_by_external_id",
+    ];
+    let stages: Vec<(&str, &str)> = writes.iter().map(|w| (*w, "stage = \"target\"")).collect();
+    let s = setup(200, &stages, "").await;
+    let admin = s.db.client().await;
+    let (child, parent): (i64, i64) = {
+        let row = admin
+            .query_one(
+                "SELECT affiliate_id, parent_affiliate_id FROM public.affiliates
+                 WHERE parent_affiliate_id IS NOT NULL ORDER BY affiliate_id LIMIT 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let app = s.proxy.client(&s.db.name).await;
+    // The parent under its own child: legacy would say UPDATE 1; v2 serves it, and refuses.
+    let error = app
+        .execute(
+            "UPDATE affiliates SET parent_affiliate_id = $1, updated_at = now() WHERE affiliate_id = $2",
+            &[&child, &parent],
+        )
+        .await
+        .unwrap_err();
+    let db_error = error.as_db_error().expect("a database error");
+    assert_eq!(
+        db_error.code(),
+        &tokio_postgres::error::SqlState::CHECK_VIOLATION
+    );
+    assert_eq!(db_error.constraint(), Some("chk_no_cycle"));
+    assert_eq!(
+        metric(
+            &s.proxy.metrics().await,
+            r#"cutover_behaviour_changes_total{kind="refused_cycle"}"#
+        ),
+        1.0
+    );
+    // Recorded for the gate and the report (within the 5 s the control loop takes).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let seen: i64 = admin
+            .query_one("SELECT cutover.behaviour_observed('refused_cycle')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if seen == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never recorded: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

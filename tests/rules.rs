@@ -46,6 +46,59 @@ fn assert_one(snippet: &str, line: usize, column: usize, needle: &str) {
     assert!(shown.contains(needle), "{needle:?} not in {shown}");
 }
 
+const ONE_QUERY_TYPE: &str =
+    "[[query_type]]\nname = \"ok\"\nmatch = \"SELECT * FROM affiliates\"\n";
+
+#[test]
+fn behaviour_changes_are_checked() {
+    let change = |body: &str| format!("{ONE_QUERY_TYPE}[[behaviour_change]]\n{body}");
+    let valid = "name = \"c\"\nkind = \"refused_cycle\"\nquery_types = [\"ok\"]\ndescription = \"v2 refuses\"\n";
+    assert!(check(&change(valid)).is_empty());
+    assert_one(
+        &change(&valid.replace("refused_cycle", "refuses_cycles")),
+        6,
+        8,
+        "unknown behaviour change kind \"refuses_cycles\": one of refused_cycle, detached_children, quarantined_rows",
+    );
+    assert_one(
+        &change(&valid.replace("[\"ok\"]", "[\"ok\", \"nope\"]")),
+        7,
+        22,
+        "no query type \"nope\" in the rules",
+    );
+    assert_one(
+        &change(&valid.replace("name = \"c\"", "name = \"Cycle-Refused\"")),
+        5,
+        8,
+        "lower case letters, digits and _",
+    );
+    assert_one(
+        &change(&valid.replace("v2 refuses", " ")),
+        8,
+        15,
+        "say what the application sees",
+    );
+    let twice = format!(
+        "{}[[behaviour_change]]\n{}",
+        change(valid),
+        valid.replace("\"c\"", "\"d\"")
+    );
+    assert_one(
+        &twice,
+        11,
+        8,
+        "kind refused_cycle is already declared as \"c\"",
+    );
+    assert_one(
+        &format!(
+            "{ONE_QUERY_TYPE}[[behaviour_change]]\nname = \"c\"\nkind = \"refused_cycle\"\nquery_types = [\"ok\"]\n"
+        ),
+        4,
+        1,
+        "missing field `description`",
+    );
+}
+
 #[test]
 fn a_valid_snippet_passes() {
     assert!(
@@ -309,6 +362,12 @@ fn explain_says_what_the_proxy_will_do() {
         "{out}"
     );
     assert!(out.contains("(rewritten) SELECT * FROM (SELECT"), "{out}");
+    // The behaviour changes its query type shows, with what they mean.
+    assert!(
+        out.contains("v2 differs    children_detached_on_delete (detached_children; to be accepted before v2 serves it): Deleting a parent")
+            && out.contains("quarantined_rows_absent (quarantined_rows"),
+        "{out}"
+    );
 
     let (_, out, _) = support::cutover(
         &[

@@ -398,7 +398,18 @@ pub struct Explanation {
     pub target_from: Option<&'static str>,
     /// Why the statement stays on legacy.
     pub not_routable: Option<String>,
+    /// Behaviour changes the rules declare for its query type (v2 answers differently on
+    /// purpose; the gate waits for a reviewer to accept each).
+    pub behaviour_changes: Vec<ExplainedChange>,
     pub note: String,
+}
+
+/// A declared behaviour change, as `rules explain` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct ExplainedChange {
+    pub name: String,
+    pub kind: crate::rules::changes::ChangeKind,
+    pub description: String,
 }
 
 pub fn explain(classifier: &Classifier, sql: &str) -> Explanation {
@@ -414,6 +425,7 @@ pub fn explain(classifier: &Classifier, sql: &str) -> Explanation {
         target_sql: None,
         target_from: None,
         not_routable: None,
+        behaviour_changes: Vec::new(),
         note,
     };
     match &*classifier.classify(sql) {
@@ -466,6 +478,15 @@ pub fn explain(classifier: &Classifier, sql: &str) -> Explanation {
                 }),
                 target_sql,
                 not_routable,
+                behaviour_changes: classifier
+                    .rules()
+                    .changes_of(&t.query_type)
+                    .map(|c| ExplainedChange {
+                        name: c.name.clone(),
+                        kind: c.kind,
+                        description: c.description.clone(),
+                    })
+                    .collect(),
                 note,
             }
         }
@@ -492,6 +513,13 @@ impl std::fmt::Display for Explanation {
             writeln!(f, "{:<13} ({from}) {sql}", "target SQL")?;
         }
         line(f, "not routable", &self.not_routable)?;
+        for c in &self.behaviour_changes {
+            writeln!(
+                f,
+                "{:<13} {} ({}; to be accepted before v2 serves it): {}",
+                "v2 differs", c.name, c.kind, c.description
+            )?;
+        }
         writeln!(f, "{:<13} {}", "note", self.note)
     }
 }

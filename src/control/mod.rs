@@ -12,6 +12,8 @@
 //!
 //! Never blocks or fails the proxy: a control database that cannot be reached is logged.
 
+pub mod behaviour;
+
 use std::{
     collections::HashMap,
     sync::{
@@ -130,6 +132,9 @@ pub struct Control {
     /// Whether the table's writes are served by the target: every rule-named write type is
     /// at `target` or `complete` (docs/routing.md, "One transaction, one write side").
     writes_to_target: AtomicBool,
+    /// Refused cycles seen on statements v2 served, not yet added to
+    /// `cutover.behaviour_change_stats` (every 5 seconds).
+    refused_cycles: std::sync::atomic::AtomicI64,
 }
 
 impl Control {
@@ -139,6 +144,7 @@ impl Control {
             rules: ArcSwap::new(rules),
             live: ArcSwap::from_pointee(LiveState::default()),
             connected: AtomicBool::new(false),
+            refused_cycles: std::sync::atomic::AtomicI64::new(0),
             writes_to_target: AtomicBool::new(false),
         }
     }
@@ -255,6 +261,9 @@ impl Control {
                 client = crate::connect::connect(&config).await.ok();
             }
             let Some(c) = client.as_mut() else { continue };
+            if let Err(error) = self.flush_behaviour(c).await {
+                tracing::warn!(%error, "behaviour changes seen could not be recorded; kept for the next try");
+            }
             match ramp_down(c, bar).await {
                 Ok(changed) => {
                     last_error.clear();
@@ -278,6 +287,34 @@ impl Control {
                 }
             }
         }
+    }
+
+    /// An error on a statement v2 served is a behaviour change of `kind` (counted; recorded in
+    /// the control database within 5 seconds for the gate and the report).
+    pub fn behaviour_seen(&self, kind: crate::rules::changes::ChangeKind) {
+        metrics::counter!("cutover_behaviour_changes_total", "kind" => kind.as_str()).increment(1);
+        if kind == crate::rules::changes::ChangeKind::RefusedCycle {
+            self.refused_cycles.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn flush_behaviour(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
+        let n = self.refused_cycles.swap(0, Ordering::Relaxed);
+        if n == 0 {
+            return Ok(());
+        }
+        let done = client
+            .execute(
+                "INSERT INTO cutover.behaviour_change_stats AS s (kind, minute, occurred)
+                 VALUES ('refused_cycle', date_trunc('minute', now()), $1)
+                 ON CONFLICT (kind, minute) DO UPDATE SET occurred = s.occurred + EXCLUDED.occurred",
+                &[&n],
+            )
+            .await;
+        if done.is_err() {
+            self.refused_cycles.fetch_add(n, Ordering::Relaxed);
+        }
+        done.map(drop)
     }
 
     /// One connection's life: LISTEN, load everything, reload on each notification.
@@ -400,6 +437,8 @@ pub struct Change {
     /// The query type writes: the shadow does not compare writes, so its gate is a clean
     /// `cutover verify` in the gate's window instead of compared samples.
     pub writes: bool,
+    /// The behaviour changes the rules declare for it (and the kinds they do not).
+    pub declared: behaviour::Declared,
 }
 
 /// The safety gate's bar (design.md): in the current window, this many compared samples
@@ -443,6 +482,23 @@ pub enum ChangeError {
         "refused: v2 cannot serve before a backfill has completed ({state}); every write until then is handed to the backfill, so v2 would answer with rows it does not have yet. Run `cutover backfill` (forcing does not lift this)"
     )]
     NotBackfilled { state: String },
+    #[error(
+        "refused by the gate: v2 behaves differently here on purpose ({change}, {kind}; seen {observed} times) and no reviewer has accepted it: `cutover ctl accept {change} --reason …` (the report and `rules explain` say what it means), or force with a reason"
+    )]
+    Unaccepted {
+        change: String,
+        kind: crate::rules::changes::ChangeKind,
+        observed: i64,
+    },
+    #[error(
+        "refused by the gate: v2 behaved differently {observed} times ({kind}) and the rules declare no behaviour change of that kind: declare it ([[behaviour_change]], docs/rules.md) and have it accepted, or force with a reason"
+    )]
+    Undeclared {
+        kind: crate::rules::changes::ChangeKind,
+        observed: i64,
+    },
+    #[error("no behaviour change {0:?} in the rules")]
+    UnknownBehaviourChange(String),
     #[error(transparent)]
     Database(#[from] tokio_postgres::Error),
 }
@@ -472,6 +528,7 @@ pub async fn request_change(
     let mut client = crate::connect::connect(database).await?;
     let change = Change {
         writes: rules.writes(&query_type).unwrap_or(false),
+        declared: behaviour::Declared::of(rules, &query_type),
         query_type,
         stage,
         reason,
@@ -522,6 +579,9 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
     let raise = served_by_target(change.stage) > from.map_or(0, served_by_target);
     if raise {
         backfilled(&tx).await?;
+        if !change.force {
+            behaviour::gate(&tx, &change.declared).await?;
+        }
     }
     if raise && !change.force && change.writes {
         match window_verify(&tx).await? {
@@ -709,6 +769,7 @@ pub async fn ramp_down(client: &mut Client, bar: RampDown) -> Result<Vec<Changed
             force: false,
             // A step back: no gate.
             writes: false,
+            declared: behaviour::Declared::default(),
         };
         // Another replica may have done it already: the stage is read again under lock.
         let still = client

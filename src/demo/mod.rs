@@ -216,6 +216,10 @@ async fn walk(options: Options) -> anyhow::Result<()> {
         }
         wait_for_evidence(&admin_client, &counts).await?;
 
+        println!("  v2 answers differently on purpose here (rules' [[behaviour_change]]); a reviewer accepts:");
+        for c in &rules.behaviour_changes {
+            accept(&admin, &token, &c.name, "demo: v2's behaviour is the intended one").await?;
+        }
         step(5, "gradual cutover through the gate: 10% → 50% → target");
         let mut before = proxy_metrics(&admin).await;
         for (stage, percent) in [("cutover", Some(10)), ("cutover", Some(50)), ("target", None)] {
@@ -332,6 +336,11 @@ async fn set_stage(
         )
     })
     .await??;
+    printed(outcome)
+}
+
+/// What `ctl` answered, printed; a refusal is an error.
+fn printed(outcome: crate::ctl::Outcome) -> anyhow::Result<()> {
     match outcome {
         crate::ctl::Outcome::Done(text) => {
             print!("  {text}");
@@ -339,6 +348,21 @@ async fn set_stage(
         }
         crate::ctl::Outcome::Refused(text) => anyhow::bail!("{}", text.trim()),
     }
+}
+
+/// A reviewer's acceptance of a declared behaviour change, through the admin API.
+async fn accept(admin: &str, token: &str, name: &str, reason: &str) -> anyhow::Result<()> {
+    let (admin, token, name, reason) = (
+        admin.to_owned(),
+        token.to_owned(),
+        name.to_owned(),
+        reason.to_owned(),
+    );
+    let outcome = tokio::task::spawn_blocking(move || {
+        crate::ctl::accept(&admin, Some(&token), &name, &reason, false)
+    })
+    .await??;
+    printed(outcome)
 }
 
 /// Waits until every walked type has the gate's evidence, printing progress.

@@ -34,6 +34,9 @@ pub struct Report {
     pub window: Window,
     pub overall: Overall,
     pub query_types: Vec<QueryTypeReport>,
+    /// Declared behaviour changes (and undeclared kinds that happened): how often, accepted
+    /// or not. Empty without rules.
+    pub behaviour_changes: Vec<crate::control::behaviour::Status>,
     pub audit: Vec<crate::control::AuditEntry>,
 }
 
@@ -423,8 +426,25 @@ pub async fn gather(
         },
         overall,
         query_types,
+        behaviour_changes: match rules {
+            Some(rules) if behaviour_tables(client).await? => {
+                crate::control::behaviour::status(client, rules).await?
+            }
+            _ => Vec::new(),
+        },
         audit: crate::control::history(client, AUDIT).await?,
     })
+}
+
+/// Whether the database has the behaviour change tables (migration 0016).
+async fn behaviour_tables(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT to_regclass('cutover.behaviour_acceptances') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0))
 }
 
 async fn trend(

@@ -124,6 +124,26 @@ fn overall_rows(r: &Report, lang: Lang) -> Vec<(String, String)> {
     ]
 }
 
+/// One behaviour change's cells: name, kind, times seen, acceptance, query types, meaning.
+fn behaviour_row(c: &crate::control::behaviour::Status, lang: Lang) -> [String; 6] {
+    let t = lang.text();
+    [
+        c.name.clone().unwrap_or_else(|| "–".into()),
+        c.kind.to_string(),
+        c.observed.to_string(),
+        match (&c.name, &c.accepted) {
+            (None, _) => t.undeclared.into(),
+            (Some(_), None) => t.not_accepted.into(),
+            (Some(_), Some(a)) => format!(
+                "{} — {} ({}): {}",
+                a.accepted_at, a.accepted_by, a.via, a.reason
+            ),
+        },
+        c.query_types.join(", "),
+        c.description.clone().unwrap_or_default(),
+    ]
+}
+
 fn latency_row(l: &Latency) -> [String; 4] {
     [
         ms(l.mean_ms),
@@ -303,6 +323,31 @@ fn markdown(r: &Report, lang: Lang) -> String {
                     let _ = writeln!(m, "  | {k} | {c} | {l} | {tv} |");
                 }
             }
+        }
+    }
+    if !r.behaviour_changes.is_empty() {
+        let _ = writeln!(
+            m,
+            "\n## {}\n\n{}\n\n| {} | {} | {} | {} | {} | {} |\n|---|---|---:|---|---|---|",
+            t.behaviour_changes,
+            t.behaviour_intro,
+            t.behaviour_change,
+            t.kind,
+            t.seen,
+            t.accepted,
+            t.query_types,
+            t.note
+        );
+        for c in &r.behaviour_changes {
+            let [name, kind, seen, accepted, types, what] = behaviour_row(c, lang);
+            let _ = writeln!(
+                m,
+                "| {} | {kind} | {seen} | {} | {} | {} |",
+                md_escape(&name),
+                md_escape(&accepted),
+                md_escape(&types),
+                md_escape(&what)
+            );
         }
     }
     let _ = writeln!(
@@ -615,6 +660,33 @@ pub fn html(r: &Report, lang: Lang, refresh: Option<u32>) -> String {
             h.push_str("</article>");
         }
         h.push_str("</section>");
+    }
+    if !r.behaviour_changes.is_empty() {
+        let _ = write!(
+            h,
+            "<h2>{}</h2><p>{}</p>",
+            t.behaviour_changes, t.behaviour_intro
+        );
+        table_head(
+            &mut h,
+            None,
+            &[
+                t.behaviour_change,
+                t.kind,
+                t.seen,
+                t.accepted,
+                t.query_types,
+                t.note,
+            ],
+        );
+        for c in &r.behaviour_changes {
+            h.push_str("<tr>");
+            for v in behaviour_row(c, lang) {
+                let _ = write!(h, "<td>{}</td>", esc(&v));
+            }
+            h.push_str("</tr>");
+        }
+        h.push_str("</tbody></table>");
     }
     let _ = write!(h, "<h2>{}</h2>", t.audit);
     table_head(&mut h, None, &[t.when, t.query_type, t.change, t.by, t.why]);

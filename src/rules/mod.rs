@@ -10,6 +10,7 @@
 //! Loading never stops at the first problem: every diagnostic is collected and reported as
 //! `file:line:column: message`. A rule set with any diagnostic is refused whole.
 
+pub mod changes;
 mod check;
 mod raw;
 
@@ -295,6 +296,8 @@ pub struct RuleSet {
     pub table: TableMap,
     pub defaults: Defaults,
     pub query_types: Vec<QueryType>,
+    /// Differences v2 makes on purpose, declared for reviewers to accept.
+    pub behaviour_changes: Vec<changes::BehaviourChange>,
     /// 12 hex digits of the SHA-256 of the files' names and texts: which rules a divergence
     /// was found under.
     pub version: String,
@@ -312,6 +315,16 @@ impl RuleSet {
             statements.as_slice(),
             [sqlparser::ast::Statement::Query(_)]
         ))
+    }
+
+    /// The declared behaviour changes the application may see through query type `name`.
+    pub fn changes_of<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a changes::BehaviourChange> + 'a {
+        self.behaviour_changes
+            .iter()
+            .filter(move |c| c.query_types.iter().any(|q| q == name))
     }
 
     /// The named query type called `name`.
@@ -512,6 +525,17 @@ impl Builder {
             }
         }
 
+        let mut behaviour_changes = Vec::new();
+        for (path, text, file) in &parsed {
+            self.behaviour_changes(
+                path,
+                text,
+                &file.behaviour_change,
+                &names,
+                &mut behaviour_changes,
+            );
+        }
+
         if let Some(table) = &table {
             self.routability(table, &query_types);
         }
@@ -520,6 +544,7 @@ impl Builder {
                 table,
                 defaults,
                 query_types,
+                behaviour_changes,
                 version: version_of(sources),
                 by_fingerprint,
             }),

@@ -13,6 +13,18 @@ pub struct RawFile {
     pub defaults: Option<RawDefaults>,
     #[serde(default)]
     pub query_type: Vec<Spanned<RawQueryType>>,
+    #[serde(default)]
+    pub behaviour_change: Vec<Spanned<RawBehaviourChange>>,
+}
+
+/// A `[[behaviour_change]]`: a difference v2 makes on purpose (rules/changes.rs).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBehaviourChange {
+    pub name: Spanned<String>,
+    pub kind: Spanned<String>,
+    pub query_types: Spanned<Vec<Spanned<String>>>,
+    pub description: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -503,6 +503,27 @@ fn inspected(tag: u8, flow: &Flow) -> bool {
     }
 }
 
+/// Counts an error v2 raised on purpose (a behaviour change that shows as an error: a refused
+/// cycle), in a session that had something served by v2.
+fn behaviour_change_seen(body: &[u8], shared: &Shared) {
+    let field = |kind: u8| {
+        messages::error_field_list(body)
+            .find(|(k, _)| *k == kind)
+            .map(|(_, v)| v)
+    };
+    let (Some(code), Some(constraint)) = (field(b'C'), field(b'n')) else {
+        return;
+    };
+    for kind in crate::rules::changes::ChangeKind::ALL {
+        if kind
+            .error()
+            .is_some_and(|(c, n)| c.as_bytes() == code && n.as_bytes() == constraint)
+        {
+            shared.control.behaviour_seen(kind);
+        }
+    }
+}
+
 /// Looks at one whole server frame of the kinds the relay inspects.
 fn inspect_server_frame(
     tag: u8,
@@ -517,6 +538,9 @@ fn inspect_server_frame(
     match tag {
         backend::ERROR_RESPONSE => {
             *last_was_fatal = messages::parse_error(body).is_fatal();
+            if flow.target_served() {
+                behaviour_change_seen(body, shared);
+            }
             // A statement served by the target fails with legacy's names.
             match flow
                 .target_served()
