@@ -13,6 +13,7 @@
 //! - the proxy shuts down and the grace period ends: FATAL 57P01, close.
 
 mod pending;
+mod prepared;
 pub mod relay;
 mod statements;
 

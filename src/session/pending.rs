@@ -32,8 +32,11 @@ pub type Described = Arc<[(u32, i16, i32)]>;
 /// A message waiting for its answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Awaited {
-    /// Parse → ParseComplete; `injected`: the proxy's, its answer is not the client's.
-    Parse { injected: bool },
+    /// Parse → ParseComplete; `injected`: the proxy's, its answer is not the client's. `seq`
+    /// names the Parse to the session's statements: one the server did not carry out (it
+    /// failed, or an earlier error made the server skip it) is reported back
+    /// ([`Flow::take_lost_parses`]), since the statement it was to create does not exist.
+    Parse { injected: bool, seq: u64 },
     /// Close → CloseComplete.
     Close { injected: bool },
     /// Sync → ReadyForQuery.
@@ -66,6 +69,8 @@ pub enum Answer {
 #[derive(Debug, Default)]
 pub struct Pending {
     queue: VecDeque<Awaited>,
+    /// Parses the server did not carry out, by their `seq`.
+    lost: Vec<u64>,
 }
 
 impl Pending {
@@ -76,7 +81,7 @@ impl Pending {
     /// A ParseComplete or CloseComplete arrived.
     pub fn complete(&mut self) -> Answer {
         match self.queue.front() {
-            Some(Awaited::Parse { injected } | Awaited::Close { injected }) => {
+            Some(Awaited::Parse { injected, .. } | Awaited::Close { injected }) => {
                 let injected = *injected;
                 self.queue.pop_front();
                 if injected {
@@ -95,7 +100,7 @@ impl Pending {
         let injected = match self.queue.front() {
             // Inside a simple Query: it ends at its own ReadyForQuery.
             Some(Awaited::Query { .. }) | None => return Answer::Forward,
-            Some(Awaited::Parse { injected } | Awaited::Close { injected }) => *injected,
+            Some(Awaited::Parse { injected, .. } | Awaited::Close { injected }) => *injected,
             Some(Awaited::Sync | Awaited::Describe { .. } | Awaited::Names) => false,
         };
         // The server skips everything up to the next Sync.
@@ -156,9 +161,15 @@ mod tests {
     #[test]
     fn injected_answers_are_swallowed_in_order() {
         let mut p = Pending::default();
-        p.push(Awaited::Parse { injected: false });
+        p.push(Awaited::Parse {
+            injected: false,
+            seq: 0,
+        });
         p.push(Awaited::Close { injected: true });
-        p.push(Awaited::Parse { injected: true });
+        p.push(Awaited::Parse {
+            injected: true,
+            seq: 0,
+        });
         p.push(Awaited::Sync);
         assert_eq!(p.complete(), Answer::Forward);
         assert_eq!(p.complete(), Answer::Swallow);
@@ -171,25 +182,41 @@ mod tests {
     fn an_error_skips_to_sync_like_the_server() {
         let mut p = Pending::default();
         // The client's Parse fails: the proxy's Close and Parse are skipped by the server.
-        p.push(Awaited::Parse { injected: false });
+        p.push(Awaited::Parse {
+            injected: false,
+            seq: 0,
+        });
         p.push(Awaited::Close { injected: true });
-        p.push(Awaited::Parse { injected: true });
+        p.push(Awaited::Parse {
+            injected: true,
+            seq: 0,
+        });
         p.push(Awaited::Sync);
-        p.push(Awaited::Parse { injected: false });
+        p.push(Awaited::Parse {
+            injected: false,
+            seq: 0,
+        });
         assert_eq!(p.error(), Answer::Forward);
+        assert_eq!(p.lost.len(), 2, "the failed Parse and the skipped one");
         p.ready();
         assert_eq!(p.complete(), Answer::Forward);
 
         // The proxy's Parse fails: forwarded, reported.
         let mut p = Pending::default();
-        p.push(Awaited::Parse { injected: true });
+        p.push(Awaited::Parse {
+            injected: true,
+            seq: 0,
+        });
         p.push(Awaited::Sync);
         assert_eq!(p.error(), Answer::InjectedFailed);
 
         // An error inside a simple Query skips nothing.
         let mut p = Pending::default();
         p.push(Awaited::Query { described: None });
-        p.push(Awaited::Parse { injected: true });
+        p.push(Awaited::Parse {
+            injected: true,
+            seq: 0,
+        });
         assert_eq!(p.error(), Answer::Forward);
         p.ready();
         assert_eq!(p.complete(), Answer::Swallow);
@@ -416,6 +443,16 @@ impl Flow {
                 Answer::Swallow
             }
             _ => Answer::Forward,
+        }
+    }
+
+    /// The `seq` of every Parse the server did not carry out since the last call.
+    pub fn take_lost_parses(&self) -> Vec<u64> {
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        if answers.lost.is_empty() {
+            Vec::new()
+        } else {
+            std::mem::take(&mut answers.lost)
         }
     }
 

@@ -17,6 +17,7 @@ use tokio_postgres::error::SqlState;
 use super::{
     Shared,
     pending::{Answer, Flow},
+    prepared::error_with_client_names,
     statements::{MAX_INSPECTED_BIND, Statements},
 };
 use crate::{
@@ -271,6 +272,7 @@ impl ClientToServer<'_> {
                     tag => {
                         self.statements.client_sent(tag);
                         if tag == frontend::BIND {
+                            self.statements.settle();
                             // Bind starts with the portal's and the statement's names; its
                             // parameters (possibly large) stream through unread — unless
                             // the execution may be routed or compared, and the Bind is small.
@@ -538,15 +540,18 @@ fn inspect_server_frame(
     match tag {
         backend::ERROR_RESPONSE => {
             *last_was_fatal = messages::parse_error(body).is_fatal();
-            if flow.target_served() {
-                behaviour_change_seen(body, shared);
+            if !flow.target_served() {
+                return Action::Forward;
             }
-            // A statement served by the target fails with legacy's names.
-            match flow
-                .target_served()
-                .then(|| shared.checks.as_ref()?.identities())
-                .flatten()
+            behaviour_change_seen(body, shared);
+            // A statement served by the target fails with legacy's names (and a target
+            // variant's name is the client's statement's).
+            match shared
+                .checks
+                .as_ref()
+                .and_then(|c| c.identities())
                 .and_then(|map| map.error_as_legacy(body))
+                .or_else(|| error_with_client_names(body))
             {
                 Some(frame) => Action::Replace(frame),
                 None => Action::Forward,

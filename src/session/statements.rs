@@ -22,6 +22,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::{
     Shared,
     pending::{Awaited, Described, Flow, Resolution},
+    prepared::{TARGET_PREFIX, deallocates},
 };
 use crate::{
     classify::{BucketKey, Classification, Typed},
@@ -40,10 +41,6 @@ use crate::{
 /// compared (to read the key, copy the parameters or name the target variant); larger ones
 /// stream through, served by legacy and not compared.
 pub const MAX_INSPECTED_BIND: usize = 64 * 1024;
-
-/// Prefix of the names of the target variants the proxy prepares (`cutover_t_` and the
-/// client's statement name in hex).
-pub const TARGET_PREFIX: &str = "cutover_t_";
 
 /// How long a statement waits for the answer to the proxy's names question (one round trip,
 /// once per session and after statements that may change it) before it is served by legacy.
@@ -71,6 +68,8 @@ pub struct Statements<'s> {
     flow: &'s Flow,
     statements: HashMap<Box<[u8]>, Prepared>,
     portals: HashMap<Box<[u8]>, Portal>,
+    /// Numbers the Parse messages sent (the client's and the proxy's).
+    parses: u64,
 }
 
 /// A prepared statement.
@@ -80,6 +79,10 @@ struct Prepared {
     typed: Option<Arc<Source>>,
     /// Its target variant has been prepared since the client last prepared it.
     target_ready: bool,
+    /// The Parse that created it, and the one that prepared its variant (see
+    /// [`Awaited::Parse`]).
+    parsed: u64,
+    variant_parsed: u64,
 }
 
 /// A statement on the legacy table, as parsed.
@@ -163,6 +166,7 @@ impl<'s> Statements<'s> {
             flow,
             statements: HashMap::new(),
             portals: HashMap::new(),
+            parses: 0,
         }
     }
 
@@ -404,9 +408,24 @@ impl<'s> Statements<'s> {
         }
     }
 
+    /// Forgets what the server did not carry out: a statement whose Parse failed or was
+    /// skipped after an error does not exist (a Bind of it is the server's to refuse, with
+    /// the client's name), and a target variant whose Parse was skipped is prepared again.
+    pub fn settle(&mut self) {
+        for seq in self.flow.take_lost_parses() {
+            self.statements.retain(|_, p| p.parsed != seq);
+            for p in self.statements.values_mut() {
+                if p.variant_parsed == seq {
+                    p.target_ready = false;
+                }
+            }
+        }
+    }
+
     /// Looks at a whole Query, Parse, Execute, Close, Sync or FunctionCall; returns what to
     /// send instead, if anything.
     pub fn inspect(&mut self, tag: u8, body: &[u8]) -> Option<Bytes> {
+        self.settle();
         match tag {
             frontend::QUERY => {
                 let (replacement, described) = match self.query(body) {
@@ -426,7 +445,11 @@ impl<'s> Statements<'s> {
                 self.flow.expect(Awaited::Describe { described });
             }
             frontend::PARSE => {
-                self.flow.expect(Awaited::Parse { injected: false });
+                self.parses += 1;
+                self.flow.expect(Awaited::Parse {
+                    injected: false,
+                    seq: self.parses,
+                });
                 return self.parse(body);
             }
             frontend::EXECUTE => {
@@ -462,6 +485,15 @@ impl<'s> Statements<'s> {
     /// describes its columns.
     fn query(&mut self, body: &[u8]) -> Option<(Bytes, Option<Described>)> {
         let sql = messages::query_text(body)?;
+        // The SQL way to drop prepared statements: a dropped one is no longer routed (its
+        // target variant may outlive it; the server refuses a Bind of it).
+        match deallocates(sql) {
+            Some(None) => self.statements.clear(),
+            Some(Some(name)) => {
+                self.statements.remove(name.as_slice());
+            }
+            None => {}
+        }
         let (served, classification) = self.classify(sql);
         let Some(classification) = classification else {
             served.legacy.increment(1);
@@ -574,6 +606,8 @@ impl<'s> Statements<'s> {
                 served,
                 typed,
                 target_ready: false,
+                parsed: self.parses,
+                variant_parsed: 0,
             },
         );
         write_tag.and_then(|tag| messages::tagged_parse(body, &tag))
@@ -703,7 +737,9 @@ impl<'s> Statements<'s> {
         let mut out = BytesMut::new();
         let prepared = self.statements.get_mut(statement)?;
         if !prepared.target_ready {
+            self.parses += 1;
             prepared.target_ready = true;
+            prepared.variant_parsed = self.parses;
             let tag = source.typed().write_tag.as_deref().unwrap_or("");
             out.extend_from_slice(&messages::close_statement_frame(variant.as_bytes()));
             out.extend_from_slice(&messages::parse_frame(
@@ -712,7 +748,10 @@ impl<'s> Statements<'s> {
                 &param_types,
             ));
             self.flow.expect(Awaited::Close { injected: true });
-            self.flow.expect(Awaited::Parse { injected: true });
+            self.flow.expect(Awaited::Parse {
+                injected: true,
+                seq: self.parses,
+            });
         }
         // Bind: portal, the variant's name, then the client's formats and values as sent.
         let rest = &body[portal.len() + 1 + statement.len() + 1..];

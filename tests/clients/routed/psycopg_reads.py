@@ -49,5 +49,33 @@ with psycopg.connect(sys.argv[1], prepare_threshold=1, autocommit=True) as conn:
     for i in range(1, 11):
         cur.execute(BY_ID, (i,))
         out.append(["binary", cur.fetchall()])
+
+
+def outcome(conn, sql, args, **kw):
+    try:
+        return ["ok", conn.execute(sql, args, **kw).fetchall()]
+    except psycopg.Error as e:
+        return ["error", e.sqlstate, e.diag.message_primary]
+
+
+# Prepared statements the server does not have: the answers must be the server's own, with
+# the client's names, whatever the proxy prepared beside them.
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    # Prepared inside a pipeline that an error aborted: never created.
+    try:
+        with conn.pipeline():
+            conn.execute("SELECT 1/0")
+            conn.execute(BY_ID, (8,), prepare=True)
+    except psycopg.Error as e:
+        out.append(["aborted pipeline", e.sqlstate])
+    out.append(["after it", outcome(conn, BY_ID, (9,), prepare=True)])
+    out.append(["again", outcome(conn, BY_ID, (10,), prepare=True)])
+for drop in ["DEALLOCATE _pg3_0", "DEALLOCATE ALL", "DISCARD ALL"]:
+    with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+        out.append(["prepared", outcome(conn, BY_ID, (11,), prepare=True)])
+        out.append(["prepared", outcome(conn, BY_ID, (12,), prepare=True)])
+        conn.execute(drop)
+        out.append([drop, outcome(conn, BY_ID, (13,), prepare=True)])
+        out.append([drop, outcome(conn, BY_ID, (14,), prepare=True)])
 for line in out:
     print(json.dumps(line, default=str, ensure_ascii=False))
