@@ -13,7 +13,7 @@
 //! case starts a new proxy, so first executions meet route checks that are not in yet. A
 //! failure prints proptest's shortest case. The model itself is in tests/model/.
 //!
-//! `CUTOVER_MODEL_CASES` sets the number of cases (default 30, about a thousand
+//! `CUTOVER_MODEL_CASES` sets the number of cases (default 70, about a thousand
 //! transactions); a long run is `cargo bench --bench safe_cutover -- --transactions 20000`.
 
 mod drivers;
@@ -31,7 +31,7 @@ fn cases() -> u32 {
     std::env::var("CUTOVER_MODEL_CASES")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(30)
+        .unwrap_or(70)
 }
 
 proptest! {
@@ -149,4 +149,68 @@ async fn row_locks_exclude_at_cutover_50() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_locks_exclude_when_writes_are_at_target() {
     increments_survive(true, ("target", 100)).await;
+}
+
+// ------------------------------------------------------------------------------------------
+// Cases the long run found (`cargo bench --bench safe_cutover`), replayed as they shrank
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn executemany_in_an_aborted_transaction_then_its_statement_at_target() {
+    use model::{Driver, End, Key, Op, Tx};
+    let tx = |ops: Vec<Op>, end, driver| Tx { ops, end, driver };
+    let phase = Phase {
+        writes_at_target: true,
+        write_stages: vec![("shadow", 0); WRITE_TYPES.len()],
+        read_stages: vec![("shadow", 0); READ_TYPES.len()],
+        txs: vec![
+            tx(
+                vec![Op::New { parent: 1, ext: 0 }],
+                End::Commit,
+                Driver::TokioSimple,
+            ),
+            tx(
+                vec![Op::New { parent: 1, ext: 7 }],
+                End::Commit,
+                Driver::PsycopgClient,
+            ),
+            // A duplicate external_id aborts the transaction; psycopg then prepares the
+            // deposit for executemany, which the server refuses (25P02) — psycopg still
+            // takes it as prepared.
+            tx(
+                vec![
+                    Op::Deposit {
+                        key: Key::Tree(1),
+                        cents: 1,
+                    },
+                    Op::New { parent: 1, ext: 7 },
+                    Op::ManyDeposit {
+                        keys: vec![Key::Tree(1), Key::Tree(1)],
+                        cents: 1,
+                    },
+                    Op::New { parent: 1, ext: 0 },
+                ],
+                End::Commit,
+                Driver::PsycopgServer,
+            ),
+            // Directly: 26000, the statement does not exist. Through cutover it must not be
+            // served from a target variant.
+            tx(
+                vec![
+                    Op::Status {
+                        key: Key::Tree(1),
+                        banned: false,
+                    },
+                    Op::Deposit {
+                        key: Key::Tree(1),
+                        cents: 1,
+                    },
+                ],
+                End::Autocommit,
+                Driver::PsycopgServer,
+            ),
+        ],
+    };
+    let outcome = runtime().block_on(check_case(&[phase]));
+    assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
 }

@@ -103,7 +103,8 @@ impl Pending {
             Some(Awaited::Parse { injected, .. } | Awaited::Close { injected }) => *injected,
             Some(Awaited::Sync | Awaited::Describe { .. } | Awaited::Names) => false,
         };
-        // The server skips everything up to the next Sync.
+        // The server skips everything up to the next Sync (the failed message included: a
+        // Parse that failed created nothing either).
         while let Some(front) = self.queue.front() {
             if matches!(
                 front,
@@ -111,7 +112,9 @@ impl Pending {
             ) {
                 break;
             }
-            self.queue.pop_front();
+            if let Some(Awaited::Parse { seq, .. }) = self.queue.pop_front() {
+                self.lost.push(seq);
+            }
         }
         if injected {
             Answer::InjectedFailed

@@ -70,6 +70,24 @@ with psycopg.connect(sys.argv[1], autocommit=True) as conn:
         out.append(["aborted pipeline", e.sqlstate])
     out.append(["after it", outcome(conn, BY_ID, (9,), prepare=True)])
     out.append(["again", outcome(conn, BY_ID, (10,), prepare=True)])
+# Prepared by executemany inside a transaction an error aborted: psycopg takes it as
+# prepared, the server never created it.
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    try:
+        with conn.transaction():
+            conn.execute("SELECT 1/0")
+    except psycopg.Error as e:
+        out.append(["aborted", e.sqlstate])
+    conn.execute("BEGIN")
+    out.append(["in error", outcome(conn, "SELECT 1/0", None)])
+    try:
+        conn.cursor().executemany(BY_ID, [(15,), (16,)])
+        out.append(["executemany", "ok"])
+    except psycopg.Error as e:
+        out.append(["executemany", e.sqlstate])
+    conn.execute("ROLLBACK")
+    for i in range(17, 20):
+        out.append(["after", outcome(conn, BY_ID, (i,))])
 for drop in ["DEALLOCATE _pg3_0", "DEALLOCATE ALL", "DISCARD ALL"]:
     with psycopg.connect(sys.argv[1], autocommit=True) as conn:
         out.append(["prepared", outcome(conn, BY_ID, (11,), prepare=True)])
