@@ -214,3 +214,28 @@ fn executemany_in_an_aborted_transaction_then_its_statement_at_target() {
     let outcome = runtime().block_on(check_case(&[phase]));
     assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
 }
+
+#[test]
+fn a_not_null_violation_served_by_v2_lists_legacy_s_row() {
+    use model::{Driver, End, Op, Tx};
+    let txs = [
+        Driver::TokioSimple,
+        Driver::TokioExtended,
+        Driver::PsycopgServer,
+    ]
+    .into_iter()
+    .map(|driver| Tx {
+        ops: vec![Op::NewNoName { parent: 3, ext: 1 }],
+        end: End::Autocommit,
+        driver,
+    })
+    .collect();
+    let phase = Phase {
+        writes_at_target: true,
+        write_stages: vec![("target", 100); WRITE_TYPES.len()],
+        read_stages: vec![("shadow", 0); READ_TYPES.len()],
+        txs,
+    };
+    let outcome = runtime().block_on(check_case(&[phase]));
+    assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
+}

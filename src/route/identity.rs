@@ -25,7 +25,17 @@ pub struct Identities {
     constraints: HashMap<String, String>,
     /// Target column → legacy column (only those that differ).
     columns: HashMap<String, String>,
+    /// Both tables' columns in their order, for a "Failing row contains (…)" DETAIL: the
+    /// target's as legacy names (`None`: no legacy column, or a derived one whose legacy
+    /// value is carried in another column), and legacy's.
+    target_row: Vec<Option<String>>,
+    legacy_row: Vec<String>,
 }
+
+/// A table's columns in order (what a "Failing row contains" DETAIL lists).
+const COLUMNS: &str = "
+    SELECT attname::text FROM pg_attribute
+    WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum";
 
 /// Unique indexes of a table with their columns (sorted, as legacy names).
 const UNIQUE_INDEXES: &str = "
@@ -79,7 +89,30 @@ impl Identities {
                 constraints.insert(name, legacy_name.clone());
             }
         }
+        let names = |rows: Vec<tokio_postgres::Row>| -> Vec<String> {
+            rows.iter().map(|r| r.get(0)).collect()
+        };
+        let legacy_row = names(client.query(COLUMNS, &[&table.legacy.quoted()]).await?);
+        // A derived column's legacy value is its carried copy, when it has one.
+        let derived_with_copy: Vec<&str> = table
+            .columns
+            .iter()
+            .filter(|c| c.legacy_copy.is_some())
+            .map(|c| c.target.as_str())
+            .collect();
+        let target_row = names(client.query(COLUMNS, &[&table.target.quoted()]).await?)
+            .into_iter()
+            .map(|t| {
+                if derived_with_copy.contains(&t.as_str()) {
+                    return None;
+                }
+                let legacy = columns.get(&t).cloned().unwrap_or(t);
+                legacy_row.contains(&legacy).then_some(legacy)
+            })
+            .collect();
         Ok(Self {
+            target_row,
+            legacy_row,
             target_schema: table.target.schema.clone(),
             target_table: table.target.name.clone(),
             legacy_schema: table.legacy.schema.clone(),
@@ -106,7 +139,10 @@ impl Identities {
                     b't' => self.legacy_table.clone(),
                     b'n' => self.constraints.get(&value).cloned().unwrap_or(value),
                     b'c' => self.columns.get(&value).cloned().unwrap_or(value),
-                    b'M' | b'D' => self.text(&value),
+                    b'D' => self
+                        .failing_row(&value)
+                        .unwrap_or_else(|| self.text(&value)),
+                    b'M' => self.text(&value),
                     _ => value,
                 };
                 (kind, value)
@@ -115,6 +151,32 @@ impl Identities {
         Some(messages::error_frame(
             fields.iter().map(|(kind, value)| (*kind, value.as_bytes())),
         ))
+    }
+
+    /// A "Failing row contains (…)" DETAIL (NOT NULL and CHECK violations) listing the
+    /// target's row, as legacy's row: its columns, in its order. The values are split at
+    /// ", "; when that does not give one value per target column (a value holds ", "), or a
+    /// legacy column has no value, `None` (the DETAIL is left as it is).
+    fn failing_row(&self, detail: &str) -> Option<String> {
+        let inner = detail
+            .strip_prefix("Failing row contains (")?
+            .strip_suffix(").")?;
+        let values: Vec<&str> = inner.split(", ").collect();
+        if values.len() != self.target_row.len() || self.legacy_row.is_empty() {
+            return None;
+        }
+        let by_legacy: HashMap<&str, &str> = self
+            .target_row
+            .iter()
+            .zip(&values)
+            .filter_map(|(name, value)| Some((name.as_deref()?, *value)))
+            .collect();
+        let legacy: Option<Vec<&str>> = self
+            .legacy_row
+            .iter()
+            .map(|c| by_legacy.get(c.as_str()).copied())
+            .collect();
+        Some(format!("Failing row contains ({}).", legacy?.join(", ")))
     }
 
     /// A message naming the target's objects in quotes, with legacy's names.
@@ -166,12 +228,47 @@ mod tests {
                 "affiliates_external_id_key".to_owned(),
             )]
             .into(),
-            columns: [(
-                "direct_referrals_count".to_owned(),
-                "level_1_referrals".to_owned(),
-            )]
+            columns: [
+                (
+                    "direct_referrals_count".to_owned(),
+                    "level_1_referrals".to_owned(),
+                ),
+                (
+                    "legacy_level_1_referrals".to_owned(),
+                    "level_1_referrals".to_owned(),
+                ),
+            ]
             .into(),
+            // v2: id, name, derived count, path, carried count; legacy: id, count, name.
+            target_row: vec![
+                Some("affiliate_id".into()),
+                Some("name".into()),
+                None,
+                None,
+                Some("level_1_referrals".into()),
+            ],
+            legacy_row: vec![
+                "affiliate_id".into(),
+                "level_1_referrals".into(),
+                "name".into(),
+            ],
         }
+    }
+
+    #[test]
+    fn a_failing_row_on_the_target_reads_as_legacy_s_row() {
+        let ids = identities();
+        assert_eq!(
+            ids.failing_row("Failing row contains (7, null, 3, 1.7, 2).")
+                .as_deref(),
+            Some("Failing row contains (7, 2, null).")
+        );
+        // A value with ", " in it: left as it is.
+        assert_eq!(
+            ids.failing_row("Failing row contains (7, a, b, 3, 1.7, 2)."),
+            None
+        );
+        assert_eq!(ids.failing_row("Key (x)=(1) already exists."), None);
     }
 
     #[test]

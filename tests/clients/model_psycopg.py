@@ -64,6 +64,7 @@ def error(e):
             "table": d.table_name,
             "column": d.column_name,
             "constraint": d.constraint_name,
+            "detail": d.message_detail,
         }
     }
 

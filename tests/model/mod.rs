@@ -108,6 +108,12 @@ pub(crate) enum Op {
     },
     Savepoint,
     RollbackToSavepoint,
+    /// A new affiliate without a name: a NOT NULL violation whose DETAIL lists the failing
+    /// row (timestamps given, so that the two sides' rows are the same).
+    NewNoName {
+        parent: i64,
+        ext: u8,
+    },
     /// New affiliates under one parent, one execution each (psycopg: `executemany`).
     ManyNew {
         parent: i64,
@@ -197,6 +203,7 @@ pub(crate) fn op() -> impl Strategy<Value = Op> {
         1 => (1..=TREE).prop_map(|key| Op::Downline { key }),
         1 => Just(Op::Savepoint),
         1 => Just(Op::RollbackToSavepoint),
+        1 => (1..=TREE, 0u8..12).prop_map(|(parent, ext)| Op::NewNoName { parent, ext }),
         1 => (1..=TREE, prop::collection::vec(0u8..12, 2..5))
             .prop_map(|(parent, exts)| Op::ManyNew { parent, exts }),
         1 => (prop::collection::vec(key(), 2..5), 1i64..500)

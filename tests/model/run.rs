@@ -30,6 +30,7 @@ pub(crate) enum Answer {
         table: Option<String>,
         column: Option<String>,
         constraint: Option<String>,
+        detail: Option<String>,
     },
     /// What else a driver said (psycopg's pipeline error), as it said it.
     Other(String),
@@ -61,6 +62,7 @@ pub(crate) fn error_answer(e: &tokio_postgres::Error) -> Answer {
         table: db.table().map(str::to_owned),
         column: db.column().map(str::to_owned),
         constraint: db.constraint().map(str::to_owned),
+        detail: db.detail().map(str::to_owned),
     }
 }
 
@@ -290,6 +292,7 @@ pub(crate) fn psycopg_answer(v: &serde_json::Value) -> Answer {
             table: field(e, "table"),
             column: field(e, "column"),
             constraint: field(e, "constraint"),
+            detail: field(e, "detail"),
         }
     } else {
         Answer::Other(v.to_string())

@@ -110,6 +110,13 @@ pub(crate) fn render(op: &Op, last: i64, case: u64) -> Option<Statement> {
             ],
             true,
         ),
+        Op::NewNoName { parent, ext: e } => statement(
+            "INSERT INTO affiliates (parent_affiliate_id, external_id, name, registration_date, created_at, updated_at)
+VALUES ($1, $2, NULL, '2024-01-01', '2024-01-01', '2024-01-01')",
+            vec![Box::new(*parent), Box::new(format!("{}-nameless", ext(*e)))],
+            &[parent.to_string(), text(&format!("{}-nameless", ext(*e)))],
+            false,
+        ),
         Op::Deposit { key, cents } => {
             let amount = Decimal::new(*cents, 2);
             statement(
