@@ -283,6 +283,16 @@ async fn one_statement_moving_nested_rows_and_deleting_parent_with_child() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(detached, [(5, 4)]);
+    // A behaviour change v2 makes on purpose, counted for the gate and the report.
+    let observed: i64 = client
+        .query_one(
+            "SELECT cutover.behaviour_observed('detached_children')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(observed, 1);
 
     // Given a parent again, 5 is no longer detached.
     client
