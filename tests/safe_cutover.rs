@@ -222,11 +222,16 @@ fn a_not_null_violation_served_by_v2_lists_legacy_s_row() {
         Driver::TokioSimple,
         Driver::TokioExtended,
         Driver::PsycopgServer,
+        Driver::PsycopgClient,
     ]
     .into_iter()
-    .map(|driver| Tx {
-        ops: vec![Op::NewNoName { parent: 3, ext: 1 }],
-        end: End::Autocommit,
+    .enumerate()
+    .map(|(i, driver)| Tx {
+        ops: vec![Op::NewNoName {
+            parent: 5,
+            ext: i as u8,
+        }],
+        end: End::Commit,
         driver,
     })
     .collect();
