@@ -31,9 +31,11 @@ pub fn reload(shared: &Shared) -> Result<usize, crate::rules::RulesError> {
                 .classifier
                 .store(Arc::new(Classifier::new(Arc::clone(&rules))));
             shared.control.set_rules(Arc::clone(&rules));
-            // Target SQL may have changed: check statements again before routing them.
+            // Target SQL may have changed: check statements again before routing them; the
+            // column map too: legacy's names for the target's errors are read again.
             if let Some(checks) = &shared.checks {
                 checks.clear();
+                checks.set_table(rules.table.clone());
             }
             shared.metrics.rules_reloaded.increment(1);
             tracing::info!(dir = %dir.display(), query_types = count, "rules reloaded");
