@@ -102,7 +102,10 @@ def plain(conn, tx):
     answers = []
     factory = psycopg.ClientCursor if tx["mode"] == "client" else psycopg.Cursor
     if tx["begin"]:
-        conn.execute("BEGIN")
+        try:
+            conn.execute("BEGIN")
+        except psycopg.Error as e:
+            answers.append(error(e))
     for statement in tx["statements"]:
         cur = factory(conn)
         try:
@@ -171,9 +174,19 @@ def main():
             out = pipelined(conn, tx) if tx["mode"] == "pipeline" else plain(conn, tx)
         except psycopg.OperationalError as e:
             out = [{"fatal": str(e)}]
-        # A transaction left open by an error is closed, as the Rust drivers close theirs.
-        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            conn.execute("ROLLBACK")
+        except psycopg.Error as e:
+            out = [{"uncaught": error(e)["error"]}]
+        # A transaction left open by an error is closed, as the Rust drivers close theirs;
+        # what psycopg still had to say then (an error of the last pipeline) is part of the
+        # answers.
+        # (psycopg may raise a pipeline's error at the first ROLLBACK, then roll back.)
+        for _ in range(3):
+            try:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    conn.execute("ROLLBACK")
+                break
+            except psycopg.Error as e:
+                out.append({"cleanup": error(e)["error"]})
         sys.stdout.write(json.dumps(out) + "\n")
         sys.stdout.flush()
 
