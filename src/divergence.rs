@@ -6,7 +6,8 @@
 //!   safety gate and the automatic ramp-down read. Counts survive a lost control database:
 //!   they wait in memory (one small record per query type) and are added when it returns.
 //! - Sampled divergences go to `cutover.divergences`: at most [`SAMPLES_PER_HOUR`] per query
-//!   type and hour over the whole fleet, each with its SQL pair, redacted parameters and the
+//!   type, class (kind and reviewers' expected class) and hour over the whole fleet — one
+//!   class filling its share leaves every other class its first examples — each with its SQL pair, redacted parameters and the
 //!   differing rows (bounded by [`crate::compare::MAX_DIFF_ROWS`]). Older than
 //!   [`RETENTION_DAYS`] they are deleted.
 //! - Reviewers' marks (`cutover.divergence_marks`) and the rules' `compare.expected` turn a
@@ -28,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::rules::Expected;
 
-/// Divergence samples kept per query type and hour.
+/// Divergence samples kept per query type, class and hour.
 pub const SAMPLES_PER_HOUR: i64 = 50;
 /// How long samples and per-minute counts are kept.
 pub const RETENTION_DAYS: i32 = 14;
@@ -271,8 +272,9 @@ impl Store {
             .add(outcome, latency);
     }
 
-    /// Whether this replica may still sample a divergence of `query_type` this hour.
-    pub fn wants_sample(&self, query_type: &str) -> bool {
+    /// Whether this replica may still sample a divergence of `query_type` of this class
+    /// (`kind`, and the reviewers' class when it was expected) this hour.
+    pub fn wants_sample(&self, query_type: &str, kind: Kind, expected: Option<&str>) -> bool {
         let hour = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64 / 3600);
@@ -280,7 +282,12 @@ impl Store {
         if sampled.0 != hour {
             *sampled = (hour, HashMap::new());
         }
-        let n = sampled.1.entry(query_type.to_owned()).or_default();
+        let class = format!(
+            "{query_type}\0{}\0{}",
+            kind.as_str(),
+            expected.unwrap_or_default()
+        );
+        let n = sampled.1.entry(class).or_default();
         *n += 1;
         *n <= SAMPLES_PER_HOUR
     }
@@ -571,7 +578,7 @@ async fn insert_sample(
         .latency
         .map(|(l, t)| (Some(micros(l)), Some(micros(t))))
         .unwrap_or((None, None));
-    // The fleet-wide bound is checked by the insert itself.
+    // The fleet-wide bound (per query type and class) is checked by the insert itself.
     client
         .execute(
             "INSERT INTO cutover.divergences
@@ -580,7 +587,8 @@ async fn insert_sample(
                   replica)
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15
              WHERE (SELECT count(*) FROM cutover.divergences
-                    WHERE query_type = $1 AND found_at > now() - interval '1 hour') < $16",
+                    WHERE query_type = $1 AND kind = $3 AND expected_class IS NOT DISTINCT FROM $4
+                      AND found_at > now() - interval '1 hour') < $16",
             &[
                 &s.query_type,
                 &s.fingerprint,

@@ -566,3 +566,66 @@ async fn a_class_reviewers_mark_as_expected_is_counted_apart() {
         .get(0);
     assert_eq!(class, "known_name_mapping");
 }
+
+#[tokio::test]
+async fn samples_are_capped_per_class_so_every_class_keeps_its_first_examples() {
+    use cutover::divergence::{Kind, SAMPLES_PER_HOUR, Sample, Store};
+    let db = support::migrated_db().await;
+    let client = db.client().await;
+    let sample = |kind: Kind| Sample {
+        query_type: "affiliate_by_id".into(),
+        fingerprint: "fp_test".into(),
+        kind,
+        expected_class: None,
+        columns: vec![],
+        legacy_sql: "SELECT 1".into(),
+        target_sql: "SELECT 1".into(),
+        params: serde_json::json!([]),
+        diff: serde_json::Value::Null,
+        legacy_error: None,
+        target_error: (kind == Kind::Error).then(|| "22012: division by zero".to_owned()),
+        latency: None,
+        rules_version: "test".into(),
+    };
+    // Drift fills its share first; the errors that come after still get examples.
+    let offer = |store: &Store, kind: Kind, n: usize| {
+        for _ in 0..n {
+            if store.wants_sample("affiliate_by_id", kind, None) {
+                store.sample(sample(kind));
+            }
+        }
+    };
+    let one = Store::new();
+    offer(&one, Kind::Drift, 60);
+    offer(&one, Kind::Error, 3);
+    one.flush(&client).await.unwrap();
+    // Another replica: the bound is the fleet's.
+    let other = Store::new();
+    offer(&other, Kind::Drift, 5);
+    offer(&other, Kind::Error, 2);
+    other.flush(&client).await.unwrap();
+    let stored: HashMap<String, i64> = client
+        .query(
+            "SELECT kind, count(*) FROM cutover.divergences GROUP BY kind",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(stored.get("drift"), Some(&SAMPLES_PER_HOUR));
+    assert_eq!(stored.get("error"), Some(&5));
+    let kept: String = client
+        .query_one(
+            "SELECT target_error FROM cutover.divergences WHERE kind = 'error' LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        kept.starts_with("22012"),
+        "the error's SQLSTATE is kept: {kept}"
+    );
+}

@@ -218,7 +218,10 @@ impl Conn {
             tracing::info!(query_type = %typed.query_type, kind = kind.as_str(), columns = ?columns, "confirmed divergence");
         }
         // The sample before the count: whoever sees the count finds the sample stored too.
-        if shadow.store.wants_sample(&typed.query_type) {
+        if shadow
+            .store
+            .wants_sample(&typed.query_type, kind, expected.as_deref())
+        {
             let error = |side: &Side| match side {
                 Side::Failed { code, message } => Some(redact::error(code, message)),
                 _ => None,
