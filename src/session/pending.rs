@@ -71,6 +71,8 @@ pub struct Pending {
     queue: VecDeque<Awaited>,
     /// Parses the server did not carry out, by their `seq`.
     lost: Vec<u64>,
+    /// The proxy's Parses the server confirmed (ParseComplete), by their `seq`.
+    confirmed: Vec<u64>,
 }
 
 impl Pending {
@@ -83,7 +85,13 @@ impl Pending {
         match self.queue.front() {
             Some(Awaited::Parse { injected, .. } | Awaited::Close { injected }) => {
                 let injected = *injected;
-                self.queue.pop_front();
+                if let Some(Awaited::Parse {
+                    injected: true,
+                    seq,
+                }) = self.queue.pop_front()
+                {
+                    self.confirmed.push(seq);
+                }
                 if injected {
                     Answer::Swallow
                 } else {
@@ -449,14 +457,22 @@ impl Flow {
         }
     }
 
-    /// The `seq` of every Parse the server did not carry out since the last call.
-    pub fn take_lost_parses(&self) -> Vec<u64> {
+    /// The `seq` of every Parse the server did not carry out, and of every Parse of the
+    /// proxy's the server confirmed, since the last call.
+    pub fn take_parse_outcomes(&self) -> (Vec<u64>, Vec<u64>) {
         let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
-        if answers.lost.is_empty() {
-            Vec::new()
-        } else {
-            std::mem::take(&mut answers.lost)
+        if answers.lost.is_empty() && answers.confirmed.is_empty() {
+            return (Vec::new(), Vec::new());
         }
+        (
+            std::mem::take(&mut answers.lost),
+            std::mem::take(&mut answers.confirmed),
+        )
+    }
+
+    /// Batches sent so far (each ends with a Sync, a simple Query or a FunctionCall).
+    pub fn batches_sent(&self) -> u64 {
+        self.writes.sent.load(Relaxed)
     }
 
     pub fn routing_broken(&self) -> bool {

@@ -83,6 +83,11 @@ struct Prepared {
     /// [`Awaited::Parse`]).
     parsed: u64,
     variant_parsed: u64,
+    /// The server confirmed the variant's Parse; until then a Bind in a later batch prepares
+    /// it again (its batch may have failed, and the answer not be in yet).
+    variant_confirmed: bool,
+    /// The batch the variant's Parse was sent in.
+    variant_batch: u64,
 }
 
 /// A statement on the legacy table, as parsed.
@@ -412,11 +417,19 @@ impl<'s> Statements<'s> {
     /// skipped after an error does not exist (a Bind of it is the server's to refuse, with
     /// the client's name), and a target variant whose Parse was skipped is prepared again.
     pub fn settle(&mut self) {
-        for seq in self.flow.take_lost_parses() {
+        let (lost, confirmed) = self.flow.take_parse_outcomes();
+        for seq in lost {
             self.statements.retain(|_, p| p.parsed != seq);
             for p in self.statements.values_mut() {
                 if p.variant_parsed == seq {
                     p.target_ready = false;
+                }
+            }
+        }
+        for seq in confirmed {
+            for p in self.statements.values_mut() {
+                if p.variant_parsed == seq {
+                    p.variant_confirmed = true;
                 }
             }
         }
@@ -608,6 +621,8 @@ impl<'s> Statements<'s> {
                 target_ready: false,
                 parsed: self.parses,
                 variant_parsed: 0,
+                variant_confirmed: false,
+                variant_batch: 0,
             },
         );
         write_tag.and_then(|tag| messages::tagged_parse(body, &tag))
@@ -736,10 +751,17 @@ impl<'s> Statements<'s> {
         let variant = format!("{TARGET_PREFIX}{}", hex::encode(statement));
         let mut out = BytesMut::new();
         let prepared = self.statements.get_mut(statement)?;
-        if !prepared.target_ready {
+        // Prepared (again) unless done, or sent in this batch (a failure there skips this
+        // Bind too): a Parse from an earlier batch may have been skipped by an error whose
+        // answer is not in yet.
+        let batch = self.flow.batches_sent();
+        if !prepared.target_ready || (!prepared.variant_confirmed && batch > prepared.variant_batch)
+        {
             self.parses += 1;
             prepared.target_ready = true;
             prepared.variant_parsed = self.parses;
+            prepared.variant_confirmed = false;
+            prepared.variant_batch = batch;
             let tag = source.typed().write_tag.as_deref().unwrap_or("");
             out.extend_from_slice(&messages::close_statement_frame(variant.as_bytes()));
             out.extend_from_slice(&messages::parse_frame(
