@@ -265,18 +265,11 @@ async fn api_set(
 
 /// The answer to a refused or failed change.
 fn change_problem(error: &control::ChangeError) -> Response {
-    let status = match error {
-        control::ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
-        control::ChangeError::UnknownQueryType(_)
-        | control::ChangeError::UnknownBehaviourChange(_) => StatusCode::NOT_FOUND,
-        control::ChangeError::Gate { .. }
-        | control::ChangeError::WriteGate { .. }
-        | control::ChangeError::NotBackfilled { .. }
-        | control::ChangeError::Unaccepted { .. }
-        | control::ChangeError::Undeclared { .. } => StatusCode::CONFLICT,
-        control::ChangeError::NoControlDatabase
-        | control::ChangeError::Unreachable(_)
-        | control::ChangeError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
+    let status = match error.failure() {
+        control::Failure::Invalid => StatusCode::BAD_REQUEST,
+        control::Failure::Unknown => StatusCode::NOT_FOUND,
+        control::Failure::Refused => StatusCode::CONFLICT,
+        control::Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     };
     let message = match error {
         control::ChangeError::UnknownQueryType(_) => {

@@ -398,20 +398,11 @@ async fn set_stage(shared: &Shared, user: &str, text: &str) -> Answer {
     match result {
         Ok(_) => Answer::Done("SET STAGE".into()),
         Err(error) => {
-            let code = match &error {
-                control::ChangeError::Invalid(_) => SqlState::INVALID_PARAMETER_VALUE,
-                control::ChangeError::UnknownQueryType(_)
-                | control::ChangeError::UnknownBehaviourChange(_) => SqlState::UNDEFINED_OBJECT,
-                control::ChangeError::Gate { .. }
-                | control::ChangeError::WriteGate { .. }
-                | control::ChangeError::NotBackfilled { .. }
-                | control::ChangeError::Unaccepted { .. }
-                | control::ChangeError::Undeclared { .. } => {
-                    SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
-                }
-                control::ChangeError::NoControlDatabase
-                | control::ChangeError::Unreachable(_)
-                | control::ChangeError::Database(_) => SqlState::CONNECTION_EXCEPTION,
+            let code = match error.failure() {
+                control::Failure::Invalid => SqlState::INVALID_PARAMETER_VALUE,
+                control::Failure::Unknown => SqlState::UNDEFINED_OBJECT,
+                control::Failure::Refused => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                control::Failure::Unavailable => SqlState::CONNECTION_EXCEPTION,
             };
             let message = match &error {
                 control::ChangeError::UnknownQueryType(_) => {

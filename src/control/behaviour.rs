@@ -28,12 +28,17 @@ impl Declared {
                 .changes_of(query_type)
                 .map(|c| (c.name.clone(), c.kind))
                 .collect(),
-            undeclared: ChangeKind::ALL
-                .into_iter()
-                .filter(|k| !rules.behaviour_changes.iter().any(|c| c.kind == *k))
-                .collect(),
+            undeclared: undeclared(rules),
         }
     }
+}
+
+/// The kinds the rules declare nothing for.
+fn undeclared(rules: &RuleSet) -> Vec<ChangeKind> {
+    ChangeKind::ALL
+        .into_iter()
+        .filter(|k| !rules.behaviour_changes.iter().any(|c| c.kind == *k))
+        .collect()
 }
 
 /// A reviewer's acceptance.
@@ -98,7 +103,7 @@ pub async fn status(
     for c in &rules.behaviour_changes {
         out.push(declared_status(client, c).await?);
     }
-    for kind in Declared::of(rules, "").undeclared {
+    for kind in undeclared(rules) {
         let n = observed(client, kind).await?;
         if n > 0 {
             out.push(Status {

@@ -503,6 +503,40 @@ pub enum ChangeError {
     Database(#[from] tokio_postgres::Error),
 }
 
+/// What kind of failure a [`ChangeError`] is, for each surface to answer in its own terms
+/// (an HTTP status, a SQLSTATE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The request itself is wrong.
+    Invalid,
+    /// It names a query type or behaviour change nobody knows.
+    Unknown,
+    /// A safety gate refused it.
+    Refused,
+    /// The control database cannot be reached or failed.
+    Unavailable,
+}
+
+impl ChangeError {
+    /// The kind of failure (one exhaustive match: a new variant is placed here, once).
+    pub fn failure(&self) -> Failure {
+        match self {
+            ChangeError::Invalid(_) => Failure::Invalid,
+            ChangeError::UnknownQueryType(_) | ChangeError::UnknownBehaviourChange(_) => {
+                Failure::Unknown
+            }
+            ChangeError::Gate { .. }
+            | ChangeError::WriteGate { .. }
+            | ChangeError::NotBackfilled { .. }
+            | ChangeError::Unaccepted { .. }
+            | ChangeError::Undeclared { .. } => Failure::Refused,
+            ChangeError::NoControlDatabase
+            | ChangeError::Unreachable(_)
+            | ChangeError::Database(_) => Failure::Unavailable,
+        }
+    }
+}
+
 /// A change asked of this proxy (admin API, SQL console): the query type must be one the
 /// rules or the live state know, the stage valid; then [`set_stage`] on the control
 /// database.

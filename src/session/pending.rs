@@ -275,6 +275,9 @@ pub struct Flow {
     names_answered: tokio::sync::Notify,
     /// The last ReadyForQuery said idle: no transaction is open.
     idle: AtomicBool,
+    /// Parses lost or confirmed wait to be taken ([`Self::take_parse_outcomes`]): looked
+    /// at before every client message, so the answers' lock is taken only when there are.
+    parse_outcomes: AtomicBool,
     /// The client has sent extended-protocol messages that no Sync has closed yet.
     batch_open: AtomicBool,
 }
@@ -460,14 +463,20 @@ impl Flow {
     /// The `seq` of every Parse the server did not carry out, and of every Parse of the
     /// proxy's the server confirmed, since the last call.
     pub fn take_parse_outcomes(&self) -> (Vec<u64>, Vec<u64>) {
-        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
-        if answers.lost.is_empty() && answers.confirmed.is_empty() {
+        if !self.parse_outcomes.swap(false, Relaxed) {
             return (Vec::new(), Vec::new());
         }
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
         (
             std::mem::take(&mut answers.lost),
             std::mem::take(&mut answers.confirmed),
         )
+    }
+
+    fn note_parse_outcomes(&self, answers: &Pending) {
+        if !answers.lost.is_empty() || !answers.confirmed.is_empty() {
+            self.parse_outcomes.store(true, Relaxed);
+        }
     }
 
     /// Batches sent so far (each ends with a Sync, a simple Query or a FunctionCall).
@@ -495,9 +504,14 @@ impl Flow {
                 answers.no_data();
                 Answer::Forward
             }
-            backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => answers.complete(),
+            backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => {
+                let answer = answers.complete();
+                self.note_parse_outcomes(&answers);
+                answer
+            }
             backend::ERROR_RESPONSE => {
                 let answer = answers.error();
+                self.note_parse_outcomes(&answers);
                 if answer == Answer::InjectedFailed {
                     self.routing_broken.store(true, Relaxed);
                     tracing::warn!(

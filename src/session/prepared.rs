@@ -51,6 +51,11 @@ fn client_names(value: &[u8]) -> Vec<u8> {
 /// What a simple Query's `DEALLOCATE [PREPARE] name | ALL` or `DISCARD ALL` drops of the
 /// session's prepared statements: `Some(None)` all of them, `Some(Some(name))` one.
 pub(super) fn deallocates(sql: &[u8]) -> Option<Option<Vec<u8>>> {
+    // Every simple Query passes here: look at its first letter before decoding anything.
+    let first = sql.iter().find(|b| !b.is_ascii_whitespace())?;
+    if !first.eq_ignore_ascii_case(&b'd') {
+        return None;
+    }
     let text = std::str::from_utf8(sql).ok()?;
     let mut words = text
         .split(|c: char| c.is_whitespace() || c == ';')
