@@ -133,6 +133,10 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         .map(|s| s.database.clone())
         .or_else(|| shared.config.control.clone())
     {
+        tokio::spawn(crate::migrate::fold::run(
+            database.clone(),
+            shutdown.clone(),
+        ));
         let checks = Arc::new(crate::route::check::Checks::new());
         checks.set_table(shared.classifier.load().rules().table.clone());
         tokio::spawn(Arc::clone(&checks).run(database, shutdown.clone()));

@@ -10,7 +10,7 @@ mod support;
 use std::{path::Path, process::Command};
 
 use cutover::fixture::{self, TreeSpec};
-use support::{TestDb, cluster, cutover_on, metric, proxy, tree_db};
+use support::{TestDb, cluster, cutover_on, metric, proxy, set_state, tree_db};
 use tokio_postgres::{Client, error::SqlState};
 
 /// Puts a query type in a stage (dual-write is on while any is in shadow, cutover or
@@ -19,19 +19,6 @@ async fn set_stage(client: &Client, query_type: &str, stage: &str) {
     set_state(client, query_type, "stage", stage).await;
 }
 
-/// Sets one column of a query type's live state, as an operator's SQL would.
-async fn set_state(client: &Client, query_type: &str, column: &str, value: &str) {
-    client
-        .execute(
-            &format!(
-                "INSERT INTO cutover.query_type_state (query_type, {column}) VALUES ($1, $2)
-                 ON CONFLICT (query_type) DO UPDATE SET {column} = EXCLUDED.{column}"
-            ),
-            &[&query_type, &value],
-        )
-        .await
-        .unwrap();
-}
 
 /// A backfilled tree of `affiliates` with dual-write on (`query_type` in shadow), and a
 /// direct connection to it.

@@ -183,7 +183,7 @@ async fn row(client: &Client, id: i64) -> (String, i32, i32, i32, Option<i64>) {
     let r = client
         .query_one(
             "SELECT hierarchy_path::text, hierarchy_level, direct_referrals_count,
-                    total_network_size, parent_affiliate_id
+                    fature_v2.network_size(affiliate_id), parent_affiliate_id
              FROM fature_v2.affiliates_optimized WHERE affiliate_id = $1",
             &[&id],
         )
@@ -462,7 +462,7 @@ async fn integrity_checks_catch_each_kind_of_corruption() {
             "counter_mismatches",
         ),
         (
-            "UPDATE fature_v2.affiliates_optimized SET total_network_size = 0 WHERE affiliate_id = 1",
+            "UPDATE fature_v2.affiliates_optimized SET total_network_size = total_network_size + 7 WHERE affiliate_id = 1",
             "network_size_mismatches",
         ),
         (

@@ -226,7 +226,10 @@ async fn run_unlocked(
                        GROUP BY a.affiliate_id) c
                  WHERE t.affiliate_id = c.affiliate_id AND t.direct_referrals_count IS DISTINCT FROM c.n;
                  UPDATE fature_v2.affiliates_optimized t SET total_network_size = c.n
-                 FROM (SELECT a.affiliate_id, count(h.descendant_id)::int AS n
+                 FROM (SELECT a.affiliate_id,
+                              (count(h.descendant_id)
+                               - coalesce((SELECT sum(d.delta) FROM fature_v2.network_size_deltas d
+                                           WHERE d.affiliate_id = a.affiliate_id), 0))::int AS n
                        FROM fature_v2.affiliates_optimized a
                        LEFT JOIN fature_v2.hierarchy_index h ON h.ancestor_id = a.affiliate_id
                        GROUP BY a.affiliate_id) c

@@ -147,7 +147,8 @@ pub const CHECKS: &[Check] = &[
     Check {
         group: "derived_truth",
         name: "network_size_mismatches",
-        sql: "SELECT COUNT(*) FROM fature_v2.affiliates_optimized a
+        // The column plus its pending deltas (migration 0017).
+        sql: "SELECT COUNT(*) FROM fature_v2.affiliate_network_sizes a
               WHERE a.total_network_size IS DISTINCT FROM
                     (SELECT COUNT(*) FROM fature_v2.hierarchy_index h
                      WHERE h.ancestor_id = a.affiliate_id)",

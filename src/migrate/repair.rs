@@ -235,7 +235,10 @@ async fn repair(
              SET direct_referrals_count = c.direct, total_network_size = c.network
              FROM (SELECT a.affiliate_id,
                           (SELECT count(*) FROM fature_v2.affiliates_optimized ch WHERE ch.parent_affiliate_id = a.affiliate_id)::int AS direct,
-                          (SELECT count(*) FROM fature_v2.hierarchy_index h WHERE h.ancestor_id = a.affiliate_id)::int AS network
+                          -- the column plus its pending deltas is the size (migration 0017)
+                          ((SELECT count(*) FROM fature_v2.hierarchy_index h WHERE h.ancestor_id = a.affiliate_id)
+                           - coalesce((SELECT sum(d.delta) FROM fature_v2.network_size_deltas d
+                                       WHERE d.affiliate_id = a.affiliate_id), 0))::int AS network
                    FROM fature_v2.affiliates_optimized a) c
              WHERE t.affiliate_id = c.affiliate_id
                AND (t.direct_referrals_count, t.total_network_size) IS DISTINCT FROM (c.direct, c.network)",

@@ -515,3 +515,17 @@ pub async fn proxy_on(
     }
     proxy
 }
+
+/// Sets one column of a query type's live state, as an operator's SQL would.
+pub async fn set_state(client: &Client, query_type: &str, column: &str, value: &str) {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO cutover.query_type_state (query_type, {column}) VALUES ($1, $2)
+                 ON CONFLICT (query_type) DO UPDATE SET {column} = EXCLUDED.{column}"
+            ),
+            &[&query_type, &value],
+        )
+        .await
+        .unwrap();
+}
