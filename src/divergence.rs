@@ -123,6 +123,24 @@ pub const HIST_BOUNDS_US: [i64; HIST_BUCKETS - 1] = [
 ];
 pub const HIST_BUCKETS: usize = 16;
 
+/// Percentile `p` of a histogram, as the upper bound (ms) of the bucket it falls in.
+pub fn percentile(hist: &[i64], p: f64) -> Option<f64> {
+    let total: i64 = hist.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = (total as f64 * p).ceil() as i64;
+    let mut seen = 0;
+    for (i, n) in hist.iter().enumerate().take(HIST_BUCKETS) {
+        seen += n;
+        if seen >= want {
+            let bound = HIST_BOUNDS_US.get(i).copied().unwrap_or(10_000_000);
+            return Some(bound as f64 / 1000.0);
+        }
+    }
+    None
+}
+
 fn hist_bucket(us: i64) -> usize {
     HIST_BOUNDS_US
         .iter()
@@ -626,4 +644,22 @@ async fn expire(client: &Client) -> Result<(), tokio_postgres::Error> {
         )
         .await
         .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_from_buckets() {
+        let mut hist = vec![0i64; HIST_BUCKETS];
+        hist[0] = 90; // ≤ 0.1 ms
+        hist[3] = 9; // ≤ 1 ms
+        hist[6] = 1; // ≤ 10 ms
+        assert_eq!(percentile(&hist, 0.5), Some(0.1));
+        assert_eq!(percentile(&hist, 0.95), Some(1.0));
+        assert_eq!(percentile(&hist, 0.99), Some(1.0));
+        assert_eq!(percentile(&hist, 1.0), Some(10.0));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
 }

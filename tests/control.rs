@@ -769,6 +769,85 @@ async fn the_gate_opens_on_enough_matching_evidence_only() {
     p.shutdown().await;
 }
 
+/// Latency evidence (histogram buckets of cutover.comparison_stats: ≤ 0.1, 0.2, 0.5, 1, 2,
+/// 5 ms, …) for a query type in the current minute: `legacy` and `target` put every sample
+/// in one bucket each.
+async fn latency(db: &TestDb, query_type: &str, legacy_bucket: usize, target_bucket: usize) {
+    let hist = |bucket: usize| {
+        let mut h = vec![0i64; 16];
+        h[bucket] = 1200;
+        h
+    };
+    db.client()
+        .await
+        .execute(
+            "UPDATE cutover.comparison_stats SET legacy_us_hist = $2, target_us_hist = $3
+             WHERE query_type = $1 AND minute = date_trunc('minute', now())",
+            &[&query_type, &hist(legacy_bucket), &hist(target_bucket)],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_refuses_a_target_more_than_twice_as_slow_unless_forced() {
+    let db = backfilled_db().await;
+    let p = replica(&db).await;
+    until(&p, |s| s["control_connected"] == true).await;
+    let to_shadow = r#"{"stage": "shadow", "reason": "compare"}"#;
+    let ramp = r#"{"stage": "cutover", "percent": 10, "reason": "the evidence is in"}"#;
+    assert_eq!(
+        set(&p, "top_referrers", to_shadow, Some(TOKEN)).await.0,
+        200
+    );
+    evidence(&db, "top_referrers", 1200, 0).await;
+
+    // Legacy's p99 ≤ 1 ms, v2's ≤ 5 ms: refused, with both numbers.
+    latency(&db, "top_referrers", 3, 5).await;
+    let (status, refused) = set(&p, "top_referrers", ramp, Some(TOKEN)).await;
+    assert_eq!(status, 409, "{refused}");
+    let error = refused["error"].as_str().unwrap();
+    assert!(
+        error.contains("p99 5 ms against legacy's 1 ms"),
+        "{refused}"
+    );
+    // The report's verdict says the same.
+    let url = db.url();
+    let (code, out, err) =
+        support::cutover(&["report", "--format", "json", "--database-url", &url], &[]);
+    assert_eq!(code, 0, "{err}");
+    let json: Value = serde_json::from_str(&out).unwrap();
+    let row = json["query_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["query_type"] == "top_referrers")
+        .unwrap()
+        .clone();
+    assert_eq!(row["verdict"]["ready"], false, "{row}");
+    assert!(
+        row["verdict"]["missing"][0]
+            .as_str()
+            .unwrap()
+            .contains("has 5 ms against 1 ms"),
+        "{row}"
+    );
+    // Forced with a reason: raised, and the audit says it was forced.
+    let forced =
+        r#"{"stage": "cutover", "percent": 10, "reason": "slower but accepted", "force": true}"#;
+    let (status, raised) = set(&p, "top_referrers", forced, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{raised}");
+    assert_eq!(raised["forced"], true);
+
+    // Within 2× (≤ 1 ms against ≤ 2 ms): raised without force.
+    latency(&db, "top_referrers", 3, 4).await;
+    let further = r#"{"stage": "cutover", "percent": 50, "reason": "as fast"}"#;
+    let (status, raised) = set(&p, "top_referrers", further, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{raised}");
+    assert_eq!(raised["forced"], false);
+    p.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_type_that_starts_diverging_is_ramped_down_by_itself() {
     let db = backfilled_db().await;

@@ -445,6 +445,12 @@ pub struct Change {
 /// and this confirmed-match rate before a query type may serve more from the target.
 pub const GATE_MIN_SAMPLES: i64 = 1000;
 pub const GATE_MIN_MATCH_RATE: f64 = 0.95;
+/// The gate refuses to raise a read type whose target p99 is more than this many times
+/// legacy's in the window (issue 16: a migration must not make the application slower
+/// without someone deciding so).
+pub const GATE_MAX_P99_RATIO: f64 = 2.0;
+/// Timed comparisons each side needs before its p99 is held against it.
+pub const GATE_MIN_TIMED: i64 = 100;
 
 /// What a change did, or why it was refused.
 #[derive(Debug, Serialize)]
@@ -497,6 +503,10 @@ pub enum ChangeError {
         kind: crate::rules::changes::ChangeKind,
         observed: i64,
     },
+    #[error(
+        "refused by the gate: v2 is slower here: p99 {target_ms} ms against legacy's {legacy_ms} ms in the current window (the bar: at most {GATE_MAX_P99_RATIO}×). `cutover report` gives both sides' latency and the target's plan; give v2 what it needs (an index in a migration, a better target in the rules), or force with a reason if the slowdown is accepted"
+    )]
+    Slower { legacy_ms: f64, target_ms: f64 },
     #[error("no behaviour change {0:?} in the rules")]
     UnknownBehaviourChange(String),
     #[error(transparent)]
@@ -529,7 +539,8 @@ impl ChangeError {
             | ChangeError::WriteGate { .. }
             | ChangeError::NotBackfilled { .. }
             | ChangeError::Unaccepted { .. }
-            | ChangeError::Undeclared { .. } => Failure::Refused,
+            | ChangeError::Undeclared { .. }
+            | ChangeError::Slower { .. } => Failure::Refused,
             ChangeError::NoControlDatabase
             | ChangeError::Unreachable(_)
             | ChangeError::Database(_) => Failure::Unavailable,
@@ -650,6 +661,14 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
                 bar: GATE_MIN_MATCH_RATE * 100.0,
             });
         }
+        if let Some((legacy_ms, target_ms)) = window_p99(&tx, &change.query_type).await?
+            && target_ms > legacy_ms * GATE_MAX_P99_RATIO
+        {
+            return Err(ChangeError::Slower {
+                legacy_ms,
+                target_ms,
+            });
+        }
     }
     let (stage, percent) = stage_columns(change.stage);
     tx.execute(
@@ -729,6 +748,32 @@ pub async fn window_samples(
         )
         .await?;
     Ok((row.get(0), row.get(1)))
+}
+
+/// Both sides' p99 (ms, the upper bound of its histogram bucket) of a query type's timed
+/// comparisons in the gate's window, when each side has at least [`GATE_MIN_TIMED`].
+pub async fn window_p99(
+    client: &impl tokio_postgres::GenericClient,
+    query_type: &str,
+) -> Result<Option<(f64, f64)>, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT coalesce(cutover.hist_sum(legacy_us_hist), '{{}}'),
+                        coalesce(cutover.hist_sum(target_us_hist), '{{}}')
+                 FROM cutover.comparison_stats
+                 WHERE query_type = $1 AND minute >= now() - interval '{GATE_WINDOW}'"
+            ),
+            &[&query_type],
+        )
+        .await?;
+    let (legacy, target): (Vec<i64>, Vec<i64>) = (row.get(0), row.get(1));
+    let enough = |h: &[i64]| h.iter().sum::<i64>() >= GATE_MIN_TIMED;
+    if !enough(&legacy) || !enough(&target) {
+        return Ok(None);
+    }
+    Ok(crate::divergence::percentile(&legacy, 0.99)
+        .zip(crate::divergence::percentile(&target, 0.99)))
 }
 
 /// The last `cutover verify` run in the gate's window: clean or not, and when (UTC) — the

@@ -14,8 +14,8 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::{
-    control::{GATE_MIN_MATCH_RATE, GATE_MIN_SAMPLES},
-    divergence::{HIST_BOUNDS_US, HIST_BUCKETS},
+    control::{GATE_MAX_P99_RATIO, GATE_MIN_MATCH_RATE, GATE_MIN_SAMPLES, GATE_MIN_TIMED},
+    divergence::percentile,
     rules::RuleSet,
 };
 
@@ -231,24 +231,6 @@ pub fn verdict(stage: &str, percent: i16, samples: i64, rate: Option<f64>) -> Ve
     }
 }
 
-/// Percentile `p` of a histogram, as the upper bound (ms) of the bucket it falls in.
-fn percentile(hist: &[i64], p: f64) -> Option<f64> {
-    let total: i64 = hist.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let want = (total as f64 * p).ceil() as i64;
-    let mut seen = 0;
-    for (i, n) in hist.iter().enumerate().take(HIST_BUCKETS) {
-        seen += n;
-        if seen >= want {
-            let bound = HIST_BOUNDS_US.get(i).copied().unwrap_or(10_000_000);
-            return Some(bound as f64 / 1000.0);
-        }
-    }
-    None
-}
-
 const WRITES_BY_VERIFY: &str =
     "a clean `cutover verify` in the last hour (writes are not compared by the shadow)";
 
@@ -376,6 +358,22 @@ pub async fn gather(
         let expected = expected(client, rules, &query_type, from).await?;
         let kind = kind_of(rules, &query_type);
         let mut verdict = verdict(&stage, percent, samples, match_rate);
+        // The gate's latency bar (control::set_stage): a read type whose target p99 is more
+        // than twice legacy's goes no further unless forced.
+        let timed_enough = |h: &[i64]| h.iter().sum::<i64>() >= GATE_MIN_TIMED;
+        if kind != "write"
+            && stage != "legacy"
+            && verdict.next.is_some()
+            && timed_enough(&lh)
+            && timed_enough(&th)
+            && let (Some(l), Some(t)) = (legacy.p99_ms, target.p99_ms)
+            && t > l * GATE_MAX_P99_RATIO
+        {
+            verdict.ready = false;
+            verdict.missing.push(format!(
+                "a target p99 at most {GATE_MAX_P99_RATIO}× legacy's (has {t} ms against {l} ms): an index or a better target SQL for v2, or a forced change"
+            ));
+        }
         if kind == "write" && stage != "legacy" && verdict.next.is_some() {
             // The gate of a write type: a clean verify in the gate's window.
             verdict.ready = verified_recently;
@@ -632,18 +630,5 @@ mod tests {
         assert!(v.missing[0].contains("95.0%"), "{:?}", v.missing);
         assert!(verdict("legacy", 0, 0, None).ready);
         assert!(verdict("complete", 100, 0, None).next.is_none());
-    }
-
-    #[test]
-    fn percentiles_from_buckets() {
-        let mut hist = vec![0i64; HIST_BUCKETS];
-        hist[0] = 90; // ≤ 0.1 ms
-        hist[3] = 9; // ≤ 1 ms
-        hist[6] = 1; // ≤ 10 ms
-        assert_eq!(percentile(&hist, 0.5), Some(0.1));
-        assert_eq!(percentile(&hist, 0.95), Some(1.0));
-        assert_eq!(percentile(&hist, 0.99), Some(1.0));
-        assert_eq!(percentile(&hist, 1.0), Some(10.0));
-        assert_eq!(percentile(&[], 0.5), None);
     }
 }
