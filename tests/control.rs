@@ -813,8 +813,19 @@ async fn the_gate_refuses_a_target_more_than_twice_as_slow_unless_forced() {
     );
     // The report's verdict says the same.
     let url = db.url();
-    let (code, out, err) =
-        support::cutover(&["report", "--format", "json", "--database-url", &url], &[]);
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/rules");
+    let (code, out, err) = support::cutover(
+        &[
+            "report",
+            "--format",
+            "json",
+            "--rules",
+            rules,
+            "--database-url",
+            &url,
+        ],
+        &[],
+    );
     assert_eq!(code, 0, "{err}");
     let json: Value = serde_json::from_str(&out).unwrap();
     let row = json["query_types"]
@@ -832,6 +843,15 @@ async fn the_gate_refuses_a_target_more_than_twice_as_slow_unless_forced() {
             .contains("has 5 ms against 1 ms"),
         "{row}"
     );
+    // And it shows why, from both statements' plans (the numbers here are made up; the
+    // plans are real, of a tree too small for an index to pay).
+    let legacy_plan = row["plans"]["legacy"].as_str().unwrap();
+    let target_plan = row["plans"]["target"].as_str().unwrap();
+    assert!(
+        legacy_plan.contains("Sort") && legacy_plan.contains("Seq Scan on affiliates"),
+        "{row}"
+    );
+    assert!(target_plan.contains("affiliates_optimized"), "{row}");
     // Forced with a reason: raised, and the audit says it was forced.
     let forced =
         r#"{"stage": "cutover", "percent": 10, "reason": "slower but accepted", "force": true}"#;

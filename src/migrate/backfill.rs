@@ -245,6 +245,15 @@ async fn run_unlocked(
     if current_phase(client).await? == "catchup" {
         summary.caught_up = catch_up(client, options.batch).await?;
         lap(&mut summary, "catch-up");
+        // Fresh statistics and visibility maps for the tables just loaded: the planner
+        // otherwise judges v2's reads (and its own triggers' lookups) on an empty table's
+        // estimates until autovacuum comes by, and no index-only scan is possible.
+        client
+            .batch_execute(
+                "VACUUM (ANALYZE) fature_v2.affiliates_optimized, fature_v2.hierarchy_index",
+            )
+            .await?;
+        lap(&mut summary, "vacuum");
     }
     client
         .batch_execute("DROP TABLE IF EXISTS cutover.backfill_plan")

@@ -5,6 +5,7 @@
 //!
 //! [`gather`] reads; [`render`] writes; nothing here changes the database.
 
+pub mod plans;
 pub mod render;
 mod text;
 
@@ -173,6 +174,9 @@ pub struct QueryTypeReport {
     pub target: Latency,
     /// 1 - target mean / legacy mean.
     pub improvement: Option<f64>,
+    /// For a read type slower on the target (p99 or mean): both sides' plan shapes, which
+    /// say why (a sequential scan, a sort) and what v2 needs.
+    pub plans: Option<plans::Plans>,
     pub verdict: Verdict,
     pub trend: Vec<TrendPoint>,
     pub examples: Vec<Example>,
@@ -357,6 +361,17 @@ pub async fn gather(
         let examples = examples(client, &query_type, from).await?;
         let expected = expected(client, rules, &query_type, from).await?;
         let kind = kind_of(rules, &query_type);
+        let slower = |l: Option<f64>, t: Option<f64>| matches!((l, t), (Some(l), Some(t)) if t > l);
+        let plans = match rules {
+            Some(rules)
+                if kind == "read"
+                    && (slower(legacy.p99_ms, target.p99_ms)
+                        || slower(legacy.mean_ms, target.mean_ms)) =>
+            {
+                plans::of(client, rules, &query_type).await
+            }
+            _ => None,
+        };
         let mut verdict = verdict(&stage, percent, samples, match_rate);
         // The gate's latency bar (control::set_stage): a read type whose target p99 is more
         // than twice legacy's goes no further unless forced.
@@ -395,6 +410,7 @@ pub async fn gather(
             legacy,
             target,
             improvement,
+            plans,
             trend,
             examples,
             expected,

@@ -267,6 +267,13 @@ fn markdown(r: &Report, lang: Lang) -> String {
         if let Some(i) = q.improvement {
             let _ = writeln!(m, "\n{}: {:.1}%", t.improvement, i * 100.0);
         }
+        if let Some(p) = &q.plans {
+            let _ = writeln!(
+                m,
+                "\n**{}**\n\n- {}: `{}`\n- {}: `{}`",
+                t.slower_plans, t.legacy, p.legacy, t.target, p.target
+            );
+        }
         if !q.expected.is_empty() {
             let _ = writeln!(
                 m,
@@ -559,6 +566,17 @@ pub fn html(r: &Report, lang: Lang, refresh: Option<u32>) -> String {
         h.push_str("</tbody></table>");
         if let Some(i) = q.improvement {
             let _ = write!(h, "<p>{}: {:.1}%</p>", t.improvement, i * 100.0);
+        }
+        if let Some(p) = &q.plans {
+            let _ = write!(
+                h,
+                "<p>{}</p><ul><li>{}: <code>{}</code></li><li>{}: <code>{}</code></li></ul>",
+                esc(t.slower_plans),
+                t.legacy,
+                esc(&p.legacy),
+                t.target,
+                esc(&p.target)
+            );
         }
         if q.trend.is_empty() {
             let _ = write!(h, "<p>{}: {}</p>", t.trend, t.no_samples);
