@@ -19,7 +19,6 @@ async fn set_stage(client: &Client, query_type: &str, stage: &str) {
     set_state(client, query_type, "stage", stage).await;
 }
 
-
 /// A backfilled tree of `affiliates` with dual-write on (`query_type` in shadow), and a
 /// direct connection to it.
 async fn dual_written(affiliates: u64, query_type: &str) -> (TestDb, Client) {
