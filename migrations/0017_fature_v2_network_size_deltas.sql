@@ -376,9 +376,12 @@ BEGIN
     -- not locked: their network sizes change by deltas, which lock nothing (0017). FOR NO KEY
     -- UPDATE, as the updates themselves take, so that a concurrent insert's foreign-key
     -- checks (FOR KEY SHARE on every ancestor of its row) and this sync never wait for each
-    -- other; FOR UPDATE only when a row is deleted. Two transactions whose moves could make
-    -- a cycle together always share a locked row (the one's new parent is in the other's
-    -- subtree), so they run one after the other and the second sees the first's closure.
+    -- other; a row the sync deletes is taken FOR UPDATE by the DELETE itself. (Locking the
+    -- whole set FOR UPDATE when a row went made a deleted row's parent wait for every
+    -- insert below it, and deadlock with them: 40P01 in tests/network_sizes.rs.) Two
+    -- transactions whose moves could make a cycle together always share a locked row (the
+    -- one's new parent is in the other's subtree), so they run one after the other and the
+    -- second sees the first's closure.
     IF cardinality(structural) = 0 THEN
         PERFORM 1 FROM affiliates_optimized
         WHERE affiliate_id = ANY (p_keys)
@@ -410,17 +413,10 @@ BEGIN
                 WHERE id IS NOT NULL AND id <> ALL (locked)
             );
             EXIT WHEN cardinality(more) = 0;
-            IF cardinality(gone) > 0 THEN
-                PERFORM 1 FROM affiliates_optimized
-                WHERE affiliate_id = ANY (more)
-                ORDER BY affiliate_id
-                FOR UPDATE;
-            ELSE
-                PERFORM 1 FROM affiliates_optimized
-                WHERE affiliate_id = ANY (more)
-                ORDER BY affiliate_id
-                FOR NO KEY UPDATE;
-            END IF;
+            PERFORM 1 FROM affiliates_optimized
+            WHERE affiliate_id = ANY (more)
+            ORDER BY affiliate_id
+            FOR NO KEY UPDATE;
             locked := locked || more;
         END LOOP;
     END IF;
