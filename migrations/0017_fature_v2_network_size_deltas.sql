@@ -12,7 +12,7 @@
 --     true network size = total_network_size + sum(pending deltas of the row)
 --
 -- which `fature_v2.affiliate_network_sizes` (a view) and `fature_v2.network_size(id)` give.
--- The column alone lags by what is not folded yet (the fold runs every second inside
+-- The column alone lags by what is not folded yet (the fold runs every 250 ms inside
 -- `cutover serve`; `SELECT fature_v2.fold_network_sizes()` runs it by hand or from cron).
 -- `direct_referrals_count` stays a direct update of the parent: the application's own
 -- `bump_parent_referrals` locks the same parent in legacy, so it adds no wait legacy does not
@@ -62,10 +62,9 @@ LEFT JOIN (SELECT affiliate_id, sum(delta) AS pending
 
 -- Folds the pending deltas of up to p_rows affiliates into their rows; returns how many
 -- affiliates it folded. One statement: the deltas leave and the rows change together, so no
--- snapshot ever sees a delta twice or not at all. It never waits: one fold at a time
--- (another one running: returns 0 at once), and rows locked by a writer are left for the
--- next fold (SKIP LOCKED), so a fold can never be part of a deadlock or hold up a writer
--- for longer than its own short statement. All of a row's visible deltas are folded at
+-- snapshot ever sees a delta twice or not at all. One fold at a time (another one running:
+-- returns 0 at once), and rows locked by a writer are left for the next fold (SKIP LOCKED).
+-- (0021 replaces it: by index, and giving up any other wait.) All of a row's visible deltas are folded at
 -- once, so the column never leaves 0..size. SECURITY DEFINER (owned by the role that
 -- migrates): cutover serve calls it with the shadow's role, which may only read.
 CREATE FUNCTION fature_v2.fold_network_sizes(p_rows INTEGER DEFAULT 10000)
