@@ -372,3 +372,116 @@ async fn the_upstream_connection_is_encrypted_when_the_url_says_sslmode_require(
     );
     p.shutdown().await;
 }
+
+/// A large answer to a client that reads slowly over TLS arrives whole (issue 17, item 6): the
+/// proxy used to write the answer's last TLS records into the TLS session without flushing
+/// it, and when the socket could not take them at that moment they stayed there while the
+/// relay waited for the server, which had nothing more to say. A raw protocol client over
+/// rustls, trusting the proxy's certificate, asks for a 20 MB value and does not read for
+/// two seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_answer_reaches_a_slow_tls_reader_whole() {
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::{
+        TlsConnector,
+        rustls::{
+            ClientConfig, RootCertStore,
+            pki_types::{CertificateDer, ServerName},
+        },
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    let p = proxy_with(|c| {
+        c.tls_cert = Some(cert);
+        c.tls_key = Some(key);
+    })
+    .await;
+
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(generated.cert.der().to_vec()))
+        .unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+    let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap(); // SSLRequest
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let mut tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+
+    let params = b"user\0postgres\0database\0postgres\0\0";
+    let mut startup = ((8 + params.len()) as u32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&196_608u32.to_be_bytes());
+    startup.extend_from_slice(params);
+    tls.write_all(&startup).await.unwrap();
+    tls.flush().await.unwrap();
+
+    /// Reads messages until ReadyForQuery; returns (type, body length) of each.
+    async fn until_ready<S: AsyncReadExt + Unpin>(s: &mut S) -> Vec<(u8, usize)> {
+        let mut seen = Vec::new();
+        loop {
+            let mut head = [0u8; 5];
+            s.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
+            let mut body = vec![0u8; len];
+            s.read_exact(&mut body).await.unwrap();
+            seen.push((head[0], len));
+            if head[0] == b'Z' {
+                return seen;
+            }
+        }
+    }
+    let login = until_ready(&mut tls).await;
+    assert!(login.iter().all(|(t, _)| *t != b'E'), "{login:?}");
+
+    let sql = b"SELECT repeat('x', 20000000)\0";
+    let mut query = vec![b'Q'];
+    query.extend_from_slice(&((4 + sql.len()) as u32).to_be_bytes());
+    query.extend_from_slice(sql);
+    tls.write_all(&query).await.unwrap();
+    tls.flush().await.unwrap();
+    // A slow reader all along: 16 KB at a time with a pause, so that the socket is full
+    // whenever the proxy writes, its last records included.
+    let slow = async {
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 16 * 1024];
+        while !got.ends_with(b"Z\0\0\0\x05I") {
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the proxy closed the connection");
+            got.extend_from_slice(&chunk[..n]);
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        got
+    };
+    let got = tokio::time::timeout(std::time::Duration::from_secs(120), slow)
+        .await
+        .expect("the whole answer within 120 s (it used to stop short and wait forever)");
+    let mut answer = Vec::new();
+    let mut at = 0;
+    while at < got.len() {
+        let len = u32::from_be_bytes([got[at + 1], got[at + 2], got[at + 3], got[at + 4]]) as usize;
+        answer.push((got[at], len - 4));
+        at += 1 + len;
+    }
+    let row = answer.iter().find(|(t, _)| *t == b'D').expect("a DataRow");
+    assert!(row.1 > 20_000_000, "{answer:?}");
+    assert!(answer.iter().any(|(t, _)| *t == b'C'), "{answer:?}");
+    p.shutdown().await;
+}

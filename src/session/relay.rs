@@ -184,7 +184,8 @@ impl ClientToServer<'_> {
         frames: &[u8],
     ) -> bool {
         let written = upstream.write_all(&self.buf[..ready]).await.is_ok()
-            && upstream.write_all(frames).await.is_ok();
+            && upstream.write_all(frames).await.is_ok()
+            && upstream.flush().await.is_ok();
         if written {
             self.buf.advance(ready + total);
         }
@@ -336,7 +337,12 @@ impl ClientToServer<'_> {
                 }
             }
             if ready > 0 {
-                if upstream.write_all(&self.buf[..ready]).await.is_err() {
+                // Flushed before the next read: over TLS, records the socket could not take
+                // yet wait in the TLS session until a flush (or a next write that may never
+                // come).
+                if upstream.write_all(&self.buf[..ready]).await.is_err()
+                    || upstream.flush().await.is_err()
+                {
                     return upstream_gone().await;
                 }
                 self.buf.advance(ready);
@@ -460,7 +466,10 @@ impl ServerToClient<'_> {
         }
     }
 
-    /// Writes the first `ready` buffered bytes, then `extra`, and drops the former.
+    /// Writes the first `ready` buffered bytes, then `extra`, drops the former, and flushes:
+    /// over TLS, records the socket could not take yet wait in the TLS session until a flush,
+    /// and the relay's next step is to wait for the server, which may have nothing more to
+    /// say (a large answer to a slow reader hung that way, issue 17). Free on plain TCP.
     async fn write<W: AsyncWrite + Unpin>(
         &mut self,
         client: &mut W,
@@ -473,7 +482,7 @@ impl ServerToClient<'_> {
             }
             self.buf.advance(ready);
         }
-        extra.is_empty() || client.write_all(extra).await.is_ok()
+        (extra.is_empty() || client.write_all(extra).await.is_ok()) && client.flush().await.is_ok()
     }
 }
 
