@@ -107,6 +107,17 @@ pub async fn connect_as(config: &Config, application_name: &str) -> Result<Clien
     connect(&config).await
 }
 
+/// What went wrong, in words, for a log line: the server's message with its SQLSTATE, or
+/// the underlying I/O cause — never tokio-postgres's bare "db error".
+pub fn cause(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => std::error::Error::source(error)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| error.to_string()),
+    }
+}
+
 fn classify(target: Target, error: tokio_postgres::Error) -> ConnectError {
     let Some(db) = error.as_db_error() else {
         let reason = std::error::Error::source(&error)

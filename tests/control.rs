@@ -1019,3 +1019,21 @@ async fn a_behaviour_change_the_rules_do_not_declare_holds_the_gate() {
     }
     p.shutdown().await;
 }
+
+/// The control feed (and the ramp-down and fold loops) log what went wrong, not
+/// tokio-postgres's bare "db error" (issue 17, item 7): the server's message and SQLSTATE.
+#[tokio::test]
+async fn a_database_error_is_logged_with_its_cause() {
+    let config = support::cluster().config("no_such_database_here");
+    let error = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("no such database");
+    assert_eq!(error.to_string(), "db error");
+    let cause = cutover::connect::cause(&error);
+    assert!(
+        cause.contains("does not exist") && cause.contains("3D000"),
+        "{cause}"
+    );
+}

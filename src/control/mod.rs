@@ -229,7 +229,7 @@ impl Control {
                 last_error.clear();
             }
             if let Err(error) = followed {
-                let error = error.to_string();
+                let error = crate::connect::cause(&error);
                 if error != last_error {
                     tracing::warn!(%error, "control database unavailable: serving with the last state; retrying");
                     last_error = error;
@@ -279,7 +279,10 @@ impl Control {
                     }
                 }
                 Err(error) => {
-                    let error = error.to_string();
+                    let error = match &error {
+                        ChangeError::Database(e) => crate::connect::cause(e),
+                        other => other.to_string(),
+                    };
                     if error != last_error {
                         tracing::warn!(%error, "automatic ramp-down check failed");
                         last_error = error;

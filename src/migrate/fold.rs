@@ -53,7 +53,7 @@ pub async fn run(database: Config, shutdown: CancellationToken) {
                 pause = ABSENT_PAUSE;
             }
             Err(error) => {
-                let error = error.to_string();
+                let error = crate::connect::cause(&error);
                 if error != last_error {
                     tracing::warn!(%error, "network-size fold failed; retrying");
                     last_error = error;
