@@ -107,6 +107,29 @@ pub async fn connect_as(config: &Config, application_name: &str) -> Result<Clien
     connect(&config).await
 }
 
+/// A background loop's failure (control feed, ramp-down, fold), logged when it first
+/// happens or changes, not at every retry, and forgotten once the loop recovers.
+#[derive(Debug, Default)]
+pub struct Retrying {
+    last: String,
+}
+
+impl Retrying {
+    /// Whether `error` is not the one logged last (it is now).
+    pub fn is_new(&mut self, error: &str) -> bool {
+        if self.last == error {
+            return false;
+        }
+        error.clone_into(&mut self.last);
+        true
+    }
+
+    /// The loop works again: the next failure is logged whatever it is.
+    pub fn recovered(&mut self) {
+        self.last.clear();
+    }
+}
+
 /// What went wrong, in words, for a log line: the server's message with its SQLSTATE, or
 /// the underlying I/O cause — never tokio-postgres's bare "db error".
 pub fn cause(error: &tokio_postgres::Error) -> String {

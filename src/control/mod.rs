@@ -218,7 +218,7 @@ impl Control {
         let mut seeded = false;
         // Retried after 1 s, then up to every 5 s; the same error is logged once.
         let mut pause = Duration::from_secs(1);
-        let mut last_error = String::new();
+        let mut retrying = crate::connect::Retrying::default();
         loop {
             let followed = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -226,13 +226,12 @@ impl Control {
             };
             if self.connected.swap(false, Ordering::Relaxed) {
                 pause = Duration::from_secs(1);
-                last_error.clear();
+                retrying.recovered();
             }
             if let Err(error) = followed {
                 let error = crate::connect::cause(&error);
-                if error != last_error {
+                if retrying.is_new(&error) {
                     tracing::warn!(%error, "control database unavailable: serving with the last state; retrying");
-                    last_error = error;
                 }
             }
             tokio::select! {
@@ -251,7 +250,7 @@ impl Control {
             return;
         };
         let mut client: Option<Client> = None;
-        let mut last_error = String::new();
+        let mut retrying = crate::connect::Retrying::default();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -266,7 +265,7 @@ impl Control {
             }
             match ramp_down(c, bar).await {
                 Ok(changed) => {
-                    last_error.clear();
+                    retrying.recovered();
                     let rules = self.rules.load();
                     for done in changed {
                         let label = if rules.query_types.iter().any(|q| q.name == done.query_type) {
@@ -283,9 +282,8 @@ impl Control {
                         ChangeError::Database(e) => crate::connect::cause(e),
                         other => other.to_string(),
                     };
-                    if error != last_error {
+                    if retrying.is_new(&error) {
                         tracing::warn!(%error, "automatic ramp-down check failed");
-                        last_error = error;
                     }
                 }
             }
@@ -664,9 +662,8 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
                 bar: GATE_MIN_MATCH_RATE * 100.0,
             });
         }
-        if let Some((legacy_ms, target_ms)) = window_p99(&tx, &change.query_type).await?
-            && target_ms > legacy_ms * GATE_MAX_P99_RATIO
-        {
+        let (legacy, target) = window_latency(&tx, &change.query_type).await?;
+        if let Some((legacy_ms, target_ms)) = slower_than_the_bar(&legacy, &target) {
             return Err(ChangeError::Slower {
                 legacy_ms,
                 target_ms,
@@ -753,12 +750,12 @@ pub async fn window_samples(
     Ok((row.get(0), row.get(1)))
 }
 
-/// Both sides' p99 (ms, the upper bound of its histogram bucket) of a query type's timed
-/// comparisons in the gate's window, when each side has at least [`GATE_MIN_TIMED`].
-pub async fn window_p99(
+/// Both sides' latency histograms (`cutover.comparison_stats` buckets) of a query type's
+/// timed comparisons in the gate's window.
+pub async fn window_latency(
     client: &impl tokio_postgres::GenericClient,
     query_type: &str,
-) -> Result<Option<(f64, f64)>, tokio_postgres::Error> {
+) -> Result<(Vec<i64>, Vec<i64>), tokio_postgres::Error> {
     let row = client
         .query_one(
             &format!(
@@ -770,13 +767,21 @@ pub async fn window_p99(
             &[&query_type],
         )
         .await?;
-    let (legacy, target): (Vec<i64>, Vec<i64>) = (row.get(0), row.get(1));
+    Ok((row.get(0), row.get(1)))
+}
+
+/// The gate's latency bar, on both sides' latency histograms: `Some((legacy, target))`, their
+/// p99 in ms (the upper bound of its bucket), when each side has at least
+/// [`GATE_MIN_TIMED`] timings and the target's p99 is more than [`GATE_MAX_P99_RATIO`] times
+/// legacy's. The gate refuses on it; the report's verdict says it.
+pub fn slower_than_the_bar(legacy: &[i64], target: &[i64]) -> Option<(f64, f64)> {
     let enough = |h: &[i64]| h.iter().sum::<i64>() >= GATE_MIN_TIMED;
-    if !enough(&legacy) || !enough(&target) {
-        return Ok(None);
+    if !enough(legacy) || !enough(target) {
+        return None;
     }
-    Ok(crate::divergence::percentile(&legacy, 0.99)
-        .zip(crate::divergence::percentile(&target, 0.99)))
+    let l = crate::divergence::percentile(legacy, 0.99)?;
+    let t = crate::divergence::percentile(target, 0.99)?;
+    (t > l * GATE_MAX_P99_RATIO).then_some((l, t))
 }
 
 /// The last `cutover verify` run in the gate's window: clean or not, and when (UTC) — the

@@ -27,7 +27,7 @@ const ABSENT_PAUSE: Duration = Duration::from_secs(60);
 /// Folds pending network-size deltas on `database` until `shutdown`.
 pub async fn run(database: Config, shutdown: CancellationToken) {
     let mut client: Option<Client> = None;
-    let mut last_error = String::new();
+    let mut retrying = crate::connect::Retrying::default();
     let mut pause = PAUSE;
     loop {
         tokio::select! {
@@ -43,7 +43,7 @@ pub async fn run(database: Config, shutdown: CancellationToken) {
         let Some(c) = client.as_ref() else { continue };
         match round(c, &shutdown).await {
             Ok(folded) => {
-                last_error.clear();
+                retrying.recovered();
                 metrics::counter!("cutover_network_sizes_folded_total").increment(folded);
             }
             Err(error) if error.code() == Some(&SqlState::UNDEFINED_FUNCTION) => {
@@ -54,9 +54,8 @@ pub async fn run(database: Config, shutdown: CancellationToken) {
             }
             Err(error) => {
                 let error = crate::connect::cause(&error);
-                if error != last_error {
+                if retrying.is_new(&error) {
                     tracing::warn!(%error, "network-size fold failed; retrying");
-                    last_error = error;
                 }
             }
         }

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::{
-    control::{GATE_MAX_P99_RATIO, GATE_MIN_MATCH_RATE, GATE_MIN_SAMPLES, GATE_MIN_TIMED},
+    control::{GATE_MAX_P99_RATIO, GATE_MIN_MATCH_RATE, GATE_MIN_SAMPLES, slower_than_the_bar},
     divergence::percentile,
     rules::RuleSet,
 };
@@ -375,14 +375,10 @@ pub async fn gather(
         let mut verdict = verdict(&stage, percent, samples, match_rate);
         // The gate's latency bar (control::set_stage): a read type whose target p99 is more
         // than twice legacy's goes no further unless forced.
-        let timed_enough = |h: &[i64]| h.iter().sum::<i64>() >= GATE_MIN_TIMED;
         if kind != "write"
             && stage != "legacy"
             && verdict.next.is_some()
-            && timed_enough(&lh)
-            && timed_enough(&th)
-            && let (Some(l), Some(t)) = (legacy.p99_ms, target.p99_ms)
-            && t > l * GATE_MAX_P99_RATIO
+            && let Some((l, t)) = slower_than_the_bar(&lh, &th)
         {
             verdict.ready = false;
             verdict.missing.push(format!(

@@ -7,8 +7,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::{
-    classify::{Classification, Classifier},
-    rewrite::Rewrite,
+    rewrite::{Rewrite, Rewriter},
     rules::RuleSet,
 };
 
@@ -25,14 +24,12 @@ pub struct Plans {
 pub async fn of(client: &Client, rules: &RuleSet, query_type: &str) -> Option<Plans> {
     let rule = rules.query_types.iter().find(|q| q.name == query_type)?;
     let legacy = rule.example_sql.clone()?;
+    // The rule's own target, or what the rewriter makes of its example (as the proxy does).
     let target = match &rule.target_sql {
         Some(sql) => sql.clone(),
-        None => match &*Classifier::new(std::sync::Arc::new(rules.clone())).classify(&legacy) {
-            Classification::Typed(t) => match &t.route {
-                Rewrite::Target(sql) => sql.to_string(),
-                Rewrite::NotRoutable(_) => return None,
-            },
-            _ => return None,
+        None => match Rewriter::new(&rules.table).rewrite(&legacy) {
+            Rewrite::Target(sql) => sql,
+            Rewrite::NotRoutable(_) => return None,
         },
     };
     Some(Plans {
@@ -43,11 +40,18 @@ pub async fn of(client: &Client, rules: &RuleSet, query_type: &str) -> Option<Pl
 
 /// The generic plan of `sql`, its nodes from the top down joined by arrows.
 async fn shape(client: &Client, sql: &str) -> Option<String> {
-    let params = highest_param(sql);
-    let nulls = vec!["NULL"; params].join(", ");
+    // The server says how many parameters the statement takes (and whether it plans here).
+    let params = match client.prepare(sql).await {
+        Ok(statement) => statement.params().len(),
+        Err(error) => {
+            tracing::debug!(%error, "the report cannot plan a statement");
+            return None;
+        }
+    };
     let execute = if params == 0 {
         "EXPLAIN (COSTS OFF) EXECUTE cutover_report_plan".to_owned()
     } else {
+        let nulls = vec!["NULL"; params].join(", ");
         format!("EXPLAIN (COSTS OFF) EXECUTE cutover_report_plan({nulls})")
     };
     // In a read-only transaction rolled back; the prepared statement is the session's, so
@@ -55,15 +59,12 @@ async fn shape(client: &Client, sql: &str) -> Option<String> {
     let _ = client
         .batch_execute("BEGIN READ ONLY; SET LOCAL plan_cache_mode = force_generic_plan")
         .await;
-    let prepared = client
+    let plan = match client
         .batch_execute(&format!("PREPARE cutover_report_plan AS {sql}"))
-        .await;
-    let plan = match prepared {
+        .await
+    {
         Ok(()) => client.simple_query(&execute).await.ok(),
-        Err(error) => {
-            tracing::debug!(%error, "the report cannot plan a statement");
-            None
-        }
+        Err(_) => None,
     };
     let _ = client.batch_execute("ROLLBACK").await;
     let _ = client.batch_execute("DEALLOCATE cutover_report_plan").await;
@@ -94,24 +95,6 @@ fn nodes(lines: &[String]) -> String {
         .join(" → ")
 }
 
-/// The highest `$n` in `sql` (0 if none).
-fn highest_param(sql: &str) -> usize {
-    let bytes = sql.as_bytes();
-    let mut highest = 0;
-    for (i, b) in bytes.iter().enumerate() {
-        if *b == b'$' {
-            let digits: String = sql[i + 1..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            if let Ok(n) = digits.parse::<usize>() {
-                highest = highest.max(n);
-            }
-        }
-    }
-    highest
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,11 +111,5 @@ mod tests {
         .map(str::to_owned)
         .to_vec();
         assert_eq!(nodes(&lines), "Limit → Sort → Seq Scan on affiliates");
-    }
-
-    #[test]
-    fn parameters_counted() {
-        assert_eq!(highest_param("SELECT 1"), 0);
-        assert_eq!(highest_param("SELECT $2, $10 WHERE a = $1"), 10);
     }
 }
