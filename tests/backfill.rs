@@ -3,10 +3,7 @@
 
 mod support;
 
-use cutover::{
-    fixture::{self, TreeSpec},
-    migrate::integrity,
-};
+use cutover::fixture::{self, TreeSpec};
 
 fn backfill(db: &support::TestDb, extra: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     support::cutover_on(db, "backfill", extra, env)
@@ -14,16 +11,6 @@ fn backfill(db: &support::TestDb, extra: &[&str], env: &[(&str, &str)]) -> (i32,
 
 fn verify(db: &support::TestDb) -> (i32, String) {
     support::cutover_on(db, "verify", &[], &[])
-}
-
-async fn assert_integrity(client: &tokio_postgres::Client) {
-    let failed: Vec<_> = integrity::run(client)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|r| !r.passed())
-        .collect();
-    assert!(failed.is_empty(), "{failed:#?}");
 }
 
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
@@ -86,7 +73,7 @@ async fn anomalies_are_quarantined_with_their_reason_and_the_rest_verifies() {
     .await;
     assert_eq!(in_v2 + quarantined.len() as i64, 5000);
     assert_eq!(summary["copied"], in_v2);
-    assert_integrity(&client).await;
+    support::assert_integrity(&client, "after the backfill").await;
 
     let (code, out) = verify(&db);
     assert_eq!(code, 0, "{out}");
@@ -138,7 +125,7 @@ async fn a_backfill_killed_half_way_finishes_when_run_again() {
         .await,
         5000
     );
-    assert_integrity(&client).await;
+    support::assert_integrity(&client, "after the resumed backfill").await;
     let (code, out) = verify(&db);
     assert_eq!(code, 0, "{out}");
     // Everything set aside is back: v2's triggers work again.
@@ -191,7 +178,11 @@ async fn a_row_dual_written_during_the_backfill_is_not_overwritten() {
         .unwrap()
         .get(0);
     assert_eq!(name, "Renamed Live");
-    assert_integrity(&client).await;
+    support::assert_integrity(
+        &client,
+        "after the backfill with a row dual-written meanwhile",
+    )
+    .await;
     assert_eq!(verify(&db).0, 0);
 }
 

@@ -15,13 +15,6 @@ use rand::{RngExt, SeedableRng, rngs::ChaCha8Rng};
 use rust_decimal::Decimal;
 use tokio_postgres::{Client, error::SqlState};
 
-async fn assert_integrity(client: &Client, when: &str) {
-    let results = integrity::run(client).await.expect("integrity checks run");
-    let failed: Vec<_> = results.iter().filter(|r| !r.passed()).collect();
-    assert!(failed.is_empty(), "{when}: failed checks {failed:#?}");
-    assert_eq!(results.len(), integrity::CHECKS.len());
-}
-
 async fn parents(client: &Client) -> HashMap<i64, Option<i64>> {
     client
         .query(
@@ -54,7 +47,7 @@ async fn random_moves_deletes_and_statuses_keep_the_tree_exact() {
         .await
         .unwrap();
     support::copy_legacy_into_target(&client).await;
-    assert_integrity(&client, "after the build").await;
+    support::assert_integrity(&client, "after the build").await;
 
     let mut model = parents(&client).await;
     let mut ids: Vec<i64> = model.keys().copied().collect();
@@ -149,7 +142,7 @@ async fn random_moves_deletes_and_statuses_keep_the_tree_exact() {
         moves > 100 && refused > 0 && deletes > 50,
         "{moves} {refused} {deletes}"
     );
-    assert_integrity(&client, "after the random operations").await;
+    support::assert_integrity(&client, "after the random operations").await;
     assert_eq!(
         parents(&client).await,
         model,
@@ -235,7 +228,7 @@ async fn cycles_and_id_changes_are_refused_with_clear_errors() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION));
-    assert_integrity(&client, "after the refusals").await;
+    support::assert_integrity(&client, "after the refusals").await;
 }
 
 #[tokio::test]
@@ -256,7 +249,7 @@ async fn one_statement_moving_nested_rows_and_deleting_parent_with_child() {
         )
         .await
         .unwrap();
-    assert_integrity(&client, "after the nested move").await;
+    support::assert_integrity(&client, "after the nested move").await;
     assert_eq!(row(&client, 5).await.0, "10.3.4.5");
     assert_eq!(row(&client, 2).await.0, "10.11.2");
     assert_eq!(row(&client, 10).await.3, 5, "10's network: 11, 2, 3, 4, 5");
@@ -269,7 +262,7 @@ async fn one_statement_moving_nested_rows_and_deleting_parent_with_child() {
         )
         .await
         .unwrap();
-    assert_integrity(&client, "after deleting a parent with its child").await;
+    support::assert_integrity(&client, "after deleting a parent with its child").await;
     assert_eq!(row(&client, 5).await, ("5".into(), 1, 0, 0, None));
     assert_eq!(row(&client, 10).await.3, 2, "10's network: 11, 2");
     let detached: Vec<(i64, i64)> = client
@@ -302,7 +295,7 @@ async fn one_statement_moving_nested_rows_and_deleting_parent_with_child() {
         )
         .await
         .unwrap();
-    assert_integrity(&client, "after re-attaching").await;
+    support::assert_integrity(&client, "after re-attaching").await;
     assert_eq!(row(&client, 5).await.0, "10.11.2.5");
     let left: i64 = client
         .query_one("SELECT count(*) FROM fature_v2.detached_affiliates", &[])
@@ -416,7 +409,7 @@ async fn commissions_reach_the_five_nearest_active_ancestors() {
         commissions_of(&client, tiny).await,
         [(7, 1, dec("0.0500"), dec("0.01"))]
     );
-    assert_integrity(&client, "after the commissions").await;
+    support::assert_integrity(&client, "after the commissions").await;
 }
 
 #[tokio::test]
@@ -444,7 +437,7 @@ async fn triggers_work_under_the_application_search_path() {
         .batch_execute("SET search_path = DEFAULT")
         .await
         .unwrap();
-    assert_integrity(&client, "after writes under another search_path").await;
+    support::assert_integrity(&client, "after writes under another search_path").await;
     assert_eq!(row(&client, 1).await.2, 2);
 }
 
@@ -453,7 +446,7 @@ async fn integrity_checks_catch_each_kind_of_corruption() {
     let db = support::migrated_db().await;
     let client = db.client().await;
     insert_chain(&client, &[1, 2, 3, 4]).await;
-    assert_integrity(&client, "before corrupting").await;
+    support::assert_integrity(&client, "before corrupting").await;
 
     // Each corruption bypasses the triggers and must be flagged by the named check.
     let cases = [
@@ -496,5 +489,5 @@ async fn integrity_checks_catch_each_kind_of_corruption() {
         client.batch_execute("ROLLBACK").await.unwrap();
         assert!(offending > 0, "{check} missed: {corrupt}");
     }
-    assert_integrity(&client, "after rolling the corruptions back").await;
+    support::assert_integrity(&client, "after rolling the corruptions back").await;
 }

@@ -18,7 +18,6 @@ use std::sync::{
     atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
-use cutover::migrate::integrity;
 use rand::{RngExt, SeedableRng, rngs::ChaCha8Rng};
 use support::{TestDb, cutover_on, set_state, tree_db};
 use tokio_postgres::{Client, error::SqlState};
@@ -75,12 +74,6 @@ async fn two_apart(client: &Client, below: &[i64]) -> (i64, i64) {
         }
     }
     panic!("no two unrelated affiliates under one root");
-}
-
-async fn assert_exact(client: &Client, when: &str) {
-    let results = integrity::run(client).await.expect("integrity checks run");
-    let failed: Vec<_> = results.iter().filter(|r| !r.passed()).collect();
-    assert!(failed.is_empty(), "{when}: failed checks {failed:#?}");
 }
 
 /// Sizes that differ from the closure's count in one snapshot.
@@ -154,7 +147,7 @@ async fn writers_under_one_root_never_wait_for_each_other_on_v2() {
         );
     }
     a.batch_execute("COMMIT").await.unwrap();
-    assert_exact(&a, "after both").await;
+    support::assert_integrity(&a, "after both").await;
     assert_eq!(wrong_sizes(&a).await, 0);
 }
 
@@ -394,7 +387,7 @@ async fn concurrent_writers_keep_sizes_exact(side: Side) {
         wrong, 0,
         "{side:?}: sizes differed from the closure in {looks} snapshots"
     );
-    assert_exact(&admin, "after the writers").await;
+    support::assert_integrity(&admin, "after the writers").await;
     if let Side::LegacyMirrored = side {
         let (code, out) = cutover_on(&db, "verify", &[], &[]);
         let recorded: Vec<String> = admin

@@ -529,3 +529,13 @@ pub async fn set_state(client: &Client, query_type: &str, column: &str, value: &
         .await
         .unwrap();
 }
+
+/// The seed's integrity checks and the derived-truth ones (closure, paths, network sizes),
+/// every one run and passing, in one snapshot.
+pub async fn assert_integrity(client: &Client, when: &str) {
+    use cutover::migrate::integrity;
+    let results = integrity::run(client).await.expect("integrity checks run");
+    let failed: Vec<_> = results.iter().filter(|r| !r.passed()).collect();
+    assert!(failed.is_empty(), "{when}: failed checks {failed:#?}");
+    assert_eq!(results.len(), integrity::CHECKS.len());
+}
