@@ -48,6 +48,19 @@ pub struct FileConfig {
     pub shadow_queue: Option<usize>,
     /// The shadow's `statement_timeout`, in milliseconds.
     pub shadow_timeout_ms: Option<u64>,
+    /// Seconds a client may take to log in (PostgreSQL's `authentication_timeout`).
+    pub authentication_timeout_seconds: Option<u64>,
+    /// Logins under way at once (not yet authenticated); default: max_client_connections.
+    pub max_logins_in_progress: Option<usize>,
+    /// Users' password secrets in pgbouncer's `auth_file` format: the proxy then
+    /// authenticates those users itself (needed for SCRAM with TLS on both legs).
+    pub auth_file: Option<PathBuf>,
+    /// A database URL whose role may read password secrets; the proxy then authenticates
+    /// users itself with the secret `auth_query` returns.
+    pub auth_url: Option<String>,
+    /// The query that returns a user's secret (`$1`: the user name; the last column is the
+    /// secret). Default: pgbouncer's, on `pg_authid`.
+    pub auth_query: Option<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
@@ -59,6 +72,7 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_SHADOW_CONNECTIONS: usize = 4;
 pub const DEFAULT_SHADOW_QUEUE: usize = 1024;
 pub const DEFAULT_SHADOW_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_AUTHENTICATION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The shadow pool's settings.
 #[derive(Debug, Clone)]
@@ -85,6 +99,25 @@ impl std::fmt::Display for UpstreamAddr {
     }
 }
 
+/// How the proxy checks the upstream's certificate (libpq's `sslmode` and `sslrootcert`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamVerify {
+    /// Encrypt only (`prefer`, `require` without a CA file).
+    None,
+    /// `verify-ca` (or `require` with `sslrootcert`): the chain leads to this CA file.
+    Ca(PathBuf),
+    /// `verify-full`: and the certificate names the host.
+    Full(PathBuf),
+}
+
+/// Where the proxy finds users' password secrets (none: every login is relayed).
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    pub file: Option<PathBuf>,
+    /// The database to run the query on, and the query.
+    pub query: Option<(tokio_postgres::Config, String)>,
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -105,6 +138,10 @@ pub struct ServeConfig {
     pub admin_tokens: Vec<(String, String)>,
     /// `None`: no shadow (no database for it, or zero connections).
     pub shadow: Option<ShadowConfig>,
+    pub authentication_timeout: Duration,
+    pub max_logins_in_progress: usize,
+    pub auth: AuthConfig,
+    pub upstream_verify: UpstreamVerify,
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +187,13 @@ impl FileConfig {
             shadow_connections: other.shadow_connections.or(self.shadow_connections),
             shadow_queue: other.shadow_queue.or(self.shadow_queue),
             shadow_timeout_ms: other.shadow_timeout_ms.or(self.shadow_timeout_ms),
+            authentication_timeout_seconds: other
+                .authentication_timeout_seconds
+                .or(self.authentication_timeout_seconds),
+            max_logins_in_progress: other.max_logins_in_progress.or(self.max_logins_in_progress),
+            auth_file: other.auth_file.or(self.auth_file),
+            auth_url: other.auth_url.or(self.auth_url),
+            auth_query: other.auth_query.or(self.auth_query),
         }
     }
 
@@ -168,20 +212,30 @@ impl FileConfig {
             other => addr("admin", other.unwrap_or(DEFAULT_ADMIN)).map(Some),
         };
 
+        let mut upstream_verify = UpstreamVerify::None;
         let upstream = match self.upstream.as_deref() {
             None => {
                 problems
                     .push("upstream: required (e.g. postgres://db.internal:5432/fature)".into());
                 None
             }
-            Some(url) => match connect::parse_url(url) {
-                Ok(config) => upstream_addr(&config)
-                    .map(|addr| (addr, config))
-                    .map_err(|e| problems.push(format!("upstream: {e}")))
-                    .ok(),
+            Some(url) => match take_verify(url) {
                 Err(e) => {
                     problems.push(format!("upstream: {e}"));
                     None
+                }
+                Ok((url, verify)) => {
+                    upstream_verify = verify;
+                    match connect::parse_url(&url) {
+                        Ok(config) => upstream_addr(&config)
+                            .map(|addr| (addr, config))
+                            .map_err(|e| problems.push(format!("upstream: {e}")))
+                            .ok(),
+                        Err(e) => {
+                            problems.push(format!("upstream: {e}"));
+                            None
+                        }
+                    }
                 }
             },
         };
@@ -190,6 +244,35 @@ impl FileConfig {
         if max_clients == 0 {
             problems.push("max_client_connections: must be at least 1".into());
         }
+        let max_logins = self.max_logins_in_progress.unwrap_or(max_clients);
+        if self.max_logins_in_progress == Some(0) {
+            problems.push("max_logins_in_progress: must be at least 1".into());
+        }
+        if self.authentication_timeout_seconds == Some(0) {
+            problems.push("authentication_timeout_seconds: must be at least 1".into());
+        }
+        let auth_query = match self.auth_url.as_deref() {
+            Some(url) => connect::parse_url(url)
+                .map(|config| {
+                    Some((
+                        config,
+                        self.auth_query
+                            .clone()
+                            .unwrap_or_else(|| crate::auth::DEFAULT_AUTH_QUERY.to_owned()),
+                    ))
+                })
+                .map_err(|e| problems.push(format!("auth_url: {e}")))
+                .unwrap_or(None),
+            None => {
+                if self.auth_query.is_some() {
+                    problems.push(
+                        "auth_query: give auth_url too (the database and role to run it with)"
+                            .into(),
+                    );
+                }
+                None
+            }
+        };
         if self.worker_threads == Some(0) {
             problems.push("worker_threads: must be at least 1".into());
         }
@@ -278,11 +361,103 @@ impl FileConfig {
                     control,
                     admin_tokens,
                     shadow,
+                    authentication_timeout: self
+                        .authentication_timeout_seconds
+                        .map(Duration::from_secs)
+                        .unwrap_or(DEFAULT_AUTHENTICATION_TIMEOUT),
+                    max_logins_in_progress: max_logins,
+                    auth: AuthConfig {
+                        file: self.auth_file,
+                        query: auth_query,
+                    },
+                    upstream_verify,
                 })
             }
             _ => Err(ConfigError(problems)),
         }
     }
+}
+
+/// Takes libpq's `sslmode=verify-ca|verify-full` and `sslrootcert` out of a database URL
+/// (tokio-postgres, which parses the rest, knows neither): the URL left asks for
+/// `sslmode=require`, and the verification is returned. As libpq, `require` with a CA file
+/// verifies like `verify-ca`.
+pub fn take_verify(url: &str) -> Result<(String, UpstreamVerify), String> {
+    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let (head, params, separator) = if is_url {
+        match url.split_once('?') {
+            Some((head, query)) => (format!("{head}?"), query.split('&').collect(), "&"),
+            None => return Ok((url.to_owned(), UpstreamVerify::None)),
+        }
+    } else {
+        (
+            String::new(),
+            url.split_whitespace().collect::<Vec<_>>(),
+            " ",
+        )
+    };
+    let (mut mode, mut root) = (None, None);
+    let mut kept = Vec::new();
+    for param in params {
+        match param.split_once('=') {
+            Some(("sslmode", m)) => mode = Some(m.to_owned()),
+            Some(("sslrootcert", path)) => root = Some(percent_decoded(path)),
+            _ => kept.push(param.to_owned()),
+        }
+    }
+    let needs_root = |mode: &str| {
+        root.clone().map(PathBuf::from).ok_or_else(|| {
+            format!(
+                "sslmode={mode} needs sslrootcert=FILE (the CA that signed the server's certificate)"
+            )
+        })
+    };
+    if root.as_deref() == Some("system") {
+        return Err("sslrootcert=system is not supported: give the CA file".into());
+    }
+    let (mode, verify) = match mode.as_deref() {
+        Some("verify-ca") => ("require", UpstreamVerify::Ca(needs_root("verify-ca")?)),
+        Some("verify-full") => ("require", UpstreamVerify::Full(needs_root("verify-full")?)),
+        Some("require") if root.is_some() => {
+            ("require", UpstreamVerify::Ca(needs_root("require")?))
+        }
+        Some(other) => (other, UpstreamVerify::None),
+        None => ("", UpstreamVerify::None),
+    };
+    if !mode.is_empty() {
+        kept.push(format!("sslmode={mode}"));
+    }
+    let rebuilt = format!("{head}{}", kept.join(separator));
+    Ok((
+        rebuilt
+            .strip_suffix('?')
+            .map(str::to_owned)
+            .unwrap_or(rebuilt),
+        verify,
+    ))
+}
+
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn upstream_addr(config: &tokio_postgres::Config) -> Result<UpstreamAddr, String> {
@@ -393,5 +568,31 @@ mod tests {
         std::fs::write(&path, "listen = \"127.0.0.1:1\"\nlisten_adress = \"x\"\n").unwrap();
         let err = FileConfig::from_toml(&path).unwrap_err();
         assert!(err.0[0].contains("cutover.toml:2:1"), "{err}");
+    }
+
+    #[test]
+    fn libpq_verification_modes_are_taken_out_of_the_upstream_url() {
+        let url = "postgres://db.internal:5432/fature?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x";
+        let (rest, verify) = take_verify(url).unwrap();
+        assert_eq!(
+            rest,
+            "postgres://db.internal:5432/fature?application_name=x&sslmode=require"
+        );
+        assert_eq!(verify, UpstreamVerify::Full("/etc/ca.pem".into()));
+        let (_, verify) = take_verify("host=db sslmode=require sslrootcert=ca.pem").unwrap();
+        assert_eq!(verify, UpstreamVerify::Ca("ca.pem".into()));
+        let (rest, verify) = take_verify("postgres://db/fature?sslmode=prefer").unwrap();
+        assert_eq!(
+            (rest.as_str(), verify),
+            ("postgres://db/fature?sslmode=prefer", UpstreamVerify::None)
+        );
+        assert!(
+            take_verify("postgres://db/f?sslmode=verify-ca")
+                .unwrap_err()
+                .contains("sslrootcert")
+        );
+        assert_eq!(take_verify("postgres://db/f").unwrap().0, "postgres://db/f");
+        // The rest still parses.
+        connect::parse_url(&rest).unwrap();
     }
 }

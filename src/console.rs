@@ -19,7 +19,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::{
     control,
-    session::{Shared, relay::Duplex},
+    session::{Shared, relay::Duplex, slots::Slot},
     wire::{
         self, Startup, frame,
         messages::{Severity, error_response},
@@ -49,7 +49,7 @@ enum Answer {
 }
 
 /// Serves one console session to its end.
-pub async fn run<C: Duplex>(mut client: C, startup: Startup, shared: &Shared) {
+pub async fn run<C: Duplex>(mut client: C, startup: Startup, shared: &Shared, slot: &Slot) {
     let (user, _) = startup.user_and_database();
     let user = user.to_owned();
     // Authentication: cleartext password = the token of the admin token named as the user.
@@ -61,16 +61,28 @@ pub async fn run<C: Duplex>(mut client: C, startup: Startup, shared: &Shared) {
         return;
     }
     let mut buf = BytesMut::new();
-    let Some((tag, body)) = read_message(&mut client, &mut buf).await else {
+    let Ok(Some((tag, body))) = tokio::time::timeout(
+        shared.config.authentication_timeout,
+        read_message(&mut client, &mut buf),
+    )
+    .await
+    else {
         return;
     };
     let password = body.strip_suffix(b"\0").unwrap_or(&body);
     let allowed = tag == b'p'
-        && shared
-            .config
-            .admin_tokens
-            .iter()
-            .any(|(name, token)| *name == user && token.as_bytes() == password);
+        && shared.config.admin_tokens.iter().any(|(name, token)| {
+            *name == user && bool::from(subtle::ConstantTimeEq::ct_eq(token.as_bytes(), password))
+        });
+    if allowed && slot.authenticated().is_err() {
+        crate::session::refuse(
+            &mut client,
+            &SqlState::TOO_MANY_CONNECTIONS,
+            "sorry, too many clients already (cutover max_client_connections)",
+        )
+        .await;
+        return;
+    }
     if !allowed {
         let _ = client
             .write_all(&error_response(

@@ -39,6 +39,7 @@
 //!   PostgreSQL cluster; [`demo`]: `cutover demo`.
 
 pub mod admin;
+pub mod auth;
 pub mod cancel;
 pub mod classify;
 pub mod compare;

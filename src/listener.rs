@@ -1,18 +1,10 @@
 //! The listener: accepts client connections, answers the initial negotiation (SSLRequest,
-//! GSSENCRequest, CancelRequest), enforces the client limit, and hands each StartupMessage
-//! to a [`session`](crate::session). Owns the proxy's lifecycle: start, SIGTERM-style
+//! GSSENCRequest, CancelRequest), takes a login slot for each StartupMessage (see
+//! [`session::slots`]) and hands it to a [`session`](crate::session). Owns the proxy's lifecycle: start, SIGTERM-style
 //! shutdown (stop accepting; let sessions finish for the grace period; then close them with
 //! 57P01), and the admin endpoint beside it.
 
-use std::{
-    io,
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{
@@ -20,21 +12,17 @@ use tokio::{
     net::{TcpListener, TcpStream, tcp},
 };
 use tokio_postgres::error::SqlState;
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_rustls::server::TlsStream;
 use tokio_util::{either::Either, sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin,
     classify::Classifier,
     config::ServeConfig,
-    session::{self, Shared, relay::Duplex},
+    session::{self, Shared, relay::Duplex, slots::Full},
     tls,
     wire::{self, Initial},
 };
-
-/// How long a new connection may take to send its startup packet (PostgreSQL's
-/// `authentication_timeout` default).
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -44,6 +32,8 @@ pub enum StartError {
     Admin { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    AuthFile(#[from] crate::auth::AuthFileError),
     #[error("refusing to start: {0}")]
     Rules(#[from] crate::rules::RulesError),
 }
@@ -83,7 +73,7 @@ impl Running {
 
 /// Binds the listener and the admin endpoint and starts serving.
 pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
-    let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+    let client_tls = config.tls.as_ref().map(tls::client_tls).transpose()?;
     // Rules first: a proxy with broken rules does not start.
     let listener = TcpListener::bind(config.listen)
         .await
@@ -99,10 +89,33 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     let upstream_tls = match config.upstream_config.get_ssl_mode() {
         tokio_postgres::config::SslMode::Disable => crate::upstream::UpstreamTls::Disable,
         tokio_postgres::config::SslMode::Require => {
-            crate::upstream::UpstreamTls::Require(tls::upstream_connector()?)
+            crate::upstream::UpstreamTls::Require(tls::upstream_connector(&config.upstream_verify)?)
         }
-        _ => crate::upstream::UpstreamTls::Prefer(tls::upstream_connector()?),
+        _ => {
+            crate::upstream::UpstreamTls::Prefer(tls::upstream_connector(&config.upstream_verify)?)
+        }
     };
+    let secrets = crate::auth::Secrets {
+        file: config
+            .auth
+            .file
+            .as_deref()
+            .map(crate::auth::AuthFile::load)
+            .transpose()?,
+        query: config
+            .auth
+            .query
+            .clone()
+            .map(|(database, query)| crate::auth::AuthQuery::new(database, query)),
+    };
+    if client_tls.is_some()
+        && !secrets.is_configured()
+        && !matches!(upstream_tls, crate::upstream::UpstreamTls::Disable)
+    {
+        tracing::warn!(
+            "TLS on both legs and no auth_file or auth_url: SCRAM logins from clients that can bind their channel will be refused (docs/tls-and-authentication.md)"
+        );
+    }
     let rules = Arc::new(rules);
     let control = Arc::new(crate::control::Control::new(
         config.control.clone(),
@@ -125,6 +138,9 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         Arc::clone(&control),
     );
     shared.shadow = shadow;
+    shared.secrets = secrets;
+    shared.client_end_point = client_tls.as_ref().and_then(|t| t.end_point.clone());
+    let tls = client_tls.map(|t| t.acceptor);
     // Statements are checked on the shadow's database (the control database by default).
     if let Some(database) = shared
         .config
@@ -180,12 +196,11 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
 
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
-    let sessions = Arc::new(AtomicUsize::new(0));
     let workers = match Workers::start(shared.config.worker_threads, &tracker) {
         Ok(workers) => workers,
         Err(error) => {
@@ -217,7 +232,6 @@ async fn accept_loop(
             peer,
             tls: tls.clone(),
             shared: Arc::clone(&shared),
-            sessions: Arc::clone(&sessions),
         };
         next_worker = (next_worker + 1) % workers.senders.len();
         let _ = workers.senders[next_worker].send(job);
@@ -248,79 +262,84 @@ async fn accept_loop(
 /// Negotiates the initial packets of one connection, then runs its session.
 async fn handle(
     stream: TcpStream,
-    tls: Option<TlsAcceptor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
-    sessions: Arc<AtomicUsize>,
 ) -> io::Result<()> {
+    // The startup packet, then the login, each within authentication_timeout (as PostgreSQL).
+    let startup_timeout = shared.config.authentication_timeout;
     let mut client: ClientStream = Either::Left(stream);
     let mut buf = BytesMut::with_capacity(512);
     let mut negotiated_ssl = false;
-    let startup =
-        loop {
-            let initial =
-                match tokio::time::timeout(STARTUP_TIMEOUT, read_initial(&mut client, &mut buf))
-                    .await
-                {
-                    Ok(Ok(Some(initial))) => initial,
-                    Ok(Ok(None)) => return Ok(()),
-                    Ok(Err(Violation(message))) => {
-                        shared.metrics.protocol_violations.increment(1);
-                        session::refuse(&mut client, &SqlState::PROTOCOL_VIOLATION, &message).await;
-                        return Ok(());
-                    }
-                    Err(_) => return Ok(()), // PostgreSQL closes silently on a startup timeout too.
-                };
-            match initial {
-                Initial::SslRequest if !negotiated_ssl => {
-                    negotiated_ssl = true;
-                    // Bytes sent after an SSLRequest but before our answer would be read as
-                    // if they had been encrypted: refuse them (CVE-2021-23214).
-                    if !buf.is_empty() {
-                        session::refuse(
-                            &mut client,
-                            &SqlState::PROTOCOL_VIOLATION,
-                            "unencrypted data after SSL request",
-                        )
-                        .await;
-                        return Ok(());
-                    }
-                    match (&tls, client) {
-                        (Some(acceptor), Either::Left(mut tcp)) => {
-                            tcp.write_all(b"S").await?;
-                            client = Either::Right(Box::new(acceptor.accept(tcp).await?));
-                        }
-                        (_, mut other) => {
-                            other.write_all(b"N").await?;
-                            client = other;
-                        }
-                    }
-                }
-                Initial::GssEncRequest => client.write_all(b"N").await?,
-                Initial::SslRequest => {
+    let startup = loop {
+        let initial = match tokio::time::timeout(
+            startup_timeout,
+            read_initial(&mut client, &mut buf),
+        )
+        .await
+        {
+            Ok(Ok(Some(initial))) => initial,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(Violation(message))) => {
+                shared.metrics.protocol_violations.increment(1);
+                session::refuse(&mut client, &SqlState::PROTOCOL_VIOLATION, &message).await;
+                return Ok(());
+            }
+            Err(_) => return Ok(()), // PostgreSQL closes silently on a startup timeout too.
+        };
+        match initial {
+            Initial::SslRequest if !negotiated_ssl => {
+                negotiated_ssl = true;
+                // Bytes sent after an SSLRequest but before our answer would be read as
+                // if they had been encrypted: refuse them (CVE-2021-23214).
+                if !buf.is_empty() {
                     session::refuse(
                         &mut client,
                         &SqlState::PROTOCOL_VIOLATION,
-                        "duplicate SSL request",
+                        "unencrypted data after SSL request",
                     )
                     .await;
                     return Ok(());
                 }
-                Initial::CancelRequest { pid, secret } => {
-                    let known = shared
-                        .cancel
-                        .forward(&shared.config.upstream, pid, &secret)
-                        .await;
-                    let counter = if known {
-                        &shared.metrics.cancel_forwarded
-                    } else {
-                        &shared.metrics.cancel_unknown
-                    };
-                    counter.increment(1);
-                    return Ok(());
+                match (&tls, client) {
+                    (Some(acceptor), Either::Left(mut tcp)) => {
+                        tcp.write_all(b"S").await?;
+                        let handshake = tokio::time::timeout(startup_timeout, acceptor.accept(tcp))
+                            .await
+                            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                        client = Either::Right(Box::new(handshake));
+                    }
+                    (_, mut other) => {
+                        other.write_all(b"N").await?;
+                        client = other;
+                    }
                 }
-                Initial::Startup(startup) => break startup,
             }
-        };
+            Initial::GssEncRequest => client.write_all(b"N").await?,
+            Initial::SslRequest => {
+                session::refuse(
+                    &mut client,
+                    &SqlState::PROTOCOL_VIOLATION,
+                    "duplicate SSL request",
+                )
+                .await;
+                return Ok(());
+            }
+            Initial::CancelRequest { pid, secret } => {
+                let known = shared
+                    .cancel
+                    .forward(&shared.config.upstream, pid, &secret)
+                    .await;
+                let counter = if known {
+                    &shared.metrics.cancel_forwarded
+                } else {
+                    &shared.metrics.cancel_unknown
+                };
+                counter.increment(1);
+                return Ok(());
+            }
+            Initial::Startup(startup) => break startup,
+        }
+    };
     if !buf.is_empty() {
         session::refuse(
             &mut client,
@@ -341,21 +360,26 @@ async fn handle(
         .await;
         return Ok(());
     }
-    let active = sessions.fetch_add(1, Ordering::AcqRel) + 1;
-    let _slot = SlotGuard(sessions);
-    if active > shared.config.max_client_connections {
-        shared.metrics.rejected_limit.increment(1);
-        session::refuse(
-            &mut client,
-            &SqlState::TOO_MANY_CONNECTIONS,
-            "sorry, too many clients already (cutover max_client_connections)",
-        )
-        .await;
-        return Ok(());
-    }
+    let slot = match shared.slots.login() {
+        Ok(slot) => slot,
+        Err(full) => {
+            shared.metrics.rejected_limit.increment(1);
+            let message = match full {
+                Full::Sessions => {
+                    "sorry, too many clients already (cutover max_client_connections)"
+                }
+                Full::Logins => {
+                    "sorry, too many logins in progress (cutover max_logins_in_progress)"
+                }
+            };
+            session::refuse(&mut client, &SqlState::TOO_MANY_CONNECTIONS, message).await;
+            return Ok(());
+        }
+    };
     shared.metrics.accepted.increment(1);
     let id = shared.next_session_id();
-    session::run(client, startup, id, shared).await;
+    let client_tls = matches!(client, Either::Right(_));
+    session::run(client, client_tls, startup, id, shared, slot).await;
     Ok(())
 }
 
@@ -363,9 +387,8 @@ async fn handle(
 struct Job {
     stream: std::net::TcpStream,
     peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
-    sessions: Arc<AtomicUsize>,
 }
 
 /// Session threads, each with its own single-threaded runtime. Connections are dealt to
@@ -408,7 +431,6 @@ async fn run_job(job: Job) {
         peer,
         tls,
         shared,
-        sessions,
     } = job;
     let stream = match TcpStream::from_std(stream) {
         Ok(stream) => stream,
@@ -417,7 +439,7 @@ async fn run_job(job: Job) {
             return;
         }
     };
-    if let Err(error) = handle(stream, tls, shared, sessions).await {
+    if let Err(error) = handle(stream, tls, shared).await {
         tracing::debug!(%peer, %error, "connection ended during negotiation");
     }
 }
@@ -439,14 +461,6 @@ async fn read_initial(
             Ok(0) | Err(_) => return Ok(None),
             Ok(_) => {}
         }
-    }
-}
-
-struct SlotGuard(Arc<AtomicUsize>);
-
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

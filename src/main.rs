@@ -355,6 +355,28 @@ struct ServeArgs {
     /// statement_timeout of the shadow's statements, in milliseconds [default: 5000]
     #[arg(long, value_name = "MS")]
     shadow_timeout_ms: Option<u64>,
+    /// Seconds a client may take to log in, as PostgreSQL's authentication_timeout [default: 60]
+    #[arg(long, value_name = "SECONDS")]
+    authentication_timeout: Option<u64>,
+    /// Logins under way at once, apart from sessions [default: --max-client-connections]
+    #[arg(long, value_name = "N")]
+    max_logins_in_progress: Option<usize>,
+    /// Users' password secrets, pgbouncer's auth_file format ("user" "secret" per line):
+    /// cutover authenticates those users itself (SCRAM with TLS on both legs needs it)
+    #[arg(long, value_name = "FILE")]
+    auth_file: Option<PathBuf>,
+    /// Database and role allowed to read users' password secrets with --auth-query
+    #[arg(
+        long,
+        env = "CUTOVER_AUTH_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    auth_url: Option<String>,
+    /// Query returning a user's secret ($1: user name; last column: the secret)
+    /// [default: pgbouncer's, on pg_authid]
+    #[arg(long, value_name = "SQL")]
+    auth_query: Option<String>,
 }
 
 /// A window like `30m`, `24h`, `7d`, `90s`.
@@ -622,6 +644,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         shadow_connections: args.shadow_connections,
         shadow_queue: args.shadow_queue,
         shadow_timeout_ms: args.shadow_timeout_ms,
+        authentication_timeout_seconds: args.authentication_timeout,
+        max_logins_in_progress: args.max_logins_in_progress,
+        auth_file: args.auth_file,
+        auth_url: args.auth_url,
+        auth_query: args.auth_query,
     };
     let config = file.overridden_by(flags).validate()?;
     let running = listener::start(config).await?;

@@ -84,6 +84,43 @@ pub struct ProxyMetrics {
     /// disk): `ok`, or `failed` (the last good rules stay).
     pub rules_reloaded: Counter,
     pub rules_reload_failed: Counter,
+    /// `cutover_logins_total{outcome}`: client logins, by how they ended (see [`Login`]).
+    pub logins: [Counter; Login::ALL.len()],
+}
+
+/// How a client login ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Login {
+    /// Relayed to the server, which accepted it.
+    Relayed,
+    /// Authenticated by the proxy against the user's secret, then logged in upstream.
+    Authenticated,
+    /// Refused: a wrong password, or a refusal by the server.
+    Refused,
+    /// Not done within `authentication_timeout`.
+    TimedOut,
+    /// Authenticated while `max_client_connections` sessions were open.
+    TooMany,
+}
+
+impl Login {
+    pub const ALL: [Login; 5] = [
+        Login::Relayed,
+        Login::Authenticated,
+        Login::Refused,
+        Login::TimedOut,
+        Login::TooMany,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Login::Relayed => "relayed",
+            Login::Authenticated => "authenticated",
+            Login::Refused => "refused",
+            Login::TimedOut => "timed_out",
+            Login::TooMany => "too_many",
+        }
+    }
 }
 
 impl ProxyMetrics {
@@ -109,7 +146,12 @@ impl ProxyMetrics {
             .map(|o| counter!("cutover_dual_writes_total", "outcome" => o.as_str())),
             rules_reloaded: counter!("cutover_rules_reloads_total", "outcome" => "ok"),
             rules_reload_failed: counter!("cutover_rules_reloads_total", "outcome" => "failed"),
+            logins: Login::ALL.map(|l| counter!("cutover_logins_total", "outcome" => l.as_str())),
         }
+    }
+
+    pub fn login(&self, outcome: Login) {
+        self.logins[outcome as usize].increment(1);
     }
 
     /// Counts one dual-write report and records the time each side took in

@@ -1,9 +1,11 @@
 //! TLS with rustls (ring provider), both ways: terminating the clients' TLS when a
 //! certificate and key are configured (without them the proxy answers SSLRequest with 'N', as
 //! a server without `ssl = on` does), and encrypting the proxy's own connection to the
-//! upstream as the upstream URL's `sslmode` says (`prefer`, libpq's default, or `require`).
-//! Like libpq's `require`, the upstream's certificate is not verified: the channel is
-//! encrypted, the server is not authenticated.
+//! upstream as the upstream URL's `sslmode` says: `prefer` (libpq's default) and `require`
+//! encrypt without checking the server's certificate, as libpq does; `verify-ca` checks it
+//! against the CA file of `sslrootcert`, `verify-full` also checks that it names the host.
+//! Also the `tls-server-end-point` channel-binding data of each leg's certificate, for SCRAM
+//! `-PLUS` (RFC 5929).
 
 use std::sync::Arc;
 
@@ -17,7 +19,7 @@ use tokio_rustls::{
     },
 };
 
-use crate::config::TlsFiles;
+use crate::config::{TlsFiles, UpstreamVerify};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -27,6 +29,52 @@ pub enum TlsError {
     Key { path: String, reason: String },
     #[error("the TLS certificate and key do not make a valid configuration: {0}")]
     Config(#[from] rustls::Error),
+    #[error("cannot read the upstream's CA file (sslrootcert) {path}: {reason}")]
+    RootCert { path: String, reason: String },
+}
+
+/// TLS for client connections.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub acceptor: TlsAcceptor,
+    /// The proxy certificate's channel-binding data (`None`: its signature algorithm has no
+    /// hash to bind with, as PostgreSQL decides; `-PLUS` is then not offered).
+    pub end_point: Option<Vec<u8>>,
+}
+
+/// The `tls-server-end-point` channel-binding data of a certificate: its hash with the hash
+/// function of its signature algorithm, SHA-256 in place of MD5 and SHA-1 (RFC 5929, as
+/// PostgreSQL computes it). `None` for algorithms without one (Ed25519, RSASSA-PSS).
+pub fn end_point(cert: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let oid = parsed.signature_algorithm.algorithm.to_id_string();
+    match oid.as_str() {
+        // md5/sha1/sha256 with RSA; ecdsa with sha1/sha256.
+        "1.2.840.113549.1.1.4"
+        | "1.2.840.113549.1.1.5"
+        | "1.2.840.113549.1.1.11"
+        | "1.2.840.10045.4.1"
+        | "1.2.840.10045.4.3.2" => Some(sha2::Sha256::digest(cert).to_vec()),
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => {
+            Some(sha2::Sha384::digest(cert).to_vec())
+        }
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => {
+            Some(sha2::Sha512::digest(cert).to_vec())
+        }
+        _ => None,
+    }
+}
+
+pub fn client_tls(files: &TlsFiles) -> Result<ClientTls, TlsError> {
+    let first = CertificateDer::pem_file_iter(&files.cert)
+        .ok()
+        .and_then(|mut certs| certs.next())
+        .and_then(Result::ok);
+    Ok(ClientTls {
+        acceptor: acceptor(files)?,
+        end_point: first.and_then(|cert| end_point(&cert)),
+    })
 }
 
 pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
@@ -55,16 +103,95 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// A connector for the upstream that encrypts without verifying the server's certificate
-/// (libpq's `sslmode=require`).
-pub fn upstream_connector() -> Result<TlsConnector, TlsError> {
+/// A connector for the upstream: without a CA file it encrypts without verifying the
+/// server's certificate (libpq's `sslmode=require`); with one it verifies the chain, and the
+/// host name too for `verify-full`.
+pub fn upstream_connector(verify: &UpstreamVerify) -> Result<TlsConnector, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(Arc::clone(&provider))
+    let verifier: Arc<dyn ServerCertVerifier> = match verify {
+        UpstreamVerify::None => Arc::new(EncryptOnly(Arc::clone(&provider))),
+        UpstreamVerify::Ca(path) | UpstreamVerify::Full(path) => {
+            let root_error = |reason: String| TlsError::RootCert {
+                path: path.display().to_string(),
+                reason,
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in
+                CertificateDer::pem_file_iter(path).map_err(|e| root_error(e.to_string()))?
+            {
+                roots
+                    .add(cert.map_err(|e| root_error(e.to_string()))?)
+                    .map_err(|e| root_error(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(root_error("no certificate in the file".into()));
+            }
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                Arc::clone(&provider),
+            )
+            .build()
+            .map_err(|e| root_error(e.to_string()))?;
+            match verify {
+                UpstreamVerify::Full(_) => webpki,
+                _ => Arc::new(AnyName(webpki)),
+            }
+        }
+    };
+    let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// `verify-ca`: the chain must lead to the CA, whatever host the certificate names.
+#[derive(Debug)]
+struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// Accepts any certificate, but still checks that the handshake is signed by its key.

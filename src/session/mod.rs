@@ -12,9 +12,11 @@
 //! - a malformed or oversized message: FATAL 08P01, close;
 //! - the proxy shuts down and the grace period ends: FATAL 57P01, close.
 
+mod login;
 mod pending;
 mod prepared;
 pub mod relay;
+pub mod slots;
 mod statements;
 
 use std::sync::{
@@ -57,6 +59,12 @@ pub struct Shared {
     pub shadow: Option<Arc<crate::shadow::Shadow>>,
     /// Route checks (none without a database for them: nothing is served by the target).
     pub checks: Option<Arc<crate::route::check::Checks>>,
+    /// Where users' password secrets come from (none configured: logins are relayed).
+    pub secrets: crate::auth::Secrets,
+    /// The channel-binding data of the proxy's own certificate, for SCRAM `-PLUS`.
+    pub client_end_point: Option<Vec<u8>>,
+    /// Login and session slots.
+    pub slots: Arc<slots::Slots>,
     next_id: AtomicU32,
 }
 
@@ -76,6 +84,7 @@ impl Shared {
             .collect();
         metrics.queries = crate::metrics::QueryCounters::new(&names);
         Self {
+            slots: slots::Slots::new(config.max_client_connections, config.max_logins_in_progress),
             config,
             cancel: Arc::default(),
             metrics,
@@ -85,6 +94,8 @@ impl Shared {
             control,
             shadow: None,
             checks: None,
+            secrets: crate::auth::Secrets::default(),
+            client_end_point: None,
             // Session ids double as the process ids handed to clients for cancelling;
             // start at a random point so they do not look like the server's.
             next_id: AtomicU32::new(rand::random::<u32>() >> 1),
@@ -106,8 +117,15 @@ pub async fn refuse<C: AsyncWrite + Unpin>(client: &mut C, code: &SqlState, mess
     let _ = client.shutdown().await;
 }
 
-/// Runs a session whose StartupMessage has been read.
-pub async fn run<C: relay::Duplex>(mut client: C, startup: Startup, id: u32, shared: Arc<Shared>) {
+/// Runs a session whose StartupMessage has been read, in the login slot it was given.
+pub async fn run<C: relay::Duplex>(
+    mut client: C,
+    client_tls: bool,
+    startup: Startup,
+    id: u32,
+    shared: Arc<Shared>,
+    slot: slots::Slot,
+) {
     let (user, database) = startup.user_and_database();
     let span = tracing::info_span!(
         "session",
@@ -118,43 +136,14 @@ pub async fn run<C: relay::Duplex>(mut client: C, startup: Startup, id: u32, sha
     );
     async move {
         if crate::console::wanted(&shared, &startup) {
-            crate::console::run(client, startup, &shared).await;
+            crate::console::run(client, startup, &shared, &slot).await;
             return;
         }
-        let mut upstream = match upstream::connect_session(
-            &shared.config.upstream,
-            &shared.upstream_tls,
-        )
-        .await
-        {
-            Ok(stream) => stream,
-            Err(error) => {
-                shared.metrics.upstream_connect_failed.increment(1);
-                tracing::warn!(%error, upstream = %shared.config.upstream, "cannot reach upstream");
-                let message = format!(
-                    "cutover cannot connect to the database server at {}: {error}",
-                    shared.config.upstream
-                );
-                refuse(
-                    &mut client,
-                    &SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-                    &message,
-                )
-                .await;
-                return;
-            }
+        let Ok(mut upstream) =
+            login::login(&mut client, client_tls, &startup, &shared, &slot).await
+        else {
+            return;
         };
-        if let Err(error) = upstream.write_all(&startup.raw).await {
-            shared.metrics.upstream_connect_failed.increment(1);
-            let message = format!("cutover lost the database server during startup: {error}");
-            refuse(
-                &mut client,
-                &SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-                &message,
-            )
-            .await;
-            return;
-        }
         let shadow = shared
             .shadow
             .as_deref()

@@ -5,8 +5,8 @@
 //! at a time can deadlock). Each direction reads what is available, walks the frame
 //! headers, looks at the few frames it must (whole), streams the rest — a 50 MB DataRow is
 //! forwarded as it arrives, never buffered whole — and writes everything it read in one
-//! write. Frames are forwarded byte for byte, except during startup: the server's
-//! BackendKeyData (replaced by the proxy's key) and SASL mechanism list (no `-PLUS`).
+//! write. Frames are forwarded byte for byte, except the server's BackendKeyData (replaced
+//! by the proxy's key). The login is over before the relay starts (`session::login`).
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
@@ -25,7 +25,7 @@ use crate::{
     shadow::Shadow,
     wire::{
         self, WireError,
-        messages::{self, AUTH_SASL, backend, frontend},
+        messages::{self, backend, frontend},
     },
 };
 
@@ -493,13 +493,12 @@ fn release_if_large(buf: &mut BytesMut) {
     }
 }
 
-/// Whether the relay reads a server frame of type `tag` whole: the kinds that routing, auth
-/// relay and dual-write reports need, and while the proxy's names question is in flight its
+/// Whether the relay reads a server frame of type `tag` whole: the kinds that routing,
+/// cancel keys and dual-write reports need, and while the proxy's names question is in flight its
 /// rows and command tag (which it takes out).
 fn inspected(tag: u8, flow: &Flow) -> bool {
     match tag {
-        backend::AUTHENTICATION
-        | backend::BACKEND_KEY_DATA
+        backend::BACKEND_KEY_DATA
         | backend::ERROR_RESPONSE
         | backend::NOTICE_RESPONSE
         | backend::READY_FOR_QUERY
@@ -574,12 +573,6 @@ fn inspect_server_frame(
             }
             None => Action::Forward,
         },
-        backend::AUTHENTICATION if messages::auth_code(body) == Some(AUTH_SASL) => {
-            match messages::sasl_without_channel_binding(body) {
-                Some(frame) => Action::Replace(frame),
-                None => Action::Forward,
-            }
-        }
         backend::BACKEND_KEY_DATA => match messages::parse_backend_key(body) {
             Some((pid, secret)) => {
                 let (ours, guard) = shared.cancel.register(id, pid, secret);
