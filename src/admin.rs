@@ -1,8 +1,14 @@
 //! The admin HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the process answers),
-//! `/readyz` (accepting connections and the upstream reachable), and the control API:
-//! `GET /api/state` (every query type's stage), `POST /api/state/{query_type}` (change it,
-//! with a reason; a bearer token required) and `GET /api/history` (the audit). Bound to
-//! loopback unless configured otherwise; it never exposes SQL text or parameter values.
+//! `/readyz` (accepting connections and the upstream reachable) — open to anyone — and,
+//! behind a token, the control API: `GET /api/state` (every query type's stage),
+//! `GET /api/history` (the audit), `GET /api/behaviour_changes`, `/status` (the live report,
+//! with divergence examples) for any token, read-only ones included; `POST
+//! /api/state/{query_type}` (a change of stage, with a reason), `POST /api/marks` and `POST
+//! /api/behaviour_changes/{name}/accept` for admin tokens only. A token comes as
+//! `Authorization: Bearer TOKEN`, or as the password of HTTP Basic (what a browser asks for
+//! on `/status`). Tokens are compared in constant time; a wrong one is counted and answered
+//! late ([`crate::auth::Throttle`]). Bound to loopback unless configured otherwise; it never
+//! exposes parameter values.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -36,17 +42,23 @@ pub async fn serve(
         shared,
         shutdown: shutdown.clone(),
     };
+    let read = Router::new()
+        .route("/api/state", get(api_state))
+        .route("/api/history", get(api_history))
+        .route("/api/behaviour_changes", get(api_behaviour_changes))
+        .route("/status", get(status_page))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_read,
+        ));
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/api/state", get(api_state))
         .route("/api/state/{query_type}", post(api_set))
-        .route("/api/history", get(api_history))
         .route("/api/marks", post(api_mark))
-        .route("/api/behaviour_changes", get(api_behaviour_changes))
         .route("/api/behaviour_changes/{name}/accept", post(api_accept))
-        .route("/status", get(status_page))
+        .merge(read)
         .with_state(state);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -149,24 +161,84 @@ fn problem(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
-/// The name of the token the request carries, if it is one of the configured ones.
-fn token_name(shared: &Shared, headers: &HeaderMap) -> Option<String> {
-    let given = headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")?
-        .as_bytes();
-    shared
-        .config
-        .admin_tokens
-        .iter()
-        .find(|(_, token)| constant_time_eq(token.as_bytes(), given))
-        .map(|(name, _)| name.clone())
+/// What a request may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Change,
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The token a request presents: `Authorization: Bearer TOKEN`, or HTTP Basic with the token
+/// as the password (any user name).
+fn presented(headers: &HeaderMap) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    if let Some(token) = value.strip_prefix("Bearer ") {
+        return Some(token.trim().as_bytes().to_vec());
+    }
+    let basic = base64::engine::general_purpose::STANDARD
+        .decode(value.strip_prefix("Basic ")?.trim())
+        .ok()?;
+    let colon = basic.iter().position(|&b| b == b':')?;
+    Some(basic[colon + 1..].to_vec())
+}
+
+/// The name of the request's token if it allows `access`; else the answer (401 without a
+/// token or with a wrong one — counted and slowed —, 403 for a read-only token asked to
+/// change).
+async fn authorized(
+    shared: &Shared,
+    headers: &HeaderMap,
+    access: Access,
+) -> Result<String, Response> {
+    let unauthorized = |message: &str| {
+        let mut response = problem(StatusCode::UNAUTHORIZED, message);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            "Basic realm=\"cutover\", Bearer"
+                .parse()
+                .expect("a valid header value"),
+        );
+        response
+    };
+    let Some(given) = presented(headers) else {
+        return Err(unauthorized(match access {
+            Access::Read => {
+                "reading the control API needs a token (Authorization: Bearer …), an admin or a read token the proxy is configured with"
+            }
+            Access::Change => {
+                "changes need a bearer token (Authorization: Bearer …) the proxy is configured with"
+            }
+        }));
+    };
+    let config = &shared.config;
+    let admin = crate::auth::token_named(&config.admin_tokens, &given);
+    let reader = crate::auth::token_named(&config.read_tokens, &given);
+    match (admin, reader, access) {
+        (Some(name), _, _) | (None, Some(name), Access::Read) => Ok(name.to_owned()),
+        (None, Some(name), Access::Change) => Err(problem(
+            StatusCode::FORBIDDEN,
+            format!("the token {name:?} may read, not change: use an admin token"),
+        )),
+        (None, None, _) => {
+            shared.throttle.failed(crate::auth::Surface::Api).await;
+            Err(unauthorized(
+                "the token is not one the proxy is configured with",
+            ))
+        }
+    }
+}
+
+/// The read routes' guard.
+async fn require_read(
+    State(state): State<AdminState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorized(&state.shared, request.headers(), Access::Read).await {
+        Ok(_) => next.run(request).await,
+        Err(response) => response,
+    }
 }
 
 /// A connection to the control database for one request, or why there is none.
@@ -180,30 +252,14 @@ async fn control_client(shared: &Shared) -> Result<tokio_postgres::Client, Strin
         .map_err(|e| e.to_string())
 }
 
-/// The name of the request's token, or the 401 to answer.
-#[allow(clippy::result_large_err)]
-fn authorized(shared: &Shared, headers: &HeaderMap) -> Result<String, Response> {
-    token_name(shared, headers).ok_or_else(|| {
-        let mut response = problem(
-            StatusCode::UNAUTHORIZED,
-            "changes need a bearer token (Authorization: Bearer …) the proxy is configured with",
-        );
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            "Bearer".parse().expect("a valid header value"),
-        );
-        response
-    })
-}
-
-/// The name of the request's token and its JSON body, or the 401 or 400 to answer.
-#[allow(clippy::result_large_err)]
-fn authorized_body<T>(
+/// The name of the request's admin token and its JSON body, or the 401, 403 or 400 to
+/// answer.
+async fn authorized_body<T>(
     shared: &Shared,
     headers: &HeaderMap,
     body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(String, T), Response> {
-    let who = authorized(shared, headers)?;
+    let who = authorized(shared, headers, Access::Change).await?;
     match body {
         Ok(Json(request)) => Ok((who, request)),
         Err(rejection) => Err(problem(StatusCode::BAD_REQUEST, rejection.body_text())),
@@ -216,7 +272,7 @@ async fn api_mark(
     headers: HeaderMap,
     body: Result<Json<crate::divergence::MarkRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let (who, request) = match authorized_body(&state.shared, &headers, body) {
+    let (who, request) = match authorized_body(&state.shared, &headers, body).await {
         Ok(request) => request,
         Err(response) => return response,
     };
@@ -241,7 +297,7 @@ async fn api_set(
     body: Result<Json<ChangeRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let shared = &state.shared;
-    let (who, request) = match authorized_body(shared, &headers, body) {
+    let (who, request) = match authorized_body(shared, &headers, body).await {
         Ok(request) => request,
         Err(response) => return response,
     };
@@ -309,7 +365,7 @@ async fn api_accept(
     body: Result<Json<AcceptRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let shared = &state.shared;
-    let (who, request) = match authorized_body(shared, &headers, body) {
+    let (who, request) = match authorized_body(shared, &headers, body).await {
         Ok(request) => request,
         Err(response) => return response,
     };

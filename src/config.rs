@@ -39,6 +39,9 @@ pub struct FileConfig {
     /// what the audit records). Keep them out of version control: a config file the
     /// deployment provides, or `CUTOVER_ADMIN_TOKEN` (named `default`).
     pub admin_tokens: Option<std::collections::BTreeMap<String, String>>,
+    /// Bearer tokens that may read the admin API and `/status` (divergence examples) but
+    /// change nothing, by name. `CUTOVER_READ_TOKEN` is named `reader`.
+    pub read_tokens: Option<std::collections::BTreeMap<String, String>>,
     /// The database the shadow re-runs reads on, with its own role (read-only is enough).
     /// Default: the control database. Only sessions on that same database are shadowed.
     pub shadow: Option<String>,
@@ -136,6 +139,8 @@ pub struct ServeConfig {
     pub control: Option<tokio_postgres::Config>,
     /// (name, token) pairs that may change stages through the admin API.
     pub admin_tokens: Vec<(String, String)>,
+    /// (name, token) pairs that may read (the admin tokens may too).
+    pub read_tokens: Vec<(String, String)>,
     /// `None`: no shadow (no database for it, or zero connections).
     pub shadow: Option<ShadowConfig>,
     pub authentication_timeout: Duration,
@@ -183,6 +188,7 @@ impl FileConfig {
             tls_key: other.tls_key.or(self.tls_key),
             control: other.control.or(self.control),
             admin_tokens: other.admin_tokens.or(self.admin_tokens),
+            read_tokens: other.read_tokens.or(self.read_tokens),
             shadow: other.shadow.or(self.shadow),
             shadow_connections: other.shadow_connections.or(self.shadow_connections),
             shadow_queue: other.shadow_queue.or(self.shadow_queue),
@@ -301,11 +307,18 @@ impl FileConfig {
         };
         let admin_tokens: Vec<(String, String)> =
             self.admin_tokens.unwrap_or_default().into_iter().collect();
-        for (name, token) in &admin_tokens {
-            if token.len() < 16 {
-                problems.push(format!(
-                    "admin_tokens.{name}: a token of at least 16 characters, please"
-                ));
+        let read_tokens: Vec<(String, String)> =
+            self.read_tokens.unwrap_or_default().into_iter().collect();
+        for (key, tokens) in [
+            ("admin_tokens", &admin_tokens),
+            ("read_tokens", &read_tokens),
+        ] {
+            for (name, token) in tokens {
+                if token.len() < 16 {
+                    problems.push(format!(
+                        "{key}.{name}: a token of at least 16 characters, please"
+                    ));
+                }
             }
         }
 
@@ -360,6 +373,7 @@ impl FileConfig {
                     tls,
                     control,
                     admin_tokens,
+                    read_tokens,
                     shadow,
                     authentication_timeout: self
                         .authentication_timeout_seconds

@@ -71,9 +71,7 @@ pub async fn run<C: Duplex>(mut client: C, startup: Startup, shared: &Shared, sl
     };
     let password = body.strip_suffix(b"\0").unwrap_or(&body);
     let allowed = tag == b'p'
-        && shared.config.admin_tokens.iter().any(|(name, token)| {
-            *name == user && bool::from(subtle::ConstantTimeEq::ct_eq(token.as_bytes(), password))
-        });
+        && crate::auth::token_named(&shared.config.admin_tokens, password) == Some(user.as_str());
     if allowed && slot.authenticated().is_err() {
         crate::session::refuse(
             &mut client,
@@ -84,6 +82,7 @@ pub async fn run<C: Duplex>(mut client: C, startup: Startup, shared: &Shared, sl
         return;
     }
     if !allowed {
+        shared.throttle.failed(crate::auth::Surface::Console).await;
         let _ = client
             .write_all(&error_response(
                 Severity::Fatal,

@@ -21,7 +21,7 @@ pub enum CtlError {
     )]
     Unreachable { addr: String, reason: String },
     #[error(
-        "the admin endpoint refused the token (401): give --token or CUTOVER_ADMIN_TOKEN, one the proxy is configured with"
+        "the admin endpoint refused the token (401): give --token or CUTOVER_ADMIN_TOKEN (or, to read only, CUTOVER_READ_TOKEN), one the proxy is configured with"
     )]
     Unauthorized,
     #[error("the admin endpoint answered {status}: {message}")]
@@ -70,9 +70,15 @@ fn send(
     Ok((status, body))
 }
 
-/// A GET that must answer 200; its JSON body.
-fn get(addr: &str, path: &str) -> Result<Value, CtlError> {
-    let (status, body) = send(addr, |a| a.get(url(addr, path)).call())?;
+/// A GET with the bearer token that must answer 200; its JSON body.
+fn get(addr: &str, path: &str, token: Option<&str>) -> Result<Value, CtlError> {
+    let (status, body) = send(addr, |a| {
+        let mut get = a.get(url(addr, path));
+        if let Some(token) = token {
+            get = get.header("Authorization", &format!("Bearer {token}"));
+        }
+        get.call()
+    })?;
     if status != 200 {
         return Err(CtlError::Failed {
             status,
@@ -105,8 +111,8 @@ fn message(body: &Value) -> String {
 }
 
 /// `ctl status`: every query type's stage.
-pub fn status(addr: &str, json: bool) -> Result<Outcome, CtlError> {
-    let body = get(addr, "/api/state")?;
+pub fn status(addr: &str, token: Option<&str>, json: bool) -> Result<Outcome, CtlError> {
+    let body = get(addr, "/api/state", token)?;
     if json {
         return Ok(Outcome::Done(pretty(&body)));
     }
@@ -182,8 +188,13 @@ pub fn set(
 }
 
 /// `ctl history`: the latest stage changes, newest first.
-pub fn history(addr: &str, limit: u32, json: bool) -> Result<Outcome, CtlError> {
-    let body = get(addr, &format!("/api/history?limit={limit}"))?;
+pub fn history(
+    addr: &str,
+    token: Option<&str>,
+    limit: u32,
+    json: bool,
+) -> Result<Outcome, CtlError> {
+    let body = get(addr, &format!("/api/history?limit={limit}"), token)?;
     if json {
         return Ok(Outcome::Done(pretty(&body)));
     }
@@ -239,8 +250,8 @@ pub fn mark(
 }
 
 /// `ctl changes`: the declared behaviour changes, how often each happened, accepted or not.
-pub fn changes(addr: &str, json: bool) -> Result<Outcome, CtlError> {
-    let body = get(addr, "/api/behaviour_changes")?;
+pub fn changes(addr: &str, token: Option<&str>, json: bool) -> Result<Outcome, CtlError> {
+    let body = get(addr, "/api/behaviour_changes", token)?;
     if json {
         return Ok(Outcome::Done(pretty(&body)));
     }

@@ -164,7 +164,8 @@ enum Command {
         /// The proxy's admin address (its --admin)
         #[arg(long, default_value = cutover::config::DEFAULT_ADMIN, value_name = "IP:PORT")]
         admin: String,
-        /// Bearer token for changes (one the proxy is configured with)
+        /// Bearer token (one the proxy is configured with): an admin token, or a read token
+        /// for status, history and changes [default: CUTOVER_ADMIN_TOKEN, else CUTOVER_READ_TOKEN]
         #[arg(long, env = "CUTOVER_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
         #[command(subcommand)]
@@ -338,6 +339,14 @@ struct ServeArgs {
         value_name = "TOKEN"
     )]
     admin_token: Option<String>,
+    /// Bearer token that may read the admin API and /status but change nothing (named "reader")
+    #[arg(
+        long,
+        env = "CUTOVER_READ_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    read_token: Option<String>,
     /// Database the shadow re-runs reads on, with its own role [default: the control database]
     #[arg(
         long,
@@ -640,6 +649,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         admin_tokens: args
             .admin_token
             .map(|t| [("default".to_owned(), t)].into_iter().collect()),
+        read_tokens: args
+            .read_token
+            .map(|t| [("reader".to_owned(), t)].into_iter().collect()),
         shadow: args.shadow,
         shadow_connections: args.shadow_connections,
         shadow_queue: args.shadow_queue,
@@ -732,9 +744,13 @@ async fn rules_check(
 }
 
 fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> anyhow::Result<ExitCode> {
+    // Reading takes the admin token, or a read-only one.
+    let reader = token
+        .map(str::to_owned)
+        .or_else(|| std::env::var("CUTOVER_READ_TOKEN").ok());
     use cutover::ctl::{self, Outcome};
     let outcome = match command {
-        CtlCommand::Status { json } => ctl::status(admin, json)?,
+        CtlCommand::Status { json } => ctl::status(admin, reader.as_deref(), json)?,
         CtlCommand::Set {
             query_type,
             stage,
@@ -752,8 +768,8 @@ fn ctl(admin: &str, token: Option<&str>, command: CtlCommand) -> anyhow::Result<
             force,
             json,
         )?,
-        CtlCommand::History { limit, json } => ctl::history(admin, limit, json)?,
-        CtlCommand::Changes { json } => ctl::changes(admin, json)?,
+        CtlCommand::History { limit, json } => ctl::history(admin, reader.as_deref(), limit, json)?,
+        CtlCommand::Changes { json } => ctl::changes(admin, reader.as_deref(), json)?,
         CtlCommand::Accept { name, reason, json } => {
             ctl::accept(admin, token, &name, &reason, json)?
         }

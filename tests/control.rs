@@ -10,12 +10,19 @@ use serde_json::Value;
 use support::{Proxy, TestDb, http_request, migrated_db, proxy_with};
 
 const TOKEN: &str = "test-token-0123456789";
+/// A token that may read the state and the evidence but change nothing.
+const READ_TOKEN: &str = "read-token-0123456789";
 
 async fn replica(db: &TestDb) -> Proxy {
     let url = db.url();
     proxy_with(move |c| {
         c.control = Some(url);
         c.admin_tokens = Some([("ops".to_owned(), TOKEN.to_owned())].into_iter().collect());
+        c.read_tokens = Some(
+            [("viewer".to_owned(), READ_TOKEN.to_owned())]
+                .into_iter()
+                .collect(),
+        );
     })
     .await
 }
@@ -58,7 +65,8 @@ async fn accept(p: &Proxy, name: &str, token: Option<&str>) -> (u16, String) {
 }
 
 async fn state(p: &Proxy) -> Value {
-    let (status, body) = http_request(p.admin.unwrap(), "GET", "/api/state", None, None).await;
+    let (status, body) =
+        http_request(p.admin.unwrap(), "GET", "/api/state", Some(TOKEN), None).await;
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -110,8 +118,14 @@ async fn set(p: &Proxy, query_type: &str, body: &str, token: Option<&str>) -> (u
 }
 
 async fn history(p: &Proxy) -> Vec<Value> {
-    let (status, body) =
-        http_request(p.admin.unwrap(), "GET", "/api/history?limit=10", None, None).await;
+    let (status, body) = http_request(
+        p.admin.unwrap(),
+        "GET",
+        "/api/history?limit=10",
+        Some(TOKEN),
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     serde_json::from_str::<Value>(&body)
         .unwrap()
@@ -204,7 +218,8 @@ async fn a_raise_without_enough_samples_is_refused_and_a_forced_one_recorded() {
         "{why}"
     );
     let admin = p.admin.unwrap();
-    let (status, body) = http_request(admin, "GET", "/api/behaviour_changes", None, None).await;
+    let (status, body) =
+        http_request(admin, "GET", "/api/behaviour_changes", Some(TOKEN), None).await;
     assert_eq!(status, 200, "{body}");
     let listed: Value = serde_json::from_str(&body).unwrap();
     let names: Vec<&str> = listed
@@ -364,8 +379,14 @@ async fn ctl(p: &Proxy, args: &[&str], token: Option<&str>) -> (i32, String) {
     let admin = p.admin.unwrap().to_string();
     let mut all = vec!["ctl".to_owned(), "--admin".to_owned(), admin];
     all.extend(args.iter().map(|a| (*a).to_owned()));
+    // The read token goes where operators put it: CUTOVER_READ_TOKEN.
+    let variable = if token == Some(READ_TOKEN) {
+        "CUTOVER_READ_TOKEN"
+    } else {
+        "CUTOVER_ADMIN_TOKEN"
+    };
     let env: Vec<(String, String)> = token
-        .map(|t| vec![("CUTOVER_ADMIN_TOKEN".to_owned(), t.to_owned())])
+        .map(|t| vec![(variable.to_owned(), t.to_owned())])
         .unwrap_or_default();
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = all.iter().map(String::as_str).collect();
@@ -383,7 +404,7 @@ async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
     let p = replica(&db).await;
     until(&p, |s| s["control_connected"] == true).await;
 
-    let (code, out) = ctl(&p, &["status"], None).await;
+    let (code, out) = ctl(&p, &["status"], Some(READ_TOKEN)).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("control database: connected"), "{out}");
 
@@ -394,7 +415,7 @@ async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
     );
 
     // Behaviour changes: listed with their acceptance; accepted again with a new reason.
-    let (code, out) = ctl(&p, &["changes"], None).await;
+    let (code, out) = ctl(&p, &["changes"], Some(READ_TOKEN)).await;
     assert_eq!(code, 0, "{out}");
     assert!(
         out.lines().any(|l| l.starts_with("cycle_refused")
@@ -416,7 +437,7 @@ async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
         out.contains("cycle_refused accepted (refused_cycle"),
         "{out}"
     );
-    let (code, out) = ctl(&p, &["changes", "--json"], None).await;
+    let (code, out) = ctl(&p, &["changes", "--json"], Some(READ_TOKEN)).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(r#""reason": "v2 is right""#), "{out}");
 
@@ -477,7 +498,7 @@ async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("refused the token"), "{out}");
 
-    let (code, out) = ctl(&p, &["history"], None).await;
+    let (code, out) = ctl(&p, &["history"], Some(READ_TOKEN)).await;
     assert_eq!(code, 0, "{out}");
     let lines: Vec<&str> = out.lines().collect();
     assert!(
@@ -490,7 +511,7 @@ async fn ctl_reads_and_changes_the_state_for_people_and_scripts() {
         lines[2].contains("legacy → shadow") && lines[2].contains("ops (api)"),
         "{out}"
     );
-    let (code, out) = ctl(&p, &["history", "--json", "--limit", "1"], None).await;
+    let (code, out) = ctl(&p, &["history", "--json", "--limit", "1"], Some(READ_TOKEN)).await;
     assert_eq!(code, 0, "{out}");
     assert_eq!(
         serde_json::from_str::<Value>(&out)
@@ -1036,4 +1057,120 @@ async fn a_database_error_is_logged_with_its_cause() {
         cause.contains("does not exist") && cause.contains("3D000"),
         "{cause}"
     );
+}
+
+/// One raw HTTP/1.0 request with the given extra header lines; the whole response.
+async fn raw_http(addr: std::net::SocketAddr, method: &str, path: &str, headers: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request =
+        format!("{method} {path} HTTP/1.0\r\nHost: x\r\n{headers}Content-Length: 0\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+/// The admin surface (issue 17, item 5): divergence examples and the state are read with a
+/// token (admin or read-only; Bearer, or Basic as a browser sends it on /status), metrics and
+/// health stay open, a read token changes nothing, and wrong tokens are counted and slowed —
+/// one at a time, so guessing in parallel goes no faster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_needs_a_token_and_wrong_tokens_are_counted_and_slowed() {
+    use base64::Engine;
+    let db = migrated_db().await;
+    let p = replica(&db).await;
+    let admin = p.admin.unwrap();
+    for open in ["/metrics", "/healthz"] {
+        let response = raw_http(admin, "GET", open, "").await;
+        assert!(response.starts_with("HTTP/1.0 200"), "{open}: {response}");
+    }
+    for guarded in [
+        "/api/state",
+        "/api/history",
+        "/api/behaviour_changes",
+        "/status",
+    ] {
+        let response = raw_http(admin, "GET", guarded, "").await;
+        assert!(
+            response.starts_with("HTTP/1.0 401"),
+            "{guarded}: {response}"
+        );
+        assert!(
+            response
+                .to_ascii_lowercase()
+                .contains("www-authenticate: basic realm=\"cutover\""),
+            "{guarded}: {response}"
+        );
+        let bearer = raw_http(
+            admin,
+            "GET",
+            guarded,
+            &format!("Authorization: Bearer {READ_TOKEN}\r\n"),
+        )
+        .await;
+        assert!(!bearer.starts_with("HTTP/1.0 40"), "{guarded}: {bearer}");
+    }
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("anyone:{READ_TOKEN}"));
+    let page = raw_http(
+        admin,
+        "GET",
+        "/status",
+        &format!("Authorization: Basic {basic}\r\n"),
+    )
+    .await;
+    assert!(
+        page.starts_with("HTTP/1.0 200") && page.contains("<!DOCTYPE html>"),
+        "{page}"
+    );
+    // A read token changes nothing.
+    let body = r#"{"stage": "shadow", "reason": "try"}"#;
+    let (status, refused) = http_request(
+        admin,
+        "POST",
+        "/api/state/affiliate_by_id",
+        Some(READ_TOKEN),
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 403, "{refused}");
+
+    // Wrong tokens: three at once are answered one after the other, each after the delay.
+    let failures = |text: &str, surface: &str| {
+        support::metric(
+            text,
+            &format!("cutover_admin_auth_failures_total{{surface=\"{surface}\"}}"),
+        )
+    };
+    let before = failures(&p.metrics().await, "api");
+    let started = Instant::now();
+    let guesses = (0..3).map(|n| {
+        let header = format!("Authorization: Bearer guess-{n}-0123456789\r\n");
+        async move { raw_http(admin, "GET", "/api/state", &header).await }
+    });
+    for response in futures_util::future::join_all(guesses).await {
+        assert!(response.starts_with("HTTP/1.0 401"), "{response}");
+    }
+    assert!(
+        started.elapsed() >= 3 * cutover::auth::Throttle::DELAY,
+        "three wrong tokens answered in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(failures(&p.metrics().await, "api") - before, 3.0);
+
+    // The console: a wrong password is counted too.
+    let mut config = p.config(cutover::console::DATABASE);
+    config.user("ops").password("not-the-token-0123");
+    let err = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{err}"
+    );
+    assert_eq!(failures(&p.metrics().await, "console"), 1.0);
+    p.shutdown().await;
 }

@@ -26,10 +26,20 @@ target = "SELECT affiliate_id, status FROM fature_v2.affiliates_optimized WHERE 
 stage = "shadow"
 "#;
 
+/// The reviewers' read-only token for `/status`.
+const READ_TOKEN: &str = "read-token-0123456789";
+
 async fn setup() -> (TestDb, Proxy, tempfile::TempDir) {
     let db = support::tree_db(200).await;
     let rules = support::rules_with(&[("affiliate_by_id", "stage = \"shadow\"")], EXTRA);
-    let proxy = support::proxy_on(&db, &rules, |_| {}).await;
+    let proxy = support::proxy_on(&db, &rules, |c| {
+        c.read_tokens = Some(
+            [("viewer".to_owned(), READ_TOKEN.to_owned())]
+                .into_iter()
+                .collect(),
+        );
+    })
+    .await;
     (db, proxy, rules)
 }
 
@@ -211,8 +221,17 @@ async fn known_outcomes_in_every_format_and_language() {
     );
     render_in_chromium(&html);
 
-    // /status: the same, live.
-    let (status, page) = http_get(proxy.admin.unwrap(), "/status?lang=pt-BR").await;
+    // /status: the same, live, for a reader's token (and nothing without one).
+    let (status, _) = http_get(proxy.admin.unwrap(), "/status?lang=pt-BR").await;
+    assert_eq!(status, 401, "divergence examples need a token");
+    let (status, page) = support::http_request(
+        proxy.admin.unwrap(),
+        "GET",
+        "/status?lang=pt-BR",
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("http-equiv=\"refresh\"") && page.contains("affiliate_by_id"));
 }

@@ -227,6 +227,61 @@ impl Secrets {
     }
 }
 
+/// Whether `given` is one of `tokens`, in time that depends on neither the tokens' contents
+/// nor their lengths (both sides are hashed first), nor on which one matched. The name of
+/// the token that matched.
+pub fn token_named<'a>(tokens: &'a [(String, String)], given: &[u8]) -> Option<&'a str> {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let given = Sha256::digest(given);
+    let mut found = None;
+    for (name, token) in tokens {
+        let matches = Sha256::digest(token.as_bytes()).ct_eq(&given);
+        if bool::from(matches) {
+            found = Some(name.as_str());
+        }
+    }
+    found
+}
+
+/// Wrong admin tokens and console passwords, counted and slowed: each failure is answered
+/// after [`Throttle::DELAY`], one at a time, so guessing goes at one try per delay whatever
+/// the number of connections. A right token is never held up.
+pub struct Throttle {
+    turn: tokio::sync::Mutex<()>,
+    failures: [metrics::Counter; 2],
+}
+
+/// Where a wrong token was given.
+#[derive(Debug, Clone, Copy)]
+pub enum Surface {
+    Api = 0,
+    Console = 1,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Self {
+            turn: tokio::sync::Mutex::new(()),
+            failures: ["api", "console"].map(|surface| {
+                metrics::counter!("cutover_admin_auth_failures_total", "surface" => surface)
+            }),
+        }
+    }
+}
+
+impl Throttle {
+    pub const DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// Counts a failure and returns when it may be answered.
+    pub async fn failed(&self, surface: Surface) {
+        self.failures[surface as usize].increment(1);
+        tracing::warn!(?surface, "wrong admin token");
+        let _turn = self.turn.lock().await;
+        tokio::time::sleep(Self::DELAY).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -285,8 +285,10 @@ async fn walk(options: Options) -> anyhow::Result<()> {
         "  psql \"postgres://{TOKEN_NAME}@127.0.0.1:{}/cutover\"   # the admin console (password: {token})",
         proxy.addr.port()
     );
-    println!("  cutover ctl --admin {admin} status");
-    println!("  http://{admin}/status                # the live report");
+    println!("  CUTOVER_ADMIN_TOKEN={token} cutover ctl --admin {admin} status");
+    println!(
+        "  http://{admin}/status                # the live report (any user, password: {token})"
+    );
     println!("  curl http://{admin}/metrics");
     match options.exit_after {
         Some(d) => {

@@ -65,6 +65,8 @@ pub struct Shared {
     pub client_end_point: Option<Vec<u8>>,
     /// Login and session slots.
     pub slots: Arc<slots::Slots>,
+    /// Wrong admin tokens (API and console), counted and slowed.
+    pub throttle: crate::auth::Throttle,
     next_id: AtomicU32,
 }
 
@@ -96,6 +98,7 @@ impl Shared {
             checks: None,
             secrets: crate::auth::Secrets::default(),
             client_end_point: None,
+            throttle: crate::auth::Throttle::default(),
             // Session ids double as the process ids handed to clients for cancelling;
             // start at a random point so they do not look like the server's.
             next_id: AtomicU32::new(rand::random::<u32>() >> 1),
