@@ -122,6 +122,27 @@ fn unknown_columns_are_pointed_at() {
     );
 }
 
+/// `[redaction]`: more sensitive name parts, and columns shown; a shown column must exist.
+#[test]
+fn the_redaction_policy_is_read_and_checked() {
+    let text = format!("{TABLE}[redaction]\nsensitive = [\"status\"]\nshown = [\"name\"]\n");
+    let rules = RuleSet::from_sources(&[(PathBuf::from("rules/test.toml"), text)]).unwrap();
+    assert!(rules.redaction.sensitive("status") && rules.redaction.sensitive("email"));
+    assert!(!rules.redaction.sensitive("name"));
+    assert_one(
+        "[redaction]\nshown = [\"name\", \"nickname\"]\n",
+        2,
+        18,
+        "column \"nickname\" is not in the table's columns",
+    );
+    assert_one(
+        "[redaction]\nsensitive = [\"\"]\n",
+        2,
+        14,
+        "empty name part",
+    );
+}
+
 #[test]
 fn bad_toml_is_pointed_at() {
     assert_one("[[query_type]]\nname = \"q\nmatch = 1\n", 2, 10, "");

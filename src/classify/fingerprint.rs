@@ -53,6 +53,34 @@ pub fn of_statements(statements: &mut [Statement]) -> Fingerprint {
     }
 }
 
+/// The statement with its constants replaced by `?` and nothing else changed (its `$n`
+/// parameters stay, so that a sample's parameter list still lines up): what a divergence
+/// sample may store of a statement, whichever protocol it came by.
+pub fn literals_hidden(sql: &str) -> Result<String, String> {
+    let mut statements = parse(sql)?;
+    for statement in statements.iter_mut() {
+        let _ = statement.visit(&mut HideLiterals);
+    }
+    Ok(statements
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
+struct HideLiterals;
+
+impl VisitorMut for HideLiterals {
+    type Break = ();
+
+    fn post_visit_value(&mut self, value: &mut ValueWithSpan) -> ControlFlow<()> {
+        if !matches!(value.value, Value::Null | Value::Placeholder(_)) {
+            value.value = placeholder();
+        }
+        ControlFlow::Continue(())
+    }
+}
+
 struct Normalize;
 
 fn placeholder() -> Value {
@@ -132,6 +160,17 @@ mod tests {
         assert_ne!(fp("SELECT \"Name\" FROM t"), fp("SELECT name FROM t"));
         assert_ne!(fp("SELECT x FROM t ORDER BY x"), fp("SELECT x FROM t"));
         assert_eq!(fp("SELECT \"name\" FROM t"), "SELECT \"name\" FROM t");
+    }
+
+    #[test]
+    fn hiding_literals_keeps_parameters() {
+        assert_eq!(
+            literals_hidden(
+                "SELECT name FROM affiliates WHERE email = 'ana@example.com' AND affiliate_id = $1 AND x IS NULL LIMIT 5"
+            )
+            .unwrap(),
+            "SELECT name FROM affiliates WHERE email = ? AND affiliate_id = $1 AND x IS NULL LIMIT ?"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 pub mod changes;
 mod check;
 mod raw;
+pub mod redaction;
 
 pub use check::check_against_database;
 
@@ -298,6 +299,8 @@ pub struct RuleSet {
     pub query_types: Vec<QueryType>,
     /// Differences v2 makes on purpose, declared for reviewers to accept.
     pub behaviour_changes: Vec<changes::BehaviourChange>,
+    /// What divergence samples may show.
+    pub redaction: redaction::Redaction,
     /// 12 hex digits of the SHA-256 of the files' names and texts: which rules a divergence
     /// was found under.
     pub version: String,
@@ -539,17 +542,62 @@ impl Builder {
         if let Some(table) = &table {
             self.routability(table, &query_types);
         }
+        let redaction = self.redaction(&parsed, table.as_ref());
         match table {
             Some(table) if self.diagnostics.is_empty() => Ok(RuleSet {
                 table,
                 defaults,
                 query_types,
                 behaviour_changes,
+                redaction,
                 version: version_of(sources),
                 by_fingerprint,
             }),
             _ => Err(RulesError(self.diagnostics)),
         }
+    }
+
+    /// Every file's `[redaction]`, together; a `shown` column must be one of the table's.
+    fn redaction(
+        &mut self,
+        parsed: &[(&Path, &str, raw::RawFile)],
+        table: Option<&TableMap>,
+    ) -> redaction::Redaction {
+        let (mut sensitive, mut shown) = (Vec::new(), Vec::new());
+        for (path, text, file) in parsed {
+            let Some(raw) = &file.redaction else { continue };
+            for part in &raw.sensitive {
+                if part.get_ref().trim().is_empty() {
+                    self.at(
+                        path,
+                        text,
+                        part,
+                        "an empty name part would make every column sensitive",
+                    );
+                } else {
+                    sensitive.push(part.get_ref().clone());
+                }
+            }
+            for column in &raw.shown {
+                let name = column.get_ref();
+                let known = table.is_none_or(|t| {
+                    t.columns.iter().any(|c| {
+                        c.legacy.eq_ignore_ascii_case(name) || c.target.eq_ignore_ascii_case(name)
+                    })
+                });
+                if known {
+                    shown.push(name.clone());
+                } else {
+                    self.at(
+                        path,
+                        text,
+                        column,
+                        format!("column {name:?} is not in the table's columns"),
+                    );
+                }
+            }
+        }
+        redaction::Redaction::new(&sensitive, &shown)
     }
 
     /// A query type past `legacy` must have somewhere to go on the target: its own target

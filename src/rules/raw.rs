@@ -15,6 +15,17 @@ pub struct RawFile {
     pub query_type: Vec<Spanned<RawQueryType>>,
     #[serde(default)]
     pub behaviour_change: Vec<Spanned<RawBehaviourChange>>,
+    pub redaction: Option<RawRedaction>,
+}
+
+/// `[redaction]`: what divergence samples may show (rules/redaction.rs).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedaction {
+    #[serde(default)]
+    pub sensitive: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub shown: Vec<Spanned<String>>,
 }
 
 /// A `[[behaviour_change]]`: a difference v2 makes on purpose (rules/changes.rs).

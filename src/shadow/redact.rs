@@ -1,11 +1,12 @@
-//! What a divergence sample may show. The data holds e-mails, phone numbers and documents;
-//! a sample keeps what a reviewer needs to reproduce a divergence and nothing that
-//! identifies a person:
+//! What a divergence sample may show. The data holds names, e-mails, phone numbers and
+//! documents; a sample keeps what a reviewer needs to reproduce a divergence and nothing
+//! that identifies a person. One policy for both protocols, the rules' `[redaction]`
+//! ([`Redaction`]: built-in sensitive name parts, more from the rules, columns shown):
 //!
-//! - a parameter's value is shown only when the statement compares it with a column whose
-//!   name is not sensitive ([`SENSITIVE`]); a parameter used anywhere else is redacted;
-//! - statements sent with their values inline (simple protocol) are stored normalized
-//!   (every literal a `?`);
+//! - statements are stored with every literal a `?` (their `$n` parameters kept), whether
+//!   the values came inline (simple protocol) or inside a prepared statement's text;
+//! - a parameter's value is shown only when the statement compares it with a column that is
+//!   not sensitive; a parameter used anywhere else is redacted;
 //! - in the differing rows, the values of sensitive columns are redacted;
 //! - error messages keep their SQLSTATE and text with quoted values redacted.
 
@@ -14,35 +15,24 @@ use std::collections::BTreeMap;
 use serde_json::{Value as Json, json};
 
 use super::Param;
-use crate::compare::{Diff, Value};
-
-/// Column names containing any of these are sensitive.
-pub const SENSITIVE: &[&str] = &[
-    "email", "mail", "phone", "document", "cpf", "cnpj", "passport", "tax", "ssn", "password",
-    "secret", "token", "address",
-];
+use crate::{
+    compare::{Diff, Value},
+    rules::redaction::Redaction,
+};
 
 const REDACTED: &str = "[redacted]";
 /// Longest text value shown.
 const MAX_TEXT: usize = 200;
 
-pub fn sensitive(column: &str) -> bool {
-    let column = column.to_lowercase();
-    SENSITIVE.iter().any(|s| column.contains(s))
-}
-
-/// The SQL as a sample stores it.
-pub fn sql(sql: &str, inline: bool) -> String {
-    if !inline {
-        return sql.to_owned();
-    }
-    crate::classify::fingerprint::fingerprint(sql)
-        .map(|f| f.text)
-        .unwrap_or_else(|_| "[inline values: not stored]".to_owned())
+/// The SQL as a sample stores it: literals out, parameters in.
+pub fn sql(sql: &str) -> String {
+    crate::classify::fingerprint::literals_hidden(sql).unwrap_or_else(|_| {
+        "[not stored: the statement could not be parsed to take its values out]".to_owned()
+    })
 }
 
 /// The parameters as a sample stores them.
-pub fn params(params: &[Param], bound: &BTreeMap<usize, String>) -> Json {
+pub fn params(params: &[Param], bound: &BTreeMap<usize, String>, policy: &Redaction) -> Json {
     Json::Array(
         params
             .iter()
@@ -51,7 +41,7 @@ pub fn params(params: &[Param], bound: &BTreeMap<usize, String>) -> Json {
                 let column = bound.get(&(i + 1));
                 let value = match (column, &p.value) {
                     (_, None) => Json::Null,
-                    (Some(c), Some(_)) if !sensitive(c) => Json::String(shown(p)),
+                    (Some(c), Some(_)) if !policy.sensitive(c) => Json::String(shown(p)),
                     _ => Json::String(REDACTED.into()),
                 };
                 json!({ "n": i + 1, "column": column, "value": value })
@@ -117,14 +107,14 @@ pub fn error(code: &str, message: &str) -> String {
 }
 
 /// The differing rows, by column name, sensitive values redacted.
-pub fn diff(diff: &Diff, columns: &[String], ignored: &[String]) -> Json {
+pub fn diff(diff: &Diff, columns: &[String], ignored: &[String], policy: &Redaction) -> Json {
     let kept: Vec<&String> = columns.iter().filter(|c| !ignored.contains(c)).collect();
     let row = |values: &[Value]| -> Json {
         Json::Object(
             kept.iter()
                 .zip(values)
                 .map(|(c, v)| {
-                    let v = if sensitive(c) && *v != Value::Null {
+                    let v = if policy.sensitive(c) && *v != Value::Null {
                         Json::String(REDACTED.into())
                     } else {
                         value(v)
@@ -200,6 +190,7 @@ mod tests {
                 },
             ],
             &bound,
+            &Redaction::default(),
         );
         let values: Vec<&Json> = shown
             .as_array()
@@ -217,11 +208,14 @@ mod tests {
 
     #[test]
     fn inline_values_errors_and_rows_are_redacted() {
-        let s = sql(
-            "SELECT * FROM affiliates WHERE email = 'ana@example.com'",
-            true,
-        );
+        let s = sql("SELECT * FROM affiliates WHERE email = 'ana@example.com'");
         assert!(!s.contains("ana@"), "{s}");
+        // A prepared statement's own literals go too; its parameters stay.
+        let s = sql("SELECT * FROM affiliates WHERE name = 'Ana Souza' AND affiliate_id = $1");
+        assert_eq!(
+            s,
+            "SELECT * FROM affiliates WHERE name = ? AND affiliate_id = $1"
+        );
         assert_eq!(
             error(
                 "22P02",
@@ -233,11 +227,19 @@ mod tests {
             only_legacy: vec![vec![
                 Value::Number(1.into()),
                 Value::Text("ana@example.com".into()),
+                Value::Text("Ana Souza".into()),
             ]],
             ..Diff::default()
         };
-        let j = diff(&d, &["affiliate_id".into(), "email".into()], &[]);
-        assert!(!j.to_string().contains("ana@"), "{j}");
+        let columns = ["affiliate_id".into(), "email".into(), "name".into()];
+        let j = diff(&d, &columns, &[], &Redaction::default());
+        assert!(
+            !j.to_string().contains("ana@") && !j.to_string().contains("Souza"),
+            "{j}"
+        );
         assert_eq!(j["only_legacy"][0]["affiliate_id"], "1");
+        // The rules may show a column.
+        let j = diff(&d, &columns, &[], &Redaction::new(&[], &["name".into()]));
+        assert_eq!(j["only_legacy"][0]["name"], "Ana Souza");
     }
 }

@@ -239,11 +239,16 @@ impl Conn {
                 kind,
                 expected_class: expected,
                 columns,
-                legacy_sql: redact::sql(&job.sql, job.inline),
-                target_sql: redact::sql(target_sql, job.inline),
-                params: redact::params(&job.params, &plan.bound_columns),
+                legacy_sql: redact::sql(&job.sql),
+                target_sql: redact::sql(target_sql),
+                params: redact::params(&job.params, &plan.bound_columns, &job.rules.redaction),
                 diff: diff.map_or(serde_json::Value::Null, |d| {
-                    redact::diff(&d, &answer_columns, &options.ignore_columns)
+                    redact::diff(
+                        &d,
+                        &answer_columns,
+                        &options.ignore_columns,
+                        &job.rules.redaction,
+                    )
                 }),
                 legacy_error: error(&legacy),
                 target_error: error(&target),
