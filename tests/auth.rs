@@ -3,6 +3,8 @@
 //! come in over TLS, and libpq (psql, psycopg) at each `sslmode` and `channel_binding`.
 //! Also the login limits: `authentication_timeout` and logins apart from sessions.
 
+mod support;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -379,15 +381,10 @@ async fn stalled_login(port: u16) -> tokio::net::TcpStream {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
-    let mut body = Vec::new();
-    body.extend_from_slice(&196608u32.to_be_bytes());
-    for s in ["user", "md5_user", "database", "postgres", ""] {
-        body.extend_from_slice(s.as_bytes());
-        body.push(0);
-    }
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    stream.write_all(&packet).await.unwrap();
+    stream
+        .write_all(&support::startup_packet("md5_user", "postgres"))
+        .await
+        .unwrap();
     stream
 }
 

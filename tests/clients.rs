@@ -426,11 +426,9 @@ async fn a_large_answer_reaches_a_slow_tls_reader_whole() {
         .await
         .unwrap();
 
-    let params = b"user\0postgres\0database\0postgres\0\0";
-    let mut startup = ((8 + params.len()) as u32).to_be_bytes().to_vec();
-    startup.extend_from_slice(&196_608u32.to_be_bytes());
-    startup.extend_from_slice(params);
-    tls.write_all(&startup).await.unwrap();
+    tls.write_all(&support::startup_packet("postgres", "postgres"))
+        .await
+        .unwrap();
     tls.flush().await.unwrap();
 
     /// Reads messages until ReadyForQuery; returns (type, body length) of each.

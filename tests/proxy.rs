@@ -289,12 +289,9 @@ async fn password_methods_are_relayed_and_wrong_passwords_get_the_server_error()
 /// Connects with a raw socket and completes a trust startup; returns the socket.
 async fn raw_session(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut body = Vec::new();
-    body.extend_from_slice(&196_608u32.to_be_bytes());
-    body.extend_from_slice(b"user\0postgres\0database\0postgres\0\0");
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    s.write_all(&packet).await.unwrap();
+    s.write_all(&support::startup_packet("postgres", "postgres"))
+        .await
+        .unwrap();
     // Read until ReadyForQuery.
     let mut seen = Vec::new();
     while !seen.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {

@@ -265,6 +265,18 @@ pub fn cutover(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     )
 }
 
+/// A protocol 3.0 StartupMessage for `user` on `database`, as a raw client sends it.
+pub fn startup_packet(user: &str, database: &str) -> Vec<u8> {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for s in ["user", user, "database", database, ""] {
+        body.extend_from_slice(s.as_bytes());
+        body.push(0);
+    }
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
+
 /// A proxy started in-process in front of the test cluster.
 pub struct Proxy {
     pub running: Option<Running>,
