@@ -32,6 +32,8 @@ pub struct FileConfig {
     /// TLS for client connections: both files in PEM.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Refuse clients that do not use TLS (pgbouncer's `client_tls_sslmode = require`).
+    pub client_tls_required: Option<bool>,
     /// The database holding the `cutover` schema (live state, audit), with the proxy's own
     /// role. Default: the upstream URL, when it names a user.
     pub control: Option<String>,
@@ -102,16 +104,7 @@ impl std::fmt::Display for UpstreamAddr {
     }
 }
 
-/// How the proxy checks the upstream's certificate (libpq's `sslmode` and `sslrootcert`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpstreamVerify {
-    /// Encrypt only (`prefer`, `require` without a CA file).
-    None,
-    /// `verify-ca` (or `require` with `sslrootcert`): the chain leads to this CA file.
-    Ca(PathBuf),
-    /// `verify-full`: and the certificate names the host.
-    Full(PathBuf),
-}
+pub use crate::connect::UpstreamVerify;
 
 /// Where the proxy finds users' password secrets (none: every login is relayed).
 #[derive(Debug, Clone, Default)]
@@ -135,6 +128,8 @@ pub struct ServeConfig {
     pub worker_threads: usize,
     pub rules: PathBuf,
     pub tls: Option<TlsFiles>,
+    /// Clients without TLS are refused.
+    pub client_tls_required: bool,
     /// The control database, if any (see `FileConfig::control`).
     pub control: Option<tokio_postgres::Config>,
     /// (name, token) pairs that may change stages through the admin API.
@@ -186,6 +181,7 @@ impl FileConfig {
             rules: other.rules.or(self.rules),
             tls_cert: other.tls_cert.or(self.tls_cert),
             tls_key: other.tls_key.or(self.tls_key),
+            client_tls_required: other.client_tls_required.or(self.client_tls_required),
             control: other.control.or(self.control),
             admin_tokens: other.admin_tokens.or(self.admin_tokens),
             read_tokens: other.read_tokens.or(self.read_tokens),
@@ -225,7 +221,7 @@ impl FileConfig {
                     .push("upstream: required (e.g. postgres://db.internal:5432/fature)".into());
                 None
             }
-            Some(url) => match take_verify(url) {
+            Some(url) => match connect::take_verify(url) {
                 Err(e) => {
                     problems.push(format!("upstream: {e}"));
                     None
@@ -295,6 +291,10 @@ impl FileConfig {
             }
         };
 
+        let client_tls_required = self.client_tls_required.unwrap_or(false);
+        if client_tls_required && tls.is_none() {
+            problems.push("client_tls_required: needs tls_cert and tls_key".into());
+        }
         let control = match self.control.as_deref() {
             Some(url) => connect::parse_url(url)
                 .map(Some)
@@ -371,6 +371,7 @@ impl FileConfig {
                         std::thread::available_parallelism().map_or(2, |n| n.get())
                     }),
                     tls,
+                    client_tls_required,
                     control,
                     admin_tokens,
                     read_tokens,
@@ -390,88 +391,6 @@ impl FileConfig {
             _ => Err(ConfigError(problems)),
         }
     }
-}
-
-/// Takes libpq's `sslmode=verify-ca|verify-full` and `sslrootcert` out of a database URL
-/// (tokio-postgres, which parses the rest, knows neither): the URL left asks for
-/// `sslmode=require`, and the verification is returned. As libpq, `require` with a CA file
-/// verifies like `verify-ca`.
-pub fn take_verify(url: &str) -> Result<(String, UpstreamVerify), String> {
-    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
-    let (head, params, separator) = if is_url {
-        match url.split_once('?') {
-            Some((head, query)) => (format!("{head}?"), query.split('&').collect(), "&"),
-            None => return Ok((url.to_owned(), UpstreamVerify::None)),
-        }
-    } else {
-        (
-            String::new(),
-            url.split_whitespace().collect::<Vec<_>>(),
-            " ",
-        )
-    };
-    let (mut mode, mut root) = (None, None);
-    let mut kept = Vec::new();
-    for param in params {
-        match param.split_once('=') {
-            Some(("sslmode", m)) => mode = Some(m.to_owned()),
-            Some(("sslrootcert", path)) => root = Some(percent_decoded(path)),
-            _ => kept.push(param.to_owned()),
-        }
-    }
-    let needs_root = |mode: &str| {
-        root.clone().map(PathBuf::from).ok_or_else(|| {
-            format!(
-                "sslmode={mode} needs sslrootcert=FILE (the CA that signed the server's certificate)"
-            )
-        })
-    };
-    if root.as_deref() == Some("system") {
-        return Err("sslrootcert=system is not supported: give the CA file".into());
-    }
-    let (mode, verify) = match mode.as_deref() {
-        Some("verify-ca") => ("require", UpstreamVerify::Ca(needs_root("verify-ca")?)),
-        Some("verify-full") => ("require", UpstreamVerify::Full(needs_root("verify-full")?)),
-        Some("require") if root.is_some() => {
-            ("require", UpstreamVerify::Ca(needs_root("require")?))
-        }
-        Some(other) => (other, UpstreamVerify::None),
-        None => ("", UpstreamVerify::None),
-    };
-    if !mode.is_empty() {
-        kept.push(format!("sslmode={mode}"));
-    }
-    let rebuilt = format!("{head}{}", kept.join(separator));
-    Ok((
-        rebuilt
-            .strip_suffix('?')
-            .map(str::to_owned)
-            .unwrap_or(rebuilt),
-        verify,
-    ))
-}
-
-fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn upstream_addr(config: &tokio_postgres::Config) -> Result<UpstreamAddr, String> {
@@ -587,26 +506,43 @@ mod tests {
     #[test]
     fn libpq_verification_modes_are_taken_out_of_the_upstream_url() {
         let url = "postgres://db.internal:5432/fature?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x";
-        let (rest, verify) = take_verify(url).unwrap();
+        let (rest, verify) = connect::take_verify(url).unwrap();
         assert_eq!(
             rest,
             "postgres://db.internal:5432/fature?application_name=x&sslmode=require"
         );
         assert_eq!(verify, UpstreamVerify::Full("/etc/ca.pem".into()));
-        let (_, verify) = take_verify("host=db sslmode=require sslrootcert=ca.pem").unwrap();
+        let (_, verify) =
+            connect::take_verify("host=db sslmode=require sslrootcert=ca.pem").unwrap();
         assert_eq!(verify, UpstreamVerify::Ca("ca.pem".into()));
-        let (rest, verify) = take_verify("postgres://db/fature?sslmode=prefer").unwrap();
+        let (rest, verify) = connect::take_verify("postgres://db/fature?sslmode=prefer").unwrap();
         assert_eq!(
             (rest.as_str(), verify),
             ("postgres://db/fature?sslmode=prefer", UpstreamVerify::None)
         );
         assert!(
-            take_verify("postgres://db/f?sslmode=verify-ca")
+            connect::take_verify("postgres://db/f?sslmode=verify-ca")
                 .unwrap_err()
                 .contains("sslrootcert")
         );
-        assert_eq!(take_verify("postgres://db/f").unwrap().0, "postgres://db/f");
+        assert_eq!(
+            connect::take_verify("postgres://db/f").unwrap().0,
+            "postgres://db/f"
+        );
         // The rest still parses.
         connect::parse_url(&rest).unwrap();
+        // The proxy's own connections encrypt without verifying: asking them to verify is
+        // refused with the way out, not ignored.
+        let err = FileConfig {
+            upstream: Some("postgres://db/f".into()),
+            control: Some("postgres://cutover@db/f?sslmode=verify-full&sslrootcert=ca.pem".into()),
+            ..FileConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(
+            err.0[0].contains("control") && err.0[0].contains("sslmode=require"),
+            "{err}"
+        );
     }
 }

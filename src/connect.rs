@@ -4,9 +4,9 @@
 //! reports a bad URL, an unreachable server or a refused login the same way: one line
 //! that says what to do. It never prints the URL's password.
 
-use std::fmt;
+use std::{fmt, path::PathBuf};
 
-use tokio_postgres::{Client, Config, NoTls, config::Host, error::SqlState};
+use tokio_postgres::{Client, Config, config::Host, error::SqlState};
 
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -70,10 +70,19 @@ impl fmt::Display for Target {
 }
 
 /// Parses a `postgres://` URL (or a libpq key=value string) without echoing it back.
+///
+/// For the proxy's own connections: they encrypt as `sslmode` says (`prefer`, `require`)
+/// without verifying the certificate; `verify-ca`/`verify-full` are for the upstream URL
+/// (see [`take_verify`]) and refused here with the way out.
 pub fn parse_url(url: &str) -> Result<Config, ConnectError> {
     if url.trim().is_empty() {
         return Err(ConnectError::InvalidUrl {
             reason: "it is empty".to_owned(),
+        });
+    }
+    if !matches!(take_verify(url), Ok((_, UpstreamVerify::None))) {
+        return Err(ConnectError::InvalidUrl {
+            reason: "certificate verification (sslmode=verify-ca/verify-full, sslrootcert) is done for the upstream URL's sessions; cutover's own connections encrypt without verifying: use sslmode=require here".to_owned(),
         });
     }
     url.parse::<Config>().map_err(|e| ConnectError::InvalidUrl {
@@ -85,11 +94,105 @@ pub fn parse_url(url: &str) -> Result<Config, ConnectError> {
     })
 }
 
-/// Connects and drives the connection on the current runtime.
+/// How the proxy checks the upstream's certificate (libpq's `sslmode` and `sslrootcert`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamVerify {
+    /// Encrypt only (`prefer`, `require` without a CA file).
+    None,
+    /// `verify-ca` (or `require` with `sslrootcert`): the chain leads to this CA file.
+    Ca(PathBuf),
+    /// `verify-full`: and the certificate names the host.
+    Full(PathBuf),
+}
+
+/// Takes libpq's `sslmode=verify-ca|verify-full` and `sslrootcert` out of a database URL
+/// (tokio-postgres, which parses the rest, knows neither): the URL left asks for
+/// `sslmode=require`, and the verification is returned. As libpq, `require` with a CA file
+/// verifies like `verify-ca`.
+pub fn take_verify(url: &str) -> Result<(String, UpstreamVerify), String> {
+    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let (head, params, separator) = if is_url {
+        match url.split_once('?') {
+            Some((head, query)) => (format!("{head}?"), query.split('&').collect(), "&"),
+            None => return Ok((url.to_owned(), UpstreamVerify::None)),
+        }
+    } else {
+        (
+            String::new(),
+            url.split_whitespace().collect::<Vec<_>>(),
+            " ",
+        )
+    };
+    let (mut mode, mut root) = (None, None);
+    let mut kept = Vec::new();
+    for param in params {
+        match param.split_once('=') {
+            Some(("sslmode", m)) => mode = Some(m.to_owned()),
+            Some(("sslrootcert", path)) => root = Some(percent_decoded(path)),
+            _ => kept.push(param.to_owned()),
+        }
+    }
+    let needs_root = |mode: &str| {
+        root.clone().map(PathBuf::from).ok_or_else(|| {
+            format!(
+                "sslmode={mode} needs sslrootcert=FILE (the CA that signed the server's certificate)"
+            )
+        })
+    };
+    if root.as_deref() == Some("system") {
+        return Err("sslrootcert=system is not supported: give the CA file".into());
+    }
+    let (mode, verify) = match mode.as_deref() {
+        Some("verify-ca") => ("require", UpstreamVerify::Ca(needs_root("verify-ca")?)),
+        Some("verify-full") => ("require", UpstreamVerify::Full(needs_root("verify-full")?)),
+        Some("require") if root.is_some() => {
+            ("require", UpstreamVerify::Ca(needs_root("require")?))
+        }
+        Some(other) => (other, UpstreamVerify::None),
+        None => ("", UpstreamVerify::None),
+    };
+    if !mode.is_empty() {
+        kept.push(format!("sslmode={mode}"));
+    }
+    let rebuilt = format!("{head}{}", kept.join(separator));
+    Ok((
+        rebuilt
+            .strip_suffix('?')
+            .map(str::to_owned)
+            .unwrap_or(rebuilt),
+        verify,
+    ))
+}
+
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Connects (over TLS when the URL's `sslmode` asks, `prefer` by default) and drives the
+/// connection on the current runtime.
 pub async fn connect(config: &Config) -> Result<Client, ConnectError> {
     let target = Target::of(config);
     let (client, connection) = config
-        .connect(NoTls)
+        .connect(crate::tls::PostgresTls::shared())
         .await
         .map_err(|e| classify(target, e))?;
     tokio::spawn(async move {

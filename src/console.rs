@@ -53,11 +53,7 @@ pub async fn run<C: Duplex>(mut client: C, startup: Startup, shared: &Shared, sl
     let (user, _) = startup.user_and_database();
     let user = user.to_owned();
     // Authentication: cleartext password = the token of the admin token named as the user.
-    if client
-        .write_all(&frame(b'R', &3u32.to_be_bytes()))
-        .await
-        .is_err()
-    {
+    if !send(&mut client, &frame(b'R', &3u32.to_be_bytes())).await {
         return;
     }
     let mut buf = BytesMut::new();
@@ -83,13 +79,8 @@ pub async fn run<C: Duplex>(mut client: C, startup: Startup, shared: &Shared, sl
     }
     if !allowed {
         shared.throttle.failed(crate::auth::Surface::Console).await;
-        let _ = client
-            .write_all(&error_response(
-                Severity::Fatal,
-                &SqlState::INVALID_PASSWORD,
-                &format!("password authentication failed for console user \"{user}\""),
-            ))
-            .await;
+        let message = format!("password authentication failed for console user \"{user}\"");
+        crate::session::refuse(&mut client, &SqlState::INVALID_PASSWORD, &message).await;
         return;
     }
     let mut hello = BytesMut::new();
@@ -109,7 +100,7 @@ pub async fn run<C: Duplex>(mut client: C, startup: Startup, shared: &Shared, sl
     key[4..].copy_from_slice(&rand::random::<u32>().to_be_bytes());
     hello.put_slice(&frame(b'K', &key));
     hello.put_slice(&frame(b'Z', b"I"));
-    if client.write_all(&hello).await.is_err() {
+    if !send(&mut client, &hello).await {
         return;
     }
     tracing::info!(%user, "console session");
@@ -140,10 +131,16 @@ pub async fn run<C: Duplex>(mut client: C, startup: Startup, shared: &Shared, sl
             }
             _ => {}
         }
-        if !out.is_empty() && client.write_all(&out).await.is_err() {
+        if !out.is_empty() && !send(&mut client, &out).await {
             return;
         }
     }
+}
+
+/// Writes and flushes (over TLS, what is not flushed may wait in the TLS session while the
+/// console waits for the client, which waits for the answer); false if the client is gone.
+async fn send<C: Duplex>(client: &mut C, bytes: &[u8]) -> bool {
+    client.write_all(bytes).await.is_ok() && client.flush().await.is_ok()
 }
 
 /// Reads one whole message (tag, body) from the client; None at the end or on a bad frame.

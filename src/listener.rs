@@ -314,7 +314,11 @@ async fn handle(
                     }
                 }
             }
-            Initial::GssEncRequest => client.write_all(b"N").await?,
+            Initial::GssEncRequest => {
+                // Flushed: after an SSLRequest this may be a TLS stream.
+                client.write_all(b"N").await?;
+                client.flush().await?;
+            }
             Initial::SslRequest => {
                 session::refuse(
                     &mut client,
@@ -350,6 +354,15 @@ async fn handle(
         return Ok(());
     }
 
+    if shared.config.client_tls_required && matches!(client, Either::Left(_)) {
+        session::refuse(
+            &mut client,
+            &SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            "cutover accepts TLS connections only (client_tls_required): connect with sslmode=require or stricter",
+        )
+        .await;
+        return Ok(());
+    }
     if shared.terminate.is_cancelled() {
         shared.metrics.rejected_shutdown.increment(1);
         session::refuse(

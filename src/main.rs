@@ -322,6 +322,9 @@ struct ServeArgs {
     /// PEM private key for TLS to clients (with --tls-cert)
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Refuse clients that do not use TLS (with --tls-cert/--tls-key)
+    #[arg(long)]
+    client_tls_required: bool,
     /// Database of the cutover schema (live state, audit), with the proxy's own role
     /// [default: the upstream URL, when it names a user]
     #[arg(
@@ -645,6 +648,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         rules: args.rules,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
+        client_tls_required: args.client_tls_required.then_some(true),
         control: args.control,
         admin_tokens: args
             .admin_token

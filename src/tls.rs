@@ -19,7 +19,7 @@ use tokio_rustls::{
     },
 };
 
-use crate::config::{TlsFiles, UpstreamVerify};
+use crate::{config::TlsFiles, connect::UpstreamVerify};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -240,5 +240,130 @@ impl ServerCertVerifier for EncryptOnly {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// TLS for the proxy's own connections through tokio-postgres (control, shadow, route checks,
+/// `auth_query`, and the CLI's commands), as their URL's `sslmode` asks (`prefer`, the
+/// default, or `require`): encrypted without verifying the server's certificate, as libpq
+/// does for those modes, with channel binding offered to SCRAM.
+#[derive(Clone)]
+pub struct PostgresTls(TlsConnector);
+
+impl PostgresTls {
+    /// One connector for the process (building a rustls configuration is not free).
+    pub fn shared() -> Self {
+        static CONNECTOR: std::sync::OnceLock<TlsConnector> = std::sync::OnceLock::new();
+        Self(
+            CONNECTOR
+                .get_or_init(|| {
+                    upstream_connector(&UpstreamVerify::None)
+                        // Without a CA file nothing is read; ring supports the safe default
+                        // protocol versions, so the configuration always builds.
+                        .expect("an encrypt-only rustls client configuration")
+                })
+                .clone(),
+        )
+    }
+}
+
+impl<S> tokio_postgres::tls::MakeTlsConnect<S> for PostgresTls
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = PostgresTlsStream<S>;
+    type TlsConnect = PostgresTlsConnect;
+    type Error = std::io::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> std::io::Result<PostgresTlsConnect> {
+        let name = ServerName::try_from(domain.to_owned())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        Ok(PostgresTlsConnect {
+            connector: self.0.clone(),
+            name,
+        })
+    }
+}
+
+pub struct PostgresTlsConnect {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+type Connecting<S> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = std::io::Result<PostgresTlsStream<S>>> + Send>,
+>;
+
+impl<S> tokio_postgres::tls::TlsConnect<S> for PostgresTlsConnect
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = PostgresTlsStream<S>;
+    type Error = std::io::Error;
+    type Future = Connecting<S>;
+
+    fn connect(self, stream: S) -> Connecting<S> {
+        Box::pin(async move {
+            let tls = self.connector.connect(self.name, stream).await?;
+            Ok(PostgresTlsStream(Box::new(tls)))
+        })
+    }
+}
+
+/// A TLS connection of the proxy's own.
+pub struct PostgresTlsStream<S>(Box<tokio_rustls::client::TlsStream<S>>);
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRead
+    for PostgresTlsStream<S>
+{
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite
+    for PostgresTlsStream<S>
+{
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio_postgres::tls::TlsStream
+    for PostgresTlsStream<S>
+{
+    fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
+        self.0
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|cert| end_point(cert))
+            .map_or_else(
+                tokio_postgres::tls::ChannelBinding::none,
+                tokio_postgres::tls::ChannelBinding::tls_server_end_point,
+            )
     }
 }

@@ -186,7 +186,8 @@ async fn proxy(source: Source) -> Running {
     }
     start(|c| match source {
         Source::None => {}
-        Source::Query => c.auth_url = Some(f.pg.url("postgres")),
+        // The proxy's own connection, encrypted too.
+        Source::Query => c.auth_url = Some(format!("{}?sslmode=require", f.pg.url("postgres"))),
         Source::File => c.auth_file = Some(auth_file),
     })
     .await
@@ -288,6 +289,25 @@ async fn with_an_auth_source_logins_work_with_tls_on_both_legs() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if source == Source::Query {
+            let admin = cutover::connect::connect(&fixture().pg.config("postgres"))
+                .await
+                .unwrap();
+            let encrypted: Option<bool> = admin
+                .query_one(
+                    "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+                     WHERE a.application_name = 'cutover auth_query'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(
+                encrypted,
+                Some(true),
+                "the auth_query connection runs over TLS"
+            );
+        }
         p.shutdown().await;
     }
 }
@@ -328,6 +348,42 @@ async fn without_an_auth_source_a_bindable_scram_login_is_refused_with_the_way_o
     .await
     .expect_err("libpq requires binding");
     assert!(err.contains("channel binding"), "{err}");
+    // libpq's default, sslmode=prefer, tries again without TLS after the refusal, and the
+    // relayed login then succeeds on a plain client leg: the downgrade the docs warn of…
+    let out = psql(port, "scram_user", "scram-secret", "sslmode=prefer")
+        .await
+        .unwrap();
+    assert!(
+        !out.contains("SSL connection") && out.contains("server leg ssl=true"),
+        "{out}"
+    );
+    p.shutdown().await;
+    // …which client_tls_required turns into a refusal that says what to do.
+    let p = start(|c| c.client_tls_required = Some(true)).await;
+    for options in ["sslmode=prefer", "sslmode=disable"] {
+        let err = psql(p.addr.port(), "md5_user", "md5-secret", options)
+            .await
+            .err();
+        let expected = if options == "sslmode=prefer" {
+            None // over TLS, md5 is fine
+        } else {
+            Some("TLS connections only")
+        };
+        match (err, expected) {
+            (None, None) => {}
+            (Some(err), Some(needle)) => assert!(err.contains(needle), "{options}: {err}"),
+            (err, _) => panic!("{options}: {err:?}"),
+        }
+    }
+    let err = psql(
+        p.addr.port(),
+        "scram_user",
+        "scram-secret",
+        "sslmode=prefer",
+    )
+    .await
+    .expect_err("no plain retry");
+    assert!(err.contains("TLS connections only"), "{err}");
     p.shutdown().await;
 }
 

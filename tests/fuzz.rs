@@ -281,8 +281,9 @@ proptest! {
         let _ = AuthFile::parse(&line);
         let _ = Secret::parse(&text);
         let _ = ScramSecret::parse(&format!("SCRAM-SHA-256${text}"));
-        let _ = cutover::config::take_verify(&text);
-        let _ = cutover::config::take_verify(&format!("postgres://h/d?{line}&sslmode=verify-ca&sslrootcert={text}"));
+        let _ = cutover::connect::take_verify(&text);
+        let _ = cutover::connect::parse_url(&text);
+        let _ = cutover::connect::take_verify(&format!("postgres://h/d?{line}&sslmode=verify-ca&sslrootcert={text}"));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::{
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use serde::Serialize;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use crate::rules::{Percent, RuleSet, Stage};
@@ -326,7 +326,7 @@ impl Control {
     ) -> Result<(), tokio_postgres::Error> {
         let mut config = config.clone();
         config.application_name("cutover control");
-        let (client, mut connection) = config.connect(NoTls).await?;
+        let (client, mut connection) = config.connect(crate::tls::PostgresTls::shared()).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let pump = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
