@@ -321,8 +321,8 @@ impl Store {
     }
 
     /// The class a confirmed divergence belongs to if reviewers expect it: a reviewer's mark
-    /// of this query type and kind, or one of the rules' `compare.expected`, whose columns
-    /// hold every differing column. Divergences that are not about columns (missing rows,
+    /// of this query type and kind, or one of the rules' `compare.expected` of this kind,
+    /// whose columns hold every differing column. Divergences that are not about columns (missing rows,
     /// another shape, an error) are never expected by column.
     pub fn expected_class(
         &self,
@@ -342,7 +342,11 @@ impl Store {
             .map(|m| m.class.clone())
             .or_else(|| {
                 (kind != Kind::Error)
-                    .then(|| rules.iter().find(|e| covers(&e.columns)))
+                    .then(|| {
+                        rules
+                            .iter()
+                            .find(|e| e.kind == kind.as_str() && covers(&e.columns))
+                    })
                     .flatten()
                     .map(|e| e.class.clone())
             })

@@ -122,6 +122,18 @@ fn unknown_columns_are_pointed_at() {
     );
 }
 
+/// An expected class names its kind: drift by default; errors are never expected by column.
+#[test]
+fn expected_classes_name_a_kind() {
+    assert!(check("[[query_type]]\nname = \"q\"\nmatch = \"SELECT 1 FROM affiliates\"\n[[query_type.compare.expected]]\nclass = \"c\"\nkind = \"rewrite_bug\"\ncolumns = [\"name\"]\nnote = \"n\"\n").is_empty());
+    assert_one(
+        "[[query_type]]\nname = \"q\"\nmatch = \"SELECT 1 FROM affiliates\"\n[[query_type.compare.expected]]\nclass = \"c\"\nkind = \"error\"\ncolumns = [\"name\"]\nnote = \"n\"\n",
+        6,
+        8,
+        "expected kind \"error\"",
+    );
+}
+
 /// `[redaction]`: more sensitive name parts, and columns shown; a shown column must exist.
 #[test]
 fn the_redaction_policy_is_read_and_checked() {

@@ -48,6 +48,28 @@ target = """
 SELECT affiliate_id::int4 AS affiliate_id, round(total_deposits, 4) AS total_deposits
 FROM fature_v2.affiliates_optimized WHERE parent_affiliate_id = $1 ORDER BY affiliate_id DESC"""
 stage = "shadow"
+
+[[query_type]]
+name = "both_fail"
+# Fails the same way on both sides for id 0 (division by zero): no answer, no match.
+match = "SELECT affiliate_id, 1 / $1::int AS one FROM affiliates WHERE affiliate_id = 1"
+stage = "shadow"
+
+[[query_type]]
+name = "locking_read"
+match = "SELECT affiliate_id, status FROM affiliates WHERE affiliate_id = $1 FOR UPDATE"
+stage = "shadow"
+
+[[query_type]]
+name = "counter_off_by_one"
+match = "SELECT affiliate_id, level_1_referrals FROM affiliates WHERE affiliate_id = $1"
+# Deliberately wrong in the column whose drift is expected: a rewrite bug all the same.
+target = "SELECT affiliate_id, direct_referrals_count + 1 AS level_1_referrals FROM fature_v2.affiliates_optimized WHERE affiliate_id = $1"
+stage = "shadow"
+[[query_type.compare.expected]]
+class = "counter_drift"
+columns = ["level_1_referrals"]
+note = "legacy's counter drifted"
 "#;
 
 struct Setup {
@@ -627,4 +649,63 @@ async fn samples_are_capped_per_class_so_every_class_keeps_its_first_examples() 
         kept.starts_with("22012"),
         "the error's SQLSTATE is kept: {kept}"
     );
+}
+
+/// Verdicts that prove something (issue 18, items 1 and 6): two sides that fail the same way
+/// are skipped, not matched; a locking read is compared without its locking clause (the
+/// read-only shadow cannot lock) and matches; an expected class of drift does not hide a
+/// rewrite bug in the same column.
+#[tokio::test]
+async fn no_vacuous_matches_and_expected_classes_keep_their_kind() {
+    let s = setup(100, &[], |_| {}).await;
+    let direct = s.db.client().await;
+    let app = s.proxy.client(&s.db.name).await;
+    let before = metric(
+        &s.proxy.metrics().await,
+        "cutover_comparisons_skipped_total{reason=\"both_failed\"}",
+    );
+    for n in [0i32, 0, 0, 1, 1] {
+        let answer = app
+            .query(
+                "SELECT affiliate_id, 1 / $1::int AS one FROM affiliates WHERE affiliate_id = 1",
+                &[&n],
+            )
+            .await;
+        assert_eq!(answer.is_err(), n == 0);
+    }
+    let st = settled(&direct, "both_fail", 5).await;
+    assert_eq!((st["skipped"], st["matched"]), (3, 2), "{st:?}");
+    let skipped = metric(
+        &s.proxy.metrics().await,
+        "cutover_comparisons_skipped_total{reason=\"both_failed\"}",
+    );
+    assert_eq!(skipped - before, 3.0);
+
+    app.batch_execute("BEGIN").await.unwrap();
+    for id in 1..=5i64 {
+        one_row(
+            &app,
+            "SELECT affiliate_id, status FROM affiliates WHERE affiliate_id = $1 FOR UPDATE",
+            id,
+        )
+        .await;
+    }
+    app.batch_execute("COMMIT").await.unwrap();
+    let st = settled(&direct, "locking_read", 5).await;
+    assert_eq!(
+        (st["matched"], st["confirmed"], st["skipped"]),
+        (5, 0, 0),
+        "{st:?}"
+    );
+
+    for id in 1..=4i64 {
+        one_row(
+            &app,
+            "SELECT affiliate_id, level_1_referrals FROM affiliates WHERE affiliate_id = $1",
+            id,
+        )
+        .await;
+    }
+    let st = settled(&direct, "counter_off_by_one", 4).await;
+    assert_eq!((st["rewrite_bug"], st["expected"]), (4, 0), "{st:?}");
 }

@@ -170,7 +170,7 @@ pub struct Typed {
     /// For a single read (one query): what the shadow needs to compare its answers.
     pub read: Option<Arc<ReadPlan>>,
     /// A locking read (`FOR UPDATE`, `FOR SHARE`, …): served by the side that serves the
-    /// transaction's writes, never by bucket, and not compared.
+    /// transaction's writes, never by bucket; compared without its locking clause.
     pub locking: bool,
     /// It names the table without its schema: which table that is depends on the session's
     /// search_path (and temporary tables), so it is the legacy table's only in sessions that
@@ -234,6 +234,27 @@ pub struct ReadPlan {
     pub determinism: Determinism,
     /// The column each `$n` is compared with (what decides whether a sample may show it).
     pub bound_columns: std::collections::BTreeMap<usize, String>,
+    /// A locking read: the shadow, read-only, compares it without its locking clause (the
+    /// rows it would lock are the answer).
+    pub locking: bool,
+}
+
+/// A locking read's SQL without its locking clauses (`FOR UPDATE`, `FOR SHARE` …): what the
+/// read-only shadow runs in its place. `None` when it does not parse.
+pub fn without_locks(sql: &str) -> Option<String> {
+    let mut statements = fingerprint::parse(sql).ok()?;
+    for statement in &mut statements {
+        if let sqlparser::ast::Statement::Query(query) = statement {
+            query.locks.clear();
+        }
+    }
+    Some(
+        statements
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
+    )
 }
 
 /// Classifies statements against one rule set, with a bounded cache by SQL text.
@@ -329,7 +350,7 @@ impl Classifier {
         let locking = statements
             .iter()
             .any(|s| matches!(s, sqlparser::ast::Statement::Query(q) if !q.locks.is_empty()));
-        let read = (!writes && !locking)
+        let read = (!writes)
             .then(|| {
                 let key = self.rules.table.key.as_str();
                 match determinism::analyze(&statements, &[key]) {
@@ -337,6 +358,7 @@ impl Classifier {
                     determinism => Some(Arc::new(ReadPlan {
                         determinism,
                         bound_columns: params::bound_columns(&statements),
+                        locking,
                     })),
                 }
             })

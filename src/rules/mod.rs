@@ -215,6 +215,9 @@ impl TableMap {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Expected {
     pub class: String,
+    /// The kind of confirmed divergence it covers (`drift`, `rewrite_bug`, `undetermined`):
+    /// a class of drift never hides a rewrite bug in the same columns.
+    pub kind: String,
     pub columns: Vec<String>,
     pub note: String,
 }
@@ -290,6 +293,9 @@ pub struct Defaults {
     pub bucket: Bucket,
     pub sample_rate: f64,
 }
+
+/// The kinds of confirmed divergence a rule's `compare.expected` may name.
+pub const EXPECTED_KINDS: &[&str] = &["drift", "rewrite_bug", "undetermined"];
 
 /// A validated rule set.
 #[derive(Debug, Clone)]
@@ -1046,7 +1052,22 @@ impl Builder {
                 if e.note.get_ref().trim().is_empty() {
                     self.at(path, text, &e.note, "expected: say why in the note");
                 }
+                let kind = e.kind.as_ref().map_or("drift", |k| k.get_ref().as_str());
+                if let Some(k) = &e.kind
+                    && !EXPECTED_KINDS.contains(&kind)
+                {
+                    self.at(
+                        path,
+                        text,
+                        k,
+                        format!(
+                            "expected kind {kind:?}: one of {} (errors are never expected by column)",
+                            EXPECTED_KINDS.join(", ")
+                        ),
+                    );
+                }
                 compare.expected.push(Expected {
+                    kind: kind.to_owned(),
                     class: e.class.get_ref().clone(),
                     columns,
                     note: e.note.get_ref().clone(),

@@ -103,6 +103,8 @@ pub struct RawCompare {
 #[serde(deny_unknown_fields)]
 pub struct RawExpected {
     pub class: Spanned<String>,
+    /// The kind of divergence expected: `drift` (default), `rewrite_bug` or `undetermined`.
+    pub kind: Option<Spanned<String>>,
     #[serde(default)]
     pub columns: Vec<Spanned<String>>,
     pub note: Spanned<String>,

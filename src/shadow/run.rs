@@ -13,7 +13,10 @@
 //! 5. a class reviewers expect is counted `expected` instead; a sample (bounded) is stored.
 //!
 //! A side that times out (`statement_timeout`), returns more than [`MAX_ROWS`] rows or
-//! loses its connection makes the comparison `skipped`.
+//! loses its connection makes the comparison `skipped`; so do two sides that failed the same
+//! way (neither produced an answer: that proves nothing). Each skip is counted with its
+//! reason ([`Skip`]). A locking read runs without its locking clause (the shadow is
+//! read-only).
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -76,11 +79,23 @@ pub(super) async fn worker(
         }
         match conn.as_mut().filter(|c| !c.unusable()) {
             Some(c) => c.compare(&shadow, &job).await,
-            None => shadow
-                .store
-                .count(&typed.query_type, label(typed), Outcome::Skipped, None),
+            None => skip(&shadow, typed, Skip::Unreachable, None),
         }
     }
+}
+
+/// Counts a comparison without a verdict, with its reason.
+fn skip(
+    shadow: &Shadow,
+    typed: &crate::classify::Typed,
+    why: Skip,
+    latency: Option<(Duration, Duration)>,
+) {
+    tracing::debug!(query_type = %typed.query_type, why = why.label(), "shadow comparison skipped");
+    metrics::counter!("cutover_comparisons_skipped_total", "reason" => why.label()).increment(1);
+    shadow
+        .store
+        .count(&typed.query_type, label(typed), Outcome::Skipped, latency);
 }
 
 /// A side's result.
@@ -92,7 +107,37 @@ enum Side {
         message: String,
     },
     /// Timed out, too large, or the connection is gone: no verdict.
-    NoVerdict(&'static str),
+    NoVerdict(Skip),
+}
+
+/// Why a comparison has no verdict: the `reason` of `cutover_comparisons_skipped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// The shadow's `statement_timeout`.
+    Timeout,
+    /// More than [`MAX_ROWS`] rows.
+    TooManyRows,
+    /// The shadow connection failed or stopped answering.
+    Unreachable,
+    /// A prepared statement went stale (DDL); prepared again next time.
+    Stale,
+    /// Both sides failed with the same SQLSTATE: neither produced an answer.
+    BothFailed,
+    /// A locking read whose locking clause could not be taken out.
+    Unlockable,
+}
+
+impl Skip {
+    pub fn label(self) -> &'static str {
+        match self {
+            Skip::Timeout => "timeout",
+            Skip::TooManyRows => "too_many_rows",
+            Skip::Unreachable => "shadow_unreachable",
+            Skip::Stale => "stale_statement",
+            Skip::BothFailed => "both_failed",
+            Skip::Unlockable => "locking_clause",
+        }
+    }
 }
 
 /// How two sides relate.
@@ -102,7 +147,7 @@ enum Judged {
         diff: Option<compare::Diff>,
         columns: Vec<String>,
     },
-    NoVerdict(&'static str),
+    NoVerdict(Skip),
 }
 
 struct Conn {
@@ -154,9 +199,26 @@ impl Conn {
                 .store
                 .count(&typed.query_type, label(typed), outcome, latency)
         };
+        let skipped = |why: Skip, latency| skip(shadow, typed, why, latency);
+        // A locking read, compared without its locking clause (the shadow is read-only).
+        let unlocked;
+        let (legacy_sql, target_sql) = if plan.locking {
+            match (
+                crate::classify::without_locks(&job.sql),
+                crate::classify::without_locks(target_sql),
+            ) {
+                (Some(l), Some(t)) => {
+                    unlocked = (l, t);
+                    (unlocked.0.as_str(), unlocked.1.as_str())
+                }
+                _ => return skipped(Skip::Unlockable, None),
+            }
+        } else {
+            (&*job.sql, target_sql.as_str())
+        };
 
         // Each side on committed data (autocommit).
-        let legacy = self.run(&job.sql, job).await;
+        let legacy = self.run(legacy_sql, job).await;
         let target = self.run(target_sql, job).await;
         let latency = match (&legacy, &target) {
             (Side::Answer(_, l), Side::Answer(_, t)) => Some((*l, *t)),
@@ -164,10 +226,7 @@ impl Conn {
         };
         match judge(&legacy, &target, &order, &options) {
             Judged::Agree => return count(Outcome::Match, latency),
-            Judged::NoVerdict(why) => {
-                tracing::debug!(query_type = %typed.query_type, why, "shadow comparison skipped");
-                return count(Outcome::Skipped, latency);
-            }
+            Judged::NoVerdict(why) => return skipped(why, latency),
             Judged::Differ { .. } => {}
         }
 
@@ -178,18 +237,18 @@ impl Conn {
             .await
             .is_err()
         {
-            return count(Outcome::Skipped, latency);
+            return skipped(Skip::Unreachable, latency);
         }
-        let legacy = self.side_in_snapshot(&job.sql, job).await;
+        let legacy = self.side_in_snapshot(legacy_sql, job).await;
         let target = self.side_in_snapshot(target_sql, job).await;
         let (kind, diff, columns) = match judge(&legacy, &target, &order, &options) {
             Judged::Agree => {
                 let _ = self.client.batch_execute("COMMIT").await;
                 return count(Outcome::Transient, latency);
             }
-            Judged::NoVerdict(_) => {
+            Judged::NoVerdict(why) => {
                 let _ = self.client.batch_execute("ROLLBACK").await;
-                return count(Outcome::Skipped, latency);
+                return skipped(why, latency);
             }
             Judged::Differ { diff, columns } => {
                 let kind = match (&legacy, &target, &diff) {
@@ -239,7 +298,7 @@ impl Conn {
                 kind,
                 expected_class: expected,
                 columns,
-                legacy_sql: redact::sql(&job.sql),
+                legacy_sql: redact::sql(legacy_sql),
                 target_sql: redact::sql(target_sql),
                 params: redact::params(&job.params, &plan.bound_columns, &job.rules.redaction),
                 diff: diff.map_or(serde_json::Value::Null, |d| {
@@ -268,7 +327,7 @@ impl Conn {
             .await
             .is_err()
         {
-            return Side::NoVerdict("the shadow connection failed");
+            return Side::NoVerdict(Skip::Unreachable);
         }
         let side = self.run(sql, job).await;
         let undo = match side {
@@ -302,25 +361,25 @@ impl Conn {
             Err(_) => {
                 // The connection is in an unknown state: start afresh.
                 self.broken = true;
-                Side::NoVerdict("the shadow database stopped answering")
+                Side::NoVerdict(Skip::Unreachable)
             }
             Ok(Ok(Some(answer))) => Side::Answer(answer, started.elapsed()),
-            Ok(Ok(None)) => Side::NoVerdict("more rows than the shadow compares"),
+            Ok(Ok(None)) => Side::NoVerdict(Skip::TooManyRows),
             Ok(Err(e)) => match e.as_db_error() {
                 Some(db) if *db.code() == SqlState::QUERY_CANCELED => {
                     metrics::counter!("cutover_shadow_timeouts_total").increment(1);
-                    Side::NoVerdict("statement_timeout")
+                    Side::NoVerdict(Skip::Timeout)
                 }
                 Some(db) if *db.code() == SqlState::FEATURE_NOT_SUPPORTED => {
                     // "cached plan must not change result type" after DDL: prepare again next time.
                     self.statements.clear();
-                    Side::NoVerdict("a cached statement went stale")
+                    Side::NoVerdict(Skip::Stale)
                 }
                 Some(db) => Side::Failed {
                     code: db.code().code().to_owned(),
                     message: db.message().to_owned(),
                 },
-                None => Side::NoVerdict("the shadow connection failed"),
+                None => Side::NoVerdict(Skip::Unreachable),
             },
         }
     }
@@ -392,7 +451,7 @@ fn options(rule: Option<&QueryType>, rules: &RuleSet) -> compare::Options {
 
 fn judge(legacy: &Side, target: &Side, order: &Order, options: &compare::Options) -> Judged {
     match (legacy, target) {
-        (Side::NoVerdict(why), _) | (_, Side::NoVerdict(why)) => Judged::NoVerdict(why),
+        (Side::NoVerdict(why), _) | (_, Side::NoVerdict(why)) => Judged::NoVerdict(*why),
         (Side::Answer(l, _), Side::Answer(t, _)) => match compare::compare(l, t, order, options) {
             Verdict::Match => Judged::Agree,
             Verdict::Diverged(diff) => Judged::Differ {
@@ -400,8 +459,11 @@ fn judge(legacy: &Side, target: &Side, order: &Order, options: &compare::Options
                 diff: Some(diff),
             },
         },
-        // Both refused the same way (a bad parameter, say): the same answer.
-        (Side::Failed { code: a, .. }, Side::Failed { code: b, .. }) if a == b => Judged::Agree,
+        // Both refused the same way (a bad parameter, say): neither produced an answer, so
+        // there is nothing to call a match.
+        (Side::Failed { code: a, .. }, Side::Failed { code: b, .. }) if a == b => {
+            Judged::NoVerdict(Skip::BothFailed)
+        }
         _ => Judged::Differ {
             diff: None,
             columns: vec!["(error)".into()],
