@@ -70,6 +70,53 @@ stage = "shadow"
 class = "counter_drift"
 columns = ["level_1_referrals"]
 note = "legacy's counter drifted"
+
+# Injected rewrite bugs (issue 18): an order, an aggregate's bound, a closure distance.
+[[query_type]]
+name = "upline_desc"
+match = """
+WITH RECURSIVE up AS (
+    SELECT affiliate_id, parent_affiliate_id, 0 AS distance FROM affiliates WHERE affiliate_id = $1
+    UNION ALL
+    SELECT a.affiliate_id, a.parent_affiliate_id, up.distance + 1
+    FROM affiliates a JOIN up ON a.affiliate_id = up.parent_affiliate_id
+)
+SELECT affiliate_id, distance FROM up WHERE distance >= 1 ORDER BY distance"""
+target = """
+SELECT ancestor_id AS affiliate_id, level_distance AS distance FROM fature_v2.hierarchy_index
+WHERE descendant_id = $1 AND is_active ORDER BY level_distance DESC"""
+stage = "shadow"
+
+[[query_type]]
+name = "network_size_lt"
+match = """
+WITH RECURSIVE downline AS (
+    SELECT affiliate_id, 1 AS depth FROM affiliates WHERE parent_affiliate_id = $1
+    UNION ALL
+    SELECT a.affiliate_id, d.depth + 1
+    FROM affiliates a JOIN downline d ON a.parent_affiliate_id = d.affiliate_id
+    WHERE d.depth < $2
+)
+SELECT COUNT(*) AS n FROM downline"""
+target = """
+SELECT COUNT(*) AS n FROM fature_v2.hierarchy_index
+WHERE ancestor_id = $1 AND level_distance < GREATEST($2, 1) AND is_active"""
+stage = "shadow"
+
+[[query_type]]
+name = "children_wrong_distance"
+match = "SELECT affiliate_id, registration_date FROM affiliates WHERE parent_affiliate_id = $1 ORDER BY affiliate_id"
+target = """
+SELECT d.affiliate_id, d.registration_date FROM fature_v2.hierarchy_index h
+JOIN fature_v2.affiliates_optimized d ON d.affiliate_id = h.descendant_id
+WHERE h.ancestor_id = $1 AND h.level_distance <= 2 ORDER BY d.affiliate_id"""
+stage = "shadow"
+
+# Rewritten by the proxy (no target): a difference can only be the rows'.
+[[query_type]]
+name = "status_by_id"
+match = "SELECT status, affiliate_id FROM affiliates WHERE affiliate_id = $1"
+stage = "shadow"
 "#;
 
 struct Setup {
@@ -708,4 +755,141 @@ async fn no_vacuous_matches_and_expected_classes_keep_their_kind() {
     }
     let st = settled(&direct, "counter_off_by_one", 4).await;
     assert_eq!((st["rewrite_bug"], st["expected"]), (4, 0), "{st:?}");
+}
+
+/// The verdict suite (issue 18, "How it is proven"): known faults injected into a tree —
+/// drift on a read column, counter drift on rows the statement does not read, rewrite bugs in
+/// an order, an aggregate's bound and a closure distance, a locking read, clean reads — and
+/// for each the class every comparison must get. Prints the confusion matrix; any count off
+/// the expected class fails.
+#[tokio::test]
+async fn every_injected_fault_gets_its_class() {
+    let s = setup(400, &["affiliate_by_id"], |_| {}).await;
+    let direct = s.db.client().await;
+    let app = s.proxy.client(&s.db.name).await;
+    let ids = |sql: &'static str| {
+        let direct = &direct;
+        async move {
+            direct
+                .query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, i64>(0))
+                .collect::<Vec<i64>>()
+        }
+    };
+    // Affiliates with a grandparent; affiliates with grandchildren.
+    let deep = ids("SELECT c.affiliate_id FROM affiliates c JOIN affiliates p ON p.affiliate_id = c.parent_affiliate_id
+                    WHERE p.parent_affiliate_id IS NOT NULL ORDER BY 1 LIMIT 6").await;
+    let grand = ids("SELECT DISTINCT g.affiliate_id FROM affiliates g JOIN affiliates c ON c.parent_affiliate_id = g.affiliate_id
+                     JOIN affiliates cc ON cc.parent_affiliate_id = c.affiliate_id ORDER BY 1 LIMIT 6").await;
+    assert!(
+        deep.len() == 6 && grand.len() == 6,
+        "the tree is deep enough"
+    );
+    // Known counter drift on the parents and their children (rows the closure query returns
+    // but does not read that column of), and drift on a read column of one row.
+    direct
+        .batch_execute(&format!(
+            "UPDATE affiliates SET level_1_referrals = level_1_referrals + 3
+             WHERE affiliate_id = ANY('{{{0}}}') OR parent_affiliate_id = ANY('{{{0}}}')",
+            grand
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
+        .await
+        .unwrap();
+    behind_the_proxy(
+        &direct,
+        &format!(
+            "UPDATE fature_v2.affiliates_optimized SET status = 'banned' WHERE affiliate_id = {}",
+            deep[0]
+        ),
+    )
+    .await;
+
+    let upline = "WITH RECURSIVE up AS (\n    SELECT affiliate_id, parent_affiliate_id, 0 AS distance FROM affiliates WHERE affiliate_id = $1\n    UNION ALL\n    SELECT a.affiliate_id, a.parent_affiliate_id, up.distance + 1\n    FROM affiliates a JOIN up ON a.affiliate_id = up.parent_affiliate_id\n)\nSELECT affiliate_id, distance FROM up WHERE distance >= 1 ORDER BY distance";
+    let network = "WITH RECURSIVE downline AS (\n    SELECT affiliate_id, 1 AS depth FROM affiliates WHERE parent_affiliate_id = $1\n    UNION ALL\n    SELECT a.affiliate_id, d.depth + 1\n    FROM affiliates a JOIN downline d ON a.parent_affiliate_id = d.affiliate_id\n    WHERE d.depth < $2\n)\nSELECT COUNT(*) AS n FROM downline";
+    for &id in &deep {
+        app.query(upline, &[&id]).await.unwrap();
+    }
+    for &id in &grand {
+        app.query(network, &[&id, &2i32]).await.unwrap();
+        app.query(
+            "SELECT affiliate_id, registration_date FROM affiliates WHERE parent_affiliate_id = $1 ORDER BY affiliate_id",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    }
+    one_row(
+        &app,
+        "SELECT status, affiliate_id FROM affiliates WHERE affiliate_id = $1",
+        deep[0],
+    )
+    .await;
+    for &id in &deep[1..] {
+        one_row(
+            &app,
+            "SELECT status, affiliate_id FROM affiliates WHERE affiliate_id = $1",
+            id,
+        )
+        .await;
+    }
+
+    // (query type, comparisons, expected class, how many of them in it)
+    let cases: [(&str, i64, &str, i64); 4] = [
+        ("upline_desc", 6, "rewrite_bug", 6),
+        ("network_size_lt", 6, "rewrite_bug", 6),
+        ("children_wrong_distance", 6, "rewrite_bug", 6),
+        ("status_by_id", 6, "drift", 1),
+    ];
+    let classes = [
+        "matched",
+        "drift",
+        "rewrite_bug",
+        "errors",
+        "undetermined",
+        "expected",
+        "transient",
+        "skipped",
+    ];
+    let mut matrix = format!(
+        "{:<26}{}\n",
+        "fault \\ class",
+        classes.map(|c| format!("{c:>13}")).concat()
+    );
+    let mut off = Vec::new();
+    for (query_type, total, expected, hits) in cases {
+        let mut st = settled(&direct, query_type, total).await;
+        let undetermined = st["confirmed"] - st["drift"] - st["rewrite_bug"] - st["errors"];
+        st.insert("undetermined".into(), undetermined);
+        matrix.push_str(&format!(
+            "{query_type:<26}{}\n",
+            classes.map(|c| format!("{:>13}", st[c])).concat()
+        ));
+        // The expected class gets its hits; every other comparison matched.
+        for class in classes {
+            let want = match class {
+                c if c == expected => hits,
+                "matched" => total - hits,
+                _ => 0,
+            };
+            if st[class] != want {
+                off.push(format!(
+                    "{query_type}: {class} = {} (expected {want})",
+                    st[class]
+                ));
+            }
+        }
+    }
+    println!("{matrix}");
+    assert!(
+        off.is_empty(),
+        "off the diagonal:\n{}\n{matrix}",
+        off.join("\n")
+    );
 }

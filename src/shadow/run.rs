@@ -6,10 +6,12 @@
 //! 3. a disagreement is run again, both sides inside one `REPEATABLE READ READ ONLY`
 //!    transaction: agreement there makes it `transient` (a write fell between the two
 //!    reads), disagreement `confirmed`;
-//! 4. a confirmed divergence is classified in that same snapshot: `error` (a side failed),
-//!    `drift` (the two tables' rows differ for the keys involved: the answers' keys and the
-//!    key parameters), `rewrite_bug` (those rows agree: the queries do not), or
-//!    `undetermined` (no key to look the rows up by);
+//! 4. a confirmed divergence is classified in that same snapshot: `error` (a side failed);
+//!    else by the legacy statement run on the target's rows mapped back to legacy's columns
+//!    (what the statement reads, whatever it is: aggregates, orders, recursive CTEs):
+//!    answering like the target, `drift`; like legacy, `rewrite_bug`; when neither, by the
+//!    rows of the keys involved (the answers' keys and the key parameters): they differ,
+//!    `drift`; they agree, `rewrite_bug`; no key to look them up by, `undetermined`;
 //! 5. a class reviewers expect is counted `expected` instead; a sample (bounded) is stored.
 //!
 //! A side that times out (`statement_timeout`), returns more than [`MAX_ROWS`] rows or
@@ -252,9 +254,18 @@ impl Conn {
             }
             Judged::Differ { diff, columns } => {
                 let kind = match (&legacy, &target, &diff) {
-                    (Side::Answer(l, _), Side::Answer(..), Some(d)) => {
-                        let keys = involved_keys(job, &job.rules, l, d);
-                        self.classify_rows(&job.rules, &keys).await
+                    (Side::Answer(l, _), Side::Answer(t, _), Some(d)) => {
+                        let answers = (l, t, &order, &options);
+                        match self
+                            .on_target_rows(job, legacy_sql, target_sql, answers)
+                            .await
+                        {
+                            Some(kind) => kind,
+                            None => {
+                                let keys = involved_keys(job, &job.rules, l, d);
+                                self.classify_rows(&job.rules, &keys).await
+                            }
+                        }
                     }
                     _ => Kind::Error,
                 };
@@ -407,6 +418,42 @@ impl Conn {
             self.statements.insert(key, statement.clone());
         }
         Ok(statement)
+    }
+
+    /// Drift or rewrite bug, decided by what the statement itself reads: the legacy
+    /// statement run in the open snapshot on the target's rows mapped back to legacy's
+    /// columns (the rewriter's substitution). Its answer equal to the target's, not
+    /// legacy's: the target SQL computes what legacy's would on v2's rows, so the rows differ
+    /// where the statement looks — drift. Equal to legacy's, not the target's: the rows agree
+    /// for this statement and the target SQL does not — a rewrite bug (an order, a bound, a
+    /// condition; aggregates and recursive CTEs alike). Neither: `None`, decided by keys.
+    async fn on_target_rows(
+        &mut self,
+        job: &Job,
+        legacy_sql: &str,
+        target_sql: &str,
+        (legacy, target, order, options): (&Answer, &Answer, &Order, &compare::Options),
+    ) -> Option<Kind> {
+        let Rewrite::Target(mapped) =
+            crate::rewrite::Rewriter::new(&job.rules.table).rewrite(legacy_sql)
+        else {
+            return None;
+        };
+        if mapped == target_sql {
+            // The target SQL is the statement itself on the target's rows.
+            return Some(Kind::Drift);
+        }
+        let Side::Answer(on_target, _) = self.side_in_snapshot(&mapped, job).await else {
+            return None;
+        };
+        let agrees = |a: &Answer, b: &Answer| {
+            matches!(compare::compare(a, b, order, options), Verdict::Match)
+        };
+        match (agrees(legacy, &on_target), agrees(&on_target, target)) {
+            (true, false) => Some(Kind::RewriteBug),
+            (false, true) => Some(Kind::Drift),
+            _ => None,
+        }
     }
 
     /// Drift or rewrite bug: whether the two tables' rows differ for `keys`, in the open
