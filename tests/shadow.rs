@@ -112,6 +112,19 @@ JOIN fature_v2.affiliates_optimized d ON d.affiliate_id = h.descendant_id
 WHERE h.ancestor_id = $1 AND h.level_distance <= 2 ORDER BY d.affiliate_id"""
 stage = "shadow"
 
+# Ties at the cut broken the other way by the target; and a target sorted the wrong way.
+[[query_type]]
+name = "top_other_ties"
+match = "SELECT affiliate_id, level_1_referrals FROM affiliates WHERE level_1_referrals >= 1 ORDER BY level_1_referrals DESC LIMIT $1"
+target = "SELECT affiliate_id, direct_referrals_count AS level_1_referrals FROM fature_v2.affiliates_optimized WHERE direct_referrals_count >= 1 ORDER BY direct_referrals_count DESC, affiliate_id DESC LIMIT $1"
+stage = "shadow"
+
+[[query_type]]
+name = "top_wrong_direction"
+match = "SELECT affiliate_id, level_1_referrals FROM affiliates WHERE 1 < level_1_referrals ORDER BY level_1_referrals DESC LIMIT $1"
+target = "SELECT affiliate_id, direct_referrals_count AS level_1_referrals FROM fature_v2.affiliates_optimized WHERE 1 < direct_referrals_count ORDER BY direct_referrals_count LIMIT $1"
+stage = "shadow"
+
 # Rewritten by the proxy (no target): a difference can only be the rows'.
 [[query_type]]
 name = "status_by_id"
@@ -892,4 +905,88 @@ async fn every_injected_fault_gets_its_class() {
         "off the diagonal:\n{}\n{matrix}",
         off.join("\n")
     );
+}
+
+/// `ORDER BY … LIMIT` whose keys tie at the cut (issue 18, item 7): the application's own
+/// `top_referrers` has ties, so it used to be "nondeterministic", never compared. Now the
+/// target's answer is accepted when legacy's statement could have given it, and a target
+/// that cuts at the wrong value is a divergence.
+#[tokio::test]
+async fn answers_cut_inside_a_tie_group_are_compared_by_validity() {
+    let s = setup(300, &["top_referrers"], |_| {}).await;
+    let direct = s.db.client().await;
+    let app = s.proxy.client(&s.db.name).await;
+    // Is there a tie at the cut for some LIMIT? Find one, so the test proves something.
+    let counts: Vec<i32> = direct
+        .query(
+            "SELECT level_1_referrals FROM affiliates WHERE level_1_referrals > 0
+             ORDER BY level_1_referrals DESC",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let cut = (1..counts.len())
+        .find(|&n| counts[n - 1] == counts[n])
+        .expect("a tie in the tree's counters") as i64;
+    let top = "SELECT affiliate_id, level_1_referrals\nFROM affiliates\nWHERE level_1_referrals > 0\nORDER BY level_1_referrals DESC\nLIMIT $1";
+    for limit in [cut, cut, 1, 3, cut] {
+        app.query(top, &[&limit]).await.unwrap();
+    }
+    let st = settled(&direct, "top_referrers", 5).await;
+    assert_eq!(
+        (st["matched"], st["nondeterministic"], st["confirmed"]),
+        (5, 0, 0),
+        "{st:?}"
+    );
+
+    // A target that breaks the ties the other way: a limit where it returns other rows than
+    // legacy does, so that only validity can call it a match.
+    let other = "SELECT affiliate_id, level_1_referrals FROM affiliates WHERE level_1_referrals >= 1 ORDER BY level_1_referrals DESC LIMIT $1";
+    let other_target = "SELECT affiliate_id, direct_referrals_count AS level_1_referrals FROM fature_v2.affiliates_optimized WHERE direct_referrals_count >= 1 ORDER BY direct_referrals_count DESC, affiliate_id DESC LIMIT $1";
+    let ids = |sql: &'static str, n: i64| {
+        let direct = &direct;
+        async move {
+            let mut ids: Vec<i64> = direct
+                .query(sql, &[&n])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let mut differing = None;
+    for n in 1..counts.len() as i64 {
+        if ids(other, n).await != ids(other_target, n).await {
+            differing = Some(n);
+            break;
+        }
+    }
+    let n = differing.expect("a limit where the two sides pick other tied rows");
+    for _ in 0..3 {
+        app.query(other, &[&n]).await.unwrap();
+    }
+    let st = settled(&direct, "top_other_ties", 3).await;
+    let skips: Vec<String> = s
+        .proxy
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("cutover_comparisons_skipped_total"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!((st["matched"], st["confirmed"]), (3, 0), "{st:?} {skips:?}");
+
+    // Sorted the wrong way: not an answer legacy could give.
+    let late = "SELECT affiliate_id, level_1_referrals FROM affiliates WHERE 1 < level_1_referrals ORDER BY level_1_referrals DESC LIMIT $1";
+    for _ in 0..3 {
+        app.query(late, &[&3i64]).await.unwrap();
+    }
+    let st = settled(&direct, "top_wrong_direction", 3).await;
+    assert_eq!((st["matched"], st["confirmed"]), (0, 3), "{st:?}");
 }

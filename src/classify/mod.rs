@@ -239,6 +239,32 @@ pub struct ReadPlan {
     pub locking: bool,
 }
 
+/// A query's SQL with its LIMIT raised to at least `rows` (`LIMIT GREATEST(<its limit>,
+/// rows)`, so that a `$n` it limits by stays used): legacy's longer answer, to check a
+/// target's answer cut inside a tie group ([`crate::compare::compare_cut`]). `None` when it
+/// does not parse or has no plain LIMIT.
+pub fn with_limit(sql: &str, rows: usize) -> Option<String> {
+    use sqlparser::ast::LimitClause;
+    let mut statements = fingerprint::parse(sql).ok()?;
+    let [sqlparser::ast::Statement::Query(query)] = statements.as_mut_slice() else {
+        return None;
+    };
+    let Some(LimitClause::LimitOffset {
+        limit: Some(limit), ..
+    }) = &mut query.limit_clause
+    else {
+        return None;
+    };
+    // bigint, as LIMIT takes: a `$n` there keeps the type it has in the LIMIT itself.
+    let raised = format!("GREATEST({limit}, {rows}::int8)");
+    *limit = sqlparser::parser::Parser::new(&sqlparser::dialect::PostgreSqlDialect {})
+        .try_with_sql(&raised)
+        .ok()?
+        .parse_expr()
+        .ok()?;
+    Some(statements[0].to_string())
+}
+
 /// A locking read's SQL without its locking clauses (`FOR UPDATE`, `FOR SHARE` …): what the
 /// read-only shadow runs in its place. `None` when it does not parse.
 pub fn without_locks(sql: &str) -> Option<String> {

@@ -4,10 +4,13 @@
 //!
 //! - volatile or time-dependent functions (`now()`, `random()`, `CURRENT_TIMESTAMP`, …): the
 //!   two sides run at different moments;
-//! - `LIMIT`/`OFFSET`/`FETCH` without an ORDER BY, or over an ORDER BY that may tie (it
-//!   names no key column): which rows are cut is up to each side's plan.
+//! - `LIMIT`/`OFFSET`/`FETCH` without an ORDER BY: which rows are cut is up to each side's
+//!   plan.
 //!
-//! A determined statement's ORDER BY becomes the [`Order`] its answers are compared in.
+//! A determined statement's ORDER BY becomes the [`Order`] its answers are compared in. A
+//! `LIMIT` over an ORDER BY that may tie (it names no key column) is [`Determinism::Cut`]:
+//! which of the tied rows at the cut come back is up to each side, so the target's answer is
+//! compared by validity — one legacy's statement could have given ([`super::compare_cut`]).
 
 use std::ops::ControlFlow;
 
@@ -20,6 +23,9 @@ use super::{Key, Order};
 pub enum Determinism {
     /// The answer is determined: compare in this order.
     Determined(Order),
+    /// `ORDER BY keys LIMIT n` where the keys may tie: determined but for the rows tied at
+    /// the cut; compared by validity.
+    Cut(Vec<Key>),
     /// The answers may differ legitimately, and why.
     Nondeterministic(String),
     /// Not a single query (a write, several statements): not compared as a read.
@@ -74,8 +80,26 @@ pub fn analyze(statements: &[Statement], key_columns: &[&str]) -> Determinism {
                     Key::Position(_) => false,
                 });
                 if !total {
+                    // Only a plain LIMIT (no OFFSET, no FETCH) is checked by validity: an
+                    // offset cuts a tie group at its start too.
+                    let plain_limit = query.fetch.is_none()
+                        && matches!(
+                            &query.limit_clause,
+                            Some(sqlparser::ast::LimitClause::LimitOffset {
+                                limit: Some(_),
+                                offset: None,
+                                limit_by,
+                            }) if limit_by.is_empty()
+                        );
+                    if plain_limit
+                        && !keys
+                            .iter()
+                            .any(|k| matches!(k, Key::Name(n) if n.is_empty()))
+                    {
+                        return Determinism::Cut(keys.clone());
+                    }
                     return Determinism::Nondeterministic(
-                        "LIMIT over an ORDER BY that may tie (no key column in it): rows at the cut may differ".into(),
+                        "LIMIT with OFFSET or FETCH over an ORDER BY that may tie (no key column in it): rows at the cut may differ".into(),
                     );
                 }
             }
@@ -188,8 +212,16 @@ mod tests {
         assert!(
             matches!(analyze_sql("SELECT * FROM affiliates LIMIT 5"), Determinism::Nondeterministic(r) if r.contains("without ORDER BY"))
         );
+        // Ties at the cut: compared by validity.
+        assert_eq!(
+            analyze_sql(
+                "SELECT affiliate_id, level_1_referrals FROM affiliates ORDER BY level_1_referrals DESC LIMIT $1"
+            ),
+            Determinism::Cut(vec![Key::Name("level_1_referrals".into())])
+        );
+        // With an offset the cut has two ends: not checked.
         assert!(matches!(
-            analyze_sql("SELECT affiliate_id, level_1_referrals FROM affiliates ORDER BY level_1_referrals DESC LIMIT $1"),
+            analyze_sql("SELECT affiliate_id FROM affiliates ORDER BY status LIMIT 5 OFFSET 5"),
             Determinism::Nondeterministic(r) if r.contains("may tie")
         ));
         assert!(matches!(

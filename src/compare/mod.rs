@@ -184,6 +184,96 @@ pub fn compare(legacy: &Answer, target: &Answer, order: &Order, options: &Option
     Verdict::Diverged(diff)
 }
 
+/// Validity of an answer cut by `ORDER BY keys LIMIT n` where the keys may tie: whether
+/// `target` is one of the answers legacy's statement could have given. `unlimited` is
+/// legacy's answer with a larger LIMIT (in the same snapshot), sorted by the same keys. The
+/// target's rows must follow legacy's sort values exactly; every tie group before the cut must
+/// hold the same rows; the group at the cut may hold any of legacy's rows with that sort value.
+/// `None` when it cannot be told: a key is not an output column, or `unlimited` ends inside
+/// the group at the cut (its LIMIT was reached).
+pub fn compare_cut(
+    unlimited: &Answer,
+    unlimited_complete: bool,
+    target: &Answer,
+    keys: &[Key],
+    options: &Options,
+) -> Option<Verdict> {
+    if unlimited.columns != target.columns {
+        return Some(compare(unlimited, target, &Order::Unordered, options));
+    }
+    let kept: Vec<usize> = (0..unlimited.columns.len())
+        .filter(|i| !options.ignore_columns.contains(&unlimited.columns[*i]))
+        .collect();
+    let project = |rows: &[Vec<Value>]| -> Vec<Vec<Value>> {
+        rows.iter()
+            .map(|r| kept.iter().map(|&i| r[i].clone()).collect())
+            .collect()
+    };
+    let (all, t) = (project(&unlimited.rows), project(&target.rows));
+    let columns: Vec<String> = kept.iter().map(|&i| unlimited.columns[i].clone()).collect();
+    let positions = key_positions(keys, &columns)?;
+    let n = t.len();
+    let diverged = |l: &[Vec<Value>]| {
+        let mut diff = describe(l, &t, &columns, options);
+        diff.legacy_rows = l.len();
+        Some(Verdict::Diverged(diff))
+    };
+    if n > all.len() {
+        return diverged(&all);
+    }
+    let prefix = &all[..n];
+    let (gp, gt) = (tie_groups(prefix, &positions), tie_groups(&t, &positions));
+    let same_key = |a: &[Vec<Value>], b: &[Vec<Value>]| match (a.first(), b.first()) {
+        (Some(x), Some(y)) => positions
+            .iter()
+            .all(|&k| values_equal(&x[k], &y[k], options)),
+        _ => a.is_empty() && b.is_empty(),
+    };
+    if gp.len() != gt.len()
+        || !gp
+            .iter()
+            .zip(&gt)
+            .all(|(a, b)| same_key(a, b) && a.len() == b.len())
+    {
+        return diverged(prefix);
+    }
+    let Some((last_t, whole_t)) = gt.split_last() else {
+        return Some(Verdict::Match);
+    };
+    let last_p = &gp[gp.len() - 1];
+    if !whole_t
+        .iter()
+        .zip(&gp)
+        .all(|(a, b)| multiset_equal(b, a, options))
+    {
+        return diverged(prefix);
+    }
+    // The group at the cut, whole in legacy's longer answer.
+    let start = n - last_p.len();
+    let group: Vec<Vec<Value>> = all[start..]
+        .iter()
+        .take_while(|row| {
+            positions
+                .iter()
+                .all(|&k| values_equal(&row[k], &last_p[0][k], options))
+        })
+        .cloned()
+        .collect();
+    if start + group.len() == all.len() && !unlimited_complete {
+        return None;
+    }
+    let mut candidates: Vec<&Vec<Value>> = group.iter().collect();
+    for row in last_t {
+        match candidates.iter().position(|c| rows_equal(c, row, options)) {
+            Some(i) => {
+                candidates.swap_remove(i);
+            }
+            None => return diverged(prefix),
+        }
+    }
+    Some(Verdict::Match)
+}
+
 /// Output positions of the ORDER BY keys; `None` if one of them is not an output column.
 fn key_positions(keys: &[Key], columns: &[String]) -> Option<Vec<usize>> {
     keys.iter()
@@ -336,6 +426,58 @@ mod tests {
 
     fn d(s: &str) -> Value {
         Value::Number(s.parse::<Decimal>().unwrap().normalize())
+    }
+
+    /// Rows (id, referrals) sorted by referrals descending, as `ORDER BY referrals DESC`.
+    fn referrals(rows: &[(i64, i64)]) -> Answer {
+        Answer {
+            columns: vec!["affiliate_id".into(), "referrals".into()],
+            rows: rows.iter().map(|&(a, r)| vec![n(a), n(r)]).collect(),
+        }
+    }
+
+    #[test]
+    fn an_answer_cut_inside_a_tie_group_is_checked_by_validity() {
+        let keys = [Key::Name("referrals".into())];
+        let options = Options::default();
+        // Legacy, LIMIT 3 taken longer: 9 has 5; 4, 7 and 8 tie at 3 across the cut.
+        let all = referrals(&[(9, 5), (4, 3), (7, 3), (8, 3), (2, 1)]);
+        let valid = |target: &[(i64, i64)], complete| {
+            compare_cut(&all, complete, &referrals(target), &keys, &options)
+        };
+        // Any two of the tied rows, in any order within the group: valid.
+        for target in [[(9, 5), (4, 3), (7, 3)], [(9, 5), (8, 3), (4, 3)]] {
+            assert_eq!(valid(&target, true), Some(Verdict::Match), "{target:?}");
+        }
+        // A row legacy does not have at that value, a wrong value, a missing top row.
+        for target in [
+            [(9, 5), (4, 3), (5, 3)],
+            [(9, 5), (4, 3), (2, 1)],
+            [(4, 3), (7, 3), (8, 3)],
+            [(9, 4), (4, 3), (7, 3)],
+        ] {
+            assert!(
+                matches!(valid(&target, true), Some(Verdict::Diverged(_))),
+                "{target:?}"
+            );
+        }
+        // Legacy's longer answer ending inside the group at the cut: cannot tell.
+        let short = referrals(&[(9, 5), (4, 3), (7, 3)]);
+        assert_eq!(
+            compare_cut(
+                &short,
+                false,
+                &referrals(&[(9, 5), (8, 3)]),
+                &keys,
+                &options
+            ),
+            None
+        );
+        // A key that is not an output column: cannot tell.
+        assert_eq!(
+            compare_cut(&all, true, &all, &[Key::Name("nope".into())], &options),
+            None
+        );
     }
 
     fn t(s: &str) -> Value {

@@ -125,8 +125,9 @@ pub enum Skip {
     Stale,
     /// Both sides failed with the same SQLSTATE: neither produced an answer.
     BothFailed,
-    /// A locking read whose locking clause could not be taken out.
-    Unlockable,
+    /// The statement could not be re-printed without its locking clause or with a longer
+    /// LIMIT.
+    NotRewritable,
 }
 
 impl Skip {
@@ -137,7 +138,7 @@ impl Skip {
             Skip::Unreachable => "shadow_unreachable",
             Skip::Stale => "stale_statement",
             Skip::BothFailed => "both_failed",
-            Skip::Unlockable => "locking_clause",
+            Skip::NotRewritable => "not_rewritable",
         }
     }
 }
@@ -184,8 +185,11 @@ impl Conn {
         let (Some(plan), Rewrite::Target(target_sql)) = (&typed.read, &typed.route) else {
             return;
         };
-        let Determinism::Determined(order) = &plan.determinism else {
-            return;
+        // A LIMIT that may cut a tie group: compared by validity in the snapshot.
+        let (order, cut) = match &plan.determinism {
+            Determinism::Determined(order) => (order, None),
+            Determinism::Cut(keys) => (&Order::By(keys.clone()), Some(keys.clone())),
+            _ => return,
         };
         let rule = typed
             .named
@@ -213,7 +217,7 @@ impl Conn {
                     unlocked = (l, t);
                     (unlocked.0.as_str(), unlocked.1.as_str())
                 }
-                _ => return skipped(Skip::Unlockable, None),
+                _ => return skipped(Skip::NotRewritable, None),
             }
         } else {
             (&*job.sql, target_sql.as_str())
@@ -243,6 +247,19 @@ impl Conn {
         }
         let legacy = self.side_in_snapshot(legacy_sql, job).await;
         let target = self.side_in_snapshot(target_sql, job).await;
+        if let (Some(keys), Side::Answer(..), Side::Answer(t, _)) = (&cut, &legacy, &target) {
+            match self.cut_is_valid(job, legacy_sql, t, keys, &options).await {
+                Ok(true) => {
+                    let _ = self.client.batch_execute("COMMIT").await;
+                    return count(Outcome::Match, latency);
+                }
+                Ok(false) => {}
+                Err(why) => {
+                    let _ = self.client.batch_execute("ROLLBACK").await;
+                    return skipped(why, latency);
+                }
+            }
+        }
         let (kind, diff, columns) = match judge(&legacy, &target, &order, &options) {
             Judged::Agree => {
                 let _ = self.client.batch_execute("COMMIT").await;
@@ -418,6 +435,34 @@ impl Conn {
             self.statements.insert(key, statement.clone());
         }
         Ok(statement)
+    }
+
+    /// Whether the target's answer to `ORDER BY … LIMIT n` (keys that may tie) is one
+    /// legacy's statement could have given, against legacy's answer with a larger LIMIT in
+    /// the open snapshot.
+    async fn cut_is_valid(
+        &mut self,
+        job: &Job,
+        legacy_sql: &str,
+        target: &Answer,
+        keys: &[compare::Key],
+        options: &compare::Options,
+    ) -> Result<bool, Skip> {
+        let longer =
+            crate::classify::with_limit(legacy_sql, MAX_ROWS).ok_or(Skip::NotRewritable)?;
+        match self.side_in_snapshot(&longer, job).await {
+            Side::Answer(all, _) => {
+                let complete = all.rows.len() < MAX_ROWS;
+                match compare::compare_cut(&all, complete, target, keys, options) {
+                    Some(Verdict::Match) => Ok(true),
+                    Some(Verdict::Diverged(_)) => Ok(false),
+                    None => Err(Skip::TooManyRows),
+                }
+            }
+            Side::NoVerdict(why) => Err(why),
+            // Legacy's own statement failing with a longer LIMIT: judged as usual.
+            Side::Failed { .. } => Ok(false),
+        }
     }
 
     /// Drift or rewrite bug, decided by what the statement itself reads: the legacy
