@@ -230,6 +230,13 @@ struct Mark {
 }
 
 /// The store of one proxy.
+/// Automatic query types seen by this replica, and the (id, normalized text) still to write.
+#[derive(Default)]
+struct Fingerprints(std::collections::HashSet<String>, Vec<(String, String)>);
+
+/// Automatic query types a replica remembers the text of (beyond: not recorded).
+const MAX_FINGERPRINTS: usize = 10_000;
+
 pub struct Store {
     counts: Mutex<HashMap<String, Counts>>,
     samples: Mutex<Vec<Sample>>,
@@ -238,6 +245,8 @@ pub struct Store {
     sampled: Mutex<(i64, HashMap<String, i64>)>,
     marks: ArcSwap<Vec<Mark>>,
     replica: String,
+    /// Automatic query types' normalized texts.
+    fingerprints: Mutex<Fingerprints>,
 }
 
 impl Default for Store {
@@ -253,6 +262,7 @@ impl Store {
             samples: Mutex::default(),
             sampled: Mutex::default(),
             marks: ArcSwap::from_pointee(Vec::new()),
+            fingerprints: Mutex::default(),
             replica: format!(
                 "{}:{}",
                 std::env::var("HOSTNAME").unwrap_or_else(|_| "cutover".into()),
@@ -397,8 +407,38 @@ impl Store {
         }
     }
 
+    /// Remembers an automatic query type's normalized text (written once per replica, into
+    /// `cutover.fingerprints`, for operators and `cutover rules promote`).
+    pub fn fingerprint(&self, id: &str, normalized: &str) {
+        let mut fingerprints = self.fingerprints.lock().unwrap_or_else(|e| e.into_inner());
+        if fingerprints.0.len() < MAX_FINGERPRINTS && fingerprints.0.insert(id.to_owned()) {
+            fingerprints.1.push((id.to_owned(), normalized.to_owned()));
+        }
+    }
+
     /// Adds the pending counts and inserts the pending samples; what fails stays pending.
     pub async fn flush(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
+        let pending = std::mem::take(
+            &mut self
+                .fingerprints
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .1,
+        );
+        for (n, (id, normalized)) in pending.iter().enumerate() {
+            if let Err(e) = client
+                .execute(
+                    "INSERT INTO cutover.fingerprints (fingerprint, normalized) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING",
+                    &[id, normalized],
+                )
+                .await
+            {
+                let mut fingerprints = self.fingerprints.lock().unwrap_or_else(|e| e.into_inner());
+                fingerprints.1.extend(pending[n..].iter().cloned());
+                return Err(e);
+            }
+        }
         // Samples first: a count seen in the database has its sample stored already.
         let mut samples =
             std::mem::take(&mut *self.samples.lock().unwrap_or_else(|e| e.into_inner()));

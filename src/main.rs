@@ -266,6 +266,25 @@ enum RulesCommand {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: Option<String>,
     },
+    /// Write an automatic query type (fp_…, a statement no rule names) into the rules as a
+    /// named one: its statement becomes the rule's `match`; the new rule set is validated
+    /// whole before the file is written; its live stage carries over, audited.
+    Promote {
+        /// The automatic query type's id (as `cutover report` and the metrics show it)
+        fingerprint: String,
+        /// The name of the new query type
+        #[arg(long)]
+        name: String,
+        /// Directory of the rule files
+        #[arg(long, default_value = "rules")]
+        rules: PathBuf,
+        /// The file of that directory to append the rule to
+        #[arg(long, default_value = "promoted.toml")]
+        file: String,
+        /// The control database (where the shadow records automatic types)
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
     /// Show what the proxy will do with a statement: its query type (named by a rule, or
     /// automatic from its fingerprint), fingerprint, stage, bucket, and the SQL it becomes on
     /// the target — or why it is not routable and stays on legacy.
@@ -614,6 +633,26 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Rules(RulesCommand::Explain { sql, rules, json }) => {
             rules_explain(&sql, &rules, json)
+        }
+        Command::Rules(RulesCommand::Promote {
+            fingerprint,
+            name,
+            rules,
+            file,
+            database_url,
+        }) => {
+            let client = connect::connect(&connect::parse_url(&database_url)?).await?;
+            let done =
+                cutover::rules::promote::promote(&client, &rules, &file, &fingerprint, &name)
+                    .await?;
+            println!("{}: added{}", done.file.display(), done.rule);
+            match done.stage {
+                Some(stage) => println!(
+                    "live stage {stage} carried over to {name}; reload the proxies' rules (SIGHUP) to use the name"
+                ),
+                None => println!("reload the proxies' rules (SIGHUP) to use the name"),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Migrate {
             database_url,

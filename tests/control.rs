@@ -1174,3 +1174,181 @@ async fn reading_needs_a_token_and_wrong_tokens_are_counted_and_slowed() {
     assert_eq!(failures(&p.metrics().await, "console"), 1.0);
     p.shutdown().await;
 }
+
+/// Automatic query types are first-class (issue 18, item 5): a statement no rule names is
+/// recorded with its normalized text as soon as the application sends it, can be staged
+/// with `cutover ctl` by its id, is then compared by the shadow, shows in the report at the
+/// stage it is compared in, takes the rule set's `[[expected]]` classes, and `cutover rules
+/// promote` writes it into the rules under a name, its live stage carried over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automatic_query_type_can_be_seen_staged_and_promoted() {
+    let db = support::tree_db(60).await;
+    let rules = support::rules_with(
+        &[],
+        "\n[[expected]]\nclass = \"everyone_s_counter_drift\"\ncolumns = [\"level_1_referrals\"]\nnote = \"legacy's counters drifted, for every query type\"\n",
+    );
+    let p = support::proxy_on(&db, &rules, |c| {
+        c.admin_tokens = Some([("ops".to_owned(), TOKEN.to_owned())].into_iter().collect());
+    })
+    .await;
+    let direct = db.client().await;
+    let app = p.client(&db.name).await;
+    let sql = "SELECT affiliate_id, level_1_referrals FROM affiliates WHERE parent_affiliate_id = $1 AND status = $2";
+    app.query(sql, &[&1i64, &"active"]).await.unwrap();
+    let id = cutover::classify::fingerprint::fingerprint(sql).unwrap().id;
+
+    // Seen at `legacy` already, with its text.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = direct
+            .query_opt(
+                "SELECT normalized FROM cutover.fingerprints WHERE fingerprint = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = seen {
+            assert!(row.get::<_, String>(0).contains("parent_affiliate_id = ?"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "{id} never recorded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Staged by its id, then compared; drift in a column the rule set expects is expected.
+    let (code, out) = ctl(
+        &p,
+        &["set", &id, "shadow", "--reason", "compare it"],
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = ctl(
+        &p,
+        &["set", "fp_0123456789abcdef", "shadow", "--reason", "x"],
+        Some(TOKEN),
+    )
+    .await;
+    assert_ne!(code, 0, "an id nobody has seen: {out}");
+    until(&p, |s| {
+        s["query_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|q| q["query_type"] == id.as_str())
+    })
+    .await;
+    let parent: i64 = direct
+        .query_one(
+            "SELECT parent_affiliate_id FROM affiliates WHERE parent_affiliate_id IS NOT NULL
+             GROUP BY 1 ORDER BY count(*) DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    direct
+        .batch_execute(&format!(
+            "UPDATE affiliates SET level_1_referrals = level_1_referrals + 7 WHERE parent_affiliate_id = {parent}"
+        ))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        app.query(sql, &[&parent, &"active"]).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (compared, expected) = loop {
+        let row = direct
+            .query_one(
+                "SELECT coalesce(sum(matched + confirmed + expected), 0)::int8, coalesce(sum(expected), 0)::int8
+                 FROM cutover.comparison_stats WHERE query_type = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        let (compared, expected): (i64, i64) = (row.get(0), row.get(1));
+        if compared >= 3 || Instant::now() > deadline {
+            break (compared, expected);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (compared, expected),
+        (3, 3),
+        "compared under {id}, drift expected by [[expected]]"
+    );
+
+    // The report shows it at the stage it is compared in.
+    let (code, report, _) = support::cutover(
+        &[
+            "report",
+            "--format",
+            "json",
+            "--database-url",
+            &db.url(),
+            "--rules",
+            rules.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{report}");
+    let report: Value = serde_json::from_str(&report).unwrap();
+    let row = report["query_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["query_type"] == id.as_str())
+        .unwrap_or_else(|| panic!("{id} not in the report"))
+        .clone();
+    assert_eq!(row["stage"], "shadow", "{row}");
+
+    // Promoted: the rule is written, the rule set stays valid, the live stage carries over.
+    let (code, out, err) = support::cutover(
+        &[
+            "rules",
+            "promote",
+            &id,
+            "--name",
+            "children_by_status",
+            "--rules",
+            rules.path().to_str().unwrap(),
+            "--database-url",
+            &db.url(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let set = cutover::rules::RuleSet::load_dir(rules.path()).unwrap();
+    let fp = cutover::classify::fingerprint::fingerprint(sql).unwrap();
+    assert_eq!(
+        set.query_type_for(&fp).map(|q| q.name.as_str()),
+        Some("children_by_status")
+    );
+    let stage: String = direct
+        .query_one(
+            "SELECT stage FROM cutover.query_type_state WHERE query_type = 'children_by_status'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stage, "shadow");
+    // Promoting again is refused: the statement has a name now.
+    let (code, out, err) = support::cutover(
+        &[
+            "rules",
+            "promote",
+            &id,
+            "--name",
+            "again",
+            "--rules",
+            rules.path().to_str().unwrap(),
+            "--database-url",
+            &db.url(),
+        ],
+        &[],
+    );
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("children_by_status"), "{err}");
+    p.shutdown().await;
+}

@@ -57,7 +57,7 @@ fn check_command(line: &str, origin: &str) {
     let mut path = vec![*sub];
     let nested: &[&str] = match *sub {
         "ctl" => &["status", "set", "history", "mark", "changes", "accept"],
-        "rules" => &["check", "explain"],
+        "rules" => &["check", "explain", "promote"],
         _ => &[],
     };
     if let Some(second) = tokens[at + 2..].iter().find(|t| nested.contains(t)) {

@@ -466,7 +466,9 @@ pub struct Changed {
 pub enum ChangeError {
     #[error("{0}")]
     Invalid(String),
-    #[error("no query type {0:?}")]
+    #[error(
+        "no query type {0:?} (not in the rules, and not an automatic type the shadow has seen)"
+    )]
     UnknownQueryType(String),
     #[error("no control database: start the proxy with --control (or a user in the upstream URL)")]
     NoControlDatabase,
@@ -566,12 +568,29 @@ pub async fn request_change(
 ) -> Result<Changed, ChangeError> {
     let known = rules.query_types.iter().any(|qt| qt.name == query_type)
         || control.live().by_type.contains_key(&query_type);
-    if !known {
+    // An automatic query type (`fp_` and 16 hex digits): known once the shadow has seen it.
+    let automatic = !known
+        && query_type.len() == 19
+        && query_type.starts_with("fp_")
+        && query_type[3..].bytes().all(|b| b.is_ascii_hexdigit());
+    if !known && !automatic {
         return Err(ChangeError::UnknownQueryType(query_type));
     }
     let stage = stage_of(stage, percent).map_err(ChangeError::Invalid)?;
     let database = control.database().ok_or(ChangeError::NoControlDatabase)?;
     let mut client = crate::connect::connect(database).await?;
+    if automatic
+        && !client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM cutover.fingerprints WHERE fingerprint = $1)
+                     OR EXISTS (SELECT 1 FROM cutover.comparison_stats WHERE query_type = $1)",
+                &[&query_type],
+            )
+            .await?
+            .get::<_, bool>(0)
+    {
+        return Err(ChangeError::UnknownQueryType(query_type));
+    }
     let change = Change {
         writes: rules.writes(&query_type).unwrap_or(false),
         declared: behaviour::Declared::of(rules, &query_type),

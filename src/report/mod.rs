@@ -294,8 +294,7 @@ pub async fn gather(
                         cutover.hist_sum(legacy_us_hist) lh, cutover.hist_sum(target_us_hist) th
                  FROM cutover.comparison_stats WHERE minute >= $1
                  GROUP BY query_type)
-             SELECT coalesce(q.query_type, s.query_type), coalesce(q.stage, 'legacy'),
-                    coalesce(q.percent, 0::int2),
+             SELECT coalesce(q.query_type, s.query_type), q.stage, q.percent,
                     coalesce(m, 0), coalesce(e, 0), coalesce(c, 0), coalesce(d, 0),
                     coalesce(rb, 0), coalesce(er, 0), coalesce(u, 0), coalesce(t, 0),
                     coalesce(nd, 0), coalesce(sk, 0), coalesce(dr, 0), coalesce(ti, 0),
@@ -315,8 +314,23 @@ pub async fn gather(
     let (mut all_samples, mut all_agree, mut all_timed, mut all_l, mut all_t) = (0, 0, 0, 0, 0);
     for r in rows {
         let query_type: String = r.get(0);
-        let stage: String = r.get(1);
-        let percent: i16 = r.get(2);
+        // No live state: the rules' stage (a rule's own, or the default stage automatic
+        // types are compared in), not "legacy" while it is being compared.
+        let (stage, percent): (String, i16) =
+            match (r.get::<_, Option<String>>(1), r.get::<_, Option<i16>>(2)) {
+                (Some(stage), percent) => (stage, percent.unwrap_or(0)),
+                (None, _) => {
+                    let from_rules = rules.map(|rules| {
+                        rules
+                            .named(&query_type)
+                            .map_or(rules.defaults.stage, |q| q.stage)
+                    });
+                    let (stage, percent) = crate::control::stage_columns(
+                        from_rules.unwrap_or(crate::rules::Stage::Legacy),
+                    );
+                    (stage.to_owned(), percent)
+                }
+            };
         let o = Outcomes {
             matched: r.get(3),
             expected: r.get(4),
@@ -540,15 +554,11 @@ async fn expected(
             .map(|r| r.get::<_, i64>(0))
     };
     let mut out = Vec::new();
-    for e in rules
-        .and_then(|r| r.named(query_type))
-        .map(|q| q.compare.expected.clone())
-        .unwrap_or_default()
-    {
+    for e in rules.map(|r| r.expected_of(query_type)).unwrap_or_default() {
         out.push(ExpectedClass {
             sampled: sampled(e.class.clone()).await?,
             class: e.class,
-            kind: None,
+            kind: Some(e.kind),
             columns: e.columns,
             note: e.note,
             source: "rules".into(),

@@ -12,6 +12,7 @@
 
 pub mod changes;
 mod check;
+pub mod promote;
 mod raw;
 pub mod redaction;
 
@@ -307,6 +308,8 @@ pub struct RuleSet {
     pub behaviour_changes: Vec<changes::BehaviourChange>,
     /// What divergence samples may show.
     pub redaction: redaction::Redaction,
+    /// Expected classes for every query type, automatic ones included (`[[expected]]`).
+    pub expected: Vec<Expected>,
     /// 12 hex digits of the SHA-256 of the files' names and texts: which rules a divergence
     /// was found under.
     pub version: String,
@@ -334,6 +337,17 @@ impl RuleSet {
         self.behaviour_changes
             .iter()
             .filter(move |c| c.query_types.iter().any(|q| q == name))
+    }
+
+    /// The classes reviewers expect of a query type's divergences: its rule's, then the rule
+    /// set's own (`[[expected]]`), which hold for automatic types too.
+    pub fn expected_of(&self, query_type: &str) -> Vec<Expected> {
+        let mut out = self
+            .named(query_type)
+            .map(|q| q.compare.expected.clone())
+            .unwrap_or_default();
+        out.extend(self.expected.iter().cloned());
+        out
     }
 
     /// The named query type called `name`.
@@ -549,6 +563,13 @@ impl Builder {
             self.routability(table, &query_types);
         }
         let redaction = self.redaction(&parsed, table.as_ref());
+        let mut expected = Vec::new();
+        if let Some(table) = &table {
+            for (path, text, file) in &parsed {
+                let list = self.expected_list(path, text, &file.expected, table);
+                expected.extend(list);
+            }
+        }
         match table {
             Some(table) if self.diagnostics.is_empty() => Ok(RuleSet {
                 table,
@@ -556,11 +577,63 @@ impl Builder {
                 query_types,
                 behaviour_changes,
                 redaction,
+                expected,
                 version: version_of(sources),
                 by_fingerprint,
             }),
             _ => Err(RulesError(self.diagnostics)),
         }
+    }
+
+    /// Expected classes (`[[query_type.compare.expected]]`, or the rule set's own
+    /// `[[expected]]`, which holds for every query type, automatic ones too).
+    fn expected_list(
+        &mut self,
+        path: &Path,
+        text: &str,
+        raws: &[raw::RawExpected],
+        table: &TableMap,
+    ) -> Vec<Expected> {
+        let mut out = Vec::new();
+        for e in raws {
+            let columns = e
+                .columns
+                .iter()
+                .filter_map(|col| self.legacy_column(path, text, col, table))
+                .collect();
+            if !is_identifier(e.class.get_ref()) {
+                self.at(
+                    path,
+                    text,
+                    &e.class,
+                    "expected class: use lower-case letters, digits and _",
+                );
+            }
+            if e.note.get_ref().trim().is_empty() {
+                self.at(path, text, &e.note, "expected: say why in the note");
+            }
+            let kind = e.kind.as_ref().map_or("drift", |k| k.get_ref().as_str());
+            if let Some(k) = &e.kind
+                && !EXPECTED_KINDS.contains(&kind)
+            {
+                self.at(
+                    path,
+                    text,
+                    k,
+                    format!(
+                        "expected kind {kind:?}: one of {} (errors are never expected by column)",
+                        EXPECTED_KINDS.join(", ")
+                    ),
+                );
+            }
+            out.push(Expected {
+                kind: kind.to_owned(),
+                class: e.class.get_ref().clone(),
+                columns,
+                note: e.note.get_ref().clone(),
+            });
+        }
+        out
     }
 
     /// Every file's `[redaction]`, together; a `shown` column must be one of the table's.
@@ -1035,44 +1108,7 @@ impl Builder {
                     compare.ignore_columns.push(name);
                 }
             }
-            for e in &c.expected {
-                let columns = e
-                    .columns
-                    .iter()
-                    .filter_map(|col| self.legacy_column(path, text, col, table))
-                    .collect();
-                if !is_identifier(e.class.get_ref()) {
-                    self.at(
-                        path,
-                        text,
-                        &e.class,
-                        "expected class: use lower-case letters, digits and _",
-                    );
-                }
-                if e.note.get_ref().trim().is_empty() {
-                    self.at(path, text, &e.note, "expected: say why in the note");
-                }
-                let kind = e.kind.as_ref().map_or("drift", |k| k.get_ref().as_str());
-                if let Some(k) = &e.kind
-                    && !EXPECTED_KINDS.contains(&kind)
-                {
-                    self.at(
-                        path,
-                        text,
-                        k,
-                        format!(
-                            "expected kind {kind:?}: one of {} (errors are never expected by column)",
-                            EXPECTED_KINDS.join(", ")
-                        ),
-                    );
-                }
-                compare.expected.push(Expected {
-                    kind: kind.to_owned(),
-                    class: e.class.get_ref().clone(),
-                    columns,
-                    note: e.note.get_ref().clone(),
-                });
-            }
+            compare.expected = self.expected_list(path, text, &c.expected, table);
         }
         if self.diagnostics.len() > before {
             return None;
@@ -1097,7 +1133,7 @@ impl Builder {
     }
 }
 
-fn is_identifier(s: &str) -> bool {
+pub(crate) fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.chars()
             .next()

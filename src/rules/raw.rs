@@ -16,6 +16,9 @@ pub struct RawFile {
     #[serde(default)]
     pub behaviour_change: Vec<Spanned<RawBehaviourChange>>,
     pub redaction: Option<RawRedaction>,
+    /// Expected classes for every query type (automatic ones too).
+    #[serde(default)]
+    pub expected: Vec<RawExpected>,
 }
 
 /// `[redaction]`: what divergence samples may show (rules/redaction.rs).

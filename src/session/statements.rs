@@ -317,7 +317,14 @@ impl<'s> Statements<'s> {
                 return (Served::either(&queries.unparsable), None);
             }
             Classification::Typed(t) if t.named => queries.named(&t.query_type),
-            Classification::Typed(_) => queries.automatic.clone(),
+            Classification::Typed(t) => {
+                // Every automatic type is recorded, whatever its stage, so that operators
+                // can see, stage and promote it (once per replica; a set lookup after).
+                if let Some(shadow) = self.shadow {
+                    shadow.store.fingerprint(&t.query_type, &t.fingerprint.text);
+                }
+                queries.automatic.clone()
+            }
         };
         (served, Some(classification))
     }

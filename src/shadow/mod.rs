@@ -113,6 +113,7 @@ impl Shadow {
     pub fn offer(&self, job: Job) {
         let Some(typed) = job.typed() else { return };
         let Some(plan) = &typed.read else { return };
+
         if let Determinism::Nondeterministic(_) = plan.determinism {
             self.store.count(
                 &typed.query_type,

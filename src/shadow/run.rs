@@ -292,7 +292,7 @@ impl Conn {
         let _ = self.client.batch_execute("COMMIT").await;
 
         let expected = shadow.store.expected_class(
-            rule.map_or(&[][..], |r| &r.compare.expected),
+            &job.rules.expected_of(&typed.query_type),
             &typed.query_type,
             kind,
             &columns,
