@@ -125,6 +125,23 @@ match = "SELECT affiliate_id, level_1_referrals FROM affiliates WHERE 1 < level_
 target = "SELECT affiliate_id, direct_referrals_count AS level_1_referrals FROM fature_v2.affiliates_optimized WHERE 1 < direct_referrals_count ORDER BY direct_referrals_count LIMIT $1"
 stage = "shadow"
 
+# A missing condition; a column the statement does not read changed; a volatile function.
+[[query_type]]
+name = "active_children_missing_condition"
+match = "SELECT affiliate_id FROM affiliates WHERE parent_affiliate_id = $1 AND status = 'active' ORDER BY affiliate_id"
+target = "SELECT affiliate_id FROM fature_v2.affiliates_optimized WHERE parent_affiliate_id = $1 ORDER BY affiliate_id"
+stage = "shadow"
+
+[[query_type]]
+name = "deposits_by_id"
+match = "SELECT total_deposits, affiliate_id FROM affiliates WHERE affiliate_id = $1"
+stage = "shadow"
+
+[[query_type]]
+name = "volatile_now"
+match = "SELECT affiliate_id, now() AS asked_at FROM affiliates WHERE affiliate_id = $1"
+stage = "shadow"
+
 # Rewritten by the proxy (no target): a difference can only be the rows'.
 [[query_type]]
 name = "status_by_id"
@@ -770,21 +787,22 @@ async fn no_vacuous_matches_and_expected_classes_keep_their_kind() {
     assert_eq!((st["rewrite_bug"], st["expected"]), (4, 0), "{st:?}");
 }
 
-/// The verdict suite (issue 18, "How it is proven"): known faults injected into a tree —
-/// drift on a read column, counter drift on rows the statement does not read, rewrite bugs in
-/// an order, an aggregate's bound and a closure distance, a locking read, clean reads — and
-/// for each the class every comparison must get. Prints the confusion matrix; any count off
-/// the expected class fails.
+/// The verdict suite (issue 18, "How it is proven"): known faults injected into a tree, and
+/// for each the class every comparison must get. Drift on a read column; a column changed
+/// that the statement does not read; known counter drift (expected); rewrite bugs — a missing
+/// condition, an order, an aggregate's bound, a closure distance on rows whose counters
+/// drifted —; a target that fails; a locking read; ties at a LIMIT; a volatile function.
+/// Prints the confusion matrix; any count off the expected cells fails.
 #[tokio::test]
 async fn every_injected_fault_gets_its_class() {
-    let s = setup(400, &["affiliate_by_id"], |_| {}).await;
+    let s = setup(400, &["affiliate_by_id", "top_referrers"], |_| {}).await;
     let direct = s.db.client().await;
     let app = s.proxy.client(&s.db.name).await;
-    let ids = |sql: &'static str| {
+    let ids = |sql: String| {
         let direct = &direct;
         async move {
             direct
-                .query(sql, &[])
+                .query(&sql, &[])
                 .await
                 .unwrap()
                 .iter()
@@ -792,17 +810,32 @@ async fn every_injected_fault_gets_its_class() {
                 .collect::<Vec<i64>>()
         }
     };
-    // Affiliates with a grandparent; affiliates with grandchildren.
+    // Ties at a LIMIT first, on the clean tree (the counters drift below).
+    let top = "SELECT affiliate_id, level_1_referrals\nFROM affiliates\nWHERE level_1_referrals > 0\nORDER BY level_1_referrals DESC\nLIMIT $1";
+    for limit in [1i64, 2, 3, 5, 8] {
+        app.query(top, &[&limit]).await.unwrap();
+    }
+    settled(&direct, "top_referrers", 5).await;
+    // Affiliates with a grandparent; with grandchildren; with children not all active (and
+    // not the parent of the row whose status changes below).
     let deep = ids("SELECT c.affiliate_id FROM affiliates c JOIN affiliates p ON p.affiliate_id = c.parent_affiliate_id
-                    WHERE p.parent_affiliate_id IS NOT NULL ORDER BY 1 LIMIT 6").await;
+                    WHERE p.parent_affiliate_id IS NOT NULL ORDER BY 1 LIMIT 6".into()).await;
     let grand = ids("SELECT DISTINCT g.affiliate_id FROM affiliates g JOIN affiliates c ON c.parent_affiliate_id = g.affiliate_id
-                     JOIN affiliates cc ON cc.parent_affiliate_id = c.affiliate_id ORDER BY 1 LIMIT 6").await;
+                     JOIN affiliates cc ON cc.parent_affiliate_id = c.affiliate_id ORDER BY 1 LIMIT 6".into()).await;
+    let mixed = ids(format!(
+        "SELECT parent_affiliate_id FROM affiliates WHERE parent_affiliate_id IS NOT NULL
+         AND parent_affiliate_id <> (SELECT parent_affiliate_id FROM affiliates WHERE affiliate_id = {})
+         GROUP BY 1 HAVING bool_or(status <> 'active') ORDER BY 1 LIMIT 4",
+        deep.first().copied().unwrap_or(0)
+    ))
+    .await;
     assert!(
-        deep.len() == 6 && grand.len() == 6,
-        "the tree is deep enough"
+        deep.len() == 6 && grand.len() == 6 && mixed.len() == 4,
+        "the tree has the shapes the faults need"
     );
-    // Known counter drift on the parents and their children (rows the closure query returns
-    // but does not read that column of), and drift on a read column of one row.
+    // Known counter drift on the grandparents and their children (rows the closure query
+    // returns but does not read that column of); drift on a read column of one row; a
+    // column no statement below reads changed on another.
     direct
         .batch_execute(&format!(
             "UPDATE affiliates SET level_1_referrals = level_1_referrals + 3
@@ -818,8 +851,9 @@ async fn every_injected_fault_gets_its_class() {
     behind_the_proxy(
         &direct,
         &format!(
-            "UPDATE fature_v2.affiliates_optimized SET status = 'banned' WHERE affiliate_id = {}",
-            deep[0]
+            "UPDATE fature_v2.affiliates_optimized SET status = 'banned' WHERE affiliate_id = {};
+             UPDATE fature_v2.affiliates_optimized SET name = 'renamed' WHERE affiliate_id = {}",
+            deep[0], deep[1]
         ),
     )
     .await;
@@ -828,6 +862,12 @@ async fn every_injected_fault_gets_its_class() {
     let network = "WITH RECURSIVE downline AS (\n    SELECT affiliate_id, 1 AS depth FROM affiliates WHERE parent_affiliate_id = $1\n    UNION ALL\n    SELECT a.affiliate_id, d.depth + 1\n    FROM affiliates a JOIN downline d ON a.parent_affiliate_id = d.affiliate_id\n    WHERE d.depth < $2\n)\nSELECT COUNT(*) AS n FROM downline";
     for &id in &deep {
         app.query(upline, &[&id]).await.unwrap();
+        one_row(
+            &app,
+            "SELECT status, affiliate_id FROM affiliates WHERE affiliate_id = $1",
+            id,
+        )
+        .await;
     }
     for &id in &grand {
         app.query(network, &[&id, &2i32]).await.unwrap();
@@ -837,28 +877,100 @@ async fn every_injected_fault_gets_its_class() {
         )
         .await
         .unwrap();
+        one_row(&app, "SELECT * FROM affiliates WHERE affiliate_id = $1", id).await;
     }
-    one_row(
-        &app,
-        "SELECT status, affiliate_id FROM affiliates WHERE affiliate_id = $1",
-        deep[0],
-    )
-    .await;
-    for &id in &deep[1..] {
+    for &id in &mixed {
+        app.query(
+            "SELECT affiliate_id FROM affiliates WHERE parent_affiliate_id = $1 AND status = 'active' ORDER BY affiliate_id",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    }
+    for &id in &deep[1..4] {
         one_row(
             &app,
-            "SELECT status, affiliate_id FROM affiliates WHERE affiliate_id = $1",
+            "SELECT total_deposits, affiliate_id FROM affiliates WHERE affiliate_id = $1",
+            id,
+        )
+        .await;
+        one_row(
+            &app,
+            "SELECT affiliate_id, status FROM affiliates WHERE affiliate_id = $1",
+            id,
+        )
+        .await;
+        one_row(
+            &app,
+            "SELECT affiliate_id, now() AS asked_at FROM affiliates WHERE affiliate_id = $1",
             id,
         )
         .await;
     }
+    app.batch_execute("BEGIN").await.unwrap();
+    for &id in &deep[1..4] {
+        one_row(
+            &app,
+            "SELECT affiliate_id, status FROM affiliates WHERE affiliate_id = $1 FOR UPDATE",
+            id,
+        )
+        .await;
+    }
+    app.batch_execute("COMMIT").await.unwrap();
 
-    // (query type, comparisons, expected class, how many of them in it)
-    let cases: [(&str, i64, &str, i64); 4] = [
-        ("upline_desc", 6, "rewrite_bug", 6),
-        ("network_size_lt", 6, "rewrite_bug", 6),
-        ("children_wrong_distance", 6, "rewrite_bug", 6),
-        ("status_by_id", 6, "drift", 1),
+    // (fault, query type, comparisons, the classes they must get; every other cell 0)
+    let cases: &[(&str, &str, i64, &[(&str, i64)])] = &[
+        (
+            "drift on a read column",
+            "status_by_id",
+            6,
+            &[("drift", 1), ("matched", 5)],
+        ),
+        (
+            "changed column not read",
+            "deposits_by_id",
+            3,
+            &[("matched", 3)],
+        ),
+        (
+            "known counter drift",
+            "affiliate_by_id",
+            6,
+            &[("expected", 6)],
+        ),
+        (
+            "missing condition",
+            "active_children_missing_condition",
+            4,
+            &[("rewrite_bug", 4)],
+        ),
+        (
+            "wrong sort direction",
+            "upline_desc",
+            6,
+            &[("rewrite_bug", 6)],
+        ),
+        (
+            "wrong aggregate bound",
+            "network_size_lt",
+            6,
+            &[("rewrite_bug", 6)],
+        ),
+        (
+            "off-by-one distance",
+            "children_wrong_distance",
+            6,
+            &[("rewrite_bug", 6)],
+        ),
+        ("target error", "failing_target", 3, &[("errors", 3)]),
+        ("locking read", "locking_read", 3, &[("matched", 3)]),
+        ("ties at a LIMIT", "top_referrers", 5, &[("matched", 5)]),
+        (
+            "volatile function",
+            "volatile_now",
+            3,
+            &[("nondeterministic", 3)],
+        ),
     ];
     let classes = [
         "matched",
@@ -868,32 +980,31 @@ async fn every_injected_fault_gets_its_class() {
         "undetermined",
         "expected",
         "transient",
+        "nondeterministic",
         "skipped",
     ];
     let mut matrix = format!(
         "{:<26}{}\n",
         "fault \\ class",
-        classes.map(|c| format!("{c:>13}")).concat()
+        classes.map(|c| format!("{:>17}", c)).concat()
     );
     let mut off = Vec::new();
-    for (query_type, total, expected, hits) in cases {
-        let mut st = settled(&direct, query_type, total).await;
+    for (fault, query_type, total, expected) in cases {
+        let mut st = settled(&direct, query_type, *total).await;
         let undetermined = st["confirmed"] - st["drift"] - st["rewrite_bug"] - st["errors"];
         st.insert("undetermined".into(), undetermined);
         matrix.push_str(&format!(
-            "{query_type:<26}{}\n",
-            classes.map(|c| format!("{:>13}", st[c])).concat()
+            "{fault:<26}{}\n",
+            classes.map(|c| format!("{:>17}", st[c])).concat()
         ));
-        // The expected class gets its hits; every other comparison matched.
         for class in classes {
-            let want = match class {
-                c if c == expected => hits,
-                "matched" => total - hits,
-                _ => 0,
-            };
+            let want = expected
+                .iter()
+                .find(|(c, _)| *c == class)
+                .map_or(0, |(_, n)| *n);
             if st[class] != want {
                 off.push(format!(
-                    "{query_type}: {class} = {} (expected {want})",
+                    "{fault} ({query_type}): {class} = {} (expected {want})",
                     st[class]
                 ));
             }
@@ -902,7 +1013,7 @@ async fn every_injected_fault_gets_its_class() {
     println!("{matrix}");
     assert!(
         off.is_empty(),
-        "off the diagonal:\n{}\n{matrix}",
+        "off the expected cells:\n{}\n{matrix}",
         off.join("\n")
     );
 }
