@@ -919,7 +919,8 @@ async fn every_injected_fault_gets_its_class() {
     app.batch_execute("COMMIT").await.unwrap();
 
     // (fault, query type, comparisons, the classes they must get; every other cell 0)
-    let cases: &[(&str, &str, i64, &[(&str, i64)])] = &[
+    type Case<'a> = (&'a str, &'a str, i64, &'a [(&'a str, i64)]);
+    let cases: &[Case] = &[
         (
             "drift on a read column",
             "status_by_id",
