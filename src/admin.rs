@@ -211,9 +211,9 @@ async fn authorized(
             }
         }));
     };
-    let config = &shared.config;
-    let admin = crate::auth::token_named(&config.admin_tokens, &given);
-    let reader = crate::auth::token_named(&config.read_tokens, &given);
+    let tokens = shared.tokens.load();
+    let admin = crate::auth::token_named(&tokens.admin, &given);
+    let reader = crate::auth::token_named(&tokens.read, &given);
     match (admin, reader, access) {
         (Some(name), _, _) | (None, Some(name), Access::Read) => Ok(name.to_owned()),
         (None, Some(name), Access::Change) => Err(problem(

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::connect;
 
 /// The configuration file, as written (every field optional; flags override).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// Address the proxy listens on for applications.
@@ -66,6 +66,36 @@ pub struct FileConfig {
     /// The query that returns a user's secret (`$1`: the user name; the last column is the
     /// secret). Default: pgbouncer's, on `pg_authid`.
     pub auth_query: Option<String>,
+    /// Problems found while merging sources (not a key of the file).
+    #[serde(skip)]
+    pub merge_problems: Vec<String>,
+}
+
+/// Tokens from two sources, merged by name; the same name with two different tokens is a
+/// problem (which one is meant cannot be guessed).
+fn merged_tokens(
+    key: &str,
+    file: Option<std::collections::BTreeMap<String, String>>,
+    flags: Option<std::collections::BTreeMap<String, String>>,
+    problems: &mut Vec<String>,
+) -> Option<std::collections::BTreeMap<String, String>> {
+    match (file, flags) {
+        (None, None) => None,
+        (Some(one), None) | (None, Some(one)) => Some(one),
+        (Some(mut all), Some(flags)) => {
+            for (name, token) in flags {
+                match all.get(&name) {
+                    Some(existing) if *existing != token => problems.push(format!(
+                        "{key}.{name}: the configuration file and the command line (or environment) give two different tokens named {name:?}; name them apart"
+                    )),
+                    _ => {
+                        all.insert(name, token);
+                    }
+                }
+            }
+            Some(all)
+        }
+    }
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
@@ -168,9 +198,25 @@ impl FileConfig {
         })
     }
 
-    /// Fields set in `other` win.
+    /// Fields set in `other` win; tokens are merged from both.
     pub fn overridden_by(self, other: FileConfig) -> FileConfig {
+        let mut merge_problems = [self.merge_problems, other.merge_problems].concat();
+        let admin_tokens = merged_tokens(
+            "admin_tokens",
+            self.admin_tokens,
+            other.admin_tokens,
+            &mut merge_problems,
+        );
+        let read_tokens = merged_tokens(
+            "read_tokens",
+            self.read_tokens,
+            other.read_tokens,
+            &mut merge_problems,
+        );
         FileConfig {
+            merge_problems,
+            admin_tokens,
+            read_tokens,
             listen: other.listen.or(self.listen),
             upstream: other.upstream.or(self.upstream),
             admin: other.admin.or(self.admin),
@@ -183,8 +229,6 @@ impl FileConfig {
             tls_key: other.tls_key.or(self.tls_key),
             client_tls_required: other.client_tls_required.or(self.client_tls_required),
             control: other.control.or(self.control),
-            admin_tokens: other.admin_tokens.or(self.admin_tokens),
-            read_tokens: other.read_tokens.or(self.read_tokens),
             shadow: other.shadow.or(self.shadow),
             shadow_connections: other.shadow_connections.or(self.shadow_connections),
             shadow_queue: other.shadow_queue.or(self.shadow_queue),
@@ -201,7 +245,7 @@ impl FileConfig {
 
     /// Validates every field, reporting all problems together.
     pub fn validate(self) -> Result<ServeConfig, ConfigError> {
-        let mut problems = Vec::new();
+        let mut problems = self.merge_problems.clone();
         let mut addr = |name: &str, value: &str| -> Option<SocketAddr> {
             value
                 .parse()
@@ -544,5 +588,29 @@ mod tests {
             err.0[0].contains("control") && err.0[0].contains("sslmode=require"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tokens_from_every_source_are_merged() {
+        let token =
+            |name: &str, t: &str| Some([(name.to_owned(), t.to_owned())].into_iter().collect());
+        let file = FileConfig {
+            upstream: Some("postgres://db/f".into()),
+            admin_tokens: token("ops", "ops-token-0123456789"),
+            ..FileConfig::default()
+        };
+        let flags = FileConfig {
+            admin_tokens: token("default", "env-token-0123456789"),
+            ..FileConfig::default()
+        };
+        let config = file.clone().overridden_by(flags).validate().unwrap();
+        assert_eq!(config.admin_tokens.len(), 2);
+        // The same name with another token: refused, not guessed.
+        let clash = FileConfig {
+            admin_tokens: token("ops", "another-token-0123456789"),
+            ..FileConfig::default()
+        };
+        let err = file.overridden_by(clash).validate().unwrap_err();
+        assert!(err.0[0].contains("admin_tokens.ops"), "{err}");
     }
 }

@@ -31,7 +31,7 @@ pub const DATABASE: &str = "cutover";
 
 /// Whether this startup is for the console.
 pub fn wanted(shared: &Shared, startup: &Startup) -> bool {
-    !shared.config.admin_tokens.is_empty() && startup.user_and_database().1 == DATABASE
+    !shared.tokens.load().admin.is_empty() && startup.user_and_database().1 == DATABASE
 }
 
 /// A row-returning answer: column names and text values.
@@ -67,7 +67,7 @@ pub async fn run<C: Duplex>(mut client: C, startup: Startup, shared: &Shared, sl
     };
     let password = body.strip_suffix(b"\0").unwrap_or(&body);
     let allowed = tag == b'p'
-        && crate::auth::token_named(&shared.config.admin_tokens, password) == Some(user.as_str());
+        && crate::auth::token_named(&shared.tokens.load().admin, password) == Some(user.as_str());
     if allowed && slot.authenticated().is_err() {
         crate::session::refuse(
             &mut client,

@@ -46,12 +46,22 @@ pub struct Running {
     shutdown: CancellationToken,
     done: tokio::task::JoinHandle<()>,
     reload: Arc<tokio::sync::Notify>,
+    shared: Arc<Shared>,
 }
 
 impl Running {
     /// A handle that asks for the rules to be reloaded (SIGHUP).
     pub fn reload_handle(&self) -> Arc<tokio::sync::Notify> {
         Arc::clone(&self.reload)
+    }
+
+    /// A handle that applies a new configuration (SIGHUP): see [`crate::reload::reconfigure`].
+    pub fn reconfigure_handle(
+        &self,
+    ) -> impl Fn(&ServeConfig) -> Result<crate::reload::Reconfigured, String> + Send + Sync + 'static
+    {
+        let shared = Arc::clone(&self.shared);
+        move |config| crate::reload::reconfigure(&shared, config)
     }
 
     /// Starts the shutdown (as SIGTERM does) and waits until every session is closed.
@@ -96,12 +106,15 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         }
     };
     let secrets = crate::auth::Secrets {
-        file: config
-            .auth
-            .file
-            .as_deref()
-            .map(crate::auth::AuthFile::load)
-            .transpose()?,
+        file: arc_swap::ArcSwapOption::from(
+            config
+                .auth
+                .file
+                .as_deref()
+                .map(crate::auth::AuthFile::load)
+                .transpose()?
+                .map(Arc::new),
+        ),
         query: config
             .auth
             .query
@@ -183,7 +196,12 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         None => None,
     };
 
-    let done = tokio::spawn(accept_loop(listener, tls, shared, shutdown.clone()));
+    let done = tokio::spawn(accept_loop(
+        listener,
+        tls,
+        Arc::clone(&shared),
+        shutdown.clone(),
+    ));
     tracing::info!(%addr, ?admin_addr, "cutover is listening");
     Ok(Running {
         addr,
@@ -191,6 +209,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         shutdown,
         done,
         reload,
+        shared,
     })
 }
 

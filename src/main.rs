@@ -704,8 +704,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         auth_file: args.auth_file,
         auth_url: args.auth_url,
         auth_query: args.auth_query,
+        merge_problems: Vec::new(),
     };
-    let config = file.overridden_by(flags).validate()?;
+    let config = file.overridden_by(flags.clone()).validate()?;
     let running = listener::start(config).await?;
     eprintln!(
         "cutover: listening on {}{}",
@@ -716,13 +717,37 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default()
     );
     let reload = running.reload_handle();
+    let reconfigure = running.reconfigure_handle();
+    let config_path = args.config.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             return;
         };
         while hup.recv().await.is_some() {
-            eprintln!("cutover: SIGHUP, reloading the rules");
+            eprintln!("cutover: SIGHUP, reloading the configuration and the rules");
+            // The file as it is now, under the same flags and environment.
+            let file = match &config_path {
+                Some(path) => FileConfig::from_toml(path),
+                None => Ok(FileConfig::default()),
+            };
+            match file.and_then(|f| f.overridden_by(flags.clone()).validate()) {
+                Err(e) => eprintln!("cutover: the configuration was not reloaded: {e}"),
+                Ok(config) => match reconfigure(&config) {
+                    Err(e) => eprintln!("cutover: the configuration was not reloaded: {e}"),
+                    Ok(done) => {
+                        for key in &done.applied {
+                            eprintln!("cutover: reloaded {key}");
+                        }
+                        if !done.need_restart.is_empty() {
+                            eprintln!(
+                                "cutover: changed, applied only by a restart: {}",
+                                done.need_restart.join(", ")
+                            );
+                        }
+                    }
+                },
+            }
             reload.notify_one();
         }
     });

@@ -1,5 +1,7 @@
 //! Hot reload of the rule files: on SIGHUP, and when a file of the rules directory changes
 //! (polled every second: a plain, a symlinked or a Kubernetes ConfigMap directory alike).
+//! On SIGHUP also the configuration ([`reconfigure`]): the admin and read tokens and the auth
+//! file are swapped in; a changed setting that only a restart applies is named in the log.
 //!
 //! A new set is validated whole before it replaces the old one (a statement in flight keeps
 //! the classification it started with). A broken set changes nothing: every diagnostic is
@@ -16,6 +18,92 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{classify::Classifier, control, rules::RuleSet, session::Shared};
+
+/// What a SIGHUP applied of a new configuration, and what it could not.
+#[derive(Debug, Default)]
+pub struct Reconfigured {
+    pub applied: Vec<&'static str>,
+    /// Changed, but only a restart applies them.
+    pub need_restart: Vec<&'static str>,
+}
+
+/// Applies what can be applied live of `new` (validated already): tokens and the auth file.
+/// An auth file that cannot be read leaves the old one (the error is returned); nothing
+/// else is changed then either.
+pub fn reconfigure(
+    shared: &Shared,
+    new: &crate::config::ServeConfig,
+) -> Result<Reconfigured, String> {
+    let old = &shared.config;
+    let mut done = Reconfigured::default();
+    let file = match &new.auth.file {
+        Some(path) => Some(Arc::new(
+            crate::auth::AuthFile::load(path).map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let tokens = crate::auth::Tokens {
+        admin: new.admin_tokens.clone(),
+        read: new.read_tokens.clone(),
+    };
+    if **shared.tokens.load() != tokens {
+        shared.tokens.store(Arc::new(tokens));
+        done.applied.push("admin_tokens / read_tokens");
+    }
+    if file.is_some() || shared.secrets.file.load().is_some() {
+        shared.secrets.file.store(file);
+        done.applied.push("auth_file (read again)");
+    }
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    for (key, changed) in [
+        ("listen", old.listen != new.listen),
+        (
+            "upstream",
+            differs(&old.upstream_config, &new.upstream_config)
+                || old.upstream_verify != new.upstream_verify,
+        ),
+        ("admin", old.admin != new.admin),
+        (
+            "max_client_connections",
+            old.max_client_connections != new.max_client_connections,
+        ),
+        (
+            "max_logins_in_progress",
+            old.max_logins_in_progress != new.max_logins_in_progress,
+        ),
+        (
+            "max_message_bytes",
+            old.max_message_bytes != new.max_message_bytes,
+        ),
+        (
+            "shutdown_grace_seconds",
+            old.shutdown_grace != new.shutdown_grace,
+        ),
+        ("worker_threads", old.worker_threads != new.worker_threads),
+        ("rules", old.rules != new.rules),
+        ("tls_cert / tls_key", differs(&old.tls, &new.tls)),
+        (
+            "client_tls_required",
+            old.client_tls_required != new.client_tls_required,
+        ),
+        ("control", differs(&old.control, &new.control)),
+        ("shadow*", differs(&old.shadow, &new.shadow)),
+        (
+            "authentication_timeout_seconds",
+            old.authentication_timeout != new.authentication_timeout,
+        ),
+        (
+            "auth_url / auth_query",
+            differs(&old.auth.query, &new.auth.query),
+        ),
+    ] {
+        if changed {
+            done.need_restart.push(key);
+        }
+    }
+    Ok(done)
+}
 
 /// Loads the rules again; on success they replace the running ones. Returns the number of
 /// query types loaded.

@@ -208,8 +208,21 @@ fn clients_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
 }
 
+/// Fails the test with the command to run when a Python driver is missing.
+fn python_module(module: &str) {
+    let found = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "the Python module {module} is not installed: run ./scripts/test (it installs the clients), or python3 -m pip install 'psycopg[binary]' asyncpg"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_sees_the_same_through_the_proxy() {
+    python_module("psycopg");
     let script = clients_dir().join("psycopg_scenario.py");
     same_transcript(
         "python3",
@@ -227,6 +240,7 @@ async fn psycopg_sees_the_same_through_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asyncpg_sees_the_same_through_the_proxy() {
+    python_module("asyncpg");
     let script = clients_dir().join("asyncpg_scenario.py");
     same_transcript(
         "python3",
@@ -246,7 +260,7 @@ async fn node_postgres_sees_the_same_through_the_proxy() {
     let script = clients_dir().join("node/scenario.js");
     assert!(
         clients_dir().join("node/node_modules/pg").exists(),
-        "node-postgres is not installed: run `npm ci --prefix tests/clients/node` (.ci/run does)"
+        "node-postgres is not installed: run ./scripts/test (it installs the clients), or npm ci --prefix tests/clients/node"
     );
     same_transcript(
         "node",
@@ -265,7 +279,7 @@ async fn jdbc_sees_the_same_through_the_proxy() {
     let jar = "/usr/share/java/postgresql.jar";
     assert!(
         Path::new(jar).exists(),
-        "the PostgreSQL JDBC driver is not installed: apt install libpostgresql-jdbc-java (.ci/run does)"
+        "the PostgreSQL JDBC driver is not installed: run ./scripts/test (it installs the clients), or apt install libpostgresql-jdbc-java"
     );
     let source = clients_dir().join("JdbcScenario.java");
     // JDBC takes jdbc:postgresql://host:port/db URLs.

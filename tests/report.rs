@@ -248,7 +248,7 @@ fn render_in_chromium(html: &str) {
                 .is_ok_and(|o| o.status.success())
         })
         .expect(
-            "headless Chromium is needed to render the report: apt install chromium (.ci/run does)",
+            "headless Chromium is needed to render the report: run ./scripts/test (it installs it), or apt install chromium",
         );
     let dir = tempfile::tempdir().unwrap();
     let page = dir.path().join("report.html");

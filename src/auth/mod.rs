@@ -203,21 +203,22 @@ impl AuthQuery {
     }
 }
 
-/// Every configured source of secrets, asked in order: the file, then the query.
+/// Every configured source of secrets, asked in order: the file (reloaded on SIGHUP), then
+/// the query.
 #[derive(Default)]
 pub struct Secrets {
-    pub file: Option<AuthFile>,
+    pub file: arc_swap::ArcSwapOption<AuthFile>,
     pub query: Option<AuthQuery>,
 }
 
 impl Secrets {
     pub fn is_configured(&self) -> bool {
-        self.file.is_some() || self.query.is_some()
+        self.file.load().is_some() || self.query.is_some()
     }
 
     /// The user's secret; `Ok(None)` when no source has one (the login is relayed).
     pub async fn lookup(&self, user: &str) -> Result<Option<Secret>, String> {
-        if let Some(secret) = self.file.as_ref().and_then(|f| f.get(user)) {
+        if let Some(secret) = self.file.load().as_ref().and_then(|f| f.get(user)) {
             return Ok(Some(secret.clone()));
         }
         match &self.query {
@@ -225,6 +226,14 @@ impl Secrets {
             None => Ok(None),
         }
     }
+}
+
+/// The admin surface's tokens, by name: admin tokens change and read, read tokens read.
+/// Swapped whole on SIGHUP.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub admin: Vec<(String, String)>,
+    pub read: Vec<(String, String)>,
 }
 
 /// Whether `given` is one of `tokens`, in time that depends on neither the tokens' contents

@@ -67,6 +67,8 @@ pub struct Shared {
     pub slots: Arc<slots::Slots>,
     /// Wrong admin tokens (API and console), counted and slowed.
     pub throttle: crate::auth::Throttle,
+    /// The admin and read tokens (the configuration's, reloaded on SIGHUP).
+    pub tokens: arc_swap::ArcSwap<crate::auth::Tokens>,
     next_id: AtomicU32,
 }
 
@@ -87,6 +89,10 @@ impl Shared {
         metrics.queries = crate::metrics::QueryCounters::new(&names);
         Self {
             slots: slots::Slots::new(config.max_client_connections, config.max_logins_in_progress),
+            tokens: arc_swap::ArcSwap::from_pointee(crate::auth::Tokens {
+                admin: config.admin_tokens.clone(),
+                read: config.read_tokens.clone(),
+            }),
             config,
             cancel: Arc::default(),
             metrics,

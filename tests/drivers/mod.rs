@@ -27,7 +27,7 @@ impl Psycopg {
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .expect("run python3 (psycopg: `pip install 'psycopg[binary]'`, as .ci/run does)");
+            .expect("run python3 (psycopg: run ./scripts/test, which installs it, or `pip install 'psycopg[binary]'`)");
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
         Self {
@@ -50,7 +50,7 @@ impl Psycopg {
         let Some(answer) = answer else {
             let status = self.child.wait().await;
             panic!(
-                "psycopg's driver ended ({status:?}): is psycopg installed (`pip install 'psycopg[binary]'`)?"
+                "psycopg's driver ended ({status:?}): is psycopg installed (run ./scripts/test, which installs it, or `pip install 'psycopg[binary]'`)?"
             );
         };
         match serde_json::from_str(&answer) {
