@@ -80,6 +80,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every `outcome` label of `cutover_comparisons_total`.
+    pub const LABELS: [&'static str; 7] = [
+        "match",
+        "transient",
+        "nondeterministic",
+        "skipped",
+        "error",
+        "diverged",
+        "expected",
+    ];
+
     /// The `outcome` label of `cutover_comparisons_total`.
     pub fn label(self) -> &'static str {
         match self {

@@ -130,6 +130,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         );
     }
     let rules = Arc::new(rules);
+    crate::reload::metrics_at_zero(&rules);
     let control = Arc::new(crate::control::Control::new(
         config.control.clone(),
         Arc::clone(&rules),

@@ -88,6 +88,54 @@ pub struct ProxyMetrics {
     pub logins: [Counter; Login::ALL.len()],
 }
 
+/// Every labelled series the proxy may count, registered at zero (an `increase()` alert and a
+/// dashboard then see the first event, and a quiet proxy shows "0", not "No data"). Labels
+/// come from fixed sets and rule names; called at start and after each rules reload.
+pub struct AtZero<'a> {
+    /// The named query types (`automatic` is added).
+    pub query_types: &'a [&'a str],
+    /// `cutover_comparisons_total`'s `outcome` labels.
+    pub outcomes: &'a [&'static str],
+    /// `cutover_comparisons_skipped_total`'s `reason` labels.
+    pub skip_reasons: &'a [&'static str],
+    /// `cutover_behaviour_changes_total`'s `kind` labels.
+    pub change_kinds: &'a [&'static str],
+}
+
+impl AtZero<'_> {
+    pub fn register(&self) {
+        recorder();
+        for name in [
+            "cutover_shadow_dropped_total",
+            "cutover_shadow_timeouts_total",
+            "cutover_divergence_samples_dropped_total",
+            "cutover_network_sizes_folded_total",
+        ] {
+            counter!(name).increment(0);
+        }
+        gauge!("cutover_control_connected").increment(0.0);
+        let types = self.query_types.iter().copied().chain(["automatic"]);
+        for query_type in types {
+            for &outcome in self.outcomes {
+                counter!("cutover_comparisons_total", "query_type" => query_type.to_owned(), "outcome" => outcome)
+                    .increment(0);
+            }
+            counter!("cutover_auto_rampdowns_total", "query_type" => query_type.to_owned())
+                .increment(0);
+            for side in ["legacy", "target"] {
+                let _ = histogram!("cutover_shadow_duration_seconds", "query_type" => query_type.to_owned(), "side" => side);
+                let _ = histogram!("cutover_query_duration_seconds", "query_type" => query_type.to_owned(), "side" => side);
+            }
+        }
+        for &reason in self.skip_reasons {
+            counter!("cutover_comparisons_skipped_total", "reason" => reason).increment(0);
+        }
+        for &kind in self.change_kinds {
+            counter!("cutover_behaviour_changes_total", "kind" => kind).increment(0);
+        }
+    }
+}
+
 /// How a client login ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Login {

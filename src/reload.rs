@@ -19,6 +19,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{classify::Classifier, control, rules::RuleSet, session::Shared};
 
+/// Registers every series the rules' query types and the fixed label sets give, at zero
+/// (see [`crate::metrics::AtZero`]).
+pub fn metrics_at_zero(rules: &RuleSet) {
+    let names: Vec<&str> = rules.query_types.iter().map(|q| q.name.as_str()).collect();
+    let skips = crate::shadow::Skip::ALL.map(crate::shadow::Skip::label);
+    let kinds = crate::rules::changes::ChangeKind::ALL.map(|k| k.as_str());
+    crate::metrics::AtZero {
+        query_types: &names,
+        outcomes: &crate::divergence::Outcome::LABELS,
+        skip_reasons: &skips,
+        change_kinds: &kinds,
+    }
+    .register();
+}
+
 /// What a SIGHUP applied of a new configuration, and what it could not.
 #[derive(Debug, Default)]
 pub struct Reconfigured {
@@ -115,6 +130,7 @@ pub fn reload(shared: &Shared) -> Result<usize, crate::rules::RulesError> {
             let names: Vec<&str> = rules.query_types.iter().map(|q| q.name.as_str()).collect();
             shared.metrics.queries.set_names(&names);
             let count = names.len();
+            metrics_at_zero(&rules);
             shared
                 .classifier
                 .store(Arc::new(Classifier::new(Arc::clone(&rules))));

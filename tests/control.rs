@@ -1142,7 +1142,9 @@ async fn reading_needs_a_token_and_wrong_tokens_are_counted_and_slowed() {
             &format!("cutover_admin_auth_failures_total{{surface=\"{surface}\"}}"),
         )
     };
+    // The recorder is the process's: other tests of this binary may count too (>=).
     let before = failures(&p.metrics().await, "api");
+    let console_before = failures(&p.metrics().await, "console");
     let started = Instant::now();
     let guesses = (0..3).map(|n| {
         let header = format!("Authorization: Bearer guess-{n}-0123456789\r\n");
@@ -1156,7 +1158,7 @@ async fn reading_needs_a_token_and_wrong_tokens_are_counted_and_slowed() {
         "three wrong tokens answered in {:?}",
         started.elapsed()
     );
-    assert_eq!(failures(&p.metrics().await, "api") - before, 3.0);
+    assert!(failures(&p.metrics().await, "api") - before >= 3.0);
 
     // The console: a wrong password is counted too.
     let mut config = p.config(cutover::console::DATABASE);
@@ -1171,7 +1173,7 @@ async fn reading_needs_a_token_and_wrong_tokens_are_counted_and_slowed() {
         Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
         "{err}"
     );
-    assert_eq!(failures(&p.metrics().await, "console"), 1.0);
+    assert!(failures(&p.metrics().await, "console") - console_before >= 1.0);
     p.shutdown().await;
 }
 

@@ -206,3 +206,77 @@ fn the_dockerfile_copies_what_exists_and_the_dashboard_what_is_exported() {
     }
     assert!(exprs >= 6);
 }
+
+/// The metric names an expression (PromQL, a dashboard's or an alert's) uses.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("cutover_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.insert(name);
+    }
+    names
+}
+
+/// Monitoring as the seed's phase 6 asks (issue 20, item 7): every series a proxy counts is
+/// exported at zero from the start (so `increase()` alerts see the first event and dashboards
+/// show 0, not "No data"), and every metric the shipped alerting rules and the Grafana
+/// dashboard name is one a running proxy exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_and_the_dashboard_name_metrics_a_proxy_exports_from_the_start() {
+    let p = support::proxy().await;
+    let exported: std::collections::BTreeSet<String> = p
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
+        .collect();
+    for series in [
+        "cutover_shadow_dropped_total",
+        "cutover_comparisons_skipped_total",
+        "cutover_auto_rampdowns_total",
+        "cutover_control_connected",
+        "cutover_admin_auth_failures_total",
+        "cutover_logins_total",
+    ] {
+        assert!(
+            exported.contains(series),
+            "{series} is not exported before its first event"
+        );
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let alerts = std::fs::read_to_string(root.join("docker/alerts.yml")).unwrap();
+    let expressions: String = alerts
+        .lines()
+        .skip_while(|_| false)
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter(|l| !l.contains("summary:") && !l.contains("runbook:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dashboard =
+        std::fs::read_to_string(root.join("docker/grafana/dashboards/cutover.json")).unwrap();
+    for (source, text) in [
+        ("docker/alerts.yml", expressions.as_str()),
+        ("the dashboard", dashboard.as_str()),
+    ] {
+        let names = metric_names(text);
+        assert!(!names.is_empty(), "{source}: no metric found");
+        for name in names {
+            // Histograms are exported as name_bucket / _sum / _count (or a summary's quantiles).
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                exported.contains(&name) || exported.iter().any(|e| e.starts_with(base)),
+                "{source} names {name}, which the proxy does not export"
+            );
+        }
+    }
+    p.shutdown().await;
+}

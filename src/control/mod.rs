@@ -224,6 +224,7 @@ impl Control {
                 _ = shutdown.cancelled() => return,
                 r = self.follow(&config, &mut seeded) => r,
             };
+            metrics::gauge!("cutover_control_connected").set(0.0);
             if self.connected.swap(false, Ordering::Relaxed) {
                 pause = Duration::from_secs(1);
                 retrying.recovered();
@@ -352,6 +353,7 @@ impl Control {
             client.batch_execute("LISTEN cutover_state").await?;
             self.reload(&client).await?;
             self.connected.store(true, Ordering::Relaxed);
+            metrics::gauge!("cutover_control_connected").set(1.0);
             // Each notification (or a burst of them) reloads the whole table: it is small.
             while rx.recv().await.is_some() {
                 while rx.try_recv().is_ok() {}

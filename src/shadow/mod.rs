@@ -20,6 +20,8 @@
 mod redact;
 mod run;
 
+pub use run::Skip;
+
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;

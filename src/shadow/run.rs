@@ -131,6 +131,15 @@ pub enum Skip {
 }
 
 impl Skip {
+    pub const ALL: [Skip; 6] = [
+        Skip::Timeout,
+        Skip::TooManyRows,
+        Skip::Unreachable,
+        Skip::Stale,
+        Skip::BothFailed,
+        Skip::NotRewritable,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Skip::Timeout => "timeout",
