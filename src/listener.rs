@@ -26,15 +26,16 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
+    // The cause is the error's source: `{:#}` prints it once, after the colon.
+    #[error("cannot listen on {addr}")]
     Listen { addr: SocketAddr, source: io::Error },
-    #[error("cannot serve the admin endpoint on {addr}: {source}")]
+    #[error("cannot serve the admin endpoint on {addr}")]
     Admin { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     AuthFile(#[from] crate::auth::AuthFileError),
-    #[error("refusing to start: {0}")]
+    #[error("refusing to start")]
     Rules(#[from] crate::rules::RulesError),
 }
 

@@ -419,7 +419,12 @@ fn parse_window(s: &str) -> Result<std::time::Duration, String> {
     let secs = match unit {
         "s" => n,
         "m" => n * 60,
-        "h" | "" => n * 3600,
+        "h" => n * 3600,
+        "" => {
+            return Err(format!(
+                "{s:?}: give a unit: {s}m, {s}h or {s}d (s, m, h, d)"
+            ));
+        }
         "d" => n * 86_400,
         _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
     };
@@ -429,6 +434,51 @@ fn parse_window(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs(secs))
 }
 
+/// What to do about a database error a command stopped on, when the cause is a step not
+/// taken yet (the schemas not migrated) or the wrong database.
+fn what_to_do(error: &anyhow::Error) -> Option<&'static str> {
+    use tokio_postgres::error::SqlState;
+    // The server's words, wherever a layer kept them (some wrap the error as text).
+    let text = format!("{error:#}");
+    let coded = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<tokio_postgres::Error>())
+        .and_then(|e| e.as_db_error())
+        .is_some_and(|db| {
+            [
+                SqlState::UNDEFINED_TABLE,
+                SqlState::INVALID_SCHEMA_NAME,
+                SqlState::UNDEFINED_FUNCTION,
+            ]
+            .contains(db.code())
+        });
+    let missing = coded || text.contains("does not exist");
+    if !missing {
+        return None;
+    }
+    let ours = [
+        "relation \"fature_v2.",
+        "relation \"cutover.",
+        "schema \"fature_v2\"",
+        "schema \"cutover\"",
+        "function cutover.",
+        "function fature_v2.",
+    ];
+    if ours.iter().any(|m| text.contains(m)) {
+        Some(
+            "the database is not migrated yet: run `cutover migrate --database-url …` first (it creates fature_v2 and the cutover schema)",
+        )
+    } else if text.contains("relation \"affiliates\"")
+        || text.contains("relation \"public.affiliates\"")
+    {
+        Some(
+            "this database has no legacy table public.affiliates: check the URL's database (cutover migrates the application's own database)",
+        )
+    } else {
+        None
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -436,6 +486,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours for people at a terminal only, never in a log file or a journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     let cli = Cli::parse();
@@ -459,6 +511,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(hint) = what_to_do(&e) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::from(2)
         }
     }

@@ -280,3 +280,53 @@ async fn alerts_and_the_dashboard_name_metrics_a_proxy_exports_from_the_start() 
     }
     p.shutdown().await;
 }
+
+/// The runbook's commands run as written inside the Docker set-up (issue 20, item 4): the
+/// image's working directory holds the rules (every command's default `--rules rules`), and
+/// the compose file's cutover container has the database URL the offline commands read, with
+/// PostgreSQL's port published on the loopback interface.
+#[test]
+fn the_image_runs_the_offline_commands_as_the_runbook_writes_them() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap();
+    let dockerfile = read("docker/Dockerfile");
+    let runtime = dockerfile.rsplit("\nFROM ").next().unwrap();
+    assert!(
+        runtime.contains("COPY rules /etc/cutover/rules")
+            && runtime.contains("WORKDIR /etc/cutover\n"),
+        "the runtime image's working directory is where its rules are"
+    );
+    let compose = read("docker/compose.yaml");
+    let service = compose
+        .split("\n  cutover:\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n  prometheus:").next())
+        .expect("a cutover service");
+    for variable in ["DATABASE_URL:", "CUTOVER_ADMIN_TOKEN:", "CUTOVER_CONTROL:"] {
+        assert!(
+            service.contains(variable),
+            "the cutover container lacks {variable}"
+        );
+    }
+    assert!(
+        compose.contains("- 127.0.0.1:5432:5432"),
+        "PostgreSQL's port on the loopback"
+    );
+}
+
+/// A window without a unit is refused, not read as hours (issue 20, item 6).
+#[test]
+fn a_report_window_needs_a_unit() {
+    let (code, _, err) = cutover(
+        &[
+            "report",
+            "--since",
+            "90",
+            "--database-url",
+            "postgres://nowhere/x",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("give a unit"), "{err}");
+}

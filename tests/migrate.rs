@@ -362,3 +362,22 @@ async fn missing_ltree_is_named_before_anything_runs() {
         .unwrap();
     assert!(!exists(&client, "table", "fature_v2.affiliates_optimized").await);
 }
+
+/// A command run before `cutover migrate`, or on a database without the legacy table, says
+/// what to do, not only which relation is missing (issue 20, item 6).
+#[tokio::test]
+async fn commands_before_migrate_say_to_migrate_first() {
+    let db = support::legacy_db().await;
+    for command in ["verify", "backfill", "repair"] {
+        let (code, out) = support::cutover_on(&db, command, &[], &[]);
+        assert_ne!(code, 0, "{command}: {out}");
+        assert!(out.contains("run `cutover migrate"), "{command}: {out}");
+    }
+    let empty = support::empty_db().await;
+    let (code, out) = support::cutover_on(&empty, "verify", &[], &[]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("run `cutover migrate") || out.contains("no legacy table"),
+        "{out}"
+    );
+}

@@ -820,11 +820,13 @@ async fn invalid_rules_stop_the_proxy_from_starting() {
         .await
         .err()
         .expect("refused");
-    let text = err.to_string();
+    // As the CLI prints it: the error, then its causes, each once.
+    let text = format!("{:#}", anyhow::Error::from(err));
     assert!(
-        text.contains("refusing to start") && text.contains("bad.toml:"),
+        text.contains("refusing to start: 1 problem(s) in the rules") && text.contains("bad.toml:"),
         "{text}"
     );
+    assert_eq!(text.matches("problem(s) in the rules").count(), 1, "{text}");
 }
 
 #[tokio::test]
