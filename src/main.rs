@@ -155,6 +155,11 @@ enum Command {
         /// List what would be applied, change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// The rules whose query types get their baseline stage in cutover.query_type_state
+        /// (so that the runbook's SQL fallback finds their rows before a proxy ran); skipped
+        /// when the directory does not exist
+        #[arg(long, default_value = "rules")]
+        rules: PathBuf,
     },
     /// Operate a running proxy through its admin API: the stage of every query type, a
     /// stage change (with a reason; refused by the safety gate without enough evidence,
@@ -713,6 +718,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             database_url,
             migrations_dir,
             dry_run,
+            rules: rules_dir,
         } => {
             let config = connect::parse_url(&database_url)?;
             let set = match migrations_dir {
@@ -721,6 +727,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             };
             let report = migrate::run(&config, &set, dry_run).await?;
             println!("{report}");
+            if !dry_run && rules_dir.is_dir() {
+                let rules = rules::RuleSet::load_dir(&rules_dir)?;
+                let client = connect::connect(&config).await?;
+                let new = cutover::control::seed_query_types(&client, &rules).await?;
+                if new > 0 {
+                    println!(
+                        "{new} query types given their rules' stage in cutover.query_type_state"
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -350,6 +350,12 @@ async fn missing_ltree_is_named_before_anything_runs() {
         matches!(result, Err(MigrateError::LtreeMissing)),
         "{result:?}"
     );
+    // A dry run says the same, not "would apply N migrations" (issue 20, item 6).
+    let result = migrate::run(&pg.config("postgres"), &MigrationSet::embedded(), true).await;
+    assert!(
+        matches!(result, Err(MigrateError::LtreeMissing)),
+        "{result:?}"
+    );
 
     let (code, _, err) = cutover(&["migrate", "--database-url", &pg.url("postgres")], &[]);
     assert_eq!(code, 2);
@@ -380,4 +386,23 @@ async fn commands_before_migrate_say_to_migrate_first() {
         out.contains("run `cutover migrate") || out.contains("no legacy table"),
         "{out}"
     );
+}
+
+/// `migrate` gives the rules' query types their rows in `cutover.query_type_state`, so that
+/// the runbook's SQL fallback (`UPDATE cutover.query_type_state …`) works before any proxy
+/// ran (issue 20, item 6).
+#[tokio::test]
+async fn migrate_seeds_the_query_types_state() {
+    let db = support::legacy_db().await;
+    let (code, out) = support::cutover_on(&db, "migrate", &[], &[]);
+    assert_eq!(code, 0, "{out}");
+    let client = db.client().await;
+    let updated = client
+        .execute(
+            "UPDATE cutover.query_type_state SET stage = 'shadow', updated_at = now() WHERE query_type = 'new_affiliate'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated, 1, "{out}");
 }

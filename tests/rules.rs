@@ -427,3 +427,17 @@ fn explain_says_what_the_proxy_will_do() {
     let (_, out, _) = support::cutover(&["rules", "explain", "SELECT now()"], &[]);
     assert!(out.contains("passthrough"), "{out}");
 }
+
+/// Against a database not migrated yet: one cause, with what to do, not a "does not prepare"
+/// for every query type (issue 20, item 6).
+#[tokio::test]
+async fn an_unmigrated_database_is_one_problem_with_the_way_out() {
+    let db = support::legacy_db().await;
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/rules");
+    let (code, out, _) =
+        support::cutover(&["rules", "check", rules, "--database-url", &db.url()], &[]);
+    assert_eq!(code, 1, "{out}");
+    let problems: Vec<&str> = out.lines().filter(|l| l.contains(".toml:")).collect();
+    assert_eq!(problems.len(), 1, "{out}");
+    assert!(problems[0].contains("run `cutover migrate`"), "{out}");
+}

@@ -271,6 +271,10 @@ async fn run_locked(
         dry_run,
     };
     if dry_run {
+        // What would stop the real run stops the dry one (no ltree, no legacy table).
+        if !pending.is_empty() {
+            prerequisites(client).await?;
+        }
         report.applied = pending
             .iter()
             .map(|m| Applied {
@@ -367,7 +371,16 @@ fn pending<'a>(
 }
 
 /// Refuses early, before anything is applied, what would certainly fail later.
-async fn preflight(client: &Client) -> Result<(), MigrateError> {
+/// Who runs a migration, where.
+struct Prerequisites {
+    role: String,
+    database: String,
+    have_schema: bool,
+}
+
+/// What a run needs before it starts (read-only: a dry run checks it too): `ltree`
+/// available, and CREATE on the database.
+async fn prerequisites(client: &Client) -> Result<Prerequisites, MigrateError> {
     let row = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'ltree'),
@@ -389,6 +402,19 @@ async fn preflight(client: &Client) -> Result<(), MigrateError> {
             message: "CREATE on the database, to create the fature_v2 and cutover schemas".into(),
         });
     }
+    Ok(Prerequisites {
+        role,
+        database,
+        have_schema,
+    })
+}
+
+async fn preflight(client: &Client) -> Result<(), MigrateError> {
+    let Prerequisites {
+        role,
+        database,
+        have_schema,
+    } = prerequisites(client).await?;
     if !have_schema
         && let Err(error) = client
             .batch_execute("CREATE SCHEMA IF NOT EXISTS cutover")

@@ -56,11 +56,15 @@ pub async fn check_against_database(
     }
 
     let target_columns = columns_of(client, &table.target).await?;
-    if target_columns.is_empty() {
-        problems.push(table.location.diagnostic(format!(
-            "table {} does not exist in the database",
-            table.target
-        )));
+    if target_columns.is_empty() || legacy_columns.is_empty() {
+        // One cause, not a "does not prepare" for every statement that follows from it.
+        if target_columns.is_empty() {
+            problems.push(table.location.diagnostic(format!(
+                "table {} does not exist in the database: run `cutover migrate` first (the statements are not checked without it)",
+                table.target
+            )));
+        }
+        return Ok(problems);
     } else {
         for c in &table.columns {
             if !target_columns.contains(&c.target) {
