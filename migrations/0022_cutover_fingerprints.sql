@@ -13,3 +13,7 @@ CREATE TABLE IF NOT EXISTS cutover.fingerprints (
 ALTER TABLE cutover.stage_audit DROP CONSTRAINT IF EXISTS stage_audit_via_check;
 ALTER TABLE cutover.stage_audit
     ADD CONSTRAINT stage_audit_via_check CHECK (via IN ('api', 'sql', 'auto', 'promote'));
+
+-- A verify's performance criteria recorded apart from its data verdict (issue 20): timing is
+-- not drift, and a loaded server must not block a write type's cutover as if it were.
+ALTER TABLE cutover.verify_runs ADD COLUMN IF NOT EXISTS slow_timings INT NOT NULL DEFAULT 0;

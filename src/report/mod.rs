@@ -88,6 +88,8 @@ pub struct VerifyRun {
     pub different: i64,
     pub quarantined: i64,
     pub failed_checks: i32,
+    /// Performance criteria not met (timing, apart from the data verdict `ok`).
+    pub slow_timings: i32,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -619,7 +621,7 @@ async fn last_verify(client: &Client) -> Result<Option<VerifyRun>, tokio_postgre
     Ok(client
         .query_opt(
             "SELECT ran_at, ok, legacy_rows, target_rows, missing, extra, different, quarantined,
-                    failed_checks
+                    failed_checks, slow_timings
              FROM cutover.verify_runs ORDER BY ran_at DESC LIMIT 1",
             &[],
         )
@@ -634,6 +636,7 @@ async fn last_verify(client: &Client) -> Result<Option<VerifyRun>, tokio_postgre
             different: r.get(6),
             quarantined: r.get(7),
             failed_checks: r.get(8),
+            slow_timings: r.get(9),
         }))
 }
 

@@ -118,7 +118,11 @@ fn overall_rows(r: &Report, lang: Lang) -> Vec<(String, String)> {
                     v.different,
                     v.quarantined,
                     v.failed_checks
-                )
+                ) + &if v.slow_timings > 0 {
+                    format!("; {} performance criteria not met (timing, not drift)", v.slow_timings)
+                } else {
+                    String::new()
+                }
             }),
         ),
     ]
