@@ -211,6 +211,10 @@ async fn known_outcomes_in_every_format_and_language() {
     );
     assert!(html.starts_with("<!DOCTYPE html>"));
     assert!(
+        !html.contains('`'),
+        "commands set as code, not shown with backticks"
+    );
+    assert!(
         !html.contains("http://") && !html.contains("https://"),
         "self-contained"
     );

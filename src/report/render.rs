@@ -101,7 +101,11 @@ fn overall_rows(r: &Report, lang: Lang) -> Vec<(String, String)> {
         (
             t.backfill.into(),
             o.backfill.as_ref().map_or(t.none.into(), |b| {
-                format!("{} ({} rows, {})", b.state, b.rows_copied, b.updated_at)
+                if b.rows_copied == 0 && b.state == "completed" {
+                    format!("{} ({})", t.nothing_to_copy, b.updated_at)
+                } else {
+                    format!("{} ({} {}, {})", b.state, b.rows_copied, t.rows, b.updated_at)
+                }
             }),
         ),
         (
@@ -387,11 +391,28 @@ fn markdown(r: &Report, lang: Lang) -> String {
     m
 }
 
+/// Text for HTML: escaped, and `code` in backticks (as the prose of the texts writes
+/// commands) set as code rather than shown with its backticks.
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
+    let escaped = s
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
-        .replace('"', "&quot;")
+        .replace('"', "&quot;");
+    if escaped.matches('`').count() % 2 != 0 {
+        return escaped;
+    }
+    let mut out = String::with_capacity(escaped.len() + 16);
+    for (i, part) in escaped.split('`').enumerate() {
+        if i % 2 == 1 {
+            out.push_str("<code>");
+            out.push_str(part);
+            out.push_str("</code>");
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
 }
 
 const CSS: &str = "body{font:15px/1.5 system-ui,-apple-system,'Segoe UI',sans-serif;color:#1b1b1b;background:#fff;max-width:1100px;margin:0 auto;padding:1.5rem}

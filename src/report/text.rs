@@ -37,6 +37,10 @@ pub struct Text {
     pub clean: &'static str,
     pub drift: &'static str,
     pub none: &'static str,
+    /// A completed backfill that copied nothing (the tables were level already).
+    pub nothing_to_copy: &'static str,
+    /// "rows", after a count.
+    pub rows: &'static str,
     pub query_types: &'static str,
     pub query_type: &'static str,
     pub stage: &'static str,
@@ -118,6 +122,8 @@ pub const EN: Text = Text {
     clean: "clean",
     drift: "drift",
     none: "none",
+    nothing_to_copy: "completed: nothing to copy",
+    rows: "rows",
     query_types: "Query types",
     query_type: "Query type",
     stage: "Stage",
@@ -196,6 +202,8 @@ pub const PT_BR: Text = Text {
     clean: "sem divergências",
     drift: "com divergências",
     none: "nenhum",
+    nothing_to_copy: "concluído: nada a copiar",
+    rows: "linhas",
     query_types: "Tipos de consulta",
     query_type: "Tipo de consulta",
     stage: "Estágio",
