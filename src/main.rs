@@ -624,7 +624,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let set = rules::RuleSet::load_dir(&dir)?;
             let client = connect::connect(&connect::parse_url(&database_url)?).await?;
-            let summary = migrate::repair::run(&client, &set.table, dry_run).await?;
+            let show = migrate::progress::Show::for_stderr(json);
+            let summary = migrate::repair::run(&client, &set.table, dry_run, show).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
@@ -648,7 +649,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let options = migrate::backfill::Options {
                 batch: batch.max(1),
                 dry_run,
-                progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                progress: migrate::progress::Show::for_stderr(json),
                 abort_after_batches: std::env::var("CUTOVER_TEST_ABORT_AFTER_BATCHES")
                     .ok()
                     .and_then(|v| v.parse().ok()),
@@ -673,7 +674,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let set = rules::RuleSet::load_dir(&dir)?;
             let client = connect::connect(&connect::parse_url(&database_url)?).await?;
-            let report = migrate::verify::verify(&client, &set.table, chunk).await?;
+            let show = migrate::progress::Show::for_stderr(json);
+            let report = migrate::verify::verify_showing(&client, &set.table, chunk, show).await?;
             if let Err(error) = migrate::verify::record(&client, &report).await {
                 eprintln!("warning: the run was not recorded in cutover.verify_runs: {error}");
             }

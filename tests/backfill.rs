@@ -242,3 +242,30 @@ async fn a_new_backfill_is_refused_while_v2_serves() {
     let (code, out) = backfill(&db, &[], &[]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// Long work is never silent (issue 20, item 5): outside a terminal, `backfill` and `verify`
+/// print a line when each phase starts and one when it ends, with its count and rate (on a
+/// terminal, a bar with the ETA); with `--json`, nothing but the document.
+#[tokio::test]
+async fn backfill_and_verify_say_each_phase_outside_a_terminal() {
+    let db = support::migrated_db().await;
+    cutover::fixture::load(&db.client().await, &cutover::fixture::TreeSpec::clean(300))
+        .await
+        .unwrap();
+    let (code, out) = support::cutover_on(&db, "backfill", &[], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("backfill: rows: 300 rows to do"), "{out}");
+    assert!(out.contains("backfill: rows: done, 300 in "), "{out}");
+    assert!(out.contains("backfill: closure: done"), "{out}");
+    let (code, out) = support::cutover_on(&db, "verify", &[], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("verify: rows: ") && out.contains("keys to do"),
+        "{out}"
+    );
+    assert!(out.contains("verify: rows: done, "), "{out}");
+    assert!(out.contains("verify: integrity checks: done"), "{out}");
+    let (code, out) = support::cutover_on(&db, "verify", &["--json"], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("verify: rows"), "{out}");
+}

@@ -124,7 +124,7 @@ pub async fn backfill(
         &backfill::Options {
             batch: backfill::DEFAULT_BATCH,
             dry_run: false,
-            progress: false,
+            progress: cutover::migrate::progress::Show::Nothing,
             abort_after_batches: None,
         },
     )

@@ -185,7 +185,7 @@ async fn walk(options: Options) -> anyhow::Result<()> {
             &migrate::backfill::Options {
                 batch: migrate::backfill::DEFAULT_BATCH,
                 dry_run: false,
-                progress: false,
+                progress: crate::migrate::progress::Show::Nothing,
                 abort_after_batches: None,
             },
         )

@@ -19,7 +19,6 @@
 
 use std::{collections::HashMap, time::Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio_postgres::Client;
 
@@ -83,7 +82,8 @@ pub enum BackfillError {
 pub struct Options {
     pub batch: i64,
     pub dry_run: bool,
-    pub progress: bool,
+    /// What to show while it works (a bar, lines, nothing).
+    pub progress: super::progress::Show,
     /// For tests of resumption: stop the process abruptly after this many committed batches.
     pub abort_after_batches: Option<u64>,
 }
@@ -498,20 +498,6 @@ async fn quarantined(client: &Client) -> Result<Vec<Quarantined>, tokio_postgres
         .collect())
 }
 
-fn bar(options: &Options, total: u64, what: &str) -> ProgressBar {
-    if !options.progress {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{what:>8} [{{bar:40}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
-}
-
 /// The next batch's last (level, id) after `from`, or None when done.
 async fn batch_end(
     client: &Client,
@@ -585,7 +571,8 @@ async fn copy_rows(
         .query_one("SELECT count(*) FROM cutover.backfill_plan", &[])
         .await?
         .get(0);
-    let progress = bar(options, total as u64, "rows");
+    let mut progress =
+        super::progress::Phase::start(options.progress, "backfill", "rows", total as u64, "rows");
     let mut from = checkpoint(client).await?;
     let done_before: i64 = client
         .query_one(
@@ -594,7 +581,7 @@ async fn copy_rows(
         )
         .await?
         .get(0);
-    progress.set_position(done_before as u64);
+    progress.resume_at(done_before as u64);
     while let Some(end) = batch_end(client, from, options.batch).await? {
         client.batch_execute("BEGIN").await?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
@@ -621,7 +608,7 @@ async fn copy_rows(
         from = end;
         maybe_abort(options, batches);
     }
-    progress.finish_and_clear();
+    progress.finish();
     Ok(())
 }
 
@@ -824,7 +811,13 @@ async fn build_closure(
         .query_one("SELECT count(*) FROM cutover.backfill_plan", &[])
         .await?
         .get(0);
-    let progress = bar(options, total as u64, "closure");
+    let progress = super::progress::Phase::start(
+        options.progress,
+        "backfill",
+        "closure",
+        total as u64,
+        "affiliates",
+    );
     let mut from = checkpoint(client).await?;
     while let Some(end) = batch_end(client, from, options.batch).await? {
         client.batch_execute("BEGIN").await?;
@@ -842,7 +835,7 @@ async fn build_closure(
         from = end;
         maybe_abort(options, batches);
     }
-    progress.finish_and_clear();
+    progress.finish();
     Ok(())
 }
 

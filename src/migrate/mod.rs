@@ -13,6 +13,7 @@
 pub mod backfill;
 pub mod fold;
 pub mod integrity;
+pub mod progress;
 pub mod repair;
 pub mod verify;
 

@@ -40,12 +40,13 @@ pub async fn run(
     client: &Client,
     table: &TableMap,
     dry_run: bool,
+    show: super::progress::Show,
 ) -> Result<Summary, tokio_postgres::Error> {
     // The repair's own writes on the target are not to be mirrored back into legacy.
     client
         .batch_execute("SET cutover.mirroring = 'on'; BEGIN")
         .await?;
-    let result = repair(client, table, dry_run).await;
+    let result = repair(client, table, dry_run, show).await;
     match (&result, dry_run) {
         (Ok(_), false) => client.batch_execute("COMMIT").await?,
         _ => client.batch_execute("ROLLBACK").await?,
@@ -57,6 +58,7 @@ async fn repair(
     client: &Client,
     table: &TableMap,
     dry_run: bool,
+    show: super::progress::Show,
 ) -> Result<Summary, tokio_postgres::Error> {
     let legacy = table.legacy.quoted();
     let key = quote_ident(&table.key);
@@ -156,7 +158,15 @@ async fn repair(
              FROM {legacy} l WHERE l.{key} = t.affiliate_id AND t.affiliate_id = $1"
         ))
         .await?;
+    let phase = super::progress::Phase::start(
+        show,
+        "repair",
+        "different rows",
+        different.len() as u64,
+        "rows",
+    );
     for id in different {
+        phase.inc(1);
         client.batch_execute("SAVEPOINT repair_row").await?;
         match client.execute(&update, &[&id]).await {
             Ok(_) => {
@@ -174,6 +184,7 @@ async fn repair(
             }
         }
     }
+    phase.finish();
 
     for row in client
         .query(

@@ -134,10 +134,21 @@ pub async fn verify(
     table: &TableMap,
     chunk: i64,
 ) -> Result<Report, tokio_postgres::Error> {
+    verify_showing(client, table, chunk, super::progress::Show::Nothing).await
+}
+
+/// [`verify`], showing its progress (`cutover verify`: a bar per phase on a terminal, a line
+/// per phase elsewhere).
+pub async fn verify_showing(
+    client: &Client,
+    table: &TableMap,
+    chunk: i64,
+    show: super::progress::Show,
+) -> Result<Report, tokio_postgres::Error> {
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
-    let result = verify_in_snapshot(client, table, chunk.max(1)).await;
+    let result = verify_in_snapshot(client, table, chunk.max(1), show).await;
     let _ = client.batch_execute("COMMIT").await;
     result
 }
@@ -146,6 +157,7 @@ async fn verify_in_snapshot(
     client: &Client,
     table: &TableMap,
     chunk: i64,
+    show: super::progress::Show,
 ) -> Result<Report, tokio_postgres::Error> {
     let legacy = table.legacy.quoted();
     let target = table.target.quoted();
@@ -286,6 +298,12 @@ async fn verify_in_snapshot(
              ) chunk"
         ))
         .await?;
+    // Progress in key space: keys between the lowest and the highest, compared so far.
+    let span = match (lo, hi) {
+        (Some(lo), Some(hi)) => (hi - lo + 1).max(0) as u64,
+        _ => 0,
+    };
+    let rows_phase = super::progress::Phase::start(show, "verify", "rows", span, "keys");
     if let (Some(lo), Some(_)) = (lo, hi) {
         let mut from = lo;
         loop {
@@ -294,6 +312,7 @@ async fn verify_in_snapshot(
                 .await?
                 .get(0);
             let Some(to) = to else { break };
+            rows_phase.set((to - lo + 1).max(0) as u64);
             for row in client.query(&statement, &[&from, &to]).await? {
                 let key_value: i64 = row.get(0);
                 let (extra, missing): (bool, bool) = (row.get(1), row.get(2));
@@ -339,8 +358,17 @@ async fn verify_in_snapshot(
         .map(|(c, p)| (c.legacy.clone(), p))
         .collect();
 
+    rows_phase.finish();
     // The seed's IntegrityValidator, in the same snapshot.
+    let checks_phase = super::progress::Phase::start(
+        show,
+        "verify",
+        "integrity checks",
+        integrity::CHECKS.len() as u64,
+        "checks",
+    );
     for check in integrity::CHECKS {
+        checks_phase.inc(1);
         let offending: i64 = client.query_one(check.sql, &[]).await?.get(0);
         report.checks.push(Check {
             group: check.group.to_owned(),
@@ -349,6 +377,7 @@ async fn verify_in_snapshot(
             passed: offending == 0,
         });
     }
+    checks_phase.finish();
 
     // Indexes a killed backfill left set aside (rebuilt when it is run again).
     let aside: Option<i64> = client
