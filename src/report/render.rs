@@ -171,9 +171,23 @@ fn cell(v: &Value) -> String {
 }
 
 /// The differing rows of an example: (key, column, legacy, target, differs) for changed
-/// rows, and whole rows present on one side only.
-fn diff_rows(e: &Example) -> Vec<(String, String, String, String, bool)> {
+/// rows, and whole rows present on one side only. A one-row answer on each side (an
+/// aggregate: `count`) is shown column by column, "44319 vs 44315", not as two rows.
+fn diff_rows(e: &Example, lang: Lang) -> Vec<(String, String, String, String, bool)> {
+    let t = lang.text();
     let mut out = Vec::new();
+    if let (Some([legacy]), Some([target])) = (
+        e.diff["only_legacy"].as_array().map(Vec::as_slice),
+        e.diff["only_target"].as_array().map(Vec::as_slice),
+    ) && e.diff["changed"].as_array().is_none_or(Vec::is_empty)
+        && let (Some(l), Some(tg)) = (legacy.as_object(), target.as_object())
+    {
+        for (col, lv) in l {
+            let tv = &tg[col];
+            out.push(("–".into(), col.clone(), cell(lv), cell(tv), lv != tv));
+        }
+        return out;
+    }
     for c in e.diff["changed"].as_array().into_iter().flatten() {
         let key = cell(&c["key"]);
         let differing: Vec<&str> = c["columns"]
@@ -209,12 +223,12 @@ fn diff_rows(e: &Example) -> Vec<(String, String, String, String, bool)> {
                         .join(", ")
                 })
                 .unwrap_or_default();
-            let (l, t) = if side == "legacy" {
-                (text, "(absent)".to_owned())
+            let (l, r) = if side == "legacy" {
+                (text, t.absent.to_owned())
             } else {
-                ("(absent)".to_owned(), text)
+                (t.absent.to_owned(), text)
             };
-            out.push(("–".into(), "(row)".into(), l, t, true));
+            out.push(("–".into(), t.whole_row.into(), l, r, true));
         }
     }
     out
@@ -317,14 +331,14 @@ fn markdown(r: &Report, lang: Lang) -> String {
                 e.target_sql.replace('\n', "\n  ")
             );
             for err in [&e.legacy_error, &e.target_error].into_iter().flatten() {
-                let _ = writeln!(m, "  error: `{err}`");
+                let _ = writeln!(m, "  {}: `{err}`", t.error);
             }
-            let rows = diff_rows(e);
+            let rows = diff_rows(e, lang);
             if !rows.is_empty() {
                 let _ = writeln!(
                     m,
-                    "\n  | key | column | {} | {} |\n  |---|---|---|---|",
-                    t.legacy, t.target
+                    "\n  | {} | {} | {} | {} |\n  |---|---|---|---|",
+                    t.key, t.column, t.legacy, t.target
                 );
                 for (k, c, l, tv, differs) in rows {
                     let (l, tv) = if differs {
@@ -673,14 +687,14 @@ pub fn html(r: &Report, lang: Lang, refresh: Option<u32>) -> String {
                 esc(&e.target_sql)
             );
             for err in [&e.legacy_error, &e.target_error].into_iter().flatten() {
-                let _ = write!(h, "<p>error: <code>{}</code></p>", esc(err));
+                let _ = write!(h, "<p>{}: <code>{}</code></p>", t.error, esc(err));
             }
-            let rows = diff_rows(e);
+            let rows = diff_rows(e, lang);
             if !rows.is_empty() {
                 table_head(
                     &mut h,
                     Some(t.differing_rows),
-                    &["key", "column", t.legacy, t.target],
+                    &[t.key, t.column, t.legacy, t.target],
                 );
                 for (k, c, l, tv, differs) in rows {
                     let (l, tv) = if differs {
@@ -753,4 +767,56 @@ pub fn html(r: &Report, lang: Lang, refresh: Option<u32>) -> String {
     }
     h.push_str("</tbody></table></main></body></html>\n");
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(diff: Value) -> Example {
+        Example {
+            found_at: String::new(),
+            kind: "undetermined".into(),
+            expected_class: None,
+            columns: vec!["(rows)".into()],
+            legacy_sql: String::new(),
+            target_sql: String::new(),
+            params: Value::Null,
+            diff,
+            legacy_error: None,
+            target_error: None,
+        }
+    }
+
+    /// A count that differs reads "44319 vs 44315" in one row (issue 20, item 8), and the
+    /// words of a whole row on one side follow the report's language.
+    #[test]
+    fn a_count_divergence_reads_as_one_value_against_the_other() {
+        let count = example(serde_json::json!({
+            "changed": [],
+            "only_legacy": [{"count": "44319"}],
+            "only_target": [{"count": "44315"}],
+        }));
+        assert_eq!(
+            diff_rows(&count, Lang::En),
+            vec![(
+                "–".into(),
+                "count".into(),
+                "44319".into(),
+                "44315".into(),
+                true
+            )]
+        );
+        let missing = example(serde_json::json!({
+            "changed": [],
+            "only_legacy": [{"affiliate_id": "7"}, {"affiliate_id": "8"}],
+            "only_target": [],
+        }));
+        let rows = diff_rows(&missing, Lang::PtBr);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].1.as_str(), rows[0].3.as_str()),
+            ("(linha)", "(ausente)")
+        );
+    }
 }

@@ -41,6 +41,14 @@ pub struct Text {
     pub nothing_to_copy: &'static str,
     /// "rows", after a count.
     pub rows: &'static str,
+    /// A row one side does not have.
+    pub absent: &'static str,
+    /// Column heads of the differing rows, and the word before an error.
+    pub key: &'static str,
+    pub column: &'static str,
+    pub error: &'static str,
+    /// The column cell of a whole row present on one side only.
+    pub whole_row: &'static str,
     pub query_types: &'static str,
     pub query_type: &'static str,
     pub stage: &'static str,
@@ -124,6 +132,11 @@ pub const EN: Text = Text {
     none: "none",
     nothing_to_copy: "completed: nothing to copy",
     rows: "rows",
+    absent: "(absent)",
+    key: "key",
+    column: "column",
+    error: "error",
+    whole_row: "(row)",
     query_types: "Query types",
     query_type: "Query type",
     stage: "Stage",
@@ -204,6 +217,11 @@ pub const PT_BR: Text = Text {
     none: "nenhum",
     nothing_to_copy: "concluído: nada a copiar",
     rows: "linhas",
+    absent: "(ausente)",
+    key: "chave",
+    column: "coluna",
+    error: "erro",
+    whole_row: "(linha)",
     query_types: "Tipos de consulta",
     query_type: "Tipo de consulta",
     stage: "Estágio",
