@@ -209,6 +209,11 @@ async fn known_outcomes_in_every_format_and_language() {
         pt.contains("| affiliate_by_id | shadow | 20 | 95.00% | NÃO ESTÁ PRONTO"),
         "{pt}"
     );
+    // What is missing, in Portuguese too.
+    assert!(
+        pt.contains("mais 980 amostras comparadas") && !pt.contains("more compared samples"),
+        "{pt}"
+    );
     assert!(html.starts_with("<!DOCTYPE html>"));
     assert!(
         !html.contains('`'),

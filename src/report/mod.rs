@@ -121,8 +121,81 @@ pub struct Verdict {
     /// The next stage (e.g. `cutover 10%`), or `None` at `complete`.
     pub next: Option<String>,
     pub ready: bool,
-    /// What is missing, in words (empty when ready).
-    pub missing: Vec<String>,
+    /// What is missing (empty when ready); serialized in English words.
+    pub missing: Vec<Missing>,
+}
+
+/// One thing a query type lacks to be ready for its next stage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Missing {
+    Samples {
+        more: i64,
+        has: i64,
+    },
+    MatchRate {
+        has: f64,
+    },
+    NoComparisons,
+    /// The target's p99 is past the latency bar.
+    Latency {
+        target_ms: String,
+        legacy_ms: String,
+    },
+    /// A write type's evidence: a clean verify in the last hour.
+    Verify,
+}
+
+impl Missing {
+    /// In the report's language.
+    pub fn text(&self, lang: text::Lang) -> String {
+        let pt = lang == text::Lang::PtBr;
+        match self {
+            Missing::Samples { more, has } if pt => {
+                format!("mais {more} amostras comparadas (tem {has} de {GATE_MIN_SAMPLES})")
+            }
+            Missing::Samples { more, has } => {
+                format!("{more} more compared samples (has {has} of {GATE_MIN_SAMPLES})")
+            }
+            Missing::MatchRate { has } if pt => format!(
+                "uma taxa de concordância confirmada de {:.1}% (tem {:.2}%)",
+                GATE_MIN_MATCH_RATE * 100.0,
+                has * 100.0
+            ),
+            Missing::MatchRate { has } => format!(
+                "a confirmed-match rate of {:.1}% (has {:.2}%)",
+                GATE_MIN_MATCH_RATE * 100.0,
+                has * 100.0
+            ),
+            Missing::NoComparisons if pt => "comparações (nenhuma ainda)".to_owned(),
+            Missing::NoComparisons => "comparisons (none yet)".to_owned(),
+            Missing::Latency {
+                target_ms,
+                legacy_ms,
+            } if pt => format!(
+                "um p99 no v2 de no máximo {GATE_MAX_P99_RATIO}× o do legado (tem {target_ms} ms contra {legacy_ms} ms): um índice ou um SQL melhor para o v2, ou uma mudança forçada"
+            ),
+            Missing::Latency {
+                target_ms,
+                legacy_ms,
+            } => format!(
+                "a target p99 at most {GATE_MAX_P99_RATIO}× legacy's (has {target_ms} ms against {legacy_ms} ms): an index or a better target SQL for v2, or a forced change"
+            ),
+            Missing::Verify if pt => lang.text().writes_by_verify.to_owned(),
+            Missing::Verify => WRITES_BY_VERIFY.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text(text::Lang::En))
+    }
+}
+
+impl Serialize for Missing {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -216,19 +289,15 @@ pub fn verdict(stage: &str, percent: i16, samples: i64, rate: Option<f64>) -> Ve
     }
     let mut missing = Vec::new();
     if samples < GATE_MIN_SAMPLES {
-        missing.push(format!(
-            "{} more compared samples (has {samples} of {GATE_MIN_SAMPLES})",
-            GATE_MIN_SAMPLES - samples
-        ));
+        missing.push(Missing::Samples {
+            more: GATE_MIN_SAMPLES - samples,
+            has: samples,
+        });
     }
     match rate {
         Some(r) if r >= GATE_MIN_MATCH_RATE => {}
-        Some(r) => missing.push(format!(
-            "a confirmed-match rate of {:.1}% (has {:.2}%)",
-            GATE_MIN_MATCH_RATE * 100.0,
-            r * 100.0
-        )),
-        None => missing.push("comparisons (none yet)".to_owned()),
+        Some(r) => missing.push(Missing::MatchRate { has: r }),
+        None => missing.push(Missing::NoComparisons),
     }
     Verdict {
         ready: missing.is_empty(),
@@ -397,9 +466,10 @@ pub async fn gather(
             && let Some((l, t)) = slower_than_the_bar(&lh, &th)
         {
             verdict.ready = false;
-            verdict.missing.push(format!(
-                "a target p99 at most {GATE_MAX_P99_RATIO}× legacy's (has {t} ms against {l} ms): an index or a better target SQL for v2, or a forced change"
-            ));
+            verdict.missing.push(Missing::Latency {
+                target_ms: t.to_string(),
+                legacy_ms: l.to_string(),
+            });
         }
         if kind == "write" && stage != "legacy" && verdict.next.is_some() {
             // The gate of a write type: a clean verify in the gate's window.
@@ -407,7 +477,7 @@ pub async fn gather(
             verdict.missing = if verified_recently {
                 Vec::new()
             } else {
-                vec![WRITES_BY_VERIFY.to_owned()]
+                vec![Missing::Verify]
             };
         }
         query_types.push(QueryTypeReport {
@@ -649,10 +719,19 @@ mod tests {
         let v = verdict("shadow", 0, 1200, Some(0.99));
         assert!(v.ready && v.next.as_deref() == Some("cutover 10%"));
         let v = verdict("shadow", 0, 300, Some(0.99));
-        assert!(!v.ready && v.missing[0].contains("700 more"));
+        assert!(!v.ready && v.missing[0].to_string().contains("700 more"));
+        assert!(
+            v.missing[0]
+                .text(text::Lang::PtBr)
+                .contains("mais 700 amostras")
+        );
         let v = verdict("cutover", 10, 5000, Some(0.90));
         assert!(!v.ready && v.next.as_deref() == Some("cutover 50%"));
-        assert!(v.missing[0].contains("95.0%"), "{:?}", v.missing);
+        assert!(
+            v.missing[0].to_string().contains("95.0%"),
+            "{:?}",
+            v.missing
+        );
         assert!(verdict("legacy", 0, 0, None).ready);
         assert!(verdict("complete", 100, 0, None).next.is_none());
     }

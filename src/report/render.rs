@@ -76,7 +76,12 @@ fn verdict_line(q: &QueryTypeReport, lang: Lang) -> String {
             "{} {next} — {}: {}",
             t.not_ready_for,
             t.needs,
-            q.verdict.missing.join("; ")
+            q.verdict
+                .missing
+                .iter()
+                .map(|m| m.text(lang))
+                .collect::<Vec<_>>()
+                .join("; ")
         ),
     }
 }
