@@ -128,7 +128,13 @@ pub fn take_verify(url: &str) -> Result<(String, UpstreamVerify), String> {
     for param in params {
         match param.split_once('=') {
             Some(("sslmode", m)) => mode = Some(m.to_owned()),
-            Some(("sslrootcert", path)) => root = Some(percent_decoded(path)),
+            Some(("sslrootcert", path)) => {
+                root = Some(
+                    percent_encoding::percent_decode_str(path)
+                        .decode_utf8_lossy()
+                        .into_owned(),
+                )
+            }
             _ => kept.push(param.to_owned()),
         }
     }
@@ -162,29 +168,6 @@ pub fn take_verify(url: &str) -> Result<(String, UpstreamVerify), String> {
             .unwrap_or(rebuilt),
         verify,
     ))
-}
-
-fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Connects (over TLS when the URL's `sslmode` asks, `prefer` by default) and drives the

@@ -422,9 +422,12 @@ impl Store {
     /// `cutover.fingerprints`, for operators and `cutover rules promote`).
     pub fn fingerprint(&self, id: &str, normalized: &str) {
         let mut fingerprints = self.fingerprints.lock().unwrap_or_else(|e| e.into_inner());
-        if fingerprints.0.len() < MAX_FINGERPRINTS && fingerprints.0.insert(id.to_owned()) {
-            fingerprints.1.push((id.to_owned(), normalized.to_owned()));
+        // Looked up first: on a statement's path, a type already seen allocates nothing.
+        if fingerprints.0.contains(id) || fingerprints.0.len() >= MAX_FINGERPRINTS {
+            return;
         }
+        fingerprints.0.insert(id.to_owned());
+        fingerprints.1.push((id.to_owned(), normalized.to_owned()));
     }
 
     /// Adds the pending counts and inserts the pending samples; what fails stays pending.

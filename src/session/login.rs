@@ -341,7 +341,9 @@ impl<C: Duplex> Attempt<'_, C> {
                             password_frame(md5_response(inner, &salt).as_bytes())
                         }
                         (AUTH_SASL, _) => {
-                            let offered = sasl_mechanisms(data);
+                            let offered: Vec<&str> = messages::sasl_mechanisms(data)
+                                .filter_map(|m| std::str::from_utf8(m).ok())
+                                .collect();
                             match ScramUpstream::start(credentials, &offered, binding.clone()) {
                                 Some((state, mechanism, first)) => {
                                     scram = Some(state);
@@ -576,34 +578,17 @@ fn sasl_initial_response(mut body: &[u8]) -> Option<(String, &[u8])> {
     Some((String::from_utf8(mechanism.to_vec()).ok()?, data))
 }
 
-/// The mechanisms of an AuthenticationSASL (after its code).
-fn sasl_mechanisms(mut data: &[u8]) -> Vec<&str> {
-    let mut out = Vec::new();
-    while let Some(name) = crate::wire::take_cstr(&mut data) {
-        if name.is_empty() {
-            break;
-        }
-        if let Ok(name) = std::str::from_utf8(name) {
-            out.push(name);
-        }
-    }
-    out
-}
-
 /// One message, read exactly (a header, then its body): nothing after it is consumed.
 async fn read_frame<R: AsyncRead + Unpin>(stream: &mut R) -> io::Result<(u8, Bytes)> {
     let mut header = [0u8; 5];
     stream.read_exact(&mut header).await?;
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if !(4..=MAX_LOGIN_MESSAGE).contains(&len) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("a login message of {len} bytes"),
-        ));
-    }
-    let mut body = vec![0u8; len - 4];
+    let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+    let header = crate::wire::header(&header, MAX_LOGIN_MESSAGE + 1)
+        .map_err(|e| invalid(e.to_string()))?
+        .ok_or_else(|| invalid("a short header".into()))?;
+    let mut body = vec![0u8; header.total - 5];
     stream.read_exact(&mut body).await?;
-    Ok((header[0], Bytes::from(body)))
+    Ok((header.tag, Bytes::from(body)))
 }
 
 async fn send<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8]) -> Result<(), Failed> {
@@ -626,8 +611,8 @@ mod tests {
             ("SCRAM-SHA-256", &b"n,,n=,r=abc"[..])
         );
         assert_eq!(
-            sasl_mechanisms(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"),
-            ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+            messages::sasl_mechanisms(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0").collect::<Vec<_>>(),
+            [&b"SCRAM-SHA-256-PLUS"[..], b"SCRAM-SHA-256"]
         );
         assert!(sasl_initial_response(b"SCRAM\0\0\0").is_none());
     }

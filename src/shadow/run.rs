@@ -282,10 +282,7 @@ impl Conn {
                 let kind = match (&legacy, &target, &diff) {
                     (Side::Answer(l, _), Side::Answer(t, _), Some(d)) => {
                         let answers = (l, t, &order, &options);
-                        match self
-                            .on_target_rows(job, legacy_sql, target_sql, answers)
-                            .await
-                        {
+                        match self.on_target_rows(job, legacy_sql, answers).await {
                             Some(kind) => kind,
                             None => {
                                 let keys = involved_keys(job, &job.rules, l, d);
@@ -485,18 +482,18 @@ impl Conn {
         &mut self,
         job: &Job,
         legacy_sql: &str,
-        target_sql: &str,
         (legacy, target, order, options): (&Answer, &Answer, &Order, &compare::Options),
     ) -> Option<Kind> {
+        if !job.typed().is_some_and(|t| t.explicit_target) {
+            // Rewritten by the proxy: the target SQL is the statement itself on the target's
+            // rows already.
+            return Some(Kind::Drift);
+        }
         let Rewrite::Target(mapped) =
             crate::rewrite::Rewriter::new(&job.rules.table).rewrite(legacy_sql)
         else {
             return None;
         };
-        if mapped == target_sql {
-            // The target SQL is the statement itself on the target's rows.
-            return Some(Kind::Drift);
-        }
         let Side::Answer(on_target, _) = self.side_in_snapshot(&mapped, job).await else {
             return None;
         };

@@ -132,18 +132,19 @@ pub fn auth_code(body: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(body.get(..4)?.try_into().ok()?))
 }
 
+/// The mechanisms an AuthenticationSASL offers (its body after the request code).
+pub fn sasl_mechanisms(mut data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || take_cstr(&mut data).filter(|m| !m.is_empty()))
+}
+
 /// An AuthenticationSASL body without the `-PLUS` mechanisms: channel binding binds to the
 /// TLS connection it runs on, and the client's TLS connection ends at the proxy.
 /// `None` when there was nothing to strip.
 pub fn sasl_without_channel_binding(body: &[u8]) -> Option<Bytes> {
-    let mut rest = body.get(4..)?;
     let mut kept = BytesMut::with_capacity(body.len());
-    kept.put_slice(&body[..4]);
+    kept.put_slice(body.get(..4)?);
     let mut stripped = false;
-    while let Some(mechanism) = take_cstr(&mut rest) {
-        if mechanism.is_empty() {
-            break;
-        }
+    for mechanism in sasl_mechanisms(&body[4..]) {
         if mechanism.ends_with(b"-PLUS") {
             stripped = true;
             continue;
