@@ -27,8 +27,10 @@
 //!   [`divergence`]: the store of outcomes, samples and reviewers' marks.
 //! - [`wire`]: the frame codec (no I/O).
 //! - [`control`]: live state shared through PostgreSQL, gates, audit, ramp-down; [`admin`]:
-//!   `/metrics`, `/healthz`, `/readyz`, `/status`, the control API; [`console`]: the SQL admin
-//!   console; [`ctl`]: the operator's CLI; [`reload`]: rules hot reload.
+//!   `/metrics`, `/healthz`, `/readyz`, `/status`, the control API; [`console`]: the admin
+//!   console, a PostgreSQL endpoint on `pgwire` (SCRAM, both protocols; PAUSE/RESUME hold
+//!   sessions through `session::clients`); [`ctl`]: the operator's CLI; [`reload`]: rules and
+//!   configuration hot reload (SIGHUP, the console's RELOAD).
 //! - [`report`]: `cutover report` and `/status`.
 //! - [`metrics`]: every metric, in one place; [`config`]: `cutover serve` configuration.
 //! - [`rules`]: the rule files, validated with `file:line:column` diagnostics.

@@ -56,13 +56,18 @@ impl Running {
         Arc::clone(&self.reload)
     }
 
-    /// A handle that applies a new configuration (SIGHUP): see [`crate::reload::reconfigure`].
-    pub fn reconfigure_handle(
+    /// Where the configuration comes from, so that a reload (SIGHUP, the console's `RELOAD`)
+    /// reads it again. Set once; later calls change nothing.
+    pub fn set_config_source(&self, source: crate::reload::ConfigSource) {
+        let _ = self.shared.config_source.set(source);
+    }
+
+    /// A handle that reloads the configuration and the rules (SIGHUP).
+    pub fn reload_everything_handle(
         &self,
-    ) -> impl Fn(&ServeConfig) -> Result<crate::reload::Reconfigured, String> + Send + Sync + 'static
-    {
+    ) -> impl Fn() -> crate::reload::Reloaded + Send + Sync + 'static {
         let shared = Arc::clone(&self.shared);
-        move |config| crate::reload::reconfigure(&shared, config)
+        move || crate::reload::everything(&shared)
     }
 
     /// Starts the shutdown (as SIGTERM does) and waits until every session is closed.
@@ -288,6 +293,7 @@ async fn handle(
 ) -> io::Result<()> {
     // The startup packet, then the login, each within authentication_timeout (as PostgreSQL).
     let startup_timeout = shared.config.authentication_timeout;
+    let peer = stream.peer_addr().ok();
     let mut client: ClientStream = Either::Left(stream);
     let mut buf = BytesMut::with_capacity(512);
     let mut negotiated_ssl = false;
@@ -413,7 +419,7 @@ async fn handle(
     shared.metrics.accepted.increment(1);
     let id = shared.next_session_id();
     let client_tls = matches!(client, Either::Right(_));
-    session::run(client, client_tls, startup, id, shared, slot).await;
+    session::run(client, client_tls, peer, startup, id, shared, slot).await;
     Ok(())
 }
 

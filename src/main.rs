@@ -789,9 +789,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .map(|a| format!(", admin on http://{a}"))
             .unwrap_or_default()
     );
-    let reload = running.reload_handle();
-    let reconfigure = running.reconfigure_handle();
     let config_path = args.config.clone();
+    running.set_config_source(Box::new(move || {
+        // The file as it is now, under the same flags and environment.
+        let file = match &config_path {
+            Some(path) => FileConfig::from_toml(path),
+            None => Ok(FileConfig::default()),
+        };
+        file.and_then(|f| f.overridden_by(flags.clone()).validate())
+            .map_err(|e| e.to_string())
+    }));
+    let reload = running.reload_everything_handle();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -799,29 +807,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         };
         while hup.recv().await.is_some() {
             eprintln!("cutover: SIGHUP, reloading the configuration and the rules");
-            // The file as it is now, under the same flags and environment.
-            let file = match &config_path {
-                Some(path) => FileConfig::from_toml(path),
-                None => Ok(FileConfig::default()),
-            };
-            match file.and_then(|f| f.overridden_by(flags.clone()).validate()) {
-                Err(e) => eprintln!("cutover: the configuration was not reloaded: {e}"),
-                Ok(config) => match reconfigure(&config) {
-                    Err(e) => eprintln!("cutover: the configuration was not reloaded: {e}"),
-                    Ok(done) => {
-                        for key in &done.applied {
-                            eprintln!("cutover: reloaded {key}");
-                        }
-                        if !done.need_restart.is_empty() {
-                            eprintln!(
-                                "cutover: changed, applied only by a restart: {}",
-                                done.need_restart.join(", ")
-                            );
-                        }
+            let done = reload();
+            match done.config {
+                Some(Err(e)) => eprintln!("cutover: the configuration was not reloaded: {e}"),
+                Some(Ok(done)) => {
+                    for key in &done.applied {
+                        eprintln!("cutover: reloaded {key}");
                     }
-                },
+                    if !done.need_restart.is_empty() {
+                        eprintln!(
+                            "cutover: changed, applied only by a restart: {}",
+                            done.need_restart.join(", ")
+                        );
+                    }
+                }
+                None => {}
             }
-            reload.notify_one();
         }
     });
     let token = running.shutdown_token();

@@ -114,6 +114,7 @@ impl AtZero<'_> {
             counter!(name).increment(0);
         }
         gauge!("cutover_control_connected").increment(0.0);
+        gauge!("cutover_paused").increment(0.0);
         let types = self.query_types.iter().copied().chain(["automatic"]);
         for query_type in types {
             for &outcome in self.outcomes {

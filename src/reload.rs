@@ -34,6 +34,48 @@ pub fn metrics_at_zero(rules: &RuleSet) {
     .register();
 }
 
+/// Reads the configuration again as the proxy was started: its file, under the same flags
+/// and environment (validated; the error says what is wrong).
+pub type ConfigSource = Box<dyn Fn() -> Result<crate::config::ServeConfig, String> + Send + Sync>;
+
+/// What a reload (SIGHUP, or the console's `RELOAD`) did.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// The configuration: applied and needing a restart, or why it was not reloaded (`None`:
+    /// no source to read it again from).
+    pub config: Option<Result<Reconfigured, String>>,
+    /// The rules: how many query types, or every diagnostic (the last good rules stay).
+    pub rules: Result<usize, crate::rules::RulesError>,
+}
+
+/// Reloads what can be reloaded live: the configuration (when the proxy knows where it came
+/// from) and the rules.
+pub fn everything(shared: &Shared) -> Reloaded {
+    let config = shared
+        .config_source
+        .get()
+        .map(|source| source().and_then(|config| reconfigure(shared, &config)));
+    match &config {
+        Some(Ok(done)) => {
+            for key in &done.applied {
+                tracing::info!(key, "configuration reloaded");
+            }
+            if !done.need_restart.is_empty() {
+                tracing::warn!(
+                    keys = done.need_restart.join(", "),
+                    "configuration changed; only a restart applies these"
+                );
+            }
+        }
+        Some(Err(error)) => tracing::error!(%error, "the configuration was not reloaded"),
+        None => {}
+    }
+    Reloaded {
+        config,
+        rules: reload(shared),
+    }
+}
+
 /// What a SIGHUP applied of a new configuration, and what it could not.
 #[derive(Debug, Default)]
 pub struct Reconfigured {

@@ -12,6 +12,7 @@
 //! - a malformed or oversized message: FATAL 08P01, close;
 //! - the proxy shuts down and the grace period ends: FATAL 57P01, close.
 
+pub mod clients;
 mod login;
 mod pending;
 mod prepared;
@@ -69,6 +70,11 @@ pub struct Shared {
     pub throttle: crate::auth::Throttle,
     /// The admin and read tokens (the configuration's, reloaded on SIGHUP).
     pub tokens: arc_swap::ArcSwap<crate::auth::Tokens>,
+    /// Every open session, and the console's pause.
+    pub clients: clients::Clients,
+    /// Reads the configuration again as at start (file, flags, environment), for the
+    /// console's `RELOAD`; unset when the proxy was started from a config value alone.
+    pub config_source: std::sync::OnceLock<crate::reload::ConfigSource>,
     next_id: AtomicU32,
 }
 
@@ -105,6 +111,8 @@ impl Shared {
             secrets: crate::auth::Secrets::default(),
             client_end_point: None,
             throttle: crate::auth::Throttle::default(),
+            clients: clients::Clients::default(),
+            config_source: std::sync::OnceLock::new(),
             // Session ids double as the process ids handed to clients for cancelling;
             // start at a random point so they do not look like the server's.
             next_id: AtomicU32::new(rand::random::<u32>() >> 1),
@@ -127,9 +135,10 @@ pub async fn refuse<C: AsyncWrite + Unpin>(client: &mut C, code: &SqlState, mess
 }
 
 /// Runs a session whose StartupMessage has been read, in the login slot it was given.
-pub async fn run<C: relay::Duplex>(
+pub async fn run<C: relay::Duplex + Send + Sync + 'static>(
     mut client: C,
     client_tls: bool,
+    peer: Option<std::net::SocketAddr>,
     startup: Startup,
     id: u32,
     shared: Arc<Shared>,
@@ -144,8 +153,27 @@ pub async fn run<C: relay::Duplex>(
         application_name = startup.param("application_name").unwrap_or("")
     );
     async move {
-        if crate::console::wanted(&shared, &startup) {
-            crate::console::run(client, startup, &shared, &slot).await;
+        let console = crate::console::wanted(&shared, &startup);
+        let registered = shared.clients.register(clients::Who {
+            id,
+            user: startup.user_and_database().0,
+            database: startup.user_and_database().1,
+            application_name: startup.param("application_name").unwrap_or(""),
+            peer,
+            tls: client_tls,
+            console,
+        });
+        if console {
+            crate::console::run(
+                client,
+                client_tls,
+                peer,
+                startup,
+                &shared,
+                &slot,
+                &registered.client,
+            )
+            .await;
             return;
         }
         let Ok(mut upstream) =
@@ -157,9 +185,16 @@ pub async fn run<C: relay::Duplex>(
             .shadow
             .as_deref()
             .filter(|s| s.serves(startup.user_and_database().1));
-        let end = relay::Relay::new(&mut client, &mut upstream, id, &shared, shadow)
-            .run()
-            .await;
+        let end = relay::Relay::new(
+            &mut client,
+            &mut upstream,
+            id,
+            &shared,
+            shadow,
+            &registered.client,
+        )
+        .run()
+        .await;
         tracing::debug!(?end, "session ended");
     }
     .instrument(span)

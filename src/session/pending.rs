@@ -383,6 +383,13 @@ impl Flow {
         }
     }
 
+    /// Between transactions with nothing owed: the last ReadyForQuery said idle, no
+    /// extended-protocol batch is open and every batch sent has been answered. Where a pause
+    /// may hold the session's next message.
+    pub fn at_rest(&self) -> bool {
+        self.idle.load(Relaxed) && !self.batch_open.load(Relaxed) && self.writes.all_answered()
+    }
+
     /// Whether the proxy may ask its names question now, and if so records it as asked: the
     /// answer is unknown, and the session is between transactions with nothing owed (the
     /// question then runs as a transaction of its own and changes nothing of the client's).
@@ -570,6 +577,11 @@ impl Writes {
         if status == b'I' {
             self.settled.store(answered, Relaxed);
         }
+    }
+
+    /// Every batch sent has had its ReadyForQuery.
+    pub fn all_answered(&self) -> bool {
+        self.answered.load(Relaxed) >= self.sent.load(Relaxed)
     }
 
     /// A write has been sent whose transaction has not been seen to end.

@@ -16,6 +16,7 @@ use tokio_postgres::error::SqlState;
 
 use super::{
     Shared,
+    clients::{Client, State},
     pending::{Answer, Flow},
     prepared::error_with_client_names,
     statements::{MAX_INSPECTED_BIND, Statements},
@@ -75,6 +76,8 @@ pub struct Relay<'a, C, U> {
     shared: &'a Shared,
     /// The shadow, when this session's database is the one it reads.
     shadow: Option<&'a Shadow>,
+    /// This session in the registry (`SHOW CLIENTS`, `PAUSE`).
+    me: &'a Client,
 }
 
 impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
@@ -84,6 +87,7 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
         id: u32,
         shared: &'a Shared,
         shadow: Option<&'a Shadow>,
+        me: &'a Client,
     ) -> Self {
         Self {
             client,
@@ -91,6 +95,7 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
             id,
             shared,
             shadow,
+            me,
         }
     }
 
@@ -106,6 +111,8 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
         let flow = Flow::default();
         let mut to_upstream = ClientToServer {
             shared,
+            me: self.me,
+            flow: &flow,
             buf: BytesMut::with_capacity(READ_CHUNK),
             streaming: 0,
             statements: Statements::new(shared, self.shadow, self.id, &flow),
@@ -119,6 +126,7 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
             key_guard: None,
             at_boundary: &client_at_boundary,
             flow: &flow,
+            me: self.me,
         };
 
         let end = tokio::select! {
@@ -160,6 +168,8 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
 /// Client → upstream.
 struct ClientToServer<'s> {
     shared: &'s Shared,
+    me: &'s Client,
+    flow: &'s Flow,
     buf: BytesMut,
     /// Bytes of a frame still to stream through without looking.
     streaming: usize,
@@ -206,6 +216,21 @@ impl ClientToServer<'_> {
                 Ok(0) | Err(_) => return End::ClientClosed,
                 Ok(_) => {}
             }
+            // Active first, then the pause read: see `Client::set`.
+            self.me.set(State::Active);
+            if self.shared.clients.paused()
+                && self.streaming == 0
+                && self.flow.at_rest()
+                && self.buf.first() != Some(&frontend::TERMINATE)
+            {
+                // Held at a transaction boundary until RESUME (nothing sent yet).
+                self.me.set(State::Held);
+                tokio::select! {
+                    _ = self.shared.clients.hold() => {}
+                    _ = self.shared.terminate.cancelled() => return End::Shutdown,
+                }
+                self.me.set(State::Active);
+            }
             let mut ready = 0;
             let mut terminate = false;
             loop {
@@ -249,6 +274,12 @@ impl ClientToServer<'_> {
                             self.statements.await_names().await;
                         }
                         self.statements.client_sent(header.tag);
+                        if matches!(
+                            header.tag,
+                            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
+                        ) {
+                            self.me.batch_sent();
+                        }
                         if header.tag == frontend::QUERY
                             && let Some(check) = self
                                 .statements
@@ -368,6 +399,7 @@ struct ServerToClient<'s> {
     at_boundary: &'s AtomicBool,
     /// Shared with the client side (see [`Flow`]).
     flow: &'s Flow,
+    me: &'s Client,
 }
 
 /// What to do with an inspected server frame.
@@ -421,7 +453,14 @@ impl ServerToClient<'_> {
                             break;
                         }
                         let body = &self.buf[ready + 5..ready + header.total];
-                        let action = match self.flow.answer(header.tag, body) {
+                        let answer = self.flow.answer(header.tag, body);
+                        if header.tag == backend::READY_FOR_QUERY {
+                            self.me.ready(
+                                messages::ready_status(body).unwrap_or(b'I'),
+                                self.flow.at_rest(),
+                            );
+                        }
+                        let action = match answer {
                             Answer::Swallow => Action::Replace(Bytes::new()),
                             Answer::Described(frame) => Action::Replace(frame),
                             Answer::InjectedFailed | Answer::Forward => inspect_server_frame(

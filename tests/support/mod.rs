@@ -323,6 +323,37 @@ impl Proxy {
     }
 }
 
+/// psql on the proxy's admin console as `user` with `password` (`extra` goes into the URL's
+/// query); (success, stdout then stderr).
+pub async fn console_psql(
+    p: &Proxy,
+    user: &str,
+    password: &str,
+    extra: &str,
+    sql: &str,
+) -> (bool, String) {
+    let mut cmd = std::process::Command::new(cluster().bindir().join("psql"));
+    cmd.args(["-X", "-A", "-F", "|", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .arg(format!(
+            "postgres://{user}@127.0.0.1:{}/{}?{extra}",
+            p.addr.port(),
+            cutover::console::DATABASE
+        ))
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "5");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// Starts a proxy with default settings (admin endpoint on a free port).
 pub async fn proxy() -> Proxy {
     proxy_with(|_| {}).await
