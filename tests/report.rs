@@ -346,3 +346,94 @@ async fn an_empty_window_and_an_unreachable_database() {
     assert_eq!(code, 2);
     assert!(err.contains("cutover migrate"), "{err}");
 }
+
+/// Why a query type is not ready, next to its verdict (issue 20, item 8): the backfill
+/// quarantined orphans, so v2 counts fewer active affiliates than legacy; the verdict says
+/// the quarantined rows explain the difference, in English and in Portuguese, and the last
+/// verify's line has no English words in the Portuguese report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantined_orphans_explain_a_count_difference_next_to_the_verdict() {
+    use cutover::fixture::{self, TreeSpec};
+    let db = support::migrated_db().await;
+    let direct = db.client().await;
+    fixture::load(
+        &direct,
+        &TreeSpec {
+            affiliates: 300,
+            seed: 11,
+            orphans: 4,
+            cycle_len: 0,
+            drifted_counters: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let _ = support::cutover_on(&db, "backfill", &[], &[]);
+    let quarantined: i64 = direct
+        .query_one("SELECT count(*) FROM cutover.backfill_quarantine", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let active_quarantined: i64 = direct
+        .query_one(
+            "SELECT count(*) FROM affiliates a
+             WHERE a.status = 'active' AND NOT EXISTS (
+                 SELECT 1 FROM fature_v2.affiliates_optimized o WHERE o.affiliate_id = a.affiliate_id)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        quarantined >= 4 && active_quarantined > 0,
+        "the fixture's seed must quarantine active rows: {quarantined}, {active_quarantined}"
+    );
+    let _ = support::cutover_on(&db, "verify", &[], &[]);
+
+    let rules = support::rules_with(&[("count_active", "stage = \"shadow\"")], "");
+    let proxy = support::proxy_on(&db, &rules, |_| {}).await;
+    let app = proxy.client(&db.name).await;
+    for _ in 0..5 {
+        app.simple_query("SELECT COUNT(*) FROM affiliates WHERE status = 'active'")
+            .await
+            .unwrap();
+    }
+    counted(&direct, 5).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let name = db.name.clone();
+    let (json, pt) = tokio::task::spawn_blocking(move || {
+        let db = TestDb { name };
+        (
+            report(&db, "json", &[]),
+            report(&db, "md", &["--lang", "pt-BR"]),
+        )
+    })
+    .await
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let count = query_type(&json, "count_active");
+    assert_eq!(count["verdict"]["ready"], false, "{count}");
+    let cause = count["verdict"]["causes"][0].as_str().unwrap_or_default();
+    assert!(
+        cause.contains(&format!(
+            "the backfill set {quarantined} legacy rows aside (orphans, cycles) that v2 does not have, and the answers differ by {active_quarantined}"
+        )),
+        "{count}"
+    );
+    assert!(
+        pt.contains(&format!(
+            "o backfill separou {quarantined} linhas do legado (órfãs, ciclos) que o v2 não tem, e as respostas diferem em {active_quarantined}"
+        )),
+        "{pt}"
+    );
+    let verify = pt
+        .lines()
+        .find(|l| l.contains("Última verificação"))
+        .unwrap_or_else(|| panic!("{pt}"));
+    assert!(verify.contains("linhas no legado"), "{verify}");
+    for english in ["legacy", "rows", "missing", "failed checks", "quarantined"] {
+        assert!(!verify.contains(english), "{english:?} in {verify}");
+    }
+    proxy.shutdown().await;
+}

@@ -123,6 +123,72 @@ pub struct Verdict {
     pub ready: bool,
     /// What is missing (empty when ready); serialized in English words.
     pub missing: Vec<Missing>,
+    /// Why it is not ready, where the evidence says (serialized in English words).
+    pub causes: Vec<Cause>,
+}
+
+/// What explains a query type's divergences, next to its verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cause {
+    /// The backfill set `rows` legacy rows aside (orphans, cycles) that v2 does not have, and
+    /// the answers differ by `difference` (a count, or rows only legacy returned): no more
+    /// than those rows explain.
+    Quarantined { rows: i64, difference: i64 },
+}
+
+impl Cause {
+    /// In the report's language.
+    pub fn text(&self, lang: text::Lang) -> String {
+        match self {
+            Cause::Quarantined { rows, difference } if lang == text::Lang::PtBr => format!(
+                "linhas em quarentena explicam a diferença: o backfill separou {rows} linhas do legado (órfãs, ciclos) que o v2 não tem, e as respostas diferem em {difference}; aceite a mudança de comportamento `quarantined_rows` (cutover ctl accept), ou corrija as linhas no legado e rode `cutover backfill` de novo"
+            ),
+            Cause::Quarantined { rows, difference } => format!(
+                "quarantined rows explain the difference: the backfill set {rows} legacy rows aside (orphans, cycles) that v2 does not have, and the answers differ by {difference}; accept the `quarantined_rows` behaviour change (cutover ctl accept), or fix those rows in legacy and run `cutover backfill` again"
+            ),
+        }
+    }
+
+    /// Whether the rows the backfill set aside can explain an example: a one-row answer
+    /// (an aggregate) whose numbers differ by no more than `rows`, or rows only legacy
+    /// returned, no more than `rows` of them. The difference, if so.
+    fn quarantine_explains(example: &Example, rows: i64) -> Option<i64> {
+        let side = |k: &str| example.diff[k].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        let (legacy, target, changed) = (side("only_legacy"), side("only_target"), side("changed"));
+        if !changed.is_empty() || rows <= 0 {
+            return None;
+        }
+        let number = |v: &serde_json::Value| {
+            v.as_f64()
+                .or_else(|| v.as_str().and_then(|s| s.parse::<f64>().ok()))
+        };
+        let difference = match (legacy, target) {
+            ([l], [t]) => {
+                let (l, t) = (l.as_object()?, t.as_object()?);
+                let mut most = 0.0f64;
+                for (column, lv) in l {
+                    if lv == &t[column] {
+                        continue;
+                    }
+                    let d = (number(lv)? - number(&t[column])?).abs();
+                    if d.fract() != 0.0 {
+                        return None;
+                    }
+                    most = most.max(d);
+                }
+                most as i64
+            }
+            (only, []) => only.len() as i64,
+            _ => return None,
+        };
+        (difference > 0 && difference <= rows).then_some(difference)
+    }
+}
+
+impl Serialize for Cause {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.text(text::Lang::En))
+    }
 }
 
 /// One thing a query type lacks to be ready for its next stage.
@@ -285,6 +351,7 @@ pub fn verdict(stage: &str, percent: i16, samples: i64, rate: Option<f64>) -> Ve
             ready: next.is_some(),
             next,
             missing: Vec::new(),
+            causes: Vec::new(),
         };
     }
     let mut missing = Vec::new();
@@ -303,6 +370,7 @@ pub fn verdict(stage: &str, percent: i16, samples: i64, rate: Option<f64>) -> Ve
         ready: missing.is_empty(),
         next,
         missing,
+        causes: Vec::new(),
     }
 }
 
@@ -381,6 +449,7 @@ pub async fn gather(
         crate::control::window_verify(client).await?,
         Some((true, _))
     );
+    let quarantined = quarantined_rows(client).await?;
     let mut query_types = Vec::new();
     let (mut all_samples, mut all_agree, mut all_timed, mut all_l, mut all_t) = (0, 0, 0, 0, 0);
     for r in rows {
@@ -469,6 +538,17 @@ pub async fn gather(
             verdict.missing.push(Missing::Latency {
                 target_ms: t.to_string(),
                 legacy_ms: l.to_string(),
+            });
+        }
+        if !verdict.ready
+            && let Some(difference) = examples
+                .iter()
+                .filter(|e| e.kind != "error" && e.expected_class.is_none())
+                .find_map(|e| Cause::quarantine_explains(e, quarantined))
+        {
+            verdict.causes.push(Cause::Quarantined {
+                rows: quarantined,
+                difference,
             });
         }
         if kind == "write" && stage != "legacy" && verdict.next.is_some() {
@@ -687,6 +767,24 @@ async fn backfill(client: &Client) -> Result<Option<Backfill>, tokio_postgres::E
     }))
 }
 
+/// Legacy rows the backfill set aside (0 before migration 0010's table exists).
+async fn quarantined_rows(client: &Client) -> Result<i64, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('cutover.backfill_quarantine') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    Ok(client
+        .query_one("SELECT count(*) FROM cutover.backfill_quarantine", &[])
+        .await?
+        .get(0))
+}
+
 async fn last_verify(client: &Client) -> Result<Option<VerifyRun>, tokio_postgres::Error> {
     Ok(client
         .query_opt(
@@ -713,6 +811,53 @@ async fn last_verify(client: &Client) -> Result<Option<VerifyRun>, tokio_postgre
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn example(diff: serde_json::Value) -> Example {
+        Example {
+            found_at: String::new(),
+            kind: "drift".into(),
+            expected_class: None,
+            columns: Vec::new(),
+            legacy_sql: String::new(),
+            target_sql: String::new(),
+            params: serde_json::Value::Null,
+            diff,
+            legacy_error: None,
+            target_error: None,
+        }
+    }
+
+    #[test]
+    fn quarantined_rows_explain_only_what_they_can() {
+        use serde_json::json;
+        let count = example(
+            json!({"only_legacy": [{"count": 44319}], "only_target": [{"count": "44315"}]}),
+        );
+        assert_eq!(Cause::quarantine_explains(&count, 4), Some(4));
+        assert_eq!(
+            Cause::quarantine_explains(&count, 3),
+            None,
+            "more than they can"
+        );
+        assert_eq!(Cause::quarantine_explains(&count, 0), None);
+        let rows = example(json!({"only_legacy": [{"affiliate_id": 1}, {"affiliate_id": 2}]}));
+        assert_eq!(Cause::quarantine_explains(&rows, 5), Some(2));
+        let both = example(json!({"only_legacy": [{"a": 1}, {"a": 2}], "only_target": [{"a": 3}]}));
+        assert_eq!(Cause::quarantine_explains(&both, 5), None);
+        let changed = example(json!({"changed": [{"key": 1}]}));
+        assert_eq!(Cause::quarantine_explains(&changed, 5), None);
+        let text = example(json!({"only_legacy": [{"name": "a"}], "only_target": [{"name": "b"}]}));
+        assert_eq!(Cause::quarantine_explains(&text, 5), None, "not a number");
+        let cause = Cause::Quarantined {
+            rows: 4,
+            difference: 4,
+        };
+        assert!(
+            cause
+                .text(text::Lang::PtBr)
+                .starts_with("linhas em quarentena")
+        );
+    }
 
     #[test]
     fn verdicts_follow_the_gate() {

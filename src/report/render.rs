@@ -66,7 +66,7 @@ fn outcome_values(q: &QueryTypeReport) -> [i64; 11] {
 
 fn verdict_line(q: &QueryTypeReport, lang: Lang) -> String {
     let t = lang.text();
-    match &q.verdict.next {
+    let line = match &q.verdict.next {
         None => t.final_stage.to_owned(),
         Some(next) if q.verdict.ready => format!("{} {next}", t.ready_for),
         Some(next) if q.kind == "write" => {
@@ -83,7 +83,11 @@ fn verdict_line(q: &QueryTypeReport, lang: Lang) -> String {
                 .collect::<Vec<_>>()
                 .join("; ")
         ),
-    }
+    };
+    q.verdict
+        .causes
+        .iter()
+        .fold(line, |line, cause| format!("{line}. {}", cause.text(lang)))
 }
 
 fn overall_rows(r: &Report, lang: Lang) -> Vec<(String, String)> {
@@ -109,30 +113,21 @@ fn overall_rows(r: &Report, lang: Lang) -> Vec<(String, String)> {
                 if b.rows_copied == 0 && b.state == "completed" {
                     format!("{} ({})", t.nothing_to_copy, b.updated_at)
                 } else {
-                    format!("{} ({} {}, {})", b.state, b.rows_copied, t.rows, b.updated_at)
+                    format!(
+                        "{} ({} {}, {})",
+                        super::text::backfill_state(lang, &b.state),
+                        b.rows_copied,
+                        t.rows,
+                        b.updated_at
+                    )
                 }
             }),
         ),
         (
             t.last_verify.into(),
-            o.last_verify.as_ref().map_or(t.none.into(), |v| {
-                format!(
-                    "{} — {} ({} legacy / {} v2 rows; {} missing, {} extra, {} different, {} quarantined, {} failed checks)",
-                    v.ran_at,
-                    if v.ok { t.clean } else { t.drift },
-                    v.legacy_rows,
-                    v.target_rows,
-                    v.missing,
-                    v.extra,
-                    v.different,
-                    v.quarantined,
-                    v.failed_checks
-                ) + &if v.slow_timings > 0 {
-                    format!("; {} performance criteria not met (timing, not drift)", v.slow_timings)
-                } else {
-                    String::new()
-                }
-            }),
+            o.last_verify
+                .as_ref()
+                .map_or(t.none.into(), |v| super::text::verify_line(lang, v)),
         ),
     ]
 }

@@ -290,3 +290,59 @@ impl Lang {
         }
     }
 }
+
+/// A backfill's state as the report stores it (`completed`, `in progress: PHASE`), in the
+/// report's language (the phase is a name, shown as stored).
+pub fn backfill_state(lang: Lang, state: &str) -> String {
+    match (lang, state) {
+        (Lang::PtBr, "completed") => "concluído".to_owned(),
+        (Lang::PtBr, s) => match s.strip_prefix("in progress: ") {
+            Some(phase) => format!("em andamento: {phase}"),
+            None => s.to_owned(),
+        },
+        (Lang::En, s) => s.to_owned(),
+    }
+}
+
+/// The last verify's line: when, its verdict, its counts.
+pub fn verify_line(lang: Lang, v: &super::VerifyRun) -> String {
+    let t = lang.text();
+    let verdict = if v.ok { t.clean } else { t.drift };
+    let mut line = match lang {
+        Lang::PtBr => format!(
+            "{} — {verdict} ({} linhas no legado / {} no v2; {} faltando, {} a mais, {} diferentes, {} em quarentena, {} verificações com falha)",
+            v.ran_at,
+            v.legacy_rows,
+            v.target_rows,
+            v.missing,
+            v.extra,
+            v.different,
+            v.quarantined,
+            v.failed_checks
+        ),
+        Lang::En => format!(
+            "{} — {verdict} ({} legacy / {} v2 rows; {} missing, {} extra, {} different, {} quarantined, {} failed checks)",
+            v.ran_at,
+            v.legacy_rows,
+            v.target_rows,
+            v.missing,
+            v.extra,
+            v.different,
+            v.quarantined,
+            v.failed_checks
+        ),
+    };
+    if v.slow_timings > 0 {
+        line += &match lang {
+            Lang::PtBr => format!(
+                "; {} critérios de desempenho não atendidos (tempo, não divergência)",
+                v.slow_timings
+            ),
+            Lang::En => format!(
+                "; {} performance criteria not met (timing, not drift)",
+                v.slow_timings
+            ),
+        };
+    }
+    line
+}
