@@ -460,6 +460,8 @@ async fn jdbc_uses_the_console() {
         "marks\tfrom JDBC",
         "error\t42601",
         "valid\ttrue",
+        "isolation\ttrue",
+        "product\tPostgreSQL 15",
     ] {
         assert!(
             stdout.lines().any(|l| l == line),

@@ -180,7 +180,49 @@ pub enum Command {
     SessionSetting(&'static str),
     /// `SELECT 1` (a pool's health check).
     SelectOne,
+    /// `SELECT version()`.
+    SelectVersion,
+    /// `SHOW setting` of one of [`SETTINGS`] (by its index), as drivers and GUI tools ask.
+    Setting(usize),
 }
+
+/// The settings a driver or a GUI tool may ask for with `SHOW`: the name, the answer's one
+/// column (named as PostgreSQL names it), the value.
+pub const SETTINGS: [(&str, &[(&str, Type)], &str); 9] = [
+    ("server_version", &[("server_version", Type::TEXT)], "15.0"),
+    (
+        "server_encoding",
+        &[("server_encoding", Type::TEXT)],
+        "UTF8",
+    ),
+    (
+        "client_encoding",
+        &[("client_encoding", Type::TEXT)],
+        "UTF8",
+    ),
+    ("DateStyle", &[("DateStyle", Type::TEXT)], "ISO, MDY"),
+    ("TimeZone", &[("TimeZone", Type::TEXT)], "Etc/UTC"),
+    (
+        "standard_conforming_strings",
+        &[("standard_conforming_strings", Type::TEXT)],
+        "on",
+    ),
+    (
+        "integer_datetimes",
+        &[("integer_datetimes", Type::TEXT)],
+        "on",
+    ),
+    (
+        "transaction_isolation",
+        &[("transaction_isolation", Type::TEXT)],
+        "read committed",
+    ),
+    (
+        "default_transaction_read_only",
+        &[("default_transaction_read_only", Type::TEXT)],
+        "off",
+    ),
+];
 
 /// One line per command, for `SHOW HELP` and for the error on an unknown command.
 pub const HELP: [(&str, &str); 16] = [
@@ -233,7 +275,7 @@ pub const HELP: [(&str, &str); 16] = [
     ),
     ("RESUME", "release the sessions PAUSE holds"),
     (
-        "BEGIN / COMMIT / ROLLBACK / SET / RESET / DISCARD / SELECT 1",
+        "BEGIN / COMMIT / ROLLBACK / SET / RESET / DISCARD / SELECT 1 / SELECT version() / SHOW setting",
         "accepted for drivers and pools; the console has no transactions: every command takes effect at once",
     ),
 ];
@@ -279,6 +321,18 @@ impl Command {
             ("SHOW", "HISTORY") => only(2, Command::History, "SHOW HISTORY"),
             ("SHOW", "CHANGES") => only(2, Command::Changes, "SHOW CHANGES"),
             ("SHOW", "MARKS") => only(2, Command::Marks, "SHOW MARKS"),
+            ("SHOW", "TRANSACTION") if tokens.len() == 4 => Ok(Command::Setting(7)),
+            ("SHOW", name) if tokens.len() == 2 => SETTINGS
+                .iter()
+                .position(|(s, _, _)| s.eq_ignore_ascii_case(name))
+                .map(Command::Setting)
+                .ok_or_else(|| {
+                    Syntax(format!(
+                        "the cutover console does not know this command or setting (\"{}\"); it knows: {}",
+                        name.to_ascii_lowercase(),
+                        known()
+                    ))
+                }),
             ("SET", "STAGE") => set_stage(&tokens[2..]),
             ("SET" | "RESET", _) if tokens.len() >= 2 => {
                 Ok(Command::SessionSetting(if first == "SET" {
@@ -297,6 +351,7 @@ impl Command {
             ("COMMIT" | "END", _) => Ok(Command::Commit),
             ("ROLLBACK" | "ABORT", _) => Ok(Command::Rollback),
             ("SELECT", "1") => only(2, Command::SelectOne, "SELECT 1"),
+            ("SELECT", "VERSION()") => only(2, Command::SelectVersion, "SELECT version()"),
             _ => Err(Syntax(format!(
                 "the cutover console does not know this command; it knows: {}",
                 known()
@@ -381,6 +436,8 @@ impl Command {
             ],
             Command::Reload => &[("reloaded", TEXT), ("outcome", TEXT)],
             Command::SelectOne => &[("?column?", Type::INT4)],
+            Command::SelectVersion => &[("version", TEXT)],
+            Command::Setting(i) => SETTINGS[*i].1,
             Command::SetStage { .. }
             | Command::Accept { .. }
             | Command::Mark { .. }
@@ -629,6 +686,9 @@ mod tests {
             ),
             ("DISCARD ALL", Command::SessionSetting("DISCARD ALL")),
             ("select 1", Command::SelectOne),
+            ("SELECT version();", Command::SelectVersion),
+            ("show transaction isolation level", Command::Setting(7)),
+            ("SHOW datestyle", Command::Setting(3)),
             (
                 "MARK top_referrers KIND drift COLUMNS level_1_referrals, x CLASS counter_drift NOTE 'legacy drifted'",
                 Command::Mark {
@@ -667,6 +727,7 @@ mod tests {
             "MARK t stray KIND drift COLUMNS a CLASS c NOTE 'n'",
             "PAUSE now",
             "SHOW STATS please",
+            "SHOW work_mem",
             "DROP TABLE x",
         ] {
             assert!(one(bad).is_err(), "{bad}");

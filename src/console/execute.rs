@@ -149,6 +149,22 @@ pub async fn execute(shared: &Shared, user: &str, command: &Command) -> Result<A
         }
         Command::SessionSetting(tag) => Ok(Answer::done(tag)),
         Command::SelectOne => Ok(Answer::rows("SELECT", vec![vec![Value::Int(Some(1))]])),
+        Command::SelectVersion => Ok(Answer::rows(
+            "SELECT",
+            vec![vec![Value::text(format!(
+                "PostgreSQL 15.0 ({}: the admin console, not a database)",
+                version()
+            ))]],
+        )),
+        Command::Setting(i) => {
+            let (name, _, value) = super::command::SETTINGS[*i];
+            let value = if name == "server_version" {
+                format!("{value} ({})", version())
+            } else {
+                value.to_owned()
+            };
+            Ok(Answer::rows("SHOW", vec![vec![Value::text(value)]]))
+        }
         Command::Begin => Ok(Answer::done("BEGIN")),
         Command::Commit => Ok(Answer::done("COMMIT")),
         Command::Rollback => Ok(Answer::done("ROLLBACK")),

@@ -59,6 +59,9 @@ public class ConsoleJdbc {
                 System.out.println("error\t" + e.getSQLState());
             }
             System.out.println("valid\t" + c.isValid(5));
+            System.out.println("isolation\t" + (c.getTransactionIsolation() == Connection.TRANSACTION_READ_COMMITTED));
+            DatabaseMetaData meta = c.getMetaData();
+            System.out.println("product\t" + meta.getDatabaseProductName() + " " + meta.getDatabaseMajorVersion());
         }
     }
 }
