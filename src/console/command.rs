@@ -188,7 +188,10 @@ pub enum Command {
 
 /// The settings a driver or a GUI tool may ask for with `SHOW`: the name, the answer's one
 /// column (named as PostgreSQL names it), the value.
-pub const SETTINGS: [(&str, &[(&str, Type)], &str); 9] = [
+/// An answer's columns: (name, type).
+pub type Columns = &'static [(&'static str, Type)];
+
+pub const SETTINGS: [(&str, Columns, &str); 9] = [
     ("server_version", &[("server_version", Type::TEXT)], "15.0"),
     (
         "server_encoding",
@@ -360,7 +363,7 @@ impl Command {
     }
 
     /// The columns a command answers with (none: it answers with a command tag only).
-    pub fn columns(&self) -> &'static [(&'static str, Type)] {
+    pub fn columns(&self) -> Columns {
         const TEXT: Type = Type::TEXT;
         const INT: Type = Type::INT8;
         const FLOAT: Type = Type::FLOAT8;
