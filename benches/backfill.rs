@@ -1,6 +1,8 @@
 //! How long a backfill and a verify take: a generated legacy tree of N affiliates (default
 //! 1,000,000, with a few orphans, a cycle and drifted counters) into a freshly migrated
-//! private PostgreSQL. A program: it prints what it measured and asserts nothing.
+//! private PostgreSQL, in both shapes of ids: independent of the tree (`cutover fixture
+//! --shuffle-ids`, as imported ids are) and in tree order. A program: it prints what it
+//! measured and asserts nothing.
 //!
 //!     cargo bench --bench backfill              # 1,000,000 affiliates
 //!     cargo bench --bench backfill -- 200000
@@ -36,53 +38,65 @@ async fn main() -> anyhow::Result<()> {
         ],
         ..Options::default()
     })?;
-    let config = pg.config("postgres");
-    let spec = TreeSpec {
-        orphans: 10,
-        cycle_len: 3,
-        drifted_counters: 100,
-        ..TreeSpec::clean(affiliates)
-    };
-    let client = common::legacy_database(&config, &spec).await?;
     let rules = common::rules();
-
-    let started = Instant::now();
-    let summary = common::backfill(&client, &rules).await?;
-    let backfill_s = started.elapsed().as_secs_f64();
-    println!(
-        "phases: {}",
-        summary
-            .phases
-            .iter()
-            .map(|(name, s)| format!("{name} {s:.1} s"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!(
-        "backfill: {} affiliates ({} copied, {} quarantined, {} closure rows) in {backfill_s:.1} s = {:.0} rows/s",
-        summary.legacy_rows,
-        summary.copied,
-        summary.quarantined.len(),
-        summary.closure_rows,
-        summary.legacy_rows as f64 / backfill_s
-    );
-    let started = Instant::now();
-    let report = verify::verify(&client, &rules.table, verify::DEFAULT_CHUNK).await?;
-    println!(
-        "verify: {} in {:.1} s ({})",
-        if report.ok {
-            "OK"
-        } else {
-            "drift or failed checks"
-        },
-        started.elapsed().as_secs_f64(),
-        report
-            .performance
-            .iter()
-            .map(|p| format!("{} {:.2} ms", p.name, p.millis))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let admin = connect::connect(&pg.config("postgres")).await?;
+    // Both shapes, the harder first: ids assigned independently of the tree (as imported ids
+    // are: about half of the children below their parent), then every parent's id below its
+    // children's (the generator's natural order).
+    for (database, label, shuffle_ids) in [
+        ("shuffled_ids", "ids independent of the tree", true),
+        ("ordered_ids", "ids in tree order", false),
+    ] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await?;
+        let spec = TreeSpec {
+            orphans: 10,
+            cycle_len: 3,
+            drifted_counters: 100,
+            shuffle_ids,
+            ..TreeSpec::clean(affiliates)
+        };
+        let client = common::legacy_database(&pg.config(database), &spec).await?;
+        println!("{label}:");
+        let started = Instant::now();
+        let summary = common::backfill(&client, &rules).await?;
+        let backfill_s = started.elapsed().as_secs_f64();
+        println!(
+            "  phases: {}",
+            summary
+                .phases
+                .iter()
+                .map(|(name, s)| format!("{name} {s:.1} s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "  backfill: {} affiliates ({} copied, {} quarantined, {} closure rows) in {backfill_s:.1} s = {:.0} rows/s",
+            summary.legacy_rows,
+            summary.copied,
+            summary.quarantined.len(),
+            summary.closure_rows,
+            summary.legacy_rows as f64 / backfill_s
+        );
+        let started = Instant::now();
+        let report = verify::verify(&client, &rules.table, verify::DEFAULT_CHUNK).await?;
+        println!(
+            "  verify: {} in {:.1} s ({})",
+            if report.ok {
+                "OK"
+            } else {
+                "drift or failed checks"
+            },
+            started.elapsed().as_secs_f64(),
+            report
+                .performance
+                .iter()
+                .map(|p| format!("{} {:.2} ms", p.name, p.millis))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
 
     seed_method_ratio(&pg, &rules, COMPARISON_AFFILIATES).await
 }

@@ -6,7 +6,10 @@
 //! id (a child registers after its parent), money values are skewed like real ones (many
 //! small accounts, a few large), statuses mostly active. Optional anomalies the migration
 //! must survive: orphans (parent id that does not exist), one parent cycle, drifted
-//! `level_1_referrals`. The same [`TreeSpec`] always yields the same rows.
+//! `level_1_referrals`. With `shuffle_ids` the ids are then given out in a random order (the
+//! same tree, the same dates): about half of the children get a smaller id than their
+//! parent, as ids imported from another system do. The same [`TreeSpec`] always yields the
+//! same rows.
 //!
 //! Rows are streamed to the server with `COPY`, never held all at once.
 
@@ -31,6 +34,9 @@ pub struct TreeSpec {
     pub cycle_len: u64,
     /// Affiliates whose `level_1_referrals` is off from the true count of children.
     pub drifted_counters: u64,
+    /// Ids independent of the tree's shape (a deterministic permutation), instead of every
+    /// parent's id below its children's.
+    pub shuffle_ids: bool,
 }
 
 impl TreeSpec {
@@ -42,6 +48,7 @@ impl TreeSpec {
             orphans: 0,
             cycle_len: 0,
             drifted_counters: 0,
+            shuffle_ids: false,
         }
     }
 }
@@ -80,8 +87,9 @@ pub async fn load(client: &Client, spec: &TreeSpec) -> Result<Generated, tokio_p
 
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0x5eed_a77e);
     let mut buf = BytesMut::with_capacity(1 << 20);
-    for id in 1..=spec.affiliates as i64 {
-        tree.write_row(id, &mut rng, &mut buf);
+    // In the tree's order (registration order), whatever the ids.
+    for node in 1..=spec.affiliates as i64 {
+        tree.write_row(node, &mut rng, &mut buf);
         if buf.len() > (1 << 20) - 1024 {
             sink.send(buf.split().freeze()).await?;
         }
@@ -101,9 +109,12 @@ pub async fn load(client: &Client, spec: &TreeSpec) -> Result<Generated, tokio_p
     Ok(tree.generated)
 }
 
-/// The tree's structure: parents and counters, decided before any row is written.
+/// The tree's structure: parents and counters, decided before any row is written. Indexed
+/// by node (1..=n, in registration order; [0] unused); `ids` gives each node's id.
 struct Tree {
-    parent: Vec<Option<i64>>, // index = id; [0] unused
+    parent: Vec<Option<i64>>,
+    /// Node → id: the identity, or a permutation with `shuffle_ids`.
+    ids: Vec<i64>,
     stored_referrals: Vec<i32>,
     generated: Generated,
     start: NaiveDateTime,
@@ -196,8 +207,29 @@ impl Tree {
             generated.drifted.push((id, stored, real));
         }
 
+        let mut ids: Vec<i64> = (0..=n as i64).collect();
+        if spec.shuffle_ids {
+            // Its own random stream: the tree is the same as without the shuffle.
+            let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0x1d5_5b0f);
+            for i in (2..=n).rev() {
+                let j = rng.random_range(1..=i);
+                ids.swap(i, j);
+            }
+            let id = |node: i64| ids[node as usize];
+            for (node, _) in &mut generated.orphans {
+                *node = id(*node);
+            }
+            for node in &mut generated.cycle {
+                *node = id(*node);
+            }
+            for (node, _, _) in &mut generated.drifted {
+                *node = id(*node);
+            }
+        }
+
         Self {
             parent,
+            ids,
             stored_referrals,
             generated,
             start: NaiveDate::from_ymd_opt(2022, 1, 1)
@@ -207,9 +239,10 @@ impl Tree {
         }
     }
 
-    /// One row in COPY text format.
-    fn write_row(&self, id: i64, rng: &mut ChaCha8Rng, out: &mut BytesMut) {
+    /// Node `node`'s row in COPY text format.
+    fn write_row(&self, node: i64, rng: &mut ChaCha8Rng, out: &mut BytesMut) {
         let n = self.parent.len() as i64 - 1;
+        let id = self.ids[node as usize];
         let first = FIRST_NAMES[rng.random_range(0..FIRST_NAMES.len())];
         let last = LAST_NAMES[rng.random_range(0..LAST_NAMES.len())];
         let status = match rng.random_range(0..100) {
@@ -218,9 +251,10 @@ impl Tree {
             93..98 => "suspended",
             _ => "banned",
         };
-        // Dates grow with the id; a jitter of up to an hour keeps them from being uniform.
+        // Dates grow with the node (a child registers after its parent); a jitter of up to
+        // an hour keeps them from being uniform.
         let at = self.start
-            + TimeDelta::seconds(self.span_seconds * id / n.max(1) + rng.random_range(0..3600));
+            + TimeDelta::seconds(self.span_seconds * node / n.max(1) + rng.random_range(0..3600));
         let updated = at + TimeDelta::seconds(rng.random_range(0..90 * 86_400));
 
         // Money in cents: 30% never deposited; the rest log-uniform from R$10 to R$100k.
@@ -241,7 +275,9 @@ impl Tree {
 
         let mut line = String::with_capacity(256);
         use std::fmt::Write;
-        let parent = match self.parent[id as usize] {
+        let parent = match self.parent[node as usize] {
+            // A parent that is a node gets its id; an orphan's missing parent stays missing.
+            Some(p) if (1..=n).contains(&p) => self.ids[p as usize].to_string(),
             Some(p) => p.to_string(),
             None => "\\N".to_owned(),
         };
@@ -264,7 +300,7 @@ impl Tree {
             money(cpa),
             money(rev),
             money(paid),
-            refs = self.stored_referrals[id as usize],
+            refs = self.stored_referrals[node as usize],
             at = at.format("%Y-%m-%d %H:%M:%S"),
             updated = updated.format("%Y-%m-%d %H:%M:%S"),
         );
@@ -296,6 +332,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shuffled_ids_keep_the_tree_and_break_the_order() {
+        let spec = TreeSpec {
+            orphans: 3,
+            cycle_len: 3,
+            drifted_counters: 4,
+            ..TreeSpec::clean(20_000)
+        };
+        let plain = Tree::build(&spec);
+        let shuffled = Tree::build(&TreeSpec {
+            shuffle_ids: true,
+            ..spec
+        });
+        assert_eq!(plain.parent, shuffled.parent, "the same tree");
+        let mut ids = shuffled.ids[1..].to_vec();
+        ids.sort_unstable();
+        assert_eq!(ids, (1..=20_000).collect::<Vec<i64>>(), "a permutation");
+        let (mut below, mut children) = (0, 0);
+        for (node, parent) in shuffled.parent.iter().enumerate().skip(1) {
+            if let Some(p) = parent.filter(|p| (1..=20_000).contains(p)) {
+                children += 1;
+                below += i32::from(shuffled.ids[node] < shuffled.ids[p as usize]);
+            }
+        }
+        let share = f64::from(below) / f64::from(children);
+        assert!((0.4..0.6).contains(&share), "{share}");
+        // The anomalies name the rows' ids.
+        let orphan = shuffled.generated.orphans[0].0;
+        let node = shuffled.ids.iter().position(|&id| id == orphan).unwrap();
+        assert_eq!(plain.generated.orphans[0].0, node as i64);
+    }
+
+    #[test]
     fn same_spec_same_tree() {
         let spec = TreeSpec {
             affiliates: 1000,
@@ -303,6 +371,7 @@ mod tests {
             orphans: 3,
             cycle_len: 3,
             drifted_counters: 5,
+            shuffle_ids: false,
         };
         let (a, b) = (Tree::build(&spec), Tree::build(&spec));
         assert_eq!(a.parent, b.parent);
@@ -336,6 +405,7 @@ mod tests {
             orphans: 4,
             cycle_len: 3,
             drifted_counters: 6,
+            shuffle_ids: false,
         };
         let tree = Tree::build(&spec);
         let g = &tree.generated;

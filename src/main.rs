@@ -33,6 +33,10 @@ enum Command {
         /// A table that already holds rows is left as it is (exit 0) instead of refused
         #[arg(long)]
         if_empty: bool,
+        /// Ids independent of the tree's shape (about half of the children get a smaller id
+        /// than their parent), as ids imported from another system are
+        #[arg(long)]
+        shuffle_ids: bool,
     },
     /// The divergence report for reviewers: per query type the outcomes, match rate, latency
     /// of both sides, trend, readiness verdict against the gate and real examples; overall
@@ -532,6 +536,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             affiliates,
             anomalies,
             if_empty,
+            shuffle_ids,
         } => {
             let client = connect::connect(&connect::parse_url(&database_url)?).await?;
             let exists: bool = client
@@ -562,6 +567,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 } else {
                     0
                 },
+                shuffle_ids,
                 ..cutover::fixture::TreeSpec::clean(affiliates)
             };
             let generated = cutover::fixture::load(&client, &spec).await?;

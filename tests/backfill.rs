@@ -29,6 +29,7 @@ async fn anomalies_are_quarantined_with_their_reason_and_the_rest_verifies() {
             orphans: 3,
             cycle_len: 3,
             drifted_counters: 4,
+            shuffle_ids: false,
         },
     )
     .await

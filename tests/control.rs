@@ -954,6 +954,7 @@ async fn a_behaviour_change_the_rules_do_not_declare_holds_the_gate() {
             orphans: 2,
             cycle_len: 0,
             drifted_counters: 0,
+            shuffle_ids: false,
         },
     )
     .await

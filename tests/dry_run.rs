@@ -95,6 +95,7 @@ async fn backfill_dry_run_changes_nothing_on_a_fresh_database_with_anomalies() {
             orphans: 2,
             cycle_len: 3,
             drifted_counters: 2,
+            shuffle_ids: false,
         },
     )
     .await

@@ -15,6 +15,7 @@ async fn generated_tree_lands_with_its_anomalies() {
         orphans: 3,
         cycle_len: 3,
         drifted_counters: 4,
+        shuffle_ids: false,
     };
     let generated = fixture::load(&client, &spec).await.unwrap();
     let one = |sql: &'static str| {

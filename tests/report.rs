@@ -364,6 +364,7 @@ async fn quarantined_orphans_explain_a_count_difference_next_to_the_verdict() {
             orphans: 4,
             cycle_len: 0,
             drifted_counters: 0,
+            shuffle_ids: false,
         },
     )
     .await
