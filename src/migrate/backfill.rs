@@ -438,6 +438,7 @@ async fn plan(
                              WITH ORDINALITY AS a(label, ord)
                         WHERE a.ord < level GROUP BY 1) w ON w.id = t.affiliate_id;
              CREATE UNIQUE INDEX ON {plan} (level, affiliate_id);
+             CREATE UNIQUE INDEX ON {plan} (affiliate_id);
              ANALYZE {plan};"
         ))
         .await?;
@@ -556,6 +557,24 @@ async fn batch_end(
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
+/// The last key of the next batch of `batch` plan rows after key `from`, in key order.
+async fn batch_end_by_key(
+    client: &Client,
+    from: i64,
+    batch: i64,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT max(affiliate_id)::int8 FROM (
+                 SELECT affiliate_id FROM cutover.backfill_plan
+                 WHERE affiliate_id > $1 ORDER BY affiliate_id LIMIT $2
+             ) b HAVING count(*) > 0",
+            &[&from, &batch],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
 async fn checkpoint(client: &Client) -> Result<(i32, i64), tokio_postgres::Error> {
     let row = client
         .query_one(
@@ -602,9 +621,9 @@ async fn copy_rows(
                      ({target_cols}, hierarchy_path, hierarchy_level, direct_referrals_count, total_network_size)
                  SELECT {source_cols}, p.path, p.level, p.direct, p.network
                  FROM cutover.backfill_plan p
-                 WHERE (p.level, p.affiliate_id) > ($1, $2) AND (p.level, p.affiliate_id) <= ($3, $4)
+                 WHERE p.affiliate_id > $1 AND p.affiliate_id <= $2
                    AND NOT EXISTS (SELECT 1 FROM fature_v2.affiliates_optimized t WHERE t.affiliate_id = p.affiliate_id)
-                 ORDER BY p.level, p.affiliate_id
+                 ORDER BY p.affiliate_id
                  {guard}
                  RETURNING 1
              )
@@ -621,33 +640,40 @@ async fn copy_rows(
         .get(0);
     let mut progress =
         super::progress::Phase::start(options.progress, "backfill", "rows", total as u64, "rows");
-    let mut from = checkpoint(client).await?;
+    // In key order, not parents first: the parent key and v2's triggers are aside, and the
+    // primary key (and any index that follows the key) is then filled in order, not at
+    // random — which is what ids that do not follow the tree cost. The checkpoint is the last
+    // key (level 0); a checkpoint with a level is a parents-first one from an earlier version,
+    // taken up from the start (the anti-join skips what is in).
+    let mut from = match checkpoint(client).await? {
+        (0, id) => id,
+        _ => 0,
+    };
     let done_before: i64 = client
         .query_one(
-            "SELECT count(*) FROM cutover.backfill_plan WHERE (level, affiliate_id) <= ($1, $2)",
-            &[&from.0, &from.1],
+            "SELECT count(*) FROM cutover.backfill_plan WHERE affiliate_id <= $1",
+            &[&from],
         )
         .await?
         .get(0);
     progress.resume_at(done_before as u64);
-    while let Some(end) = batch_end(client, from, options.batch).await? {
+    while let Some(end) = batch_end_by_key(client, from, options.batch).await? {
         client.batch_execute("BEGIN").await?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&from.0, &from.1, &end.0, &end.1];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&from, &end];
         let inserted: i64 = fast_or_safe(client, &insert, &insert_safe, &params).await?;
         let in_batch: i64 = client
             .query_one(
                 "SELECT count(*) FROM cutover.backfill_plan
-                 WHERE (level, affiliate_id) > ($1, $2) AND (level, affiliate_id) <= ($3, $4)",
-                &[&from.0, &from.1, &end.0, &end.1],
+                 WHERE affiliate_id > $1 AND affiliate_id <= $2",
+                &[&from, &end],
             )
             .await?
             .get(0);
         client
             .execute(
                 "UPDATE cutover.backfill_progress
-                 SET last_level = $1, last_id = $2, rows_copied = rows_copied + $3, updated_at = now()",
-                &[&end.0, &end.1, &inserted],
+                 SET last_level = 0, last_id = $1, rows_copied = rows_copied + $2, updated_at = now()",
+                &[&end, &inserted],
             )
             .await?;
         client.batch_execute("COMMIT").await?;
