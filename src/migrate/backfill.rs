@@ -1,17 +1,20 @@
-//! `cutover backfill`: every legacy row into the target, parents first, set-based, batched
-//! and resumable.
+//! `cutover backfill`: every legacy row into the target, set-based, batched and resumable.
+//! Until it is done it owns v2: dual-write hands it every key (`cutover.backfill_running()`),
+//! so its bulk phases may set v2's keys, indexes and triggers aside.
 //!
-//! 1. **plan**: a recursive walk from the roots gives every reachable row its level and path
-//!    (`cutover.backfill_plan`). Rows it cannot reach are quarantined with their reason
-//!    (`cutover.backfill_quarantine`): an orphan (its parent does not exist), a member of a
-//!    parent cycle, or a row under one of those.
-//! 2. **rows**: batches in (level, id) order — parents before children — inserted with their
-//!    path and level, per-row triggers off for this session (`cutover.bulk_load`). A row
-//!    already in the target (written by dual-write while the backfill runs) is newer than the
-//!    copy: it is skipped (and a batch that races with one falls back to `ON CONFLICT DO
+//! 1. **plan**: a recursive walk from the roots (over a narrow copy of the parent links)
+//!    gives every reachable row its level, path and counters (`cutover.backfill_plan`). Rows
+//!    it cannot reach are quarantined with their reason (`cutover.backfill_quarantine`): an
+//!    orphan (its parent does not exist), a member of a parent cycle, or a row under one of
+//!    those.
+//! 2. **rows**: batches in key order, inserted complete (path, level, counters, legacy's own
+//!    counter), v2's parent key, secondary indexes and user triggers aside. A row already in
+//!    the target is skipped (and a batch that races with one falls back to `ON CONFLICT DO
 //!    NOTHING`).
-//! 3. **closure**: the same batches, each row's ancestors from its path.
-//! 4. **counters**: direct referrals and network sizes recomputed in two statements.
+//! 3. **closure**: batches in (level, id) order, each row's ancestors from its path, the
+//!    closure's indexes and keys aside and built once after.
+//! 4. **counters**: direct referrals and network sizes checked and corrected, each count
+//!    aggregated once.
 //!
 //! Each batch commits with its checkpoint (`cutover.backfill_progress`): a backfill killed at
 //! any point and run again continues after the last committed batch. Legacy's drifted
