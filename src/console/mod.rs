@@ -4,7 +4,7 @@
 //!
 //! Built on `pgwire` (here the proxy *is* the server, so decoding every message is right,
 //! unlike in the relay): SCRAM-SHA-256 (with `-PLUS` bound to the proxy's certificate over
-//! TLS), the simple and the extended protocol (`$n` parameters, Describe, pipelining), and
+//! TLS; the proxy's own SCRAM server, [`crate::auth::scram`], in pgwire's driver), the simple and the extended protocol (`$n` parameters, Describe, pipelining), and
 //! what drivers and pools send on their own (BEGIN/COMMIT, SET, DISCARD ALL, SELECT 1). The
 //! commands are in [`command`] (`SHOW HELP` lists them), what they do in [`execute`].
 //!
@@ -37,13 +37,10 @@ use pgwire::{
     api::{
         ClientInfo, ClientPortalStore, DefaultClient, NoopHandler, PgWireConnectionState, Type,
         auth::{
-            AuthDriver, AuthSource, DefaultServerParameterProvider, LoginInfo, Password,
-            StartupHandler,
+            AuthDriver, DefaultServerParameterProvider, StartupHandler,
             driver::AuthOutcome,
-            mechanism::AuthMechanismFactory,
-            protocol_negotiation,
-            sasl::{SaslMechanisms, scram::ScramAuth},
-            save_startup_parameters_to_metadata,
+            mechanism::{AuthMechanism, AuthState},
+            protocol_negotiation, save_startup_parameters_to_metadata,
         },
         portal::{Format, Portal},
         query::{ExtendedQueryHandler, SimpleQueryHandler},
@@ -52,7 +49,11 @@ use pgwire::{
         store::PortalStore,
     },
     error::{ErrorInfo, PgWireError, PgWireResult},
-    messages::{PgWireBackendMessage, PgWireFrontendMessage, response::NoticeResponse},
+    messages::{
+        PgWireBackendMessage, PgWireFrontendMessage,
+        response::NoticeResponse,
+        startup::{Authentication, PasswordMessageFamily},
+    },
     tokio::server::{PgWireMessageServerCodec, process_error, process_message},
 };
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -64,6 +65,7 @@ use self::{
     execute::{Answer, Failed, Value},
 };
 use crate::{
+    auth::scram::{ScramSecret, ServerExchange},
     session::{
         Shared,
         clients::{Client, State},
@@ -167,10 +169,11 @@ pub async fn run<C>(
 /// Answers a login: SCRAM against the token named as the user.
 struct Login<'a> {
     driver: AuthDriver<Arc<DefaultServerParameterProvider>>,
-    mechanisms: SaslMechanisms,
     shared: &'a Shared,
     slot: &'a Slot,
     user: String,
+    /// The proxy certificate's channel-binding data, on a TLS connection.
+    binding: Option<Vec<u8>>,
     role: &'a std::sync::Mutex<Option<Role>>,
 }
 
@@ -185,25 +188,33 @@ impl<'a> Login<'a> {
         let mut parameters = DefaultServerParameterProvider::default();
         parameters.server_version = format!("15.0 ({})", execute::version());
         parameters.date_style = "ISO, MDY".into();
-        let mut scram = ScramAuth::new(Arc::new(Tokens {
-            tokens: shared.tokens.load_full(),
-        }));
-        // `-PLUS` over TLS, bound to the proxy's own certificate.
-        if tls
-            && let Some(files) = &shared.config.tls
-            && let Ok(pem) = std::fs::read(&files.cert)
-            && let Err(error) = scram.configure_certificate(&pem)
-        {
-            tracing::warn!(%error, "the console offers SCRAM without channel binding");
-        }
         Self {
             driver: AuthDriver::new(Arc::new(parameters)),
-            mechanisms: SaslMechanisms::new(vec![Arc::new(scram)]),
             shared,
             slot,
             user: user.to_owned(),
+            binding: shared.client_end_point.clone().filter(|_| tls),
             role,
         }
+    }
+
+    /// The SCRAM exchange for this login, with the secret of the token named as the user —
+    /// or, for a name no token has, a random one: it fails at the proof like a wrong token,
+    /// in the same time.
+    fn scram(&self) -> Box<TokenScram> {
+        let tokens = self.shared.tokens.load();
+        let token = tokens
+            .admin
+            .iter()
+            .chain(&tokens.read)
+            .find(|(name, _)| *name == self.user)
+            .map(|(_, token)| token.clone())
+            .unwrap_or_else(|| hex::encode(rand::random::<[u8; 32]>()));
+        Box::new(TokenScram {
+            secret: Some(ScramSecret::for_password(&token)),
+            binding: self.binding.clone(),
+            exchange: None,
+        })
     }
 
     fn fatal(code: &SqlState, message: String) -> PgWireError {
@@ -231,9 +242,7 @@ impl StartupHandler for Login<'_> {
             PgWireFrontendMessage::Startup(ref startup) => {
                 protocol_negotiation(client, startup).await?;
                 save_startup_parameters_to_metadata(client, startup);
-                self.driver
-                    .begin_authentication(client, self.mechanisms.create())
-                    .await
+                self.driver.begin_authentication(client, self.scram()).await
             }
             PgWireFrontendMessage::PasswordMessageFamily(message) => {
                 self.driver.advance_authentication(client, message).await
@@ -279,32 +288,56 @@ impl StartupHandler for Login<'_> {
     }
 }
 
-/// The tokens as SCRAM secrets: a user is the token's name. An unknown name gets a random
-/// secret, so that it fails at the proof like a wrong token, in the same time.
-#[derive(Debug)]
-struct Tokens {
-    tokens: Arc<crate::auth::Tokens>,
+/// SCRAM-SHA-256 (`-PLUS` on TLS) through the proxy's own SCRAM server, the one its logins
+/// of application users use ([`crate::auth::scram`]: PostgreSQL's channel-binding rules, a
+/// downgrade refused), driven by pgwire's authentication driver.
+struct TokenScram {
+    secret: Option<ScramSecret>,
+    binding: Option<Vec<u8>>,
+    exchange: Option<ServerExchange>,
 }
 
 #[async_trait]
-impl AuthSource for Tokens {
-    async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
-        let user = login.user().unwrap_or_default();
-        let token = self
-            .tokens
-            .admin
-            .iter()
-            .chain(&self.tokens.read)
-            .find(|(name, _)| name == user)
-            .map(|(_, token)| token.clone())
-            .unwrap_or_else(|| hex::encode(rand::random::<[u8; 32]>()));
-        let salt = rand::random::<[u8; 16]>().to_vec();
-        let salted = pgwire::api::auth::sasl::scram::gen_salted_password(
-            &token,
-            &salt,
-            pgwire::api::auth::sasl::scram::SCRAM_ITERATIONS,
-        );
-        Ok(Password::new(Some(salt), salted))
+impl AuthMechanism for TokenScram {
+    async fn begin(&mut self, _client: &(dyn ClientInfo + Send + Sync)) -> PgWireResult<AuthState> {
+        let mechanisms = ServerExchange::mechanisms(self.binding.as_deref());
+        Ok(AuthState::InProgress(Authentication::SASL(
+            mechanisms.iter().map(|m| (*m).to_owned()).collect(),
+        )))
+    }
+
+    async fn next(
+        &mut self,
+        _client: &(dyn ClientInfo + Send + Sync),
+        message: PasswordMessageFamily,
+    ) -> PgWireResult<AuthState> {
+        let refused =
+            |e: crate::auth::scram::ScramError| PgWireError::InvalidScramMessage(e.to_string());
+        match (self.exchange.take(), self.secret.take()) {
+            (None, Some(secret)) => {
+                let first = message.into_sasl_initial_response()?;
+                let (exchange, server_first) = ServerExchange::start(
+                    secret,
+                    &first.auth_method,
+                    first.data.as_deref().unwrap_or_default(),
+                    self.binding.as_deref(),
+                )
+                .map_err(refused)?;
+                self.exchange = Some(exchange);
+                Ok(AuthState::InProgress(Authentication::SASLContinue(
+                    server_first.into(),
+                )))
+            }
+            (Some(exchange), _) => {
+                let last = message.into_sasl_response()?;
+                let (server_final, _keys) = exchange.finish(&last.data).map_err(refused)?;
+                Ok(AuthState::Ok {
+                    final_message: Some(Authentication::SASLFinal(server_final.into())),
+                    identity: None,
+                })
+            }
+            (None, None) => Err(PgWireError::InvalidSASLState),
+        }
     }
 }
 
