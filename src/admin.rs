@@ -243,13 +243,7 @@ async fn require_read(
 
 /// A connection to the control database for one request, or why there is none.
 async fn control_client(shared: &Shared) -> Result<tokio_postgres::Client, String> {
-    let database = shared
-        .control
-        .database()
-        .ok_or("no control database (start the proxy with --control)")?;
-    crate::connect::connect(database)
-        .await
-        .map_err(|e| e.to_string())
+    shared.control.connect().await.map_err(|e| e.to_string())
 }
 
 /// The name of the request's admin token and its JSON body, or the 401, 403 or 400 to
@@ -327,16 +321,10 @@ fn change_problem(error: &control::ChangeError) -> Response {
         control::Failure::Refused => StatusCode::CONFLICT,
         control::Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     };
-    let message = match error {
-        control::ChangeError::UnknownQueryType(_) => {
-            format!("{error} (GET /api/state lists them)")
-        }
-        control::ChangeError::UnknownBehaviourChange(_) => {
-            format!("{error} (GET /api/behaviour_changes lists them)")
-        }
-        _ => error.to_string(),
-    };
-    problem(status, message)
+    problem(
+        status,
+        error.explained(["GET /api/state", "GET /api/behaviour_changes"]),
+    )
 }
 
 /// The declared behaviour changes (and undeclared kinds that happened): how often, accepted

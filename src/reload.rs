@@ -49,27 +49,13 @@ pub struct Reloaded {
 }
 
 /// Reloads what can be reloaded live: the configuration (when the proxy knows where it came
-/// from) and the rules.
+/// from) and the rules. What it did is the caller's to report (SIGHUP on standard error, the
+/// console in its answer); the rules' reload logs as always.
 pub fn everything(shared: &Shared) -> Reloaded {
     let config = shared
         .config_source
         .get()
         .map(|source| source().and_then(|config| reconfigure(shared, &config)));
-    match &config {
-        Some(Ok(done)) => {
-            for key in &done.applied {
-                tracing::info!(key, "configuration reloaded");
-            }
-            if !done.need_restart.is_empty() {
-                tracing::warn!(
-                    keys = done.need_restart.join(", "),
-                    "configuration changed; only a restart applies these"
-                );
-            }
-        }
-        Some(Err(error)) => tracing::error!(%error, "the configuration was not reloaded"),
-        None => {}
-    }
     Reloaded {
         config,
         rules: reload(shared),

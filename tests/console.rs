@@ -59,6 +59,21 @@ async fn psql(p: &Proxy, user: &str, password: &str, extra: &str, sql: &str) -> 
     support::console_psql(p, user, password, extra, sql).await
 }
 
+/// Runs a client program to its end; its standard output (the test fails, with both
+/// outputs, if it failed).
+async fn succeeded(mut program: Command) -> String {
+    let out = tokio::task::spawn_blocking(move || program.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 async fn console_client(p: &Proxy, user: &str, password: &str) -> tokio_postgres::Client {
     let mut config = p.config(cutover::console::DATABASE);
     config.user(user).password(password);
@@ -384,21 +399,9 @@ async fn psycopg_uses_the_console_with_the_extended_protocol() {
     let p = console_proxy(&db, None, None).await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/console_psycopg.py");
     let url = format!("postgres://ops:{TOKEN}@127.0.0.1:{}/cutover", p.addr.port());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .arg(url)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut python = Command::new("python3");
+    python.arg(script).arg(url);
+    let stdout = succeeded(python).await;
     for line in [
         r#"["columns", ["query_type", "stage", "percent", "dual_write", "source", "updated_at"]]"#,
         r#"["percent type", "int"]"#,
@@ -434,22 +437,11 @@ async fn jdbc_uses_the_console() {
     let p = console_proxy(&db, None, None).await;
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/ConsoleJdbc.java");
     let url = format!("jdbc:postgresql://127.0.0.1:{}/cutover", p.addr.port());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("java")
-            .args(["-cp", jar])
-            .arg(source)
-            .args([url.as_str(), "ops", TOKEN])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut java = Command::new("java");
+    java.args(["-cp", jar])
+        .arg(source)
+        .args([url.as_str(), "ops", TOKEN]);
+    let stdout = succeeded(java).await;
     for line in [
         "columns\tquery_type,percent int8",
         "query types\ttrue",

@@ -283,6 +283,13 @@ pub const HELP: [(&str, &str); 16] = [
     ),
 ];
 
+/// The index in [`SETTINGS`] of a setting, named without regard to case.
+fn setting(name: &str) -> Option<usize> {
+    SETTINGS
+        .iter()
+        .position(|(s, _, _)| s.eq_ignore_ascii_case(name))
+}
+
 fn usage(command: &str) -> Syntax {
     let line = HELP
         .iter()
@@ -324,10 +331,11 @@ impl Command {
             ("SHOW", "HISTORY") => only(2, Command::History, "SHOW HISTORY"),
             ("SHOW", "CHANGES") => only(2, Command::Changes, "SHOW CHANGES"),
             ("SHOW", "MARKS") => only(2, Command::Marks, "SHOW MARKS"),
-            ("SHOW", "TRANSACTION") if tokens.len() == 4 => Ok(Command::Setting(7)),
-            ("SHOW", name) if tokens.len() == 2 => SETTINGS
-                .iter()
-                .position(|(s, _, _)| s.eq_ignore_ascii_case(name))
+            // `SHOW TRANSACTION ISOLATION LEVEL`, as JDBC asks.
+            ("SHOW", "TRANSACTION") if tokens.len() == 4 => {
+                Ok(Command::Setting(setting("transaction_isolation").unwrap_or_default()))
+            }
+            ("SHOW", name) if tokens.len() == 2 => setting(name)
                 .map(Command::Setting)
                 .ok_or_else(|| {
                     Syntax(format!(
@@ -690,8 +698,14 @@ mod tests {
             ("DISCARD ALL", Command::SessionSetting("DISCARD ALL")),
             ("select 1", Command::SelectOne),
             ("SELECT version();", Command::SelectVersion),
-            ("show transaction isolation level", Command::Setting(7)),
-            ("SHOW datestyle", Command::Setting(3)),
+            (
+                "show transaction isolation level",
+                Command::Setting(setting("transaction_isolation").unwrap()),
+            ),
+            (
+                "SHOW datestyle",
+                Command::Setting(setting("DateStyle").unwrap()),
+            ),
             (
                 "MARK top_referrers KIND drift COLUMNS level_1_referrals, x CLASS counter_drift NOTE 'legacy drifted'",
                 Command::Mark {

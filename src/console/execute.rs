@@ -136,7 +136,10 @@ pub async fn execute(shared: &Shared, user: &str, command: &Command) -> Result<A
                 .map_err(database)?;
             Ok(Answer::done("MARK"))
         }
-        Command::Reload => reload(shared),
+        Command::Reload => {
+            tracing::info!(%user, "reload asked on the console");
+            reload(shared)
+        }
         Command::Pause => Ok(pause(shared, user).await),
         Command::Resume => {
             let mut answer = Answer::done("RESUME");
@@ -182,15 +185,7 @@ fn refused(error: control::ChangeError) -> Failed {
         control::Failure::Refused => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
         control::Failure::Unavailable => SqlState::CONNECTION_EXCEPTION,
     };
-    let message = match &error {
-        control::ChangeError::UnknownQueryType(_) => {
-            format!("{error} (SHOW QUERY_TYPES lists them)")
-        }
-        control::ChangeError::UnknownBehaviourChange(_) => {
-            format!("{error} (SHOW CHANGES lists them)")
-        }
-        _ => error.to_string(),
-    };
+    let message = error.explained(["SHOW QUERY_TYPES", "SHOW CHANGES"]);
     Failed(code, message)
 }
 
@@ -202,19 +197,7 @@ fn database(error: tokio_postgres::Error) -> Failed {
 }
 
 async fn control_client(shared: &Shared) -> Result<tokio_postgres::Client, Failed> {
-    let Some(database) = shared.control.database() else {
-        return Err(Failed(
-            SqlState::CONNECTION_EXCEPTION,
-            "no control database (--control)".into(),
-        ));
-    };
-    crate::connect::connect(database)
-        .await
-        .map_err(database_error)
-}
-
-fn database_error(error: impl std::fmt::Display) -> Failed {
-    Failed(SqlState::CONNECTION_EXCEPTION, error.to_string())
+    shared.control.connect().await.map_err(refused)
 }
 
 /// UTC, to the second.
@@ -276,9 +259,7 @@ fn stats(shared: &Shared) -> Answer {
     for qt in &shared.classifier.load().rules().query_types {
         by_type.entry(qt.name.clone()).or_default();
     }
-    let ms = |q: Option<(f64, f64)>, p99: bool| {
-        Value::Float(q.map(|(p50, p99_)| if p99 { p99_ } else { p50 } * 1000.0))
-    };
+    let ms = |seconds: Option<f64>| Value::Float(seconds.map(|s| s * 1000.0));
     let rows = by_type
         .into_iter()
         .map(|(name, t)| {
@@ -295,10 +276,10 @@ fn stats(shared: &Shared) -> Answer {
                 outcome("transient"),
                 outcome("nondeterministic"),
                 outcome("skipped"),
-                ms(t.legacy, false),
-                ms(t.legacy, true),
-                ms(t.target, false),
-                ms(t.target, true),
+                ms(t.legacy.map(|(p50, _)| p50)),
+                ms(t.legacy.map(|(_, p99)| p99)),
+                ms(t.target.map(|(p50, _)| p50)),
+                ms(t.target.map(|(_, p99)| p99)),
             ]
         })
         .collect();

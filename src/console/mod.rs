@@ -110,7 +110,7 @@ pub async fn run<C>(
     let mut socket = Framed::from_parts(parts);
     socket.set_state(PgWireConnectionState::AwaitingStartup);
 
-    let role = std::sync::Mutex::new(None);
+    let role = std::sync::OnceLock::new();
     let login = Arc::new(Login::new(shared, slot, &user, tls, &role));
     let console = Arc::new(Console {
         shared,
@@ -174,7 +174,7 @@ struct Login<'a> {
     user: String,
     /// The proxy certificate's channel-binding data, on a TLS connection.
     binding: Option<Vec<u8>>,
-    role: &'a std::sync::Mutex<Option<Role>>,
+    role: &'a std::sync::OnceLock<Role>,
 }
 
 impl<'a> Login<'a> {
@@ -183,7 +183,7 @@ impl<'a> Login<'a> {
         slot: &'a Slot,
         user: &str,
         tls: bool,
-        role: &'a std::sync::Mutex<Option<Role>>,
+        role: &'a std::sync::OnceLock<Role>,
     ) -> Self {
         let mut parameters = DefaultServerParameterProvider::default();
         parameters.server_version = format!("15.0 ({})", execute::version());
@@ -264,7 +264,7 @@ impl StartupHandler for Login<'_> {
                         "sorry, too many clients already (cutover max_client_connections)".into(),
                     ));
                 }
-                *self.role.lock().unwrap_or_else(|p| p.into_inner()) = Some(role);
+                let _ = self.role.set(role);
                 tracing::info!(user = %self.user, ?role, "console session");
                 self.driver
                     .complete_authentication(client, final_message)
@@ -345,7 +345,7 @@ impl AuthMechanism for TokenScram {
 struct Console<'a> {
     shared: &'a Shared,
     user: String,
-    role: &'a std::sync::Mutex<Option<Role>>,
+    role: &'a std::sync::OnceLock<Role>,
     me: &'a Client,
     /// Changes made since the client's BEGIN (they stay: the ROLLBACK notice says so).
     changes_in_block: AtomicUsize,
@@ -411,10 +411,7 @@ fn query_response(
 
 impl Console<'_> {
     fn role(&self) -> Role {
-        self.role
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .unwrap_or(Role::Read)
+        self.role.get().copied().unwrap_or(Role::Read)
     }
 
     /// Runs one command and says what to answer (the notices are sent first).
@@ -659,12 +656,6 @@ impl ExtendedQueryHandler for Console<'_> {
     }
 }
 
-/// A field's format, for the tests of the encoder.
-#[cfg(test)]
-fn text_schema(command: &Command) -> Arc<Vec<FieldInfo>> {
-    schema(command, &Format::UnifiedText)
-}
-
 #[cfg(test)]
 mod tests {
     use pgwire::api::results::FieldFormat;
@@ -687,12 +678,15 @@ mod tests {
             Value::Int(Some(3)),
         ];
         for format in [Format::UnifiedText, Format::UnifiedBinary] {
-            let schema = schema(&Command::Clients, &format);
-            assert!(query_response(schema, vec![row.clone()]).is_ok());
+            let clients = schema(&Command::Clients, &format);
+            assert!(query_response(clients, vec![row.clone()]).is_ok());
         }
-        let schema = text_schema(&Command::SelectOne);
-        assert_eq!(schema[0].datatype(), &Type::INT4);
-        assert!(query_response(schema, vec![vec![Value::Int(Some(1))]]).is_ok());
-        assert_eq!(FieldFormat::Text, text_schema(&Command::Stats)[0].format());
+        let one = schema(&Command::SelectOne, &Format::UnifiedText);
+        assert_eq!(one[0].datatype(), &Type::INT4);
+        assert!(query_response(one, vec![vec![Value::Int(Some(1))]]).is_ok());
+        assert_eq!(
+            FieldFormat::Text,
+            schema(&Command::Stats, &Format::UnifiedText)[0].format()
+        );
     }
 }

@@ -64,7 +64,8 @@ pub struct Status {
     pub accepted: Option<Acceptance>,
 }
 
-async fn observed(
+/// How often a kind of behaviour change happened (`cutover.behaviour_observed`).
+pub async fn observed(
     client: &impl GenericClient,
     kind: ChangeKind,
 ) -> Result<i64, tokio_postgres::Error> {

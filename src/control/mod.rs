@@ -203,6 +203,12 @@ impl Control {
         self.connected.load(Ordering::Relaxed)
     }
 
+    /// A connection of its own to the control database, for one request (API, console, ctl).
+    pub async fn connect(&self) -> Result<Client, ChangeError> {
+        let database = self.database().ok_or(ChangeError::NoControlDatabase)?;
+        Ok(crate::connect::connect(database).await?)
+    }
+
     pub fn database(&self) -> Option<&tokio_postgres::Config> {
         self.config.as_ref()
     }
@@ -533,6 +539,16 @@ pub enum Failure {
 }
 
 impl ChangeError {
+    /// The message, and for a name nobody knows, where the surface (`listed`: its commands
+    /// that list query types, then behaviour changes) lists the known ones.
+    pub fn explained(&self, listed: [&str; 2]) -> String {
+        match self {
+            ChangeError::UnknownQueryType(_) => format!("{self} ({} lists them)", listed[0]),
+            ChangeError::UnknownBehaviourChange(_) => format!("{self} ({} lists them)", listed[1]),
+            _ => self.to_string(),
+        }
+    }
+
     /// The kind of failure (one exhaustive match: a new variant is placed here, once).
     pub fn failure(&self) -> Failure {
         match self {
@@ -579,8 +595,7 @@ pub async fn request_change(
         return Err(ChangeError::UnknownQueryType(query_type));
     }
     let stage = stage_of(stage, percent).map_err(ChangeError::Invalid)?;
-    let database = control.database().ok_or(ChangeError::NoControlDatabase)?;
-    let mut client = crate::connect::connect(database).await?;
+    let mut client = control.connect().await?;
     if automatic
         && !client
             .query_one(

@@ -449,7 +449,18 @@ pub async fn gather(
         crate::control::window_verify(client).await?,
         Some((true, _))
     );
-    let quarantined = quarantined_rows(client).await?;
+    // Legacy rows the backfill set aside, as the behaviour change `quarantined_rows` counts
+    // them (0 before its migration).
+    let behaviour = behaviour_tables(client).await?;
+    let quarantined = if behaviour {
+        crate::control::behaviour::observed(
+            client,
+            crate::rules::changes::ChangeKind::QuarantinedRows,
+        )
+        .await?
+    } else {
+        0
+    };
     let mut query_types = Vec::new();
     let (mut all_samples, mut all_agree, mut all_timed, mut all_l, mut all_t) = (0, 0, 0, 0, 0);
     for r in rows {
@@ -603,9 +614,7 @@ pub async fn gather(
         overall,
         query_types,
         behaviour_changes: match rules {
-            Some(rules) if behaviour_tables(client).await? => {
-                crate::control::behaviour::status(client, rules).await?
-            }
+            Some(rules) if behaviour => crate::control::behaviour::status(client, rules).await?,
             _ => Vec::new(),
         },
         audit: crate::control::history(client, AUDIT).await?,
@@ -765,24 +774,6 @@ async fn backfill(client: &Client) -> Result<Option<Backfill>, tokio_postgres::E
         updated_at: time(r.get(1)),
         rows_copied: r.get(2),
     }))
-}
-
-/// Legacy rows the backfill set aside (0 before migration 0010's table exists).
-async fn quarantined_rows(client: &Client) -> Result<i64, tokio_postgres::Error> {
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass('cutover.backfill_quarantine') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get(0);
-    if !exists {
-        return Ok(0);
-    }
-    Ok(client
-        .query_one("SELECT count(*) FROM cutover.backfill_quarantine", &[])
-        .await?
-        .get(0))
 }
 
 async fn last_verify(client: &Client) -> Result<Option<VerifyRun>, tokio_postgres::Error> {

@@ -95,6 +95,11 @@ pub struct Text {
     pub latency_chart: &'static str,
     pub outcome_names: [&'static str; 11],
     pub writes_by_verify: &'static str,
+    /// The words after each of the last verify's counts: legacy rows, v2 rows, missing,
+    /// extra, different, quarantined, failed checks.
+    pub verify_counts: [&'static str; 7],
+    /// After the count of performance criteria a verify did not meet.
+    pub slow_timings: &'static str,
 }
 
 /// Outcome keys in the order of [`Text::outcome_names`].
@@ -182,6 +187,16 @@ pub const EN: Text = Text {
     match_rate_chart: "match rate (%)",
     latency_chart: "mean latency (ms): legacy solid, target dashed",
     writes_by_verify: "needs a clean `cutover verify` in the last hour (writes are not compared by the shadow: verify is their evidence)",
+    verify_counts: [
+        "legacy",
+        "v2 rows",
+        "missing",
+        "extra",
+        "different",
+        "quarantined",
+        "failed checks",
+    ],
+    slow_timings: "performance criteria not met (timing, not drift)",
     outcome_names: [
         "matched",
         "expected (reviewed)",
@@ -267,6 +282,16 @@ pub const PT_BR: Text = Text {
     match_rate_chart: "taxa de correspondência (%)",
     latency_chart: "latência média (ms): legado contínua, alvo tracejada",
     writes_by_verify: "falta um `cutover verify` sem divergências na última hora (escritas não são comparadas pelo shadow: o verify é a evidência delas)",
+    verify_counts: [
+        "linhas no legado",
+        "no v2",
+        "faltando",
+        "a mais",
+        "diferentes",
+        "em quarentena",
+        "verificações com falha",
+    ],
+    slow_timings: "critérios de desempenho não atendidos (tempo, não divergência)",
     outcome_names: [
         "correspondências",
         "esperadas (revisadas)",
@@ -308,41 +333,29 @@ pub fn backfill_state(lang: Lang, state: &str) -> String {
 pub fn verify_line(lang: Lang, v: &super::VerifyRun) -> String {
     let t = lang.text();
     let verdict = if v.ok { t.clean } else { t.drift };
-    let mut line = match lang {
-        Lang::PtBr => format!(
-            "{} — {verdict} ({} linhas no legado / {} no v2; {} faltando, {} a mais, {} diferentes, {} em quarentena, {} verificações com falha)",
-            v.ran_at,
-            v.legacy_rows,
-            v.target_rows,
-            v.missing,
-            v.extra,
-            v.different,
-            v.quarantined,
-            v.failed_checks
-        ),
-        Lang::En => format!(
-            "{} — {verdict} ({} legacy / {} v2 rows; {} missing, {} extra, {} different, {} quarantined, {} failed checks)",
-            v.ran_at,
-            v.legacy_rows,
-            v.target_rows,
-            v.missing,
-            v.extra,
-            v.different,
-            v.quarantined,
-            v.failed_checks
-        ),
-    };
+    let counts = [
+        v.legacy_rows,
+        v.target_rows,
+        v.missing,
+        v.extra,
+        v.different,
+        v.quarantined,
+        i64::from(v.failed_checks),
+    ];
+    let [legacy, target, rest @ ..] = counts.map(|n| n.to_string());
+    let [w_legacy, w_target, words @ ..] = t.verify_counts;
+    let rest: Vec<String> = rest
+        .iter()
+        .zip(words)
+        .map(|(n, word)| format!("{n} {word}"))
+        .collect();
+    let mut line = format!(
+        "{} — {verdict} ({legacy} {w_legacy} / {target} {w_target}; {})",
+        v.ran_at,
+        rest.join(", ")
+    );
     if v.slow_timings > 0 {
-        line += &match lang {
-            Lang::PtBr => format!(
-                "; {} critérios de desempenho não atendidos (tempo, não divergência)",
-                v.slow_timings
-            ),
-            Lang::En => format!(
-                "; {} performance criteria not met (timing, not drift)",
-                v.slow_timings
-            ),
-        };
+        line += &format!("; {} {}", v.slow_timings, t.slow_timings);
     }
     line
 }
