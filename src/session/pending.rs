@@ -35,7 +35,7 @@ pub enum Awaited {
     /// Parse → ParseComplete; `injected`: the proxy's, its answer is not the client's. `seq`
     /// names the Parse to the session's statements: one the server did not carry out (it
     /// failed, or an earlier error made the server skip it) is reported back
-    /// ([`Flow::take_lost_parses`]), since the statement it was to create does not exist.
+    /// ([`Flow::take_parse_outcomes`]), since the statement it was to create does not exist.
     Parse { injected: bool, seq: u64 },
     /// Close → CloseComplete.
     Close { injected: bool },
@@ -131,14 +131,15 @@ impl Pending {
         }
     }
 
-    /// A ReadyForQuery arrived: everything up to the Sync or Query it answers is done.
+    /// A ReadyForQuery arrived: everything up to the Sync or Query it answers is done. A
+    /// Parse still waiting was skipped after an error (one that came in before the Parse was
+    /// sent on, so [`Self::error`] could not see it): it created nothing.
     pub fn ready(&mut self) {
         while let Some(front) = self.queue.pop_front() {
-            if matches!(
-                front,
-                Awaited::Sync | Awaited::Query { .. } | Awaited::Names
-            ) {
-                return;
+            match front {
+                Awaited::Sync | Awaited::Query { .. } | Awaited::Names => return,
+                Awaited::Parse { seq, .. } => self.lost.push(seq),
+                Awaited::Close { .. } | Awaited::Describe { .. } => {}
             }
         }
     }
@@ -231,6 +232,40 @@ mod tests {
         assert_eq!(p.error(), Answer::Forward);
         p.ready();
         assert_eq!(p.complete(), Answer::Swallow);
+    }
+
+    /// In a pipeline the server's error can be in before the client's next messages have
+    /// been sent on: a Parse queued after the error is skipped all the same, answered by
+    /// nothing, and must be reported lost when the Sync's ReadyForQuery arrives (else a
+    /// Bind of that statement in a later batch would be served from its target variant,
+    /// where the server says it does not exist — seed 24 of the safe-cutover model).
+    #[test]
+    fn a_parse_sent_after_the_error_came_in_is_lost_too() {
+        let mut p = Pending::default();
+        p.push(Awaited::Parse {
+            injected: false,
+            seq: 1,
+        });
+        assert_eq!(p.complete(), Answer::Forward);
+        // An Execute fails (Bind and Execute are not queued); nothing is waiting yet.
+        assert_eq!(p.error(), Answer::Forward);
+        p.push(Awaited::Parse {
+            injected: false,
+            seq: 2,
+        });
+        p.push(Awaited::Close { injected: true });
+        p.push(Awaited::Parse {
+            injected: true,
+            seq: 3,
+        });
+        p.push(Awaited::Sync);
+        p.ready();
+        assert_eq!(
+            p.lost,
+            vec![2, 3],
+            "skipped after the error, never answered"
+        );
+        assert!(p.confirmed.is_empty());
     }
 
     #[test]
@@ -529,6 +564,7 @@ impl Flow {
             }
             backend::READY_FOR_QUERY => {
                 answers.ready();
+                self.note_parse_outcomes(&answers);
                 self.idle
                     .store(messages::ready_status(body) == Some(b'I'), Relaxed);
                 self.writes
