@@ -660,3 +660,45 @@ async fn a_statement_skipped_after_an_error_does_not_exist_at_target() {
     assert_eq!(direct.1.as_deref(), Some("26000"), "{direct:?}");
     assert_eq!(through, direct, "through cutover as directly");
 }
+
+/// After a statement that may change how the session resolves the table's bare name
+/// (`SET search_path`), the proxy asks again — also when the next statement on the table is a
+/// Bind of one prepared before: at `target` it is still served by the target.
+#[tokio::test]
+async fn a_prepared_statement_is_routed_again_after_search_path_changes() {
+    let s = setup(20, &[("affiliate_by_id", "stage = \"target\"")], "").await;
+    let client = s.proxy.client(&s.db.name).await;
+    let statement = client
+        .prepare("SELECT * FROM affiliates WHERE affiliate_id = $1")
+        .await
+        .unwrap();
+    let name = |row: tokio_postgres::Row| row.get::<_, String>("name");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !served_by_target(&name(client.query_one(&statement, &[&1i64]).await.unwrap())) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never served by the target"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client
+        .batch_execute("SET search_path TO public")
+        .await
+        .unwrap();
+    let served = name(client.query_one(&statement, &[&1i64]).await.unwrap());
+    assert!(served_by_target(&served), "served by legacy: {served}");
+    // And where the bare name is another table's, not routed.
+    client
+        .batch_execute(
+            "CREATE TEMP TABLE affiliates AS SELECT * FROM public.affiliates;
+             UPDATE affiliates SET name = 'temp:' || name",
+        )
+        .await
+        .unwrap();
+    let statement = client
+        .prepare("SELECT * FROM affiliates WHERE affiliate_id = $1")
+        .await
+        .unwrap();
+    let served = name(client.query_one(&statement, &[&1i64]).await.unwrap());
+    assert!(served.starts_with("temp:"), "{served}");
+}

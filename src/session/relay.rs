@@ -302,7 +302,9 @@ impl ClientToServer<'_> {
                         }
                     }
                     tag => {
-                        self.statements.client_sent(tag);
+                        if tag != frontend::BIND {
+                            self.statements.client_sent(tag);
+                        }
                         if tag == frontend::BIND {
                             self.statements.settle();
                             // Bind starts with the portal's and the statement's names; its
@@ -327,6 +329,9 @@ impl ClientToServer<'_> {
                                 // The Bind again, from the start of the buffer.
                                 continue;
                             }
+                            // Counted as sent once the question is settled (the question
+                            // is asked only outside an extended-protocol batch).
+                            self.statements.client_sent(tag);
                             let names = &self.buf[ready + 5..ready + prefix];
                             if let Some((portal, statement)) = messages::bind_names(names) {
                                 let whole = if header.total <= MAX_INSPECTED_BIND {
