@@ -21,21 +21,77 @@ use std::{
 use cutover::localpg::{LocalPg, Options};
 
 mod common;
-use common::{Killed, free_port, pgbench_tps, start_cutover, wait_for_port};
+use common::{Killed, free_port, median, pgbench_tps, start_cutover, wait_for_port};
 
 const CLIENTS: &str = "8";
 const THREADS: &str = "2";
 const IDLE_CONNECTIONS: usize = 1000;
 
-fn pgbench(bindir: &Path, port: u16, mode: &str, seconds: u64) -> f64 {
-    let seconds = seconds.to_string();
-    pgbench_tps(
+/// pgbench -S in `mode`: tps, and the transactions it made (tps × seconds).
+fn pgbench(bindir: &Path, port: u16, mode: &str, seconds: u64) -> (f64, f64) {
+    let tps = pgbench_tps(
         bindir,
         port,
         &[
-            "-n", "-S", "-M", mode, "-c", CLIENTS, "-j", THREADS, "-T", &seconds,
+            "-n",
+            "-S",
+            "-M",
+            mode,
+            "-c",
+            CLIENTS,
+            "-j",
+            THREADS,
+            "-T",
+            &seconds.to_string(),
         ],
-    )
+    );
+    (tps, tps * seconds as f64)
+}
+
+/// One pgbench run against a target: its tps, and the CPU time the proxy process (`pid`)
+/// spent per transaction, from /proc/PID/stat before and after.
+#[derive(Clone, Copy, Default)]
+struct Measured {
+    tps: f64,
+    cpu_us_per_tx: f64,
+}
+
+impl Measured {
+    fn median(runs: &[Measured]) -> Option<Measured> {
+        (!runs.is_empty()).then(|| Measured {
+            tps: median(runs.iter().map(|r| r.tps).collect()),
+            cpu_us_per_tx: median(runs.iter().map(|r| r.cpu_us_per_tx).collect()),
+        })
+    }
+}
+
+/// CPU time (user + system) of process `pid` so far, in microseconds.
+fn cpu_us(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 14th field of the
+    // line, stime the 15th; counted after ") " they are the 12th and 13th.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks * 1e6 / hz
+}
+
+fn measure(pid: Option<u32>, run: impl FnOnce() -> (f64, f64)) -> Measured {
+    let before = pid.map(cpu_us);
+    let (tps, transactions) = run();
+    let cpu = match (pid, before) {
+        (Some(pid), Some(before)) => (cpu_us(pid) - before) / transactions.max(1.0),
+        _ => 0.0,
+    };
+    Measured {
+        tps,
+        cpu_us_per_tx: cpu,
+    }
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -54,7 +110,18 @@ fn rss_kb(pid: u32) -> u64 {
 }
 
 /// pgbouncer in session mode, run as the postgres user when we are root (it refuses root).
-fn start_pgbouncer(upstream_port: u16, dir: &Path) -> Option<(Killed, u16, u32)> {
+/// pgbouncer's own process, stopped when dropped (as root it runs under runuser, and killing
+/// runuser leaves it running).
+struct Bouncer(u32);
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory preconditions; the pid is pgbouncer's, found above.
+        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+    }
+}
+
+fn start_pgbouncer(upstream_port: u16, dir: &Path) -> Option<((Killed, Bouncer), u16, u32)> {
     let exe = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
         .into_iter()
         .map(PathBuf::from)
@@ -111,7 +178,7 @@ fn start_pgbouncer(upstream_port: u16, dir: &Path) -> Option<(Killed, u16, u32)>
     } else {
         child.id()
     };
-    Some((Killed(child), port, pid))
+    Some(((Killed(child), Bouncer(pid)), port, pid))
 }
 
 fn unsafe_is_root() -> bool {
@@ -180,34 +247,96 @@ fn main() {
         println!("pgbouncer not found (apt install pgbouncer): its column is left out");
     }
 
+    let cutover_pid = cutover.0.id();
     println!(
         "pgbench -S, {CLIENTS} clients, {THREADS} threads, {seconds} s each, median of {rounds} rounds, scale 10; {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<9} {:>11} {:>11} {:>11} {:>9} {:>11}",
-        "mode", "direct tps", "cutover", "pgbouncer", "cutover/", "pgbouncer/"
+        "{:<9} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "mode", "direct", "cutover/", "bouncer/", "", "cutover", "pgbouncer"
     );
     println!(
-        "{:<9} {:>11} {:>11} {:>11} {:>9} {:>11}",
-        "", "", "", "", "direct", "direct"
+        "{:<9} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "", "tps", "direct", "direct", "", "CPU µs/tx", "CPU µs/tx"
     );
     for mode in ["simple", "extended", "prepared"] {
-        let direct = pgbench(&bindir, pg.port(), mode, seconds);
-        let through = pgbench(&bindir, cutover_port, mode, seconds);
-        let bounced = bouncer
-            .as_ref()
-            .map(|(_, port, _)| pgbench(&bindir, *port, mode, seconds));
+        let mut runs: [Vec<Measured>; 3] = Default::default();
+        for round in 0..rounds {
+            for i in 0..3 {
+                let at = (i + round) % 3;
+                let (port, pid) = match at {
+                    0 => (pg.port(), None),
+                    1 => (cutover_port, Some(cutover_pid)),
+                    _ => match &bouncer {
+                        Some((_, port, pid)) => (*port, Some(*pid)),
+                        None => continue,
+                    },
+                };
+                runs[at].push(measure(pid, || pgbench(&bindir, port, mode, seconds)));
+            }
+        }
+        let [direct, through, bounced] = runs.map(|r| Measured::median(&r));
+        let (direct, through) = (direct.unwrap_or_default(), through.unwrap_or_default());
         println!(
-            "{mode:<9} {direct:>11.0} {through:>11.0} {:>11} {:>9.2} {:>11}",
-            bounced.map_or("-".into(), |b| format!("{b:.0}")),
-            through / direct,
-            bounced.map_or("-".into(), |b| format!("{:.2}", b / direct)),
+            "{mode:<9} {:>10.0} {:>9.2} {:>9} {:>9} {:>10.1} {:>10}",
+            direct.tps,
+            through.tps / direct.tps,
+            bounced.map_or("-".into(), |b| format!("{:.2}", b.tps / direct.tps)),
+            "",
+            through.cpu_us_per_tx,
+            bounced.map_or("-".into(), |b| format!("{:.1}", b.cpu_us_per_tx)),
         );
     }
 
+    // One client, prepared: the time each proxy adds to a round trip.
+    let one = |port: u16| {
+        let tps = pgbench_tps(
+            &bindir,
+            port,
+            &[
+                "-n",
+                "-S",
+                "-M",
+                "prepared",
+                "-c",
+                "1",
+                "-j",
+                "1",
+                "-T",
+                &seconds.to_string(),
+            ],
+        );
+        1000.0 / tps
+    };
+    let mut latency: [Vec<f64>; 3] = Default::default();
+    for round in 0..rounds {
+        for i in 0..3 {
+            let at = (i + round) % 3;
+            let port = match at {
+                0 => pg.port(),
+                1 => cutover_port,
+                _ => match &bouncer {
+                    Some((_, port, _)) => *port,
+                    None => continue,
+                },
+            };
+            latency[at].push(one(port));
+        }
+    }
+    let [direct_ms, cutover_ms, bouncer_ms] = latency.map(|l| (!l.is_empty()).then(|| median(l)));
+    let direct_ms = direct_ms.unwrap_or_default();
+    let cutover_ms = cutover_ms.unwrap_or_default();
+    println!(
+        "one client, prepared: direct {direct_ms:.3} ms per tx, cutover {cutover_ms:.3} ms (+{:.0} µs){}",
+        (cutover_ms - direct_ms) * 1000.0,
+        bouncer_ms.map_or(String::new(), |b| format!(
+            ", pgbouncer {b:.3} ms (+{:.0} µs)",
+            (b - direct_ms) * 1000.0
+        ))
+    );
+
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let cutover_pid = cutover.0.id();
     let before = rss_kb(cutover_pid);
     let idle = runtime.block_on(idle_connections(cutover_port, IDLE_CONNECTIONS));
     std::thread::sleep(Duration::from_millis(500));

@@ -12,6 +12,7 @@
 //! - a malformed or oversized message: FATAL 08P01, close;
 //! - the proxy shuts down and the grace period ends: FATAL 57P01, close.
 
+mod by_name;
 pub mod clients;
 mod login;
 mod pending;

@@ -15,12 +15,13 @@
 //!   `target`), and the rest follow (docs/routing.md, "One transaction, one write side");
 //!   reads go by bucket from `cutover N%` on.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{
     Shared,
+    by_name::ByName,
     pending::{Awaited, Described, Flow, Resolution},
     prepared::{TARGET_PREFIX, deallocates},
 };
@@ -66,8 +67,8 @@ pub struct Statements<'s> {
     /// Shared with the server side: the answers owed, unsettled writes (reads stay on
     /// legacy meanwhile), whether routing broke.
     flow: &'s Flow,
-    statements: HashMap<Box<[u8]>, Prepared>,
-    portals: HashMap<Box<[u8]>, Portal>,
+    statements: ByName<Prepared>,
+    portals: ByName<Portal>,
     /// Numbers the Parse messages sent (the client's and the proxy's).
     parses: u64,
 }
@@ -169,8 +170,8 @@ impl<'s> Statements<'s> {
             shadow,
             session_key: format!("session:{session_id}"),
             flow,
-            statements: HashMap::new(),
-            portals: HashMap::new(),
+            statements: ByName::default(),
+            portals: ByName::default(),
             parses: 0,
         }
     }
@@ -426,7 +427,7 @@ impl<'s> Statements<'s> {
     pub fn settle(&mut self) {
         let (lost, confirmed) = self.flow.take_parse_outcomes();
         for seq in lost {
-            self.statements.retain(|_, p| p.parsed != seq);
+            self.statements.retain(|p| p.parsed != seq);
             for p in self.statements.values_mut() {
                 if p.variant_parsed == seq {
                     p.target_ready = false;
@@ -621,7 +622,7 @@ impl<'s> Statements<'s> {
         }
         let write_tag = typed.as_ref().and_then(|s| s.typed().write_tag.clone());
         self.statements.insert(
-            name.into(),
+            name,
             Prepared {
                 served,
                 typed,
@@ -662,7 +663,7 @@ impl<'s> Statements<'s> {
     ) -> Option<Bytes> {
         let Some(prepared) = self.statements.get(statement) else {
             self.portals.insert(
-                portal.into(),
+                portal,
                 Portal {
                     served: Served::either(&self.shared.metrics.queries.passthrough),
                     side: Side::Legacy,
@@ -678,7 +679,7 @@ impl<'s> Statements<'s> {
                 self.sent(source.typed(), Side::Legacy);
             }
             self.portals.insert(
-                portal.into(),
+                portal,
                 Portal {
                     served,
                     side: Side::Legacy,
@@ -727,7 +728,7 @@ impl<'s> Statements<'s> {
         };
         self.sent(t, side);
         self.portals.insert(
-            portal.into(),
+            portal,
             Portal {
                 served,
                 side,
