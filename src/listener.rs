@@ -330,9 +330,12 @@ async fn handle(
                 match (&tls, client) {
                     (Some(acceptor), Either::Left(mut tcp)) => {
                         tcp.write_all(b"S").await?;
-                        let handshake = tokio::time::timeout(startup_timeout, acceptor.accept(tcp))
-                            .await
-                            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                        // Boxed: the handshake's state (rustls' connection) would otherwise
+                        // size every session's future, TLS or not, for its whole life.
+                        let handshake =
+                            Box::pin(tokio::time::timeout(startup_timeout, acceptor.accept(tcp)))
+                                .await
+                                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
                         client = Either::Right(Box::new(handshake));
                     }
                     (_, mut other) => {
@@ -419,6 +422,8 @@ async fn handle(
     shared.metrics.accepted.increment(1);
     let id = shared.next_session_id();
     let client_tls = matches!(client, Either::Right(_));
+    // The startup packet's buffer is not the session's to keep.
+    drop(buf);
     session::run(client, client_tls, peer, startup, id, shared, slot).await;
     Ok(())
 }

@@ -12,6 +12,7 @@
 //! - a malformed or oversized message: FATAL 08P01, close;
 //! - the proxy shuts down and the grace period ends: FATAL 57P01, close.
 
+mod buffers;
 mod by_name;
 pub mod clients;
 mod login;
@@ -164,8 +165,10 @@ pub async fn run<C: relay::Duplex + Send + Sync + 'static>(
             tls: client_tls,
             console,
         });
+        // The console's and the login's states are boxed: inline, the largest of them would
+        // size every session's future for its whole life (2.9 KiB for the login's alone).
         if console {
-            crate::console::run(
+            Box::pin(crate::console::run(
                 client,
                 client_tls,
                 peer,
@@ -173,12 +176,18 @@ pub async fn run<C: relay::Duplex + Send + Sync + 'static>(
                 &shared,
                 &slot,
                 &registered.client,
-            )
+            ))
             .await;
             return;
         }
-        let Ok(mut upstream) =
-            login::login(&mut client, client_tls, &startup, &shared, &slot).await
+        let Ok(mut upstream) = Box::pin(login::login(
+            &mut client,
+            client_tls,
+            &startup,
+            &shared,
+            &slot,
+        ))
+        .await
         else {
             return;
         };

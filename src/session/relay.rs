@@ -16,6 +16,7 @@ use tokio_postgres::error::SqlState;
 
 use super::{
     Shared,
+    buffers::{READ_CHUNK, ReadReady, read_ready},
     clients::{Client, State},
     pending::{Answer, Flow},
     prepared::error_with_client_names,
@@ -45,8 +46,6 @@ pub enum End {
     ProtocolViolation(WireError),
 }
 
-/// Bytes asked of the socket per read when the buffer runs low.
-const READ_CHUNK: usize = 16 * 1024;
 /// Bytes of a Bind that hold its portal's and statement's names (each at most 64 bytes
 /// from any real driver); the rest of the message streams through.
 const BIND_PREFIX: usize = 256;
@@ -57,7 +56,7 @@ const MAX_SERVER_MESSAGE: usize = usize::MAX;
 
 /// A socket that can be read and written at the same time from one task.
 pub trait Duplex: AsyncRead + AsyncWrite + Unpin {
-    type Read<'a>: AsyncRead + Unpin
+    type Read<'a>: ReadReady
     where
         Self: 'a;
     type Write<'a>: AsyncWrite + Unpin
@@ -113,14 +112,14 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
             shared,
             me: self.me,
             flow: &flow,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             streaming: 0,
             statements: Statements::new(shared, self.shadow, self.id, &flow),
         };
         let mut to_client = ServerToClient {
             shared,
             id: self.id,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             streaming: 0,
             last_was_fatal: false,
             key_guard: None,
@@ -204,11 +203,13 @@ impl ClientToServer<'_> {
 
     async fn run<R, W>(&mut self, client: &mut R, upstream: &mut W) -> End
     where
-        R: AsyncRead + Unpin,
+        R: ReadReady,
         W: AsyncWrite + Unpin,
     {
         let max = self.shared.config.max_message_bytes;
         loop {
+            // No buffer held while the client has nothing to say (see `buffers`).
+            read_ready(client, &mut self.buf).await;
             if self.buf.capacity() - self.buf.len() < 1024 {
                 self.buf.reserve(READ_CHUNK);
             }
@@ -226,7 +227,7 @@ impl ClientToServer<'_> {
                 // Held at a transaction boundary until RESUME (nothing sent yet).
                 self.me.set(State::Held);
                 tokio::select! {
-                    _ = self.shared.clients.hold() => {}
+                    _ = Box::pin(self.shared.clients.hold()) => {}
                     _ = self.shared.terminate.cancelled() => return End::Shutdown,
                 }
                 self.me.set(State::Active);
@@ -271,7 +272,7 @@ impl ClientToServer<'_> {
                                 return upstream_gone().await;
                             }
                             ready = 0;
-                            self.statements.await_names().await;
+                            Box::pin(self.statements.await_names()).await;
                         }
                         self.statements.client_sent(header.tag);
                         if matches!(
@@ -285,7 +286,7 @@ impl ClientToServer<'_> {
                                 .statements
                                 .query_check_to_await(&self.buf[ready + 5..ready + header.total])
                         {
-                            self.statements.await_check(check).await;
+                            Box::pin(self.statements.await_check(check)).await;
                         }
                         let replacement = self
                             .statements
@@ -325,7 +326,7 @@ impl ClientToServer<'_> {
                                     return upstream_gone().await;
                                 }
                                 ready = 0;
-                                self.statements.await_names().await;
+                                Box::pin(self.statements.await_names()).await;
                                 // The Bind again, from the start of the buffer.
                                 continue;
                             }
@@ -347,7 +348,7 @@ impl ClientToServer<'_> {
                                     && let Some(check) =
                                         self.statements.bind_check_to_await(statement)
                                 {
-                                    self.statements.await_check(check).await;
+                                    Box::pin(self.statements.await_check(check)).await;
                                 }
                                 let whole = whole.map(|stage| {
                                     (&self.buf[ready + 5..ready + header.total], stage)
@@ -416,7 +417,7 @@ enum Action {
 impl ServerToClient<'_> {
     async fn run<R, W>(&mut self, upstream: &mut R, client: &mut W) -> End
     where
-        R: AsyncRead + Unpin,
+        R: ReadReady,
         W: AsyncWrite + Unpin,
     {
         // One future for the whole session: creating it per read would take a lock.
@@ -424,6 +425,12 @@ impl ServerToClient<'_> {
         let terminated = terminate.cancelled();
         tokio::pin!(terminated);
         loop {
+            // No buffer held while the server has nothing to say (see `buffers`).
+            tokio::select! {
+                biased;
+                _ = &mut terminated, if self.streaming == 0 => return End::Shutdown,
+                () = read_ready(upstream, &mut self.buf) => {}
+            }
             if self.buf.capacity() - self.buf.len() < 1024 {
                 self.buf.reserve(READ_CHUNK);
             }

@@ -1,0 +1,123 @@
+//! The relay's read buffers, lent per read instead of owned per session: a session waiting
+//! for its peer holds none (plain sockets say when they are readable without a buffer to read
+//! into), so an idle client costs no buffer memory, and a busy one takes a buffer that another
+//! session just gave back instead of asking the allocator. One pool per worker thread (sessions
+//! stay on their worker), bounded.
+//!
+//! TLS streams cannot say they are readable without reading: their sessions keep a buffer.
+
+use std::{
+    cell::RefCell,
+    task::{Context, Poll},
+};
+
+use bytes::BytesMut;
+use tokio::{
+    io::AsyncRead,
+    net::{tcp, unix},
+};
+use tokio_util::either::Either;
+
+/// Bytes asked of the socket per read when the buffer runs low.
+pub const READ_CHUNK: usize = 16 * 1024;
+/// Buffers kept for reuse per worker thread (at most 2 × 16 KiB each: one that grew past
+/// that for a large message goes back to the allocator).
+const POOLED: usize = 128;
+
+thread_local! {
+    static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer with room for a read.
+pub fn take() -> BytesMut {
+    let mut buf = FREE
+        .with_borrow_mut(Vec::pop)
+        .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK));
+    // An emptied buffer whose start was advanced gets its whole allocation back here.
+    buf.reserve(READ_CHUNK);
+    buf
+}
+
+/// Gives an empty buffer back (a non-empty one would lose bytes: it is kept by the caller).
+pub fn give(buf: &mut BytesMut) {
+    if !buf.is_empty() || buf.capacity() == 0 {
+        return;
+    }
+    let buf = std::mem::take(buf);
+    if buf.capacity() <= 2 * READ_CHUNK {
+        FREE.with_borrow_mut(|free| {
+            if free.len() < POOLED {
+                free.push(buf);
+            }
+        });
+    }
+}
+
+/// A read half that can wait until a read would not block, without a buffer to read into.
+pub trait ReadReady: AsyncRead + Unpin {
+    /// `Ready(true)` once readable (or failed: the read then says how); `Ready(false)` at once
+    /// when this kind of stream cannot tell, and the caller keeps its buffer.
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool>;
+}
+
+impl ReadReady for tcp::ReadHalf<'_> {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        self.as_ref().poll_read_ready(cx).map(|_| true)
+    }
+}
+
+impl ReadReady for unix::ReadHalf<'_> {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        self.as_ref().poll_read_ready(cx).map(|_| true)
+    }
+}
+
+impl<T: AsyncRead> ReadReady for tokio::io::ReadHalf<T> {
+    fn poll_readable(&self, _: &mut Context<'_>) -> Poll<bool> {
+        Poll::Ready(false)
+    }
+}
+
+impl<L: ReadReady, R: ReadReady> ReadReady for Either<L, R> {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        match self {
+            Either::Left(l) => l.poll_readable(cx),
+            Either::Right(r) => r.poll_readable(cx),
+        }
+    }
+}
+
+/// Gives `buf` back while `stream` has nothing to read, then takes one for the read. A
+/// buffer that still holds bytes (part of a frame) is kept.
+pub async fn read_ready<R: ReadReady>(stream: &R, buf: &mut BytesMut) {
+    if buf.is_empty() {
+        give(buf);
+        std::future::poll_fn(|cx| stream.poll_readable(cx)).await;
+    }
+    if buf.capacity() == 0 {
+        *buf = take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_lent_and_given_back() {
+        let mut a = take();
+        assert!(a.capacity() >= READ_CHUNK);
+        a.extend_from_slice(b"half a frame");
+        give(&mut a);
+        assert_eq!(&a[..], b"half a frame", "a buffer holding bytes is kept");
+        a.clear();
+        give(&mut a);
+        assert_eq!(a.capacity(), 0, "an empty one goes back");
+        let b = take();
+        assert!(b.capacity() >= READ_CHUNK);
+        // One that grew for a large message is not pooled.
+        let mut big = BytesMut::with_capacity(4 * READ_CHUNK);
+        give(&mut big);
+        assert_eq!(big.capacity(), 0);
+    }
+}
