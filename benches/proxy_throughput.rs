@@ -65,9 +65,10 @@ impl Measured {
     }
 }
 
-/// CPU time (user + system) of process `pid` so far, in microseconds.
-fn cpu_us(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+/// CPU time (user + system) of a process (`"PID"`) or thread (`"PID/task/TID"`) so far, in
+/// microseconds.
+fn cpu_us(which: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{which}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces): utime is the 14th field of the
     // line, stime the 15th; counted after ") " they are the 12th and 13th.
     let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
@@ -82,16 +83,172 @@ fn cpu_us(pid: u32) -> f64 {
 }
 
 fn measure(pid: Option<u32>, run: impl FnOnce() -> (f64, f64)) -> Measured {
-    let before = pid.map(cpu_us);
+    let before = pid.map(|p| cpu_us(&p.to_string()));
     let (tps, transactions) = run();
     let cpu = match (pid, before) {
-        (Some(pid), Some(before)) => (cpu_us(pid) - before) / transactions.max(1.0),
+        (Some(pid), Some(before)) => (cpu_us(&pid.to_string()) - before) / transactions.max(1.0),
         _ => 0.0,
     };
     Measured {
         tps,
         cpu_us_per_tx: cpu,
     }
+}
+
+const TREE: u64 = 100_000;
+
+/// CPU time of process `pid`'s threads, in microseconds: those named `cutover-sessions-*`
+/// (the relay) and the rest (the shadow, the control feed, metrics).
+fn thread_cpu_us(pid: u32) -> (f64, f64) {
+    let mut sessions = 0.0;
+    let mut rest = 0.0;
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0.0, 0.0);
+    };
+    for task in tasks.flatten() {
+        let tid: u32 = task.file_name().to_string_lossy().parse().unwrap_or(0);
+        let comm =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+        let us = cpu_us(&format!("{pid}/task/{tid}"));
+        if comm.starts_with("cutover-session") {
+            sessions += us;
+        } else {
+            rest += us;
+        }
+    }
+    (sessions, rest)
+}
+
+/// The cost of serving `affiliate_by_id` (prepared) in each stage: one client's time per
+/// query, and with 8 clients the proxy's CPU per query, the relay's threads apart from the
+/// rest (the shadow's comparisons). A second proxy with a control database, on a migrated and
+/// backfilled tree of 100,000 affiliates.
+async fn stage_costs(pg: &LocalPg, bindir: &Path, seconds: u64, rounds: usize) {
+    let config = pg.config("tree_bench");
+    let admin = cutover::connect::connect(&pg.config("postgres"))
+        .await
+        .expect("connect");
+    admin
+        .batch_execute("CREATE DATABASE tree_bench")
+        .await
+        .expect("create database");
+    let client = common::legacy_database(&config, &cutover::fixture::TreeSpec::clean(TREE))
+        .await
+        .expect("a legacy tree");
+    common::backfill(&client, &common::rules())
+        .await
+        .expect("backfill");
+    let control = pg.url("tree_bench");
+    let (proxy, port) = common::start_cutover_with(pg.port(), &["--control", &control]);
+    let pid = proxy.0.id();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("by_id.sql");
+    std::fs::write(
+        &script,
+        format!("\\set id random(1, {TREE})\nSELECT * FROM affiliates WHERE affiliate_id = :id;\n"),
+    )
+    .unwrap();
+    let script = script.display().to_string();
+    let run = |port: u16, clients: &str| {
+        let seconds = seconds.to_string();
+        let threads = if clients == "1" { "1" } else { THREADS };
+        let args = [
+            "-n", "-M", "prepared", "-f", &script, "-c", clients, "-j", threads, "-T", &seconds,
+        ];
+        pgbench_on(bindir, port, "tree_bench", &args)
+    };
+    // The rules' stages reach the live state when the proxy's control feed has seeded it.
+    for _ in 0..100 {
+        let seeded: i64 = client
+            .query_one("SELECT count(*) FROM cutover.query_type_state", &[])
+            .await
+            .map_or(0, |r| r.get(0));
+        if seeded > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "\naffiliate_by_id prepared, {TREE} affiliates, every other query type at legacy, sample rate 1.0; {seconds} s each, median of {rounds} rounds"
+    );
+    println!(
+        "{:<12} {:>10} {:>10} {:>8} {:>12} {:>12}",
+        "stage", "direct ms", "cutover ms", "added", "relay CPU", "other CPU"
+    );
+    println!(
+        "{:<12} {:>10} {:>10} {:>8} {:>12} {:>12}",
+        "", "1 client", "1 client", "µs", "µs/query", "µs/query"
+    );
+    for (label, stage, percent) in [
+        ("legacy", "legacy", 0i16),
+        ("shadow", "shadow", 0),
+        ("cutover 50", "cutover", 50),
+        ("target", "target", 0),
+    ] {
+        client
+            .execute(
+                "UPDATE cutover.query_type_state SET stage = $1, percent = $2 WHERE query_type = 'affiliate_by_id'",
+                &[&stage, &percent],
+            )
+            .await
+            .expect("set the stage");
+        // Every replica applies a change within a second; then the route check is made.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let _ = run(port, "1");
+        let (mut direct, mut through, mut relay, mut other) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..rounds {
+            direct.push(1000.0 / run(pg.port(), "1").0);
+            through.push(1000.0 / run(port, "1").0);
+            let before = thread_cpu_us(pid);
+            let (_, queries) = run(port, CLIENTS);
+            let after = thread_cpu_us(pid);
+            relay.push((after.0 - before.0) / queries.max(1.0));
+            other.push((after.1 - before.1) / queries.max(1.0));
+        }
+        let (direct, through) = (median(direct), median(through));
+        println!(
+            "{label:<12} {direct:>10.3} {through:>10.3} {:>8.0} {:>12.1} {:>12.1}",
+            (through - direct) * 1000.0,
+            median(relay),
+            median(other),
+        );
+    }
+}
+
+/// pgbench with `args` on `database` at `port`: tps and transactions.
+fn pgbench_on(bindir: &Path, port: u16, database: &str, args: &[&str]) -> (f64, f64) {
+    let out = Command::new(bindir.join("pgbench"))
+        .args(args)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            database,
+        ])
+        .output()
+        .expect("run pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let find = |prefix: &str| {
+        text.lines().find_map(|l| {
+            l.trim_start()
+                .strip_prefix(prefix)?
+                .split(|c: char| c == '/' || c.is_whitespace())
+                .find(|w| !w.is_empty())?
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    let tps = find("tps = ").unwrap_or_else(|| {
+        panic!(
+            "pgbench {args:?} on {port} failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let done = find("number of transactions actually processed: ").unwrap_or(0.0);
+    (tps, done)
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -337,6 +494,7 @@ fn main() {
     );
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(stage_costs(&pg, &bindir, seconds, rounds));
     let before = rss_kb(cutover_pid);
     let idle = runtime.block_on(idle_connections(cutover_port, IDLE_CONNECTIONS));
     std::thread::sleep(Duration::from_millis(500));
