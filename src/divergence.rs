@@ -258,6 +258,29 @@ pub struct Store {
     replica: String,
     /// Automatic query types' normalized texts.
     fingerprints: Mutex<Fingerprints>,
+    /// The metrics of each query type label, looked up once: building a labelled key per
+    /// comparison (three of them) cost more than the rest of the counting.
+    handles: Mutex<HashMap<String, Arc<LabelMetrics>>>,
+}
+
+/// One query type label's comparison metrics.
+struct LabelMetrics {
+    /// `cutover_comparisons_total` by outcome, in the order of [`Outcome::LABELS`].
+    outcomes: [metrics::Counter; 7],
+    legacy: metrics::Histogram,
+    target: metrics::Histogram,
+}
+
+impl LabelMetrics {
+    fn new(label: &str) -> Self {
+        Self {
+            outcomes: Outcome::LABELS.map(|outcome| {
+                counter!("cutover_comparisons_total", "query_type" => label.to_owned(), "outcome" => outcome)
+            }),
+            legacy: metrics::histogram!("cutover_shadow_duration_seconds", "query_type" => label.to_owned(), "side" => "legacy"),
+            target: metrics::histogram!("cutover_shadow_duration_seconds", "query_type" => label.to_owned(), "side" => "target"),
+        }
+    }
 }
 
 impl Default for Store {
@@ -274,6 +297,7 @@ impl Store {
             sampled: Mutex::default(),
             marks: ArcSwap::from_pointee(Vec::new()),
             fingerprints: Mutex::default(),
+            handles: Mutex::default(),
             replica: format!(
                 "{}:{}",
                 std::env::var("HOSTNAME").unwrap_or_else(|_| "cutover".into()),
@@ -291,16 +315,29 @@ impl Store {
         outcome: Outcome,
         latency: Option<(Duration, Duration)>,
     ) {
-        counter!("cutover_comparisons_total", "query_type" => label.to_owned(), "outcome" => outcome.label())
-            .increment(1);
+        let handles = {
+            let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+            match handles.get(label) {
+                Some(h) => Arc::clone(h),
+                None => {
+                    let h = Arc::new(LabelMetrics::new(label));
+                    handles.insert(label.to_owned(), Arc::clone(&h));
+                    h
+                }
+            }
+        };
+        let at = Outcome::LABELS
+            .iter()
+            .position(|l| *l == outcome.label())
+            // Every outcome's label is one of LABELS (tested below).
+            .unwrap_or(0);
+        handles.outcomes[at].increment(1);
         if outcome == Outcome::Dropped {
             counter!("cutover_shadow_dropped_total").increment(1);
         }
         if let Some((legacy, target)) = latency {
-            metrics::histogram!("cutover_shadow_duration_seconds", "query_type" => label.to_owned(), "side" => "legacy")
-                .record(legacy.as_secs_f64());
-            metrics::histogram!("cutover_shadow_duration_seconds", "query_type" => label.to_owned(), "side" => "target")
-                .record(target.as_secs_f64());
+            handles.legacy.record(legacy.as_secs_f64());
+            handles.target.record(target.as_secs_f64());
         }
         // A poisoned lock only means another thread panicked mid-add: the counts are still
         // numbers; keep counting.
@@ -706,6 +743,31 @@ async fn expire(client: &Client) -> Result<(), tokio_postgres::Error> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn every_outcome_label_is_one_of_the_metric_labels() {
+        let mut outcomes = vec![
+            Outcome::Match,
+            Outcome::Transient,
+            Outcome::Nondeterministic,
+            Outcome::Skipped,
+            Outcome::Dropped,
+            Outcome::Expected,
+        ];
+        outcomes.extend(
+            [
+                Kind::Drift,
+                Kind::RewriteBug,
+                Kind::Error,
+                Kind::Undetermined,
+            ]
+            .map(Outcome::Confirmed),
+        );
+        for outcome in outcomes {
+            assert!(Outcome::LABELS.contains(&outcome.label()), "{outcome:?}");
+        }
+    }
+
     use super::*;
 
     #[test]
