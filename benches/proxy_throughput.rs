@@ -21,17 +21,20 @@ use std::{
 use cutover::localpg::{LocalPg, Options};
 
 mod common;
-use common::{Killed, free_port, median, pgbench_tps, start_cutover, wait_for_port};
+use common::{
+    Killed, Pgbench, free_port, median, pgbench_on, pgbench_tps, start_cutover, wait_for_port,
+};
 
 const CLIENTS: &str = "8";
 const THREADS: &str = "2";
 const IDLE_CONNECTIONS: usize = 1000;
 
-/// pgbench -S in `mode`: tps, and the transactions it made (tps × seconds).
-fn pgbench(bindir: &Path, port: u16, mode: &str, seconds: u64) -> (f64, f64) {
-    let tps = pgbench_tps(
+/// pgbench -S in `mode` on the `postgres` database.
+fn pgbench(bindir: &Path, port: u16, mode: &str, seconds: u64) -> Pgbench {
+    pgbench_on(
         bindir,
         port,
+        "postgres",
         &[
             "-n",
             "-S",
@@ -44,8 +47,7 @@ fn pgbench(bindir: &Path, port: u16, mode: &str, seconds: u64) -> (f64, f64) {
             "-T",
             &seconds.to_string(),
         ],
-    );
-    (tps, tps * seconds as f64)
+    )
 }
 
 /// One pgbench run against a target: its tps, and the CPU time the proxy process (`pid`)
@@ -82,9 +84,9 @@ fn cpu_us(which: &str) -> f64 {
     ticks * 1e6 / hz
 }
 
-fn measure(pid: Option<u32>, run: impl FnOnce() -> (f64, f64)) -> Measured {
+fn measure(pid: Option<u32>, run: impl FnOnce() -> Pgbench) -> Measured {
     let before = pid.map(|p| cpu_us(&p.to_string()));
-    let (tps, transactions) = run();
+    let Pgbench { tps, transactions } = run();
     let cpu = match (pid, before) {
         (Some(pid), Some(before)) => (cpu_us(&pid.to_string()) - before) / transactions.max(1.0),
         _ => 0.0,
@@ -197,10 +199,10 @@ async fn stage_costs(pg: &LocalPg, bindir: &Path, seconds: u64, rounds: usize) {
         let _ = run(port, "1");
         let (mut direct, mut through, mut relay, mut other) = (vec![], vec![], vec![], vec![]);
         for _ in 0..rounds {
-            direct.push(1000.0 / run(pg.port(), "1").0);
-            through.push(1000.0 / run(port, "1").0);
+            direct.push(1000.0 / run(pg.port(), "1").tps);
+            through.push(1000.0 / run(port, "1").tps);
             let before = thread_cpu_us(pid);
-            let (_, queries) = run(port, CLIENTS);
+            let queries = run(port, CLIENTS).transactions;
             let after = thread_cpu_us(pid);
             relay.push((after.0 - before.0) / queries.max(1.0));
             other.push((after.1 - before.1) / queries.max(1.0));
@@ -213,42 +215,6 @@ async fn stage_costs(pg: &LocalPg, bindir: &Path, seconds: u64, rounds: usize) {
             median(other),
         );
     }
-}
-
-/// pgbench with `args` on `database` at `port`: tps and transactions.
-fn pgbench_on(bindir: &Path, port: u16, database: &str, args: &[&str]) -> (f64, f64) {
-    let out = Command::new(bindir.join("pgbench"))
-        .args(args)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            database,
-        ])
-        .output()
-        .expect("run pgbench");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let find = |prefix: &str| {
-        text.lines().find_map(|l| {
-            l.trim_start()
-                .strip_prefix(prefix)?
-                .split(|c: char| c == '/' || c.is_whitespace())
-                .find(|w| !w.is_empty())?
-                .parse::<f64>()
-                .ok()
-        })
-    };
-    let tps = find("tps = ").unwrap_or_else(|| {
-        panic!(
-            "pgbench {args:?} on {port} failed: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    let done = find("number of transactions actually processed: ").unwrap_or(0.0);
-    (tps, done)
 }
 
 fn rss_kb(pid: u32) -> u64 {

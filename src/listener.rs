@@ -330,12 +330,9 @@ async fn handle(
                 match (&tls, client) {
                     (Some(acceptor), Either::Left(mut tcp)) => {
                         tcp.write_all(b"S").await?;
-                        // Boxed: the handshake's state (rustls' connection) would otherwise
-                        // size every session's future, TLS or not, for its whole life.
-                        let handshake =
-                            Box::pin(tokio::time::timeout(startup_timeout, acceptor.accept(tcp)))
-                                .await
-                                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                        let handshake = tokio::time::timeout(startup_timeout, acceptor.accept(tcp))
+                            .await
+                            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
                         client = Either::Right(Box::new(handshake));
                     }
                     (_, mut other) => {

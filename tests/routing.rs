@@ -607,15 +607,7 @@ async fn a_statement_skipped_after_an_error_does_not_exist_at_target() {
     let s = setup(20, &[("affiliate_by_id", "stage = \"target\"")], "").await;
     let sql = "SELECT * FROM affiliates WHERE affiliate_id = $1";
     // The statement's route check is made: the target serves it.
-    let client = s.proxy.client(&s.db.name).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !served_by_target(client.query_one(sql, &[&1i64]).await.unwrap().get("name")) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never served by the target"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    warm_up(&s.proxy.client(&s.db.name).await, sql, 100).await;
 
     let run = |addr: std::net::SocketAddr| {
         let db = s.db.name.clone();
@@ -668,19 +660,12 @@ async fn a_statement_skipped_after_an_error_does_not_exist_at_target() {
 async fn a_prepared_statement_is_routed_again_after_search_path_changes() {
     let s = setup(20, &[("affiliate_by_id", "stage = \"target\"")], "").await;
     let client = s.proxy.client(&s.db.name).await;
-    let statement = client
-        .prepare("SELECT * FROM affiliates WHERE affiliate_id = $1")
-        .await
-        .unwrap();
+    let sql = "SELECT * FROM affiliates WHERE affiliate_id = $1";
+    warm_up(&client, sql, 100).await;
+    let statement = client.prepare(sql).await.unwrap();
     let name = |row: tokio_postgres::Row| row.get::<_, String>("name");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !served_by_target(&name(client.query_one(&statement, &[&1i64]).await.unwrap())) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never served by the target"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let served = name(client.query_one(&statement, &[&1i64]).await.unwrap());
+    assert!(served_by_target(&served), "served by legacy: {served}");
     client
         .batch_execute("SET search_path TO public")
         .await
@@ -695,10 +680,7 @@ async fn a_prepared_statement_is_routed_again_after_search_path_changes() {
         )
         .await
         .unwrap();
-    let statement = client
-        .prepare("SELECT * FROM affiliates WHERE affiliate_id = $1")
-        .await
-        .unwrap();
+    let statement = client.prepare(sql).await.unwrap();
     let served = name(client.query_one(&statement, &[&1i64]).await.unwrap());
     assert!(served.starts_with("temp:"), "{served}");
 }

@@ -63,29 +63,49 @@ pub fn start_cutover_with(upstream_port: u16, extra: &[&str]) -> (Killed, u16) {
     (child, port)
 }
 
-/// Runs pgbench with `args` against the `postgres` database on `port`; its tps.
-pub fn pgbench_tps(bindir: &Path, port: u16, args: &[&str]) -> f64 {
+/// What a pgbench run reported.
+#[derive(Debug, Clone, Copy)]
+pub struct Pgbench {
+    pub tps: f64,
+    /// Transactions it made.
+    pub transactions: f64,
+}
+
+/// Runs pgbench with `args` against `database` on `port`.
+pub fn pgbench_on(bindir: &Path, port: u16, database: &str, args: &[&str]) -> Pgbench {
     let out = Command::new(bindir.join("pgbench"))
         .args(args)
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-U", "postgres", "postgres"])
+        .args(["-U", "postgres", database])
         .output()
         .expect("run pgbench");
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("tps = ")?
-                .split_whitespace()
-                .next()?
-                .parse()
+    // "tps = 123.4 (without …)", "number of transactions actually processed: 617/617"
+    let find = |prefix: &str| {
+        text.lines().find_map(|l| {
+            l.trim_start()
+                .strip_prefix(prefix)?
+                .split(|c: char| c == '/' || c.is_whitespace())
+                .find(|w| !w.is_empty())?
+                .parse::<f64>()
                 .ok()
         })
-        .unwrap_or_else(|| {
-            panic!(
-                "pgbench {args:?} on {port} failed: {text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+    };
+    let tps = find("tps = ").unwrap_or_else(|| {
+        panic!(
+            "pgbench {args:?} on {port} failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Pgbench {
+        tps,
+        transactions: find("number of transactions actually processed: ").unwrap_or(0.0),
+    }
+}
+
+/// Runs pgbench with `args` against the `postgres` database on `port`; its tps.
+pub fn pgbench_tps(bindir: &Path, port: u16, args: &[&str]) -> f64 {
+    pgbench_on(bindir, port, "postgres", args).tps
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {

@@ -31,11 +31,12 @@ pub fn bucket(key: &[u8]) -> u8 {
     (u16::from_be_bytes([digest[0], digest[1]]) % 100) as u8
 }
 
-/// Which side serves an execution whose key falls in `bucket`.
-pub fn decide(stage: Stage, bucket: u8) -> Side {
+/// Which side serves an execution whose bucketing key is `key`. The key's bucket (a
+/// SHA-256) is computed only where it decides: at `cutover N%`.
+pub fn decide(stage: Stage, key: &[u8]) -> Side {
     match stage {
         Stage::Legacy | Stage::Shadow => Side::Legacy,
-        Stage::Cutover(p) if bucket < p.get() => Side::Target,
+        Stage::Cutover(p) if bucket(key) < p.get() => Side::Target,
         Stage::Cutover(_) => Side::Legacy,
         Stage::Target | Stage::Complete => Side::Target,
     }
@@ -72,17 +73,16 @@ mod tests {
         let keys: Vec<String> = (1..=10_000).map(|k| k.to_string()).collect();
         let on_target = |p| {
             keys.iter()
-                .filter(|k| decide(cutover(p), bucket(k.as_bytes())) == Side::Target)
+                .filter(|k| decide(cutover(p), k.as_bytes()) == Side::Target)
                 .count()
         };
         let at_25 = on_target(25);
         assert!((2300..=2700).contains(&at_25), "{at_25} of 10000 at 25%");
         // The same key always on the same side, and raising only adds keys.
         for k in &keys {
-            let b = bucket(k.as_bytes());
-            assert_eq!(b, bucket(k.as_bytes()));
-            if decide(cutover(25), b) == Side::Target {
-                assert_eq!(decide(cutover(50), b), Side::Target);
+            assert_eq!(bucket(k.as_bytes()), bucket(k.as_bytes()));
+            if decide(cutover(25), k.as_bytes()) == Side::Target {
+                assert_eq!(decide(cutover(50), k.as_bytes()), Side::Target);
             }
         }
         assert_eq!(on_target(0), 0);
@@ -91,14 +91,21 @@ mod tests {
 
     #[test]
     fn stages_decide_the_side() {
-        for b in [0, 50, 99] {
-            assert_eq!(decide(Stage::Legacy, b), Side::Legacy);
-            assert_eq!(decide(Stage::Shadow, b), Side::Legacy);
-            assert_eq!(decide(Stage::Target, b), Side::Target);
-            assert_eq!(decide(Stage::Complete, b), Side::Target);
+        let keys: Vec<String> = (1..=200).map(|k| k.to_string()).collect();
+        for k in &keys {
+            let k = k.as_bytes();
+            assert_eq!(decide(Stage::Legacy, k), Side::Legacy);
+            assert_eq!(decide(Stage::Shadow, k), Side::Legacy);
+            assert_eq!(decide(Stage::Target, k), Side::Target);
+            assert_eq!(decide(Stage::Complete, k), Side::Target);
+            // At 10%, the buckets below 10 are the target's.
+            let expected = if bucket(k) < 10 {
+                Side::Target
+            } else {
+                Side::Legacy
+            };
+            assert_eq!(decide(cutover(10), k), expected);
         }
-        assert_eq!(decide(cutover(10), 9), Side::Target);
-        assert_eq!(decide(cutover(10), 10), Side::Legacy);
     }
 
     #[test]

@@ -55,31 +55,53 @@ pub fn give(buf: &mut BytesMut) {
 
 /// A read half that can wait until a read would not block, without a buffer to read into.
 pub trait ReadReady: AsyncRead + Unpin {
-    /// `Ready(true)` once readable (or failed: the read then says how); `Ready(false)` at once
-    /// when this kind of stream cannot tell, and the caller keeps its buffer.
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool>;
+    /// Whether this kind of stream can say so; TLS cannot (rustls reads to know), and its
+    /// session keeps its buffer.
+    fn tells_readiness(&self) -> bool;
+
+    /// `Ready` once a read would not block (or would fail: the read then says how).
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()>;
 }
 
 impl ReadReady for tcp::ReadHalf<'_> {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
-        self.as_ref().poll_read_ready(cx).map(|_| true)
+    fn tells_readiness(&self) -> bool {
+        true
+    }
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.as_ref().poll_read_ready(cx).map(drop)
     }
 }
 
 impl ReadReady for unix::ReadHalf<'_> {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
-        self.as_ref().poll_read_ready(cx).map(|_| true)
+    fn tells_readiness(&self) -> bool {
+        true
+    }
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.as_ref().poll_read_ready(cx).map(drop)
     }
 }
 
 impl<T: AsyncRead> ReadReady for tokio::io::ReadHalf<T> {
-    fn poll_readable(&self, _: &mut Context<'_>) -> Poll<bool> {
-        Poll::Ready(false)
+    fn tells_readiness(&self) -> bool {
+        false
+    }
+
+    fn poll_readable(&self, _: &mut Context<'_>) -> Poll<()> {
+        Poll::Ready(())
     }
 }
 
 impl<L: ReadReady, R: ReadReady> ReadReady for Either<L, R> {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
+    fn tells_readiness(&self) -> bool {
+        match self {
+            Either::Left(l) => l.tells_readiness(),
+            Either::Right(r) => r.tells_readiness(),
+        }
+    }
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
         match self {
             Either::Left(l) => l.poll_readable(cx),
             Either::Right(r) => r.poll_readable(cx),
@@ -88,9 +110,9 @@ impl<L: ReadReady, R: ReadReady> ReadReady for Either<L, R> {
 }
 
 /// Gives `buf` back while `stream` has nothing to read, then takes one for the read. A
-/// buffer that still holds bytes (part of a frame) is kept.
+/// buffer that still holds bytes (part of a frame) is kept, and so is a TLS stream's.
 pub async fn read_ready<R: ReadReady>(stream: &R, buf: &mut BytesMut) {
-    if buf.is_empty() {
+    if buf.is_empty() && stream.tells_readiness() {
         give(buf);
         std::future::poll_fn(|cx| stream.poll_readable(cx)).await;
     }

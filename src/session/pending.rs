@@ -170,19 +170,36 @@ impl Pending {
 mod tests {
     use super::*;
 
+    /// The client's Parse numbered `seq`.
+    fn parse(seq: u64) -> Awaited {
+        Awaited::Parse {
+            injected: false,
+            seq,
+        }
+    }
+
+    /// The proxy's own Parse numbered `seq`.
+    fn injected_parse(seq: u64) -> Awaited {
+        Awaited::Parse {
+            injected: true,
+            seq,
+        }
+    }
+
+    /// A queue holding `awaited`, in order.
+    fn pending(awaited: impl IntoIterator<Item = Awaited>) -> Pending {
+        let mut p = Pending::default();
+        for a in awaited {
+            p.push(a);
+        }
+        p
+    }
+
+    const INJECTED_CLOSE: Awaited = Awaited::Close { injected: true };
+
     #[test]
     fn injected_answers_are_swallowed_in_order() {
-        let mut p = Pending::default();
-        p.push(Awaited::Parse {
-            injected: false,
-            seq: 0,
-        });
-        p.push(Awaited::Close { injected: true });
-        p.push(Awaited::Parse {
-            injected: true,
-            seq: 0,
-        });
-        p.push(Awaited::Sync);
+        let mut p = pending([parse(0), INJECTED_CLOSE, injected_parse(0), Awaited::Sync]);
         assert_eq!(p.complete(), Answer::Forward);
         assert_eq!(p.complete(), Answer::Swallow);
         assert_eq!(p.complete(), Answer::Swallow);
@@ -192,43 +209,25 @@ mod tests {
 
     #[test]
     fn an_error_skips_to_sync_like_the_server() {
-        let mut p = Pending::default();
         // The client's Parse fails: the proxy's Close and Parse are skipped by the server.
-        p.push(Awaited::Parse {
-            injected: false,
-            seq: 0,
-        });
-        p.push(Awaited::Close { injected: true });
-        p.push(Awaited::Parse {
-            injected: true,
-            seq: 0,
-        });
-        p.push(Awaited::Sync);
-        p.push(Awaited::Parse {
-            injected: false,
-            seq: 0,
-        });
+        let mut p = pending([
+            parse(0),
+            INJECTED_CLOSE,
+            injected_parse(0),
+            Awaited::Sync,
+            parse(0),
+        ]);
         assert_eq!(p.error(), Answer::Forward);
         assert_eq!(p.lost.len(), 2, "the failed Parse and the skipped one");
         p.ready();
         assert_eq!(p.complete(), Answer::Forward);
 
         // The proxy's Parse fails: forwarded, reported.
-        let mut p = Pending::default();
-        p.push(Awaited::Parse {
-            injected: true,
-            seq: 0,
-        });
-        p.push(Awaited::Sync);
+        let mut p = pending([injected_parse(0), Awaited::Sync]);
         assert_eq!(p.error(), Answer::InjectedFailed);
 
         // An error inside a simple Query skips nothing.
-        let mut p = Pending::default();
-        p.push(Awaited::Query { described: None });
-        p.push(Awaited::Parse {
-            injected: true,
-            seq: 0,
-        });
+        let mut p = pending([Awaited::Query { described: None }, injected_parse(0)]);
         assert_eq!(p.error(), Answer::Forward);
         p.ready();
         assert_eq!(p.complete(), Answer::Swallow);
@@ -241,24 +240,13 @@ mod tests {
     /// where the server says it does not exist — seed 24 of the safe-cutover model).
     #[test]
     fn a_parse_sent_after_the_error_came_in_is_lost_too() {
-        let mut p = Pending::default();
-        p.push(Awaited::Parse {
-            injected: false,
-            seq: 1,
-        });
+        let mut p = pending([parse(1)]);
         assert_eq!(p.complete(), Answer::Forward);
         // An Execute fails (Bind and Execute are not queued); nothing is waiting yet.
         assert_eq!(p.error(), Answer::Forward);
-        p.push(Awaited::Parse {
-            injected: false,
-            seq: 2,
-        });
-        p.push(Awaited::Close { injected: true });
-        p.push(Awaited::Parse {
-            injected: true,
-            seq: 3,
-        });
-        p.push(Awaited::Sync);
+        for a in [parse(2), INJECTED_CLOSE, injected_parse(3), Awaited::Sync] {
+            p.push(a);
+        }
         p.ready();
         assert_eq!(
             p.lost,

@@ -305,8 +305,7 @@ impl ClientToServer<'_> {
                     tag => {
                         if tag != frontend::BIND {
                             self.statements.client_sent(tag);
-                        }
-                        if tag == frontend::BIND {
+                        } else {
                             self.statements.settle();
                             // Bind starts with the portal's and the statement's names; its
                             // parameters (possibly large) stream through unread — unless

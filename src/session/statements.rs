@@ -281,12 +281,7 @@ impl<'s> Statements<'s> {
         if self.flow.unsettled() {
             return Side::Legacy;
         }
-        // The bucket (a SHA-256 of the key) matters only at `cutover N%`.
-        let bucket = match stage {
-            Stage::Cutover(_) => route::bucket(key.unwrap_or(self.session_key.as_bytes())),
-            Stage::Legacy | Stage::Shadow | Stage::Target | Stage::Complete => 0,
-        };
-        route::decide(stage, bucket)
+        route::decide(stage, key.unwrap_or(self.session_key.as_bytes()))
     }
 
     /// The route check of a statement: whether the target may serve it now.
