@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
         let client = common::legacy_database(&pg.config(database), &spec).await?;
         println!("{label}:");
         let started = Instant::now();
-        let summary = common::backfill(&client, &rules).await?;
+        let summary = common::backfill(&client, &pg.config(database), &rules).await?;
         let backfill_s = started.elapsed().as_secs_f64();
         println!(
             "  phases: {}",
@@ -148,7 +148,7 @@ async fn seed_method_ratio(pg: &LocalPg, rules: &RuleSet, affiliates: u64) -> an
                 start += 5000;
             }
         } else {
-            common::backfill(&client, rules).await?;
+            common::backfill(&client, &pg.config(name), rules).await?;
         }
         seconds.push(started.elapsed().as_secs_f64());
         let report = verify::verify(&client, &rules.table, verify::DEFAULT_CHUNK).await?;

@@ -143,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
              ANALYZE public.affiliates",
         )
         .await?;
-    common::backfill(&client, &common::rules()).await?;
+    common::backfill(&client, &config, &common::rules()).await?;
     // The benchmark's own session must not mirror its setup writes twice.
     client.batch_execute("RESET cutover.mirroring").await?;
 

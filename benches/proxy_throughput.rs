@@ -137,7 +137,7 @@ async fn stage_costs(pg: &LocalPg, bindir: &Path, seconds: u64, rounds: usize) {
     let client = common::legacy_database(&config, &cutover::fixture::TreeSpec::clean(TREE))
         .await
         .expect("a legacy tree");
-    common::backfill(&client, &common::rules())
+    common::backfill(&client, &config, &common::rules())
         .await
         .expect("backfill");
     let control = pg.url("tree_bench");

@@ -87,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
     let pg = LocalPg::start_with(Options::default())?;
     let config = pg.config("postgres");
     let client = common::legacy_database(&config, &TreeSpec::clean(AFFILIATES)).await?;
-    common::backfill(&client, &common::rules()).await?;
+    common::backfill(&client, &config, &common::rules()).await?;
 
     let dir = tempfile::tempdir()?;
     let script = dir.path().join("reads.sql");

@@ -651,7 +651,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let set = rules::RuleSet::load_dir(&dir)?;
-            let client = connect::connect(&connect::parse_url(&database_url)?).await?;
+            let config = connect::parse_url(&database_url)?;
+            let client = connect::connect(&config).await?;
             let options = migrate::backfill::Options {
                 batch: batch.max(1),
                 dry_run,
@@ -660,7 +661,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     .ok()
                     .and_then(|v| v.parse().ok()),
             };
-            let summary = migrate::backfill::run(&client, &set.table, &options).await?;
+            let summary = migrate::backfill::run(&client, &config, &set.table, &options).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             } else {

@@ -135,11 +135,13 @@ pub async fn legacy_database(
 /// `cutover backfill` with its defaults, quietly.
 pub async fn backfill(
     client: &tokio_postgres::Client,
+    config: &tokio_postgres::Config,
     rules: &cutover::rules::RuleSet,
 ) -> Result<cutover::migrate::backfill::Summary, cutover::migrate::backfill::BackfillError> {
     use cutover::migrate::backfill;
     backfill::run(
         client,
+        config,
         &rules.table,
         &backfill::Options {
             batch: backfill::DEFAULT_BATCH,

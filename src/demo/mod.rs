@@ -181,6 +181,7 @@ async fn walk(options: Options) -> anyhow::Result<()> {
         println!("  write types in shadow: every write on legacy is mirrored into v2 at COMMIT");
         let summary = migrate::backfill::run(
             &admin_client,
+            &config,
             &rules.table,
             &migrate::backfill::Options {
                 batch: migrate::backfill::DEFAULT_BATCH,

@@ -2,28 +2,35 @@
 //! Until it is done it owns v2: dual-write hands it every key (`cutover.backfill_running()`),
 //! so its bulk phases may set v2's keys, indexes and triggers aside.
 //!
-//! 1. **plan**: a recursive walk from the roots (over a narrow copy of the parent links)
-//!    gives every reachable row its level, path and counters (`cutover.backfill_plan`). Rows
-//!    it cannot reach are quarantined with their reason (`cutover.backfill_quarantine`): an
-//!    orphan (its parent does not exist), a member of a parent cycle, or a row under one of
-//!    those.
-//! 2. **rows**: batches in key order, inserted complete (path, level, counters, legacy's own
-//!    counter), v2's parent key, secondary indexes and user triggers aside. A row already in
-//!    the target is skipped (and a batch that races with one falls back to `ON CONFLICT DO
-//!    NOTHING`).
-//! 3. **closure**: batches in (level, id) order, each row's ancestors from its path, the
-//!    closure's indexes and keys aside and built once after.
-//! 4. **counters**: direct referrals and network sizes checked and corrected, each count
-//!    aggregated once.
+//! 1. **plan**: the parent links read out in one snapshot and walked in memory
+//!    ([`super::tree`]) give every reachable row its level, path and counters; the rows join
+//!    them in the same snapshot (`cutover.backfill_plan`, in key order). Rows no root reaches
+//!    are quarantined with their reason (`cutover.backfill_quarantine`): an orphan (its
+//!    parent does not exist), a member of a parent cycle, or a row under one of those.
+//! 2. **rows and closure**, side by side on two connections, everything either would
+//!    maintain row by row set aside: the rows in batches in key order, inserted complete
+//!    (path, level, counters, legacy's own counter; a row already in the target is skipped,
+//!    and a batch that races with one falls back to `ON CONFLICT DO NOTHING`); the closure in
+//!    batches in (level, id) order, each row's ancestors from its path, by `COPY`. Then both
+//!    connections rebuild what was set aside, and the keys are validated.
+//! 3. **counters**: direct referrals and network sizes checked and corrected, each count
+//!    aggregated once — unless v2 was empty at the plan and stayed so, when the rows went in
+//!    with the truth.
+//! 4. **catch-up**: the keys dual-write handed over meanwhile, synced through v2's triggers.
 //!
-//! Each batch commits with its checkpoint (`cutover.backfill_progress`): a backfill killed at
-//! any point and run again continues after the last committed batch. Legacy's drifted
-//! `level_1_referrals` are reported; the target holds the recomputed truth.
+//! Each batch commits with its checkpoint (`cutover.backfill_progress`; the rows and the
+//! closure have one each): a backfill killed at any point and run again continues after the
+//! last committed batches. Legacy's drifted `level_1_referrals` are reported; the target
+//! holds the recomputed truth.
 
-use std::{collections::HashMap, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
+};
 
 use serde::Serialize;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, error::SqlState};
 
 use crate::rules::{TableMap, quote_ident};
 
@@ -78,6 +85,8 @@ pub enum BackfillError {
     TargetServes(String),
     #[error(transparent)]
     Database(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Connect(#[from] crate::connect::ConnectError),
 }
 
 /// Options of a run.
@@ -91,13 +100,16 @@ pub struct Options {
     pub abort_after_batches: Option<u64>,
 }
 
+/// A backfill on `client`; `helper` is where a second connection to the same database comes
+/// from (the rows and the closure load side by side, one on each).
 pub async fn run(
     client: &Client,
+    helper: &tokio_postgres::Config,
     table: &TableMap,
     options: &Options,
 ) -> Result<Summary, BackfillError> {
     if options.dry_run {
-        return Ok(run_unlocked(client, table, options).await?);
+        return Ok(run_dry(client, table).await?);
     }
     let locked: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&BACKFILL_LOCK])
@@ -108,9 +120,12 @@ pub async fn run(
     }
     let result = match serving_from_target(client).await {
         Ok(serving) if !serving.is_empty() => Err(BackfillError::TargetServes(serving.join(", "))),
-        Ok(_) => run_unlocked(client, table, options)
-            .await
-            .map_err(Into::into),
+        Ok(_) => match crate::connect::connect_as(helper, "cutover backfill").await {
+            Ok(second) => run_unlocked(client, &second, table, options)
+                .await
+                .map_err(Into::into),
+            Err(e) => Err(e.into()),
+        },
         Err(e) => Err(e.into()),
     };
     // Closing the connection releases the lock too; unlock explicitly to be tidy.
@@ -139,35 +154,51 @@ async fn serving_from_target(client: &Client) -> Result<Vec<String>, tokio_postg
         .collect())
 }
 
+/// What a backfill would do: everything in one transaction, in one snapshot, rolled back, so
+/// nothing changes.
+async fn run_dry(client: &Client, table: &TableMap) -> Result<Summary, tokio_postgres::Error> {
+    let started = Instant::now();
+    let mut summary = Summary {
+        dry_run: true,
+        legacy_rows: legacy_rows(client, table).await?,
+        ..Summary::default()
+    };
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await?;
+    let result = dry_run(client, table, &mut summary).await;
+    client.batch_execute("ROLLBACK").await?;
+    result?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+async fn legacy_rows(client: &Client, table: &TableMap) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            &format!("SELECT count(*) FROM {}", table.legacy.quoted()),
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// A backfill, on `client` and, for the loads that run beside the rows', on `second`.
 async fn run_unlocked(
     client: &Client,
+    second: &Client,
     table: &TableMap,
     options: &Options,
 ) -> Result<Summary, tokio_postgres::Error> {
     let started = Instant::now();
     // The backfill's own writes on the target are not to be mirrored back into legacy.
-    client.batch_execute("SET cutover.mirroring = 'on'").await?;
-    let legacy = table.legacy.quoted();
+    for c in [client, second] {
+        c.batch_execute("SET cutover.mirroring = 'on'").await?;
+    }
     let mut summary = Summary {
-        dry_run: options.dry_run,
+        legacy_rows: legacy_rows(client, table).await?,
         ..Summary::default()
     };
-    summary.legacy_rows = client
-        .query_one(&format!("SELECT count(*) FROM {legacy}"), &[])
-        .await?
-        .get(0);
-
-    if options.dry_run {
-        // Everything in one transaction, in one snapshot, rolled back: nothing changes.
-        client
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-            .await?;
-        let result = dry_run(client, table, &mut summary).await;
-        client.batch_execute("ROLLBACK").await?;
-        result?;
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    }
 
     let phase: Option<String> = client
         .query_opt("SELECT phase FROM cutover.backfill_progress", &[])
@@ -187,94 +218,104 @@ async fn run_unlocked(
     }
     summary.quarantined = quarantined(client).await?;
 
-    client.batch_execute("SET cutover.bulk_load = 'on'").await?;
-    let mut batches = 0u64;
+    for c in [client, second] {
+        // Room for the batches' sorts and hashes in memory; each index built by one process:
+        // the two connections already build two at a time (measured on two cores: the GiST
+        // index took 6.5 s alone, 11.6 s beside parallel B-tree builds, and the whole backfill
+        // 40.6 → 35.8 s).
+        c.batch_execute(
+            "SET cutover.bulk_load = 'on'; SET work_mem = '64MB';
+             SET max_parallel_maintenance_workers = 0",
+        )
+        .await?;
+    }
+    let batches = AtomicU64::new(0);
     let phase = current_phase(client).await?;
     if phase == "rows" {
-        // The rows' secondary indexes (the GiST and B-tree on the path among them), parent
-        // key and per-row triggers are set aside and put back once the rows are in.
+        // The rows and the closure are loaded at the same time, one connection each: the
+        // closure is made from the plan's paths alone, and with its keys aside it needs no
+        // row of v2 to be in first. Everything the two loads would maintain row by row is
+        // set aside first and put back once after (by both connections, the longest first).
         set_aside(
             client,
             "fature_v2.affiliates_optimized",
-            &[],
             Aside::IndexesKeysTriggers,
         )
         .await?;
-        copy_rows(client, table, options, &mut summary, &mut batches).await?;
-        restore_set_aside(client).await?;
-        set_phase(client, "closure").await?;
-        lap(&mut summary, "rows");
+        closure_aside(client).await?;
+        let rows = copy_rows(client, table, options, &batches);
+        // The closure loads faster than the rows: its indexes are built while the rows
+        // still load.
+        let closure = async {
+            build_closure(second, options, &batches).await?;
+            restore_set_aside(second, Some(HIERARCHY_INDEX)).await
+        };
+        let (present, ()) = tokio::try_join!(rows, closure)?;
+        summary.already_present += present;
+        restore_set_aside_on(client, second).await?;
+        closure_restore(client).await?;
+        set_phase(client, "counters").await?;
+        lap(&mut summary, "rows and closure");
     }
     if current_phase(client).await? == "closure" {
-        // The closure's two foreign keys would be checked row by row (a FOR KEY SHARE lock
-        // on an affiliate per check: most of this phase's time). Every pair the backfill
-        // inserts holds by construction, so they are set aside and validated once at the
-        // end. A backfill killed here leaves them aside until it is run again.
-        closure_keys(client, Keys::SetAside).await?;
-        // Its indexes, the unique pair among them, are built once at the end (a sorted
-        // build each, instead of an insertion per pair into indexes in random order: 19 s
-        // against 7 s for a million affiliates' 2.3 million pairs). Nobody else writes the
-        // closure meanwhile: until the backfill is done dual-write hands it every key
-        // (`cutover.backfill_running()`). The affiliates that already had their pairs (a
-        // backfill run again over v2's rows) are noted first and skipped; putting the
-        // unique pair back would refuse a duplicate, loudly.
-        client
-            .batch_execute(
-                "CREATE UNLOGGED TABLE IF NOT EXISTS cutover.backfill_closure_present AS
-                     SELECT DISTINCT descendant_id AS affiliate_id FROM fature_v2.hierarchy_index;
-                 CREATE UNIQUE INDEX IF NOT EXISTS backfill_closure_present_key
-                     ON cutover.backfill_closure_present (affiliate_id);
-                 ANALYZE cutover.backfill_closure_present;",
-            )
-            .await?;
-        set_aside(
-            client,
-            "fature_v2.hierarchy_index",
-            &[],
-            Aside::IndexesUnique,
-        )
-        .await?;
-        build_closure(client, options, &mut summary, &mut batches).await?;
-        restore_set_aside(client).await?;
-        closure_keys(client, Keys::Restore).await?;
-        client
-            .batch_execute("DROP TABLE cutover.backfill_closure_present")
-            .await?;
+        // A backfill of an earlier version stopped between its rows and its closure.
+        closure_aside(client).await?;
+        build_closure(client, options, &batches).await?;
+        restore_set_aside_on(client, second).await?;
+        closure_restore(client).await?;
         set_phase(client, "counters").await?;
         lap(&mut summary, "closure");
     }
     if current_phase(client).await? == "counters" {
+        let exact: bool = client
+            .query_one("SELECT counters_exact FROM cutover.backfill_progress", &[])
+            .await?
+            .get(0);
+        // With v2 empty at the plan and nothing found in it since, the rows went in with
+        // the plan's counts (children and descendants of the same tree the closure is made
+        // of) and legacy's own counter as of the plan: there is nothing to correct, and
+        // what the application wrote since is replayed by the catch-up, triggers on.
+        let correct = if exact {
+            ""
+        } else {
+            "-- Each count aggregated once, then joined (one hash join per count, not a
+             -- group per affiliate with a look-up of its pending deltas each).
+             UPDATE fature_v2.affiliates_optimized t SET direct_referrals_count = c.n
+             FROM (SELECT a.affiliate_id, coalesce(ch.n, 0)::int AS n
+                   FROM fature_v2.affiliates_optimized a
+                   LEFT JOIN (SELECT parent_affiliate_id, count(*) AS n
+                              FROM fature_v2.affiliates_optimized
+                              WHERE parent_affiliate_id IS NOT NULL GROUP BY 1) ch
+                          ON ch.parent_affiliate_id = a.affiliate_id) c
+             WHERE t.affiliate_id = c.affiliate_id AND t.direct_referrals_count IS DISTINCT FROM c.n;
+             UPDATE fature_v2.affiliates_optimized t SET total_network_size = c.n
+             FROM (SELECT a.affiliate_id, (coalesce(h.n, 0) - coalesce(d.n, 0))::int AS n
+                   FROM fature_v2.affiliates_optimized a
+                   LEFT JOIN (SELECT ancestor_id, count(*) AS n
+                              FROM fature_v2.hierarchy_index GROUP BY 1) h
+                          ON h.ancestor_id = a.affiliate_id
+                   LEFT JOIN (SELECT affiliate_id, sum(delta) AS n
+                              FROM fature_v2.network_size_deltas GROUP BY 1) d
+                          ON d.affiliate_id = a.affiliate_id) c
+             WHERE t.affiliate_id = c.affiliate_id AND t.total_network_size IS DISTINCT FROM c.n;
+             SELECT cutover.carry_legacy_counters(NULL);"
+        };
         client
-            .batch_execute(
+            .batch_execute(&format!(
                 "BEGIN;
-                 -- Each count aggregated once, then joined (one hash join per count, not a
-                 -- group per affiliate with a look-up of its pending deltas each).
-                 UPDATE fature_v2.affiliates_optimized t SET direct_referrals_count = c.n
-                 FROM (SELECT a.affiliate_id, coalesce(ch.n, 0)::int AS n
-                       FROM fature_v2.affiliates_optimized a
-                       LEFT JOIN (SELECT parent_affiliate_id, count(*) AS n
-                                  FROM fature_v2.affiliates_optimized
-                                  WHERE parent_affiliate_id IS NOT NULL GROUP BY 1) ch
-                              ON ch.parent_affiliate_id = a.affiliate_id) c
-                 WHERE t.affiliate_id = c.affiliate_id AND t.direct_referrals_count IS DISTINCT FROM c.n;
-                 UPDATE fature_v2.affiliates_optimized t SET total_network_size = c.n
-                 FROM (SELECT a.affiliate_id, (coalesce(h.n, 0) - coalesce(d.n, 0))::int AS n
-                       FROM fature_v2.affiliates_optimized a
-                       LEFT JOIN (SELECT ancestor_id, count(*) AS n
-                                  FROM fature_v2.hierarchy_index GROUP BY 1) h
-                              ON h.ancestor_id = a.affiliate_id
-                       LEFT JOIN (SELECT affiliate_id, sum(delta) AS n
-                                  FROM fature_v2.network_size_deltas GROUP BY 1) d
-                              ON d.affiliate_id = a.affiliate_id) c
-                 WHERE t.affiliate_id = c.affiliate_id AND t.total_network_size IS DISTINCT FROM c.n;
-                 SELECT cutover.carry_legacy_counters(NULL);
+                 {correct}
                  UPDATE cutover.backfill_progress SET phase = 'catchup', updated_at = now();
-                 COMMIT;",
-            )
+                 COMMIT;"
+            ))
             .await?;
         lap(&mut summary, "counters");
     }
-    client.batch_execute("RESET cutover.bulk_load").await?;
+    for c in [client, second] {
+        c.batch_execute(
+            "RESET cutover.bulk_load; RESET work_mem; RESET max_parallel_maintenance_workers",
+        )
+        .await?;
+    }
     if current_phase(client).await? == "catchup" {
         summary.caught_up = catch_up(client, options.batch).await?;
         lap(&mut summary, "catch-up");
@@ -361,7 +402,8 @@ async fn current_phase(client: &Client) -> Result<String, tokio_postgres::Error>
 async fn set_phase(client: &Client, phase: &str) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
-            "UPDATE cutover.backfill_progress SET phase = $1, last_level = 0, last_id = 0, updated_at = now()",
+            "UPDATE cutover.backfill_progress
+             SET phase = $1, last_level = 0, last_id = 0, closure_level = 0, closure_id = 0, updated_at = now()",
             &[&phase],
         )
         .await?;
@@ -404,60 +446,54 @@ async fn plan(
         ),
         PlanInto::DryRun => ("", "CREATE TEMP TABLE"),
     };
+    // The rows themselves, as of one snapshot: the copy reads them from the plan, so v2 is
+    // legacy as of this instant, consistent (every parent with its children), whatever the
+    // application does meanwhile; what it does is handed over by dual-write
+    // (cutover.backfill_catchup) and replayed at the end. The walk (levels, paths,
+    // counters, what no root reaches) is done here from the parent links alone
+    // (`migrate::tree`); the rows join it after, in the same snapshot.
+    client.batch_execute(open).await?;
+    let links = read_links(client, &legacy, &key).await?;
+    let walk = super::tree::Walk::new(&links);
+    drop(links);
+    client
+        .batch_execute(
+            "CREATE TEMP TABLE backfill_tree (
+                 affiliate_id int8, parent int8, level int, path ltree, direct int, network int
+             ) ON COMMIT DROP",
+        )
+        .await?;
+    let sink = client.copy_in("COPY backfill_tree FROM STDIN").await?;
+    futures_util::pin_mut!(sink);
+    let mut at = 0;
+    loop {
+        let mut out = Vec::with_capacity(COPY_CHUNK + 256);
+        at = walk.write_copy_rows(at, &mut out, COPY_CHUNK);
+        if out.is_empty() {
+            break;
+        }
+        futures_util::SinkExt::send(&mut sink, bytes::Bytes::from(out)).await?;
+    }
+    sink.as_mut().finish().await?;
     client
         .batch_execute(&format!(
-            "{open}
-             -- The rows themselves, as of one snapshot: the copy reads them from here, so
-             -- v2 is legacy as of this instant, consistent (every parent with its
-             -- children), whatever the application does meanwhile; what it does is handed
-             -- over by dual-write (cutover.backfill_catchup) and replayed at the end.
-             -- (The walk carries keys only; the rows join it after, in the same snapshot.)
-             -- It walks a narrow copy of the parent links: each level of the walk scans
-             -- them again (legacy has no index on the parent), and 16 bytes a row scan
-             -- far faster than legacy's whole rows.
-             CREATE TEMP TABLE backfill_links ON COMMIT DROP AS
-                 SELECT {key}::int8 AS id, parent_affiliate_id::int8 AS parent FROM {legacy};
-             ANALYZE backfill_links;
-             CREATE TEMP TABLE backfill_tree ON COMMIT DROP AS
-             WITH RECURSIVE tree(affiliate_id, parent, level, path) AS (
-                 SELECT id, NULL::int8, 1, id::text::ltree FROM backfill_links WHERE parent IS NULL
-                 UNION ALL
-                 SELECT c.id, c.parent, t.level + 1, t.path || c.id::text
-                 FROM backfill_links c JOIN tree t ON c.parent = t.affiliate_id
-             )
-             SELECT * FROM tree;
-             ANALYZE backfill_tree;
-             -- The rows with their counters, counted from the walk (each counter aggregated
-             -- once and joined: the rows go in complete, nothing is written twice).
+            "ANALYZE backfill_tree;
+             -- In key order, the order the rows are copied in: each batch then reads
+             -- its rows from adjacent pages, already sorted.
+             SET LOCAL work_mem = '256MB';
              {create} {plan} AS
-             SELECT l.*, t.level, t.path, coalesce(d.n, 0)::int AS direct,
-                    coalesce(w.n, 0)::int AS network
-             FROM backfill_tree t
-             JOIN {legacy} l ON l.{key} = t.affiliate_id
-             LEFT JOIN (SELECT parent, count(*) AS n FROM backfill_tree
-                        WHERE parent IS NOT NULL GROUP BY 1) d ON d.parent = t.affiliate_id
-             LEFT JOIN (SELECT a.label::int8 AS id, count(*) AS n
-                        FROM backfill_tree, unnest(string_to_array(path::text, '.'))
-                             WITH ORDINALITY AS a(label, ord)
-                        WHERE a.ord < level GROUP BY 1) w ON w.id = t.affiliate_id;
+             SELECT l.*, t.level, t.path, t.direct, t.network
+             FROM backfill_tree t JOIN {legacy} l ON l.{key} = t.affiliate_id
+             ORDER BY l.{key};
              CREATE UNIQUE INDEX ON {plan} (level, affiliate_id);
              CREATE UNIQUE INDEX ON {plan} (affiliate_id);
              ANALYZE {plan};"
         ))
         .await?;
-    // The unreachable rows are few; their reasons are found by following their parents. In
-    // the plan's transaction and snapshot: rows the application adds meanwhile are not
-    // unreachable, and a plan is never committed without its quarantine.
-    let rows = client
-        .query(
-            &format!(
-                "SELECT l.{key}::int8, l.parent_affiliate_id::int8 FROM {legacy} l
-                 WHERE NOT EXISTS (SELECT 1 FROM {plan} p WHERE p.affiliate_id = l.{key})"
-            ),
-            &[],
-        )
-        .await?;
-    let parents: HashMap<i64, Option<i64>> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    // The unreachable rows are few; their reasons are found by following their parents.
+    // From the plan's snapshot: rows the application adds meanwhile are not unreachable,
+    // and a plan is never committed without its quarantine.
+    let parents: HashMap<i64, Option<i64>> = walk.unreachable().iter().copied().collect();
     let existing: std::collections::HashSet<i64> = parents.keys().copied().collect();
     let mut ids: Vec<i64> = parents.keys().copied().collect();
     ids.sort();
@@ -476,7 +512,10 @@ async fn plan(
         .batch_execute(
             "DELETE FROM cutover.backfill_quarantine;
              DELETE FROM cutover.backfill_progress;
-             INSERT INTO cutover.backfill_progress (phase) VALUES ('rows');",
+             INSERT INTO cutover.backfill_progress (phase, counters_exact)
+             SELECT 'rows', NOT EXISTS (SELECT 1 FROM fature_v2.affiliates_optimized)
+                        AND NOT EXISTS (SELECT 1 FROM fature_v2.hierarchy_index)
+                        AND NOT EXISTS (SELECT 1 FROM fature_v2.network_size_deltas);",
         )
         .await?;
     for q in &quarantine {
@@ -490,6 +529,57 @@ async fn plan(
     }
     client.batch_execute("COMMIT").await?;
     Ok(quarantine)
+}
+
+/// How much `COPY` text is sent at a time.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Legacy's parent links (key, parent key), read out with `COPY` in the caller's snapshot.
+async fn read_links(
+    client: &Client,
+    legacy: &str,
+    key: &str,
+) -> Result<Vec<(i64, Option<i64>)>, tokio_postgres::Error> {
+    let stream = client
+        .copy_out(&format!(
+            "COPY (SELECT {key}::int8, parent_affiliate_id::int8 FROM {legacy}) TO STDOUT"
+        ))
+        .await?;
+    futures_util::pin_mut!(stream);
+    let mut links = Vec::new();
+    let mut rest: Vec<u8> = Vec::new();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+        rest.extend_from_slice(&chunk?);
+        let complete = rest.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        for line in rest[..complete]
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+        {
+            links.push(parse_link(line));
+        }
+        rest.drain(..complete);
+    }
+    Ok(links)
+}
+
+/// One `COPY` text row of two int8 columns, the second possibly `\N`. PostgreSQL writes
+/// them, so they are well formed.
+fn parse_link(line: &[u8]) -> (i64, Option<i64>) {
+    let number = |field: &[u8]| -> i64 {
+        std::str::from_utf8(field)
+            .ok()
+            .and_then(|f| f.parse().ok())
+            .expect("PostgreSQL writes int8 in decimal")
+    };
+    let tab = line
+        .iter()
+        .position(|b| *b == b'\t')
+        .expect("two columns were asked for");
+    let parent = &line[tab + 1..];
+    (
+        number(&line[..tab]),
+        (parent != b"\\N").then(|| number(parent)),
+    )
 }
 
 /// Why an unreachable row cannot be placed: follow its parents among the unreachable rows.
@@ -578,31 +668,41 @@ async fn batch_end_by_key(
     Ok(row.map(|r| r.get(0)))
 }
 
-async fn checkpoint(client: &Client) -> Result<(i32, i64), tokio_postgres::Error> {
+/// Where the loads stand: the rows' last (level, id) copied (level 0: in key order) and the
+/// closure's last (level, id) whose pairs are in.
+struct Checkpoints {
+    rows: (i32, i64),
+    closure: (i32, i64),
+}
+
+async fn checkpoints(client: &Client) -> Result<Checkpoints, tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT last_level, last_id FROM cutover.backfill_progress",
+            "SELECT last_level, last_id, closure_level, closure_id FROM cutover.backfill_progress",
             &[],
         )
         .await?;
-    Ok((row.get(0), row.get(1)))
+    Ok(Checkpoints {
+        rows: (row.get(0), row.get(1)),
+        closure: (row.get(2), row.get(3)),
+    })
 }
 
-fn maybe_abort(options: &Options, batches: &mut u64) {
-    *batches += 1;
-    if options.abort_after_batches == Some(*batches) {
+fn maybe_abort(options: &Options, batches: &AtomicU64) {
+    let committed = batches.fetch_add(1, Ordering::Relaxed) + 1;
+    if options.abort_after_batches == Some(committed) {
         // A test of resumption: die like a kill -9 would, with no cleanup.
         std::process::abort();
     }
 }
 
+/// Copies the plan's rows; returns how many were in v2 already (dual-written, kept).
 async fn copy_rows(
     client: &Client,
     table: &TableMap,
     options: &Options,
-    summary: &mut Summary,
-    batches: &mut u64,
-) -> Result<(), tokio_postgres::Error> {
+    batches: &AtomicU64,
+) -> Result<i64, tokio_postgres::Error> {
     // From the plan's snapshot of the rows, not from legacy as it is now (see plan()).
     let (mut target_cols, mut source_cols) = table.stored_column_lists("p");
     // A derived column's copy of legacy's own value goes in with the row: carried here, it
@@ -648,7 +748,7 @@ async fn copy_rows(
     // random — which is what ids that do not follow the tree cost. The checkpoint is the last
     // key (level 0); a checkpoint with a level is a parents-first one from an earlier version,
     // taken up from the start (the anti-join skips what is in).
-    let mut from = match checkpoint(client).await? {
+    let mut from = match checkpoints(client).await?.rows {
         (0, id) => id,
         _ => 0,
     };
@@ -660,6 +760,7 @@ async fn copy_rows(
         .await?
         .get(0);
     progress.resume_at(done_before as u64);
+    let mut already_present = 0;
     while let Some(end) = batch_end_by_key(client, from, options.batch).await? {
         client.batch_execute("BEGIN").await?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&from, &end];
@@ -672,21 +773,24 @@ async fn copy_rows(
             )
             .await?
             .get(0);
+        // A row found already in v2 came with counters of its own: the counters phase
+        // checks them all.
         client
             .execute(
                 "UPDATE cutover.backfill_progress
-                 SET last_level = 0, last_id = $1, rows_copied = rows_copied + $2, updated_at = now()",
-                &[&end, &inserted],
+                 SET last_level = 0, last_id = $1, rows_copied = rows_copied + $2,
+                     counters_exact = counters_exact AND $2 = $3, updated_at = now()",
+                &[&end, &inserted, &in_batch],
             )
             .await?;
         client.batch_execute("COMMIT").await?;
-        summary.already_present += in_batch - inserted;
+        already_present += in_batch - inserted;
         progress.inc(in_batch as u64);
         from = end;
         maybe_abort(options, batches);
     }
     progress.finish();
-    Ok(())
+    Ok(already_present)
 }
 
 /// Runs `fast`; if a concurrent insert makes it hit a unique key, runs `safe` instead.
@@ -703,7 +807,7 @@ async fn fast_or_safe(
             client.batch_execute("RELEASE SAVEPOINT batch").await?;
             Ok(row.get(0))
         }
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
             client.batch_execute("ROLLBACK TO SAVEPOINT batch").await?;
             Ok(client.query_one(safe, params).await?.get(0))
         }
@@ -716,26 +820,21 @@ enum Keys {
     Restore,
 }
 
-/// What [`set_aside`] takes off a table besides its plain indexes.
+/// What [`set_aside`] takes off a table besides its plain indexes and its unique
+/// constraints (but the primary key, and any a key of another table references).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Aside {
     /// Its self-referencing (parent) key and its user triggers too.
     IndexesKeysTriggers,
-    /// Its unique constraints too.
+    /// Nothing more.
     IndexesUnique,
 }
 
-/// Sets aside, on `table`, every index that backs no constraint (except `keep`), and with
-/// `with_triggers` its parent key and its per-row triggers too — each recorded in
+/// Sets aside, on `table`, every index that backs no constraint, its unique constraints and
+/// what `what` names besides — each recorded in
 /// `cutover.backfill_set_aside` with the statement that puts it back, in the same
 /// transaction as the drop.
-async fn set_aside(
-    client: &Client,
-    table: &str,
-    keep: &[&str],
-    what: Aside,
-) -> Result<(), tokio_postgres::Error> {
-    let keep: Vec<String> = keep.iter().map(|k| (*k).to_owned()).collect();
+async fn set_aside(client: &Client, table: &str, what: Aside) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute("SET lock_timeout = '60s'; BEGIN")
         .await?;
@@ -746,22 +845,28 @@ async fn set_aside(
                     replace(pg_get_indexdef(i.indexrelid), 'CREATE INDEX ', 'CREATE INDEX IF NOT EXISTS ')
              FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
              WHERE i.indrelid = $1::text::regclass
-               AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
-               AND c.relname::text <> ALL ($2)",
-            &[&table, &keep],
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
+            &[&table],
         )
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    if what == Aside::IndexesUnique {
+    // The unique constraints but the primary key (which the copy's anti-join and its
+    // fallback rely on, and other tables' keys reference): a sorted build once after costs
+    // less than a million insertions at random places (ids that do not follow the tree give
+    // `external_id` no order).
+    {
         let unique = client
             .query(
                 "SELECT 'constraint ' || conname,
                         format('ALTER TABLE %s DROP CONSTRAINT %I', $1::text, conname),
                         format('ALTER TABLE %s ADD CONSTRAINT %I %s', $1::text, conname,
                                pg_get_constraintdef(oid))
-                 FROM pg_constraint WHERE conrelid = $1::text::regclass AND contype = 'u'",
+                 FROM pg_constraint WHERE conrelid = $1::text::regclass AND contype = 'u'
+                   AND NOT EXISTS (SELECT 1 FROM pg_constraint f
+                                   WHERE f.contype = 'f' AND f.conindid = pg_constraint.conindid
+                                     AND f.conrelid <> pg_constraint.conrelid)",
                 &[&table],
             )
             .await?;
@@ -793,9 +898,9 @@ async fn set_aside(
     for (name, drop, restore) in aside {
         client
             .execute(
-                "INSERT INTO cutover.backfill_set_aside (name, restore) VALUES ($1, $2)
+                "INSERT INTO cutover.backfill_set_aside (name, restore, relation) VALUES ($1, $2, $3)
                  ON CONFLICT (name) DO NOTHING",
-                &[&name, &restore],
+                &[&name, &restore, &table],
             )
             .await?;
         client.batch_execute(&drop).await?;
@@ -804,17 +909,45 @@ async fn set_aside(
     Ok(())
 }
 
-/// Puts back everything set aside (by any backfill run, this one or a killed one).
-async fn restore_set_aside(client: &Client) -> Result<(), tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT name, restore FROM cutover.backfill_set_aside ORDER BY name",
-            &[],
-        )
-        .await?;
-    for row in rows {
+/// Puts back everything set aside (by any backfill run, this one or a killed one), on both
+/// connections at once: see [`restore_set_aside`].
+async fn restore_set_aside_on(
+    client: &Client,
+    second: &Client,
+) -> Result<(), tokio_postgres::Error> {
+    tokio::try_join!(
+        restore_set_aside(client, None),
+        restore_set_aside(second, None)
+    )?;
+    Ok(())
+}
+
+/// Puts back what was set aside on `relation` (everything with `None`). Several connections
+/// may do it at once: each takes the next item nobody has taken (index builds first, the GiST
+/// one, the longest, before all), puts it back and strikes it off in one transaction. Two
+/// indexes of one table build side by side; a constraint or a trigger waits for the builds on
+/// its table.
+async fn restore_set_aside(
+    client: &Client,
+    relation: Option<&str>,
+) -> Result<(), tokio_postgres::Error> {
+    loop {
+        client.batch_execute("BEGIN").await?;
+        let Some(row) = client
+            .query_opt(
+                "SELECT name, restore FROM cutover.backfill_set_aside
+                 WHERE $1::text IS NULL OR relation = $1
+                 ORDER BY name LIKE 'index %' DESC, restore LIKE '% USING gist %' DESC, name
+                 LIMIT 1 FOR UPDATE SKIP LOCKED",
+                &[&relation],
+            )
+            .await?
+        else {
+            client.batch_execute("COMMIT").await?;
+            return Ok(());
+        };
         let (name, restore): (String, String) = (row.get(0), row.get(1));
-        client.batch_execute(&format!("BEGIN; {restore}")).await?;
+        client.batch_execute(&restore).await?;
         client
             .execute(
                 "DELETE FROM cutover.backfill_set_aside WHERE name = $1",
@@ -823,8 +956,45 @@ async fn restore_set_aside(client: &Client) -> Result<(), tokio_postgres::Error>
             .await?;
         client.batch_execute("COMMIT").await?;
     }
-    Ok(())
 }
+
+/// Sets the closure's keys, indexes and unique pair aside for its bulk load, noting first the
+/// affiliates that already have their pairs.
+async fn closure_aside(client: &Client) -> Result<(), tokio_postgres::Error> {
+    // The closure's two foreign keys would be checked row by row (a FOR KEY SHARE lock on an
+    // affiliate per check: most of the load's time). Every pair the backfill inserts holds
+    // by construction, so they are set aside and validated once at the end. A backfill
+    // killed here leaves them aside until it is run again.
+    closure_keys(client, Keys::SetAside).await?;
+    // Its indexes, the unique pair among them, are built once at the end (a sorted build
+    // each, instead of an insertion per pair into indexes in random order: 19 s against 7 s
+    // for a million affiliates' 2.3 million pairs). Nobody else writes the closure
+    // meanwhile: until the backfill is done dual-write hands it every key
+    // (`cutover.backfill_running()`). The affiliates that already had their pairs (a
+    // backfill run again over v2's rows) are noted first and skipped; putting the unique
+    // pair back would refuse a duplicate, loudly.
+    client
+        .batch_execute(
+            "CREATE UNLOGGED TABLE IF NOT EXISTS cutover.backfill_closure_present AS
+                 SELECT DISTINCT descendant_id AS affiliate_id FROM fature_v2.hierarchy_index;
+             CREATE UNIQUE INDEX IF NOT EXISTS backfill_closure_present_key
+                 ON cutover.backfill_closure_present (affiliate_id);
+             ANALYZE cutover.backfill_closure_present;",
+        )
+        .await?;
+    set_aside(client, HIERARCHY_INDEX, Aside::IndexesUnique).await
+}
+
+/// The closure's keys back (its indexes are back with everything else set aside), and the
+/// note of the affiliates that had pairs before dropped.
+async fn closure_restore(client: &Client) -> Result<(), tokio_postgres::Error> {
+    closure_keys(client, Keys::Restore).await?;
+    client
+        .batch_execute("DROP TABLE cutover.backfill_closure_present")
+        .await
+}
+
+const HIERARCHY_INDEX: &str = "fature_v2.hierarchy_index";
 
 /// The closure's foreign keys, as created by migration 0001.
 const CLOSURE_KEYS: [(&str, &str); 2] = [
@@ -852,17 +1022,34 @@ async fn closure_keys(client: &Client, what: Keys) -> Result<(), tokio_postgres:
                     .await?;
             }
             (Keys::Restore, false) => {
-                // Pairs whose affiliate was deleted meanwhile (the cascade was aside too).
-                client
-                    .batch_execute(&format!(
-                        "DELETE FROM fature_v2.hierarchy_index h
-                         WHERE NOT EXISTS (SELECT 1 FROM fature_v2.affiliates_optimized a WHERE a.affiliate_id = h.{column});
-                         ALTER TABLE fature_v2.hierarchy_index ADD CONSTRAINT {name}
-                             FOREIGN KEY ({column}) REFERENCES fature_v2.affiliates_optimized (affiliate_id)
-                             ON DELETE CASCADE NOT VALID;
-                         ALTER TABLE fature_v2.hierarchy_index VALIDATE CONSTRAINT {name};"
-                    ))
-                    .await?;
+                let add = format!(
+                    "ALTER TABLE fature_v2.hierarchy_index ADD CONSTRAINT {name}
+                         FOREIGN KEY ({column}) REFERENCES fature_v2.affiliates_optimized (affiliate_id)
+                         ON DELETE CASCADE NOT VALID;
+                     ALTER TABLE fature_v2.hierarchy_index VALIDATE CONSTRAINT {name};"
+                );
+                match client.batch_execute(&format!("BEGIN; {add} COMMIT")).await {
+                    Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+                        // Pairs whose affiliate was deleted meanwhile (the cascade was aside
+                        // too): rare, so looked for only when the validation finds one.
+                        client.batch_execute("ROLLBACK").await?;
+                        client
+                            .batch_execute(&format!(
+                                "BEGIN;
+                                 DELETE FROM fature_v2.hierarchy_index h
+                                 WHERE NOT EXISTS (SELECT 1 FROM fature_v2.affiliates_optimized a
+                                                   WHERE a.affiliate_id = h.{column});
+                                 {add}
+                                 COMMIT"
+                            ))
+                            .await?;
+                    }
+                    Err(e) => {
+                        let _ = client.batch_execute("ROLLBACK").await;
+                        return Err(e);
+                    }
+                    Ok(()) => {}
+                }
             }
             _ => {}
         }
@@ -874,27 +1061,8 @@ async fn closure_keys(client: &Client, what: Keys) -> Result<(), tokio_postgres:
 async fn build_closure(
     client: &Client,
     options: &Options,
-    _summary: &mut Summary,
-    batches: &mut u64,
+    batches: &AtomicU64,
 ) -> Result<(), tokio_postgres::Error> {
-    // Descendants that already had their pairs are skipped whole (the closure's indexes
-    // are aside: no conflict to fall back on, and none to expect).
-    let insert = client
-        .prepare(
-            "WITH ins AS (
-                 INSERT INTO fature_v2.hierarchy_index (ancestor_id, descendant_id, level_distance)
-                 SELECT a.label::int8, p.affiliate_id, p.level - a.ord::int
-                 FROM cutover.backfill_plan p,
-                      unnest(string_to_array(p.path::text, '.')) WITH ORDINALITY AS a(label, ord)
-                 WHERE (p.level, p.affiliate_id) > ($1, $2) AND (p.level, p.affiliate_id) <= ($3, $4)
-                   AND a.ord < p.level
-                   AND NOT EXISTS (SELECT 1 FROM cutover.backfill_closure_present h
-                                   WHERE h.affiliate_id = p.affiliate_id)
-                 RETURNING 1
-             )
-             SELECT count(*) FROM ins",
-        )
-        .await?;
     let total: i64 = client
         .query_one("SELECT count(*) FROM cutover.backfill_plan", &[])
         .await?
@@ -906,15 +1074,13 @@ async fn build_closure(
         total as u64,
         "affiliates",
     );
-    let mut from = checkpoint(client).await?;
+    let mut from = checkpoints(client).await?.closure;
     while let Some(end) = batch_end(client, from, options.batch).await? {
         client.batch_execute("BEGIN").await?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&from.0, &from.1, &end.0, &end.1];
-        client.query_one(&insert, &params).await?;
+        closure_batch(client, from, end).await?;
         client
             .execute(
-                "UPDATE cutover.backfill_progress SET last_level = $1, last_id = $2, updated_at = now()",
+                "UPDATE cutover.backfill_progress SET closure_level = $1, closure_id = $2, updated_at = now()",
                 &[&end.0, &end.1],
             )
             .await?;
@@ -924,6 +1090,46 @@ async fn build_closure(
         maybe_abort(options, batches);
     }
     progress.finish();
+    Ok(())
+}
+
+/// The closure pairs of the plan's affiliates after `from` up to `end` (in (level, id)
+/// order), made from their paths here and loaded with `COPY`. Descendants that already had
+/// their pairs are skipped whole (the closure's indexes are aside: no conflict to fall back
+/// on, and none to expect).
+async fn closure_batch(
+    client: &Client,
+    from: (i32, i64),
+    end: (i32, i64),
+) -> Result<(), tokio_postgres::Error> {
+    let paths = client
+        .query(
+            "SELECT p.affiliate_id::int8, p.path::text FROM cutover.backfill_plan p
+             WHERE (p.level, p.affiliate_id) > ($1, $2) AND (p.level, p.affiliate_id) <= ($3, $4)
+               AND p.level > 1
+               AND NOT EXISTS (SELECT 1 FROM cutover.backfill_closure_present h
+                               WHERE h.affiliate_id = p.affiliate_id)",
+            &[&from.0, &from.1, &end.0, &end.1],
+        )
+        .await?;
+    let sink = client
+        .copy_in(
+            "COPY fature_v2.hierarchy_index (ancestor_id, descendant_id, level_distance) FROM STDIN",
+        )
+        .await?;
+    futures_util::pin_mut!(sink);
+    let mut out = Vec::with_capacity(COPY_CHUNK + 256);
+    for row in &paths {
+        super::tree::write_closure_rows(&mut out, row.get(0), row.get(1));
+        if out.len() > COPY_CHUNK {
+            let full = std::mem::replace(&mut out, Vec::with_capacity(COPY_CHUNK + 256));
+            futures_util::SinkExt::send(&mut sink, bytes::Bytes::from(full)).await?;
+        }
+    }
+    if !out.is_empty() {
+        futures_util::SinkExt::send(&mut sink, bytes::Bytes::from(out)).await?;
+    }
+    sink.as_mut().finish().await?;
     Ok(())
 }
 

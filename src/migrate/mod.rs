@@ -15,6 +15,7 @@ pub mod fold;
 pub mod integrity;
 pub mod progress;
 pub mod repair;
+pub mod tree;
 pub mod verify;
 
 use std::{

@@ -3,9 +3,16 @@
 //! line when a phase starts and one when it ends, with its count and rate, so that a long
 //! run is never silent; with `--json`, nothing (the output is the document).
 
-use std::time::Instant;
+use std::{sync::OnceLock, time::Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+/// Every bar of the process, drawn together: phases that run side by side (the backfill's
+/// rows and closure) each keep a line of their own.
+fn bars() -> &'static MultiProgress {
+    static BARS: OnceLock<MultiProgress> = OnceLock::new();
+    BARS.get_or_init(MultiProgress::new)
+}
 
 /// How to show progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -47,7 +54,7 @@ impl Phase {
         let label = format!("{command}: {name}");
         let bar = match show {
             Show::Bar => {
-                let bar = ProgressBar::new(total);
+                let bar = bars().add(ProgressBar::new(total));
                 bar.set_style(
                     ProgressStyle::with_template(&format!(
                         "{label:>20} [{{bar:40}}] {{pos}}/{{len}} {unit} {{per_sec}} eta {{eta}}"
@@ -94,6 +101,7 @@ impl Phase {
         let done = self.bar.position().saturating_sub(self.start_position);
         let secs = self.started.elapsed().as_secs_f64();
         self.bar.finish_and_clear();
+        bars().remove(&self.bar);
         if self.show == Show::Lines {
             let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
             eprintln!("{}: done, {done} in {secs:.1} s ({rate:.0}/s)", self.label);
