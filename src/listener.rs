@@ -226,7 +226,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    let tracker = TaskTracker::new();
+    let tracker = shared.sessions.clone();
     let workers = match Workers::start(shared.config.worker_threads, &tracker) {
         Ok(workers) => workers,
         Err(error) => {

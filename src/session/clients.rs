@@ -139,12 +139,13 @@ pub struct Clients {
 
 /// What a session registered: unregistered when dropped.
 #[derive(Debug)]
-pub struct Registered<'a> {
-    clients: &'a Clients,
+/// A session in the registry, for as long as this lives (it may move to the relay's task).
+pub struct Registered {
+    clients: Arc<Clients>,
     pub client: Arc<Client>,
 }
 
-impl Drop for Registered<'_> {
+impl Drop for Registered {
     fn drop(&mut self) {
         self.clients.lock().remove(&self.client.id);
     }
@@ -167,7 +168,7 @@ impl Clients {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn register(&self, who: Who<'_>) -> Registered<'_> {
+    pub fn register(self: &Arc<Self>, who: Who<'_>) -> Registered {
         let now = SystemTime::now();
         let client = Arc::new(Client {
             id: who.id,
@@ -184,7 +185,7 @@ impl Clients {
         });
         self.lock().insert(who.id, Arc::clone(&client));
         Registered {
-            clients: self,
+            clients: Arc::clone(self),
             client,
         }
     }
@@ -252,7 +253,7 @@ mod tests {
 
     #[test]
     fn a_pause_waits_only_for_busy_sessions() {
-        let clients = Clients::default();
+        let clients = Arc::new(Clients::default());
         let a = clients.register(who(1));
         let b = clients.register(who(2));
         assert_eq!(clients.list().len(), 2);
@@ -293,7 +294,7 @@ mod tests {
 
     #[test]
     fn a_session_leaves_the_list_when_it_ends() {
-        let clients = Clients::default();
+        let clients = Arc::new(Clients::default());
         {
             let _a = clients.register(who(7));
             assert_eq!(clients.list()[0].id, 7);

@@ -73,7 +73,10 @@ pub struct Shared {
     /// The admin and read tokens (the configuration's, reloaded on SIGHUP).
     pub tokens: arc_swap::ArcSwap<crate::auth::Tokens>,
     /// Every open session, and the console's pause.
-    pub clients: clients::Clients,
+    pub clients: Arc<clients::Clients>,
+    /// Every connection's tasks (its negotiation and login, then its relay), which a
+    /// shutdown waits for.
+    pub sessions: tokio_util::task::TaskTracker,
     /// Reads the configuration again as at start (file, flags, environment), for the
     /// console's `RELOAD`; unset when the proxy was started from a config value alone.
     pub config_source: std::sync::OnceLock<crate::reload::ConfigSource>,
@@ -113,7 +116,8 @@ impl Shared {
             secrets: crate::auth::Secrets::default(),
             client_end_point: None,
             throttle: crate::auth::Throttle::default(),
-            clients: clients::Clients::default(),
+            clients: Arc::default(),
+            sessions: tokio_util::task::TaskTracker::new(),
             config_source: std::sync::OnceLock::new(),
             // Session ids double as the process ids handed to clients for cancelling;
             // start at a random point so they do not look like the server's.
@@ -134,6 +138,31 @@ pub async fn refuse<C: AsyncWrite + Unpin>(client: &mut C, code: &SqlState, mess
         .await;
     let _ = client.flush().await;
     let _ = client.shutdown().await;
+}
+
+/// A logged-in session's relay, to its end. Owns what lives as long as the session: the two
+/// sockets, its place in the registry and its session slot.
+async fn relay<C: relay::Duplex, U: relay::Duplex>(
+    mut client: C,
+    mut upstream: U,
+    id: u32,
+    shared: Arc<Shared>,
+    serves_shadow: bool,
+    registered: clients::Registered,
+    _slot: slots::Slot,
+) {
+    let shadow = shared.shadow.as_deref().filter(|_| serves_shadow);
+    let end = relay::Relay::new(
+        &mut client,
+        &mut upstream,
+        id,
+        &shared,
+        shadow,
+        &registered.client,
+    )
+    .run()
+    .await;
+    tracing::debug!(?end, "session ended");
 }
 
 /// Runs a session whose StartupMessage has been read, in the login slot it was given.
@@ -180,7 +209,7 @@ pub async fn run<C: relay::Duplex + Send + Sync + 'static>(
             .await;
             return;
         }
-        let Ok(mut upstream) = Box::pin(login::login(
+        let Ok(upstream) = Box::pin(login::login(
             &mut client,
             client_tls,
             &startup,
@@ -191,21 +220,26 @@ pub async fn run<C: relay::Duplex + Send + Sync + 'static>(
         else {
             return;
         };
-        let shadow = shared
+        // The relay gets a task of its own, holding only what it needs: everything the
+        // negotiation and the login kept (the startup packet, their states, this
+        // function's own) would otherwise stay in the session's memory for its whole life.
+        let serves_shadow = shared
             .shadow
             .as_deref()
-            .filter(|s| s.serves(startup.user_and_database().1));
-        let end = relay::Relay::new(
-            &mut client,
-            &mut upstream,
-            id,
-            &shared,
-            shadow,
-            &registered.client,
-        )
-        .run()
-        .await;
-        tracing::debug!(?end, "session ended");
+            .is_some_and(|s| s.serves(startup.user_and_database().1));
+        let owner = Arc::clone(&shared);
+        owner.sessions.spawn(
+            relay(
+                client,
+                upstream,
+                id,
+                shared,
+                serves_shadow,
+                registered,
+                slot,
+            )
+            .instrument(tracing::Span::current()),
+        );
     }
     .instrument(span)
     .await

@@ -56,10 +56,10 @@ const MAX_SERVER_MESSAGE: usize = usize::MAX;
 
 /// A socket that can be read and written at the same time from one task.
 pub trait Duplex: AsyncRead + AsyncWrite + Unpin {
-    type Read<'a>: ReadReady
+    type Read<'a>: ReadReady + Send + Sync
     where
         Self: 'a;
-    type Write<'a>: AsyncWrite + Unpin
+    type Write<'a>: AsyncWrite + Unpin + Send + Sync
     where
         Self: 'a;
 
