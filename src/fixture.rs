@@ -15,10 +15,11 @@
 
 use bytes::{BufMut, BytesMut};
 use chrono::{NaiveDate, NaiveDateTime, TimeDelta};
-use futures_util::SinkExt;
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
 use tokio_postgres::Client;
+
+use crate::migrate::copy_in::CopyIn;
 
 /// DDL of the legacy table, exactly as design.md gives it.
 pub const LEGACY_SCHEMA: &str = include_str!("../fixtures/legacy_schema.sql");
@@ -75,29 +76,21 @@ pub async fn create_legacy_table(client: &Client) -> Result<(), tokio_postgres::
 /// and moves its id sequence past the largest id.
 pub async fn load(client: &Client, spec: &TreeSpec) -> Result<Generated, tokio_postgres::Error> {
     let tree = Tree::build(spec);
-    let sink = client
-        .copy_in(
-            "COPY public.affiliates (affiliate_id, parent_affiliate_id, external_id, name, email,
-                 status, registration_date, level_1_referrals, total_deposits, total_bets,
-                 total_withdrawals, total_cpa_earned, total_rev_earned, total_commissions_paid,
-                 created_at, updated_at) FROM STDIN",
-        )
-        .await?;
-    futures_util::pin_mut!(sink);
-
+    let mut copy = CopyIn::start(
+        client,
+        "COPY public.affiliates (affiliate_id, parent_affiliate_id, external_id, name, email,
+             status, registration_date, level_1_referrals, total_deposits, total_bets,
+             total_withdrawals, total_cpa_earned, total_rev_earned, total_commissions_paid,
+             created_at, updated_at) FROM STDIN",
+    )
+    .await?;
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0x5eed_a77e);
-    let mut buf = BytesMut::with_capacity(1 << 20);
     // In the tree's order (registration order), whatever the ids.
     for node in 1..=spec.affiliates as i64 {
-        tree.write_row(node, &mut rng, &mut buf);
-        if buf.len() > (1 << 20) - 1024 {
-            sink.send(buf.split().freeze()).await?;
-        }
+        tree.write_row(node, &mut rng, copy.rows());
+        copy.flush_full().await?;
     }
-    if !buf.is_empty() {
-        sink.send(buf.split().freeze()).await?;
-    }
-    sink.as_mut().finish().await?;
+    copy.finish().await?;
 
     client
         .batch_execute(

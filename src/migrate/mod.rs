@@ -11,6 +11,7 @@
 //! `cutover verify` ([`verify`]).
 
 pub mod backfill;
+pub mod copy_in;
 pub mod fold;
 pub mod integrity;
 pub mod progress;

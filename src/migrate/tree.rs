@@ -6,8 +6,9 @@
 //! the tree's levels and counted descendants by splitting a million path strings (11 s of a
 //! million-affiliate backfill); the walk here is linear and takes well under a second.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, fmt::Write};
 
+use bytes::BytesMut;
 use foldhash::fast::FixedState;
 
 /// The tree of a set of parent links.
@@ -122,54 +123,68 @@ impl Walk {
         &self.unreachable
     }
 
-    /// Writes reachable affiliates as `COPY … FROM STDIN` text rows: id, parent (`\N` for a
-    /// root), level, path (the ids from the root down, dot-separated, as an ltree), children,
-    /// descendants. Starts at the `from`-th (roots first, each after its parent), stops once
-    /// `out` holds more than `chunk` bytes, and returns where to go on from (the count of
-    /// reachable affiliates when all are written).
-    pub fn write_copy_rows(&self, from: usize, out: &mut Vec<u8>, chunk: usize) -> usize {
-        use std::io::Write;
-        let mut up: Vec<i64> = Vec::new();
-        for (at, &node) in self.order.iter().enumerate().skip(from) {
-            if out.len() > chunk {
-                return at;
-            }
-            up.clear();
-            let mut on = Some(node);
-            while let Some(n) = on {
-                up.push(self.ids[n]);
-                on = self.parents[n];
-            }
-            // Writing into a Vec cannot fail.
-            let _ = write!(out, "{}\t", self.ids[node]);
-            match self.parents[node] {
-                Some(p) => {
-                    let _ = write!(out, "{}\t", self.ids[p]);
-                }
-                None => out.extend_from_slice(b"\\N\t"),
-            }
-            let _ = write!(out, "{}\t", self.level[node]);
-            for (i, id) in up.iter().rev().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                let _ = write!(out, "{id}");
-            }
-            let _ = writeln!(out, "\t{}\t{}", self.direct[node], self.network[node]);
+    /// The reachable affiliates as `COPY … FROM STDIN` text rows, roots first, each after its
+    /// parent: id, parent (`\N` for a root), level, path (the ids from the root down,
+    /// dot-separated, as an ltree), children, descendants.
+    pub fn copy_rows(&self) -> CopyRows<'_> {
+        CopyRows {
+            walk: self,
+            at: 0,
+            up: Vec::new(),
         }
-        self.order.len()
+    }
+}
+
+/// The rows of [`Walk::copy_rows`], written one at a time.
+pub struct CopyRows<'w> {
+    walk: &'w Walk,
+    at: usize,
+    /// The path of the row being written, from it up to its root.
+    up: Vec<i64>,
+}
+
+impl CopyRows<'_> {
+    /// Writes the next row into `out`; false when all are written.
+    pub fn write_next(&mut self, out: &mut BytesMut) -> bool {
+        let walk = self.walk;
+        let Some(&node) = walk.order.get(self.at) else {
+            return false;
+        };
+        self.at += 1;
+        self.up.clear();
+        let mut on = Some(node);
+        while let Some(n) = on {
+            self.up.push(walk.ids[n]);
+            on = walk.parents[n];
+        }
+        // Writing into a BytesMut cannot fail.
+        let _ = write!(out, "{}\t", walk.ids[node]);
+        match walk.parents[node] {
+            Some(p) => {
+                let _ = write!(out, "{}\t", walk.ids[p]);
+            }
+            None => out.extend_from_slice(b"\\N\t"),
+        }
+        let _ = write!(out, "{}\t", walk.level[node]);
+        for (i, id) in self.up.iter().rev().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b".");
+            }
+            let _ = write!(out, "{id}");
+        }
+        let _ = writeln!(out, "\t{}\t{}", walk.direct[node], walk.network[node]);
+        true
     }
 }
 
 /// The closure pairs of affiliates given with their paths: for each, one `COPY` text row per
 /// proper ancestor (ancestor, descendant, distance). `path` is the ltree's text, the ids from
 /// the root down, the affiliate's own last.
-pub fn write_closure_rows(out: &mut Vec<u8>, id: i64, path: &str) {
-    use std::io::Write;
+pub fn write_closure_rows(out: &mut BytesMut, id: i64, path: &str) {
     let labels: Vec<&str> = path.split('.').collect();
     let own = labels.len();
     for (i, ancestor) in labels[..own.saturating_sub(1)].iter().enumerate() {
-        // Writing into a Vec cannot fail.
+        // Writing into a BytesMut cannot fail.
         let _ = writeln!(out, "{ancestor}\t{id}\t{}", own - i - 1);
     }
 }
@@ -221,16 +236,20 @@ mod tests {
             walk.unreachable(),
             &[(5, Some(99)), (6, Some(7)), (7, Some(6)), (8, Some(7))]
         );
-        let mut out = Vec::new();
-        assert_eq!(walk.write_copy_rows(0, &mut out, usize::MAX), 4);
+        let mut out = BytesMut::new();
+        let mut rows = walk.copy_rows();
+        while rows.write_next(&mut out) {}
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(out.to_vec()).unwrap(),
             "1\t\\N\t1\t1\t2\t3\n2\t1\t2\t1.2\t1\t1\n3\t1\t2\t1.3\t0\t0\n4\t2\t3\t1.2.4\t0\t0\n"
         );
-        let mut pairs = Vec::new();
+        let mut pairs = BytesMut::new();
         write_closure_rows(&mut pairs, 4, "1.2.4");
         write_closure_rows(&mut pairs, 1, "1");
-        assert_eq!(String::from_utf8(pairs).unwrap(), "1\t4\t2\n2\t4\t1\n");
+        assert_eq!(
+            String::from_utf8(pairs.to_vec()).unwrap(),
+            "1\t4\t2\n2\t4\t1\n"
+        );
     }
 
     /// Links of a random forest, with some parents pointing at missing ids or at each other.
@@ -323,17 +342,15 @@ mod tests {
                 prop_assert!(p.parent.is_none_or(|q| seen.contains(&q)));
                 seen.insert(p.id);
             }
-            // Written in small chunks, the rows are the same as in one.
-            let (mut whole, mut pieces) = (Vec::new(), Vec::new());
-            walk.write_copy_rows(0, &mut whole, usize::MAX);
-            let mut at = 0;
-            loop {
-                let mut piece = Vec::new();
-                at = walk.write_copy_rows(at, &mut piece, 16);
-                if piece.is_empty() { break; }
-                pieces.extend(piece);
+            // One row per reachable affiliate.
+            let mut out = BytesMut::new();
+            let mut rows = walk.copy_rows();
+            let mut written = 0;
+            while rows.write_next(&mut out) {
+                written += 1;
             }
-            prop_assert_eq!(whole, pieces);
+            prop_assert_eq!(written, walk.placed().count());
+            prop_assert_eq!(out.iter().filter(|b| **b == b'\n').count(), written);
         }
     }
 }

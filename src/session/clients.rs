@@ -137,9 +137,9 @@ pub struct Clients {
     resumed: Notify,
 }
 
-/// What a session registered: unregistered when dropped.
+/// A session in the registry, for as long as this lives (it moves to the relay's task):
+/// unregistered when dropped.
 #[derive(Debug)]
-/// A session in the registry, for as long as this lives (it may move to the relay's task).
 pub struct Registered {
     clients: Arc<Clients>,
     pub client: Arc<Client>,

@@ -227,8 +227,8 @@ pub async fn run<C: relay::Duplex + Send + Sync + 'static>(
             .shadow
             .as_deref()
             .is_some_and(|s| s.serves(startup.user_and_database().1));
-        let owner = Arc::clone(&shared);
-        owner.sessions.spawn(
+        let sessions = shared.sessions.clone();
+        sessions.spawn(
             relay(
                 client,
                 upstream,

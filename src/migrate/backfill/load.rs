@@ -5,11 +5,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio_postgres::{Client, error::SqlState};
 
-use super::{Options, plan::COPY_CHUNK};
+use super::Options;
+use crate::migrate::copy_in::CopyIn;
 use crate::rules::{TableMap, quote_ident};
 
 /// The next batch's last (level, id) after `from`, or None when done.
-pub(super) async fn batch_end(
+async fn batch_end(
     client: &Client,
     from: (i32, i64),
     batch: i64,
@@ -28,7 +29,7 @@ pub(super) async fn batch_end(
 }
 
 /// The last key of the next batch of `batch` plan rows after key `from`, in key order.
-pub(super) async fn batch_end_by_key(
+async fn batch_end_by_key(
     client: &Client,
     from: i64,
     batch: i64,
@@ -47,12 +48,12 @@ pub(super) async fn batch_end_by_key(
 
 /// Where the loads stand: the rows' last (level, id) copied (level 0: in key order) and the
 /// closure's last (level, id) whose pairs are in.
-pub(super) struct Checkpoints {
+struct Checkpoints {
     rows: (i32, i64),
     closure: (i32, i64),
 }
 
-pub(super) async fn checkpoints(client: &Client) -> Result<Checkpoints, tokio_postgres::Error> {
+async fn checkpoints(client: &Client) -> Result<Checkpoints, tokio_postgres::Error> {
     let row = client
         .query_one(
             "SELECT last_level, last_id, closure_level, closure_id FROM cutover.backfill_progress",
@@ -65,7 +66,7 @@ pub(super) async fn checkpoints(client: &Client) -> Result<Checkpoints, tokio_po
     })
 }
 
-pub(super) fn maybe_abort(options: &Options, batches: &AtomicU64) {
+fn maybe_abort(options: &Options, batches: &AtomicU64) {
     let committed = batches.fetch_add(1, Ordering::Relaxed) + 1;
     if options.abort_after_batches == Some(committed) {
         // A test of resumption: die like a kill -9 would, with no cleanup.
@@ -177,7 +178,7 @@ pub(super) async fn copy_rows(
 
 /// Runs `fast`; if a concurrent insert makes it hit a unique key, runs `safe` instead.
 /// Both return a count. Must be called inside a transaction.
-pub(super) async fn fast_or_safe(
+async fn fast_or_safe(
     client: &Client,
     fast: &tokio_postgres::Statement,
     safe: &tokio_postgres::Statement,
@@ -236,7 +237,7 @@ pub(super) async fn build_closure(
 /// order), made from their paths here and loaded with `COPY`. Descendants that already had
 /// their pairs are skipped whole (the closure's indexes are aside: no conflict to fall back
 /// on, and none to expect).
-pub(super) async fn closure_batch(
+async fn closure_batch(
     client: &Client,
     from: (i32, i64),
     end: (i32, i64),
@@ -251,23 +252,15 @@ pub(super) async fn closure_batch(
             &[&from.0, &from.1, &end.0, &end.1],
         )
         .await?;
-    let sink = client
-        .copy_in(
-            "COPY fature_v2.hierarchy_index (ancestor_id, descendant_id, level_distance) FROM STDIN",
-        )
-        .await?;
-    futures_util::pin_mut!(sink);
-    let mut out = Vec::with_capacity(COPY_CHUNK + 256);
+    let mut copy = CopyIn::start(
+        client,
+        "COPY fature_v2.hierarchy_index (ancestor_id, descendant_id, level_distance) FROM STDIN",
+    )
+    .await?;
     for row in &paths {
-        crate::migrate::tree::write_closure_rows(&mut out, row.get(0), row.get(1));
-        if out.len() > COPY_CHUNK {
-            let full = std::mem::replace(&mut out, Vec::with_capacity(COPY_CHUNK + 256));
-            futures_util::SinkExt::send(&mut sink, bytes::Bytes::from(full)).await?;
-        }
+        crate::migrate::tree::write_closure_rows(copy.rows(), row.get(0), row.get(1));
+        copy.flush_full().await?;
     }
-    if !out.is_empty() {
-        futures_util::SinkExt::send(&mut sink, bytes::Bytes::from(out)).await?;
-    }
-    sink.as_mut().finish().await?;
+    copy.finish().await?;
     Ok(())
 }

@@ -176,7 +176,19 @@ async fn run_dry(client: &Client, table: &TableMap) -> Result<Summary, tokio_pos
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         .await?;
-    let result = dry_run(client, table, &mut summary).await;
+    let result = async {
+        summary.quarantined = plan(client, table, PlanInto::DryRun).await?;
+        summary.copied = client
+            .query_one(
+                "SELECT count(*) FROM pg_temp.backfill_plan p
+                 WHERE NOT EXISTS (SELECT 1 FROM fature_v2.affiliates_optimized t WHERE t.affiliate_id = p.affiliate_id)",
+                &[],
+            )
+            .await?
+            .get(0);
+        counter_drift(client, table, &mut summary).await
+    }
+    .await;
     client.batch_execute("ROLLBACK").await?;
     result?;
     summary.seconds = started.elapsed().as_secs_f64();
@@ -451,25 +463,6 @@ async fn counter_drift(
         .map(|r| (r.get(0), r.get::<_, Option<i32>>(1).unwrap_or(0), r.get(2)))
         .collect();
     Ok(())
-}
-
-/// What a backfill would do, inside the caller's transaction (rolled back after).
-async fn dry_run(
-    client: &Client,
-    table: &TableMap,
-    summary: &mut Summary,
-) -> Result<(), tokio_postgres::Error> {
-    summary.quarantined = plan(client, table, PlanInto::DryRun).await?;
-    let to_copy: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_temp.backfill_plan p
-             WHERE NOT EXISTS (SELECT 1 FROM fature_v2.affiliates_optimized t WHERE t.affiliate_id = p.affiliate_id)",
-            &[],
-        )
-        .await?
-        .get(0);
-    summary.copied = to_copy;
-    counter_drift(client, table, summary).await
 }
 
 impl std::fmt::Display for Summary {

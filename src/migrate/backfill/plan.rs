@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use tokio_postgres::Client;
 
 use super::Quarantined;
+use crate::migrate::copy_in::CopyIn;
 use crate::rules::{TableMap, quote_ident};
 
 /// Where a plan goes. A run commits it (`cutover.backfill_plan`, the quarantine and the
@@ -61,18 +62,12 @@ pub(super) async fn plan(
              ) ON COMMIT DROP",
         )
         .await?;
-    let sink = client.copy_in("COPY backfill_tree FROM STDIN").await?;
-    futures_util::pin_mut!(sink);
-    let mut at = 0;
-    loop {
-        let mut out = Vec::with_capacity(COPY_CHUNK + 256);
-        at = walk.write_copy_rows(at, &mut out, COPY_CHUNK);
-        if out.is_empty() {
-            break;
-        }
-        futures_util::SinkExt::send(&mut sink, bytes::Bytes::from(out)).await?;
+    let mut copy = CopyIn::start(client, "COPY backfill_tree FROM STDIN").await?;
+    let mut rows = walk.copy_rows();
+    while rows.write_next(copy.rows()) {
+        copy.flush_full().await?;
     }
-    sink.as_mut().finish().await?;
+    copy.finish().await?;
     client
         .batch_execute(&format!(
             "ANALYZE backfill_tree;
@@ -92,7 +87,6 @@ pub(super) async fn plan(
     // From the plan's snapshot: rows the application adds meanwhile are not unreachable,
     // and a plan is never committed without its quarantine.
     let parents: HashMap<i64, Option<i64>> = walk.unreachable().iter().copied().collect();
-    let existing: std::collections::HashSet<i64> = parents.keys().copied().collect();
     let mut ids: Vec<i64> = parents.keys().copied().collect();
     ids.sort();
     let quarantine: Vec<Quarantined> = ids
@@ -100,7 +94,7 @@ pub(super) async fn plan(
         .map(|id| Quarantined {
             affiliate_id: id,
             parent_affiliate_id: parents[&id],
-            reason: reason_for(id, &parents, &existing),
+            reason: reason_for(id, &parents),
         })
         .collect();
     if into == PlanInto::DryRun {
@@ -129,11 +123,8 @@ pub(super) async fn plan(
     Ok(quarantine)
 }
 
-/// How much `COPY` text is sent at a time.
-pub(super) const COPY_CHUNK: usize = 1 << 20;
-
 /// Legacy's parent links (key, parent key), read out with `COPY` in the caller's snapshot.
-pub(super) async fn read_links(
+async fn read_links(
     client: &Client,
     legacy: &str,
     key: &str,
@@ -162,7 +153,7 @@ pub(super) async fn read_links(
 
 /// One `COPY` text row of two int8 columns, the second possibly `\N`. PostgreSQL writes
 /// them, so they are well formed.
-pub(super) fn parse_link(line: &[u8]) -> (i64, Option<i64>) {
+fn parse_link(line: &[u8]) -> (i64, Option<i64>) {
     let number = |field: &[u8]| -> i64 {
         std::str::from_utf8(field)
             .ok()
@@ -180,18 +171,15 @@ pub(super) fn parse_link(line: &[u8]) -> (i64, Option<i64>) {
     )
 }
 
-/// Why an unreachable row cannot be placed: follow its parents among the unreachable rows.
-pub(super) fn reason_for(
-    id: i64,
-    parents: &HashMap<i64, Option<i64>>,
-    unreachable: &std::collections::HashSet<i64>,
-) -> String {
+/// Why an unreachable row cannot be placed: follow its parents among the unreachable rows
+/// (`parents` holds them all, and only them).
+fn reason_for(id: i64, parents: &HashMap<i64, Option<i64>>) -> String {
     let mut seen = vec![id];
     let mut at = id;
     loop {
         match parents.get(&at).copied().flatten() {
             // Only unreachable rows are in the map: a parent outside it does not exist.
-            Some(p) if !unreachable.contains(&p) => {
+            Some(p) if !parents.contains_key(&p) => {
                 return if at == id {
                     format!("orphan: its parent {p} does not exist")
                 } else {
