@@ -320,6 +320,7 @@ fn change_problem(error: &control::ChangeError) -> Response {
         control::Failure::Unknown => StatusCode::NOT_FOUND,
         control::Failure::Refused => StatusCode::CONFLICT,
         control::Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        control::Failure::Busy => StatusCode::CONFLICT,
     };
     problem(
         status,

@@ -128,7 +128,8 @@ async fn a_backfill_killed_half_way_finishes_when_run_again() {
     support::assert_integrity(&client, "after the resumed backfill").await;
     let (code, out) = verify(&db);
     assert_eq!(code, 0, "{out}");
-    // Everything set aside is back: v2's triggers work again.
+    // Everything set aside is back: v2's triggers work again (but the mirror's into legacy,
+    // which only a query type at `target` enables: migration 0024).
     assert_eq!(
         count(&client, "SELECT count(*) FROM cutover.backfill_set_aside").await,
         0
@@ -137,7 +138,7 @@ async fn a_backfill_killed_half_way_finishes_when_run_again() {
         count(
             &client,
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'fature_v2.affiliates_optimized'::regclass
-             AND NOT tgisinternal AND tgenabled = 'D'"
+             AND NOT tgisinternal AND tgenabled = 'D' AND tgname NOT LIKE 'cutover\\_mirror\\_%'"
         )
         .await,
         0

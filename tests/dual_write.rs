@@ -653,6 +653,161 @@ async fn nothing_is_mirrored_while_every_query_type_is_legacy() {
     p.shutdown().await;
 }
 
+/// Which of the mirror's triggers are enabled: (legacy's four, v2's three).
+async fn mirror_triggers_enabled(client: &Client) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE tgrelid = 'public.affiliates'::regclass),
+                    count(*) FILTER (WHERE tgrelid = 'fature_v2.affiliates_optimized'::regclass)
+             FROM pg_trigger WHERE tgname LIKE 'cutover\\_mirror\\_%' AND tgenabled <> 'D'",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// With every query type at `legacy` the mirror's triggers are disabled, so legacy's writes
+/// pay nothing for them (issue 16); they follow every change of the live state, by any path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_triggers_follow_the_stages() {
+    let db = tree_db(30).await;
+    let admin = db.client().await;
+    let no_state = mirror_triggers_enabled(&admin).await;
+    assert_eq!(no_state, (0, 0), "no state yet");
+    // (statement on the live state, legacy's four and v2's three enabled after it)
+    let steps = [
+        ("record_deposit legacy", (0, 0)),
+        ("record_deposit shadow", (4, 0)),
+        ("affiliate_by_id target", (4, 3)),
+        ("record_deposit complete", (4, 3)),
+        (
+            "DELETE FROM cutover.query_type_state WHERE query_type = 'affiliate_by_id'",
+            (0, 0),
+        ),
+        ("record_deposit cutover", (4, 0)),
+    ];
+    for (step, enabled) in steps {
+        match step.split_once(' ') {
+            Some((query_type, stage)) if !step.starts_with("DELETE") => {
+                set_stage(&admin, query_type, stage).await
+            }
+            _ => admin.batch_execute(step).await.unwrap(),
+        }
+        assert_eq!(
+            mirror_triggers_enabled(&admin).await,
+            enabled,
+            "after {step}"
+        );
+    }
+    // A write now is mirrored; after TRUNCATE of the state, nothing is.
+    admin
+        .batch_execute("UPDATE affiliates SET name = 'espelhado' WHERE affiliate_id = 3")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("TRUNCATE cutover.query_type_state")
+        .await
+        .unwrap();
+    assert_eq!(mirror_triggers_enabled(&admin).await, (0, 0));
+    admin
+        .batch_execute("UPDATE affiliates SET name = 'só legado' WHERE affiliate_id = 4")
+        .await
+        .unwrap();
+    let names: Vec<String> = admin
+        .query(
+            "SELECT name FROM fature_v2.affiliates_optimized WHERE affiliate_id IN (3, 4)
+             ORDER BY affiliate_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names[0], "espelhado");
+    assert_ne!(names[1], "só legado");
+
+    // At REPEATABLE READ the state could be decided from a stale snapshot: refused.
+    let err = admin
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ;
+             UPDATE cutover.query_type_state SET stage = 'shadow';
+             INSERT INTO cutover.query_type_state (query_type, stage) VALUES ('x', 'shadow')",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{err}");
+    admin.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(mirror_triggers_enabled(&admin).await, (0, 0));
+}
+
+/// Switching dual-write on takes a lock that waits for the application's open write
+/// transactions, so none is half mirrored; a writer that stays open makes the stage change
+/// give up after its attempts with 55P03 (the control plane's `Busy`), changing nothing, and
+/// the same change goes through once the writer is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_waits_for_open_writers_or_changes_nothing() {
+    use cutover::control::{self, Change, ChangeError, behaviour};
+    use cutover::rules::Stage;
+    let db = tree_db(30).await;
+    let writer = db.client().await;
+    writer
+        .batch_execute("BEGIN; UPDATE affiliates SET name = 'aberta' WHERE affiliate_id = 5")
+        .await
+        .unwrap();
+    let mut operator = db.client().await;
+    operator
+        .batch_execute("SET cutover.switch_attempts = 3; SET cutover.switch_lock_timeout = '20ms'")
+        .await
+        .unwrap();
+    let change = Change {
+        query_type: "record_deposit".into(),
+        stage: Stage::Shadow,
+        reason: "test".into(),
+        who: "test".into(),
+        via: "sql",
+        force: true,
+        writes: true,
+        declared: behaviour::Declared::default(),
+    };
+    let err = control::set_stage(&mut operator, &change)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ChangeError::Busy(_)), "{err}");
+    assert_eq!(err.failure(), control::Failure::Busy);
+    assert_eq!(mirror_triggers_enabled(&operator).await, (0, 0));
+    let states: i64 = operator
+        .query_one("SELECT count(*) FROM cutover.query_type_state", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(states, 0, "the stage did not change");
+
+    // With the default attempts, the change waits while the writer finishes.
+    operator
+        .batch_execute("RESET cutover.switch_attempts; RESET cutover.switch_lock_timeout")
+        .await
+        .unwrap();
+    let finish = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        writer.batch_execute("COMMIT").await.unwrap();
+    };
+    let (changed, ()) = tokio::join!(control::set_stage(&mut operator, &change), finish);
+    changed.unwrap();
+    assert_eq!(mirror_triggers_enabled(&operator).await, (4, 0));
+    // The writer's transaction committed wholly before the switch: not mirrored at all.
+    let v2: String = operator
+        .query_one(
+            "SELECT name FROM fature_v2.affiliates_optimized WHERE affiliate_id = 5",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(v2, "aberta");
+}
+
 /// What one concurrent writer did.
 #[derive(Debug, Default)]
 struct Writes {

@@ -184,6 +184,7 @@ fn refused(error: control::ChangeError) -> Failed {
         control::Failure::Unknown => SqlState::UNDEFINED_OBJECT,
         control::Failure::Refused => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
         control::Failure::Unavailable => SqlState::CONNECTION_EXCEPTION,
+        control::Failure::Busy => SqlState::LOCK_NOT_AVAILABLE,
     };
     let message = error.explained(["SHOW QUERY_TYPES", "SHOW CHANGES"]);
     Failed(code, message)

@@ -26,7 +26,7 @@ use std::{
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use serde::Serialize;
-use tokio_postgres::{AsyncMessage, Client};
+use tokio_postgres::{AsyncMessage, Client, error::SqlState};
 use tokio_util::sync::CancellationToken;
 
 use crate::rules::{Percent, RuleSet, Stage};
@@ -520,6 +520,10 @@ pub enum ChangeError {
     Slower { legacy_ms: f64, target_ms: f64 },
     #[error("no behaviour change {0:?} in the rules")]
     UnknownBehaviourChange(String),
+    /// Switching dual-write's triggers waited too long for the application's writers
+    /// (migration 0024): nothing changed; retry.
+    #[error("not changed: {0}")]
+    Busy(String),
     #[error(transparent)]
     Database(#[from] tokio_postgres::Error),
 }
@@ -536,6 +540,8 @@ pub enum Failure {
     Refused,
     /// The control database cannot be reached or failed.
     Unavailable,
+    /// The change waited too long for a lock and did nothing: retry.
+    Busy,
 }
 
 impl ChangeError {
@@ -565,6 +571,7 @@ impl ChangeError {
             ChangeError::NoControlDatabase
             | ChangeError::Unreachable(_)
             | ChangeError::Database(_) => Failure::Unavailable,
+            ChangeError::Busy(_) => Failure::Busy,
         }
     }
 }
@@ -633,7 +640,13 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
     if change.reason.trim().is_empty() {
         return Err(ChangeError::Invalid("a reason is required".into()));
     }
-    let tx = client.transaction().await?;
+    // READ COMMITTED whatever the database's default: dual-write's triggers follow the state
+    // (migration 0024), and decide from what every other change committed.
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await?;
     let current = tx
         .query_opt(
             "SELECT stage, percent FROM cutover.query_type_state WHERE query_type = $1 FOR UPDATE",
@@ -714,7 +727,13 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
              SET stage = EXCLUDED.stage, percent = EXCLUDED.percent, updated_at = now()",
         &[&change.query_type, &stage, &percent],
     )
-    .await?;
+    .await
+    .map_err(|e| match e.as_db_error() {
+        Some(db) if *db.code() == SqlState::LOCK_NOT_AVAILABLE => {
+            ChangeError::Busy(db.message().to_owned())
+        }
+        _ => ChangeError::Database(e),
+    })?;
     let (from_stage, from_percent) = match from.map(stage_columns) {
         Some((s, p)) => (Some(s), Some(p)),
         None => (None, None),

@@ -66,8 +66,10 @@ pub(super) async fn set_aside(
     }
     if what == Aside::IndexesKeysTriggers {
         // The parent key, checked once at the end (VALIDATE) instead of once per row; the
-        // user triggers (v2's hierarchy upkeep, which the plan does in bulk, and the
-        // dual-write mirror), not entered a million times.
+        // user triggers (v2's hierarchy upkeep, which the plan does in bulk), not entered a
+        // million times. The dual-write mirror's are left alone: the stages switch them
+        // (migration 0024), and the backfill's sessions are silent to them
+        // (`cutover.bulk_load`).
         let more = client
             .query(
                 "SELECT 'constraint ' || conname,
@@ -81,7 +83,8 @@ pub(super) async fn set_aside(
                         format('ALTER TABLE %s DISABLE TRIGGER %I', $1::text, tgname),
                         format('ALTER TABLE %s ENABLE TRIGGER %I', $1::text, tgname)
                  FROM pg_trigger
-                 WHERE tgrelid = $1::text::regclass AND NOT tgisinternal AND tgenabled <> 'D'",
+                 WHERE tgrelid = $1::text::regclass AND NOT tgisinternal AND tgenabled <> 'D'
+                   AND tgname NOT LIKE 'cutover\\_mirror\\_%'",
                 &[&table],
             )
             .await?;
