@@ -13,11 +13,11 @@
 use std::time::Instant;
 
 use cutover::{
-    connect,
-    fixture::TreeSpec,
-    localpg::{LocalPg, Options},
+    demo::fixture::TreeSpec,
+    demo::localpg::{LocalPg, Options},
     migrate::verify,
-    rules::RuleSet,
+    net::connect,
+    routing::rules::RuleSet,
 };
 
 mod common;

@@ -7,7 +7,7 @@
 
 use std::{hint::black_box, path::PathBuf, sync::Arc, time::Instant};
 
-use cutover::{classify::Classifier, rules::RuleSet};
+use cutover::{routing::classify::Classifier, routing::rules::RuleSet};
 
 fn per_call(iterations: u32, mut f: impl FnMut(u32)) -> f64 {
     let started = Instant::now();

@@ -20,8 +20,8 @@
 use std::path::Path;
 
 use cutover::{
-    fixture::TreeSpec,
-    localpg::{LocalPg, Options},
+    demo::fixture::TreeSpec,
+    demo::localpg::{LocalPg, Options},
 };
 
 mod common;

@@ -6,9 +6,9 @@
 use std::time::Instant;
 
 use cutover::{
-    connect,
-    fixture::{self, TreeSpec},
-    localpg::LocalPg,
+    demo::fixture::{self, TreeSpec},
+    demo::localpg::LocalPg,
+    net::connect,
 };
 
 #[tokio::main]

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use cutover::localpg::{LocalPg, Options};
+use cutover::demo::localpg::{LocalPg, Options};
 
 mod common;
 use common::{
@@ -127,14 +127,14 @@ fn thread_cpu_us(pid: u32) -> (f64, f64) {
 /// backfilled tree of 100,000 affiliates.
 async fn stage_costs(pg: &LocalPg, bindir: &Path, seconds: u64, rounds: usize) {
     let config = pg.config("tree_bench");
-    let admin = cutover::connect::connect(&pg.config("postgres"))
+    let admin = cutover::net::connect::connect(&pg.config("postgres"))
         .await
         .expect("connect");
     admin
         .batch_execute("CREATE DATABASE tree_bench")
         .await
         .expect("create database");
-    let client = common::legacy_database(&config, &cutover::fixture::TreeSpec::clean(TREE))
+    let client = common::legacy_database(&config, &cutover::demo::fixture::TreeSpec::clean(TREE))
         .await
         .expect("a legacy tree");
     common::backfill(&client, &config, &common::rules())

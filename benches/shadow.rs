@@ -17,8 +17,8 @@
 use std::{path::Path, process::Command};
 
 use cutover::{
-    fixture::TreeSpec,
-    localpg::{LocalPg, Options},
+    demo::fixture::TreeSpec,
+    demo::localpg::{LocalPg, Options},
 };
 
 mod common;

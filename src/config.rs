@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use crate::connect;
+use crate::net::connect;
 
 /// The configuration file, as written (every field optional; flags override).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -134,7 +134,7 @@ impl std::fmt::Display for UpstreamAddr {
     }
 }
 
-pub use crate::connect::UpstreamVerify;
+pub use crate::net::tls::{TlsFiles, UpstreamVerify};
 
 /// Where the proxy finds users' password secrets (none: every login is relayed).
 #[derive(Debug, Clone, Default)]
@@ -174,11 +174,15 @@ pub struct ServeConfig {
     pub upstream_verify: UpstreamVerify,
 }
 
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+/// pgbouncer's default `auth_query` (1.21+), reading the server's own secrets: a role that
+/// cannot log in, or whose password expired, has none.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END \
+     FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin";
+
+/// Reads the configuration again as the proxy was started: its file, under the same flags
+/// and environment (validated; the error says what is wrong). A reload (SIGHUP, the
+/// console's `RELOAD`) calls it.
+pub type ConfigSource = Box<dyn Fn() -> Result<ServeConfig, String> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  {}", .0.join("\n  "))]
@@ -304,7 +308,7 @@ impl FileConfig {
                         config,
                         self.auth_query
                             .clone()
-                            .unwrap_or_else(|| crate::auth::DEFAULT_AUTH_QUERY.to_owned()),
+                            .unwrap_or_else(|| DEFAULT_AUTH_QUERY.to_owned()),
                     ))
                 })
                 .map_err(|e| problems.push(format!("auth_url: {e}")))

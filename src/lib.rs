@@ -7,63 +7,61 @@
 //!
 //! # Layout
 //!
-//! In the order the work flows:
+//! The parts in the order the work flows:
 //!
-//! - [`listener`]: accepts clients, answers SSL/GSS/cancel negotiation, enforces the client
-//!   limit, owns start and graceful shutdown; [`tls`] terminates TLS.
-//! - [`session`]: one client session — upstream connection with the client's own startup,
-//!   then the frame relay ([`session::relay`]); the session's statements, where each Query
-//!   and Bind is classified, routed and handed to the shadow, and the queue of answers the
-//!   server owes (the proxy's own messages' answers taken out).
-//! - [`classify`]: the cheap pre-check, the query type of a statement (cached by SQL text),
-//!   its bucketing key and what comparing it needs; [`classify::fingerprint`] names
-//!   statements.
-//! - [`route`]: which side serves an execution (stage, sticky bucket) and the route checks
-//!   that make sure a client cannot tell; [`rewrite`]: a statement as the same statement on
-//!   the target.
-//! - [`upstream`]: connections to PostgreSQL; [`cancel`]: the proxy's cancel keys.
-//! - [`shadow`]: the bounded hand-off and the pool that runs reads on both sides, confirms
-//!   in one snapshot and classifies; [`compare`]: the comparison itself (pure functions);
-//!   [`divergence`]: the store of outcomes, samples and reviewers' marks.
-//! - [`wire`]: the frame codec (no I/O).
-//! - [`control`]: live state shared through PostgreSQL, gates, audit, ramp-down; [`admin`]:
-//!   `/metrics`, `/healthz`, `/readyz`, `/status`, the control API; [`console`]: the admin
-//!   console, a PostgreSQL endpoint on `pgwire` (SCRAM, both protocols; PAUSE/RESUME hold
-//!   sessions through `session::clients`); [`ctl`]: the operator's CLI; [`reload`]: rules and
-//!   configuration hot reload (SIGHUP, the console's RELOAD).
+//! - [`proxy`]: the data path of one client — [`proxy::listener`] accepts and negotiates
+//!   (TLS through [`net::tls`]); [`proxy::session`] logs the client in on its own upstream
+//!   connection ([`proxy::upstream`], secrets in [`proxy::auth`]), then relays frames
+//!   ([`proxy::session::relay`]), where each Query and Bind is classified, routed and handed
+//!   to the shadow (`proxy::session::statements`) and the answers the server owes are kept
+//!   in order (`proxy::session::pending`); [`proxy::cancel`] the proxy's cancel keys,
+//!   [`proxy::io`] the sockets and their read buffers.
+//! - [`routing`]: what a statement is and where it goes — the rule set
+//!   ([`routing::rules`], read from the files by [`routing::rule_files`]), the query type of a
+//!   statement ([`routing::classify`], named by [`routing::fingerprint`]), the same statement
+//!   on the target ([`routing::rewrite`]), and the side that serves an execution
+//!   ([`routing::route`]: stage, sticky bucket, route checks).
+//! - [`shadow`]: the bounded hand-off and the pool that runs reads on both sides, confirms in
+//!   one snapshot and classifies; [`shadow::compare`] the comparison (pure functions);
+//!   [`shadow::divergence`] the store of outcomes, samples and reviewers' marks.
+//! - [`control`]: the live state shared through PostgreSQL, stage changes with their gates
+//!   and audit, the automatic ramp-down, behaviour changes.
+//! - [`admin`]: the operators' surfaces over a running proxy — the HTTP API and `/metrics`
+//!   ([`admin::api`]), the SQL console ([`admin::console`]), `cutover ctl` ([`admin::ctl`]),
+//!   hot reload ([`admin::reload`]).
+//! - [`migrate`]: `cutover migrate`, `backfill`, `verify`, `repair`, and the network-size
+//!   fold.
 //! - [`report`]: `cutover report` and `/status`.
-//! - [`metrics`]: every metric, in one place; [`config`]: `cutover serve` configuration.
-//! - [`rules`]: the rule files, validated with `file:line:column` diagnostics.
-//! - [`connect`]: reaching a PostgreSQL server from a URL, with errors an operator can act on.
-//! - [`migrate`]: `cutover migrate`, `backfill`, `verify`, `repair`.
-//! - [`fixture`]: the legacy table and a deterministic generator of a seed-shaped affiliate
-//!   tree (tests, demo, benchmarks, `cutover fixture`); [`localpg`]: a private, throwaway
-//!   PostgreSQL cluster; [`demo`]: `cutover demo`.
+//! - [`serve`]: `cutover serve` — the proxy started with everything beside it.
+//! - [`demo`]: `cutover demo`, with the fixture generator ([`demo::fixture`]) and a private
+//!   PostgreSQL ([`demo::localpg`]).
+//! - [`cli`]: the command line; `src/main.rs` only calls it.
+//!
+//! Beside them: [`wire`] (the frame codec, no I/O), [`net`] (reaching PostgreSQL from a URL,
+//! TLS both ways), [`config`] (`cutover serve` settings) and [`metrics`] (every metric).
+//!
+//! # Layers
+//!
+//! A part imports only parts below it, never one above (`docs/architecture.md` draws it):
+//!
+//! ```text
+//! cli ─▶ demo ─▶ serve ─▶ admin ─▶ report ─▶ proxy ─▶ control ─▶ migrate ─▶ shadow ─▶ metrics ─▶ routing ─▶ config ─▶ net ─▶ wire
+//! ```
+//!
+//! Where a lower part needs what a higher one provides, the higher one plugs it in: the
+//! console is a [`proxy::session::Endpoint`] that [`serve`] gives the proxy.
 
 pub mod admin;
-pub mod auth;
-pub mod cancel;
-pub mod classify;
-pub mod compare;
+pub mod cli;
 pub mod config;
-pub mod connect;
-pub mod console;
 pub mod control;
-pub mod ctl;
 pub mod demo;
-pub mod divergence;
-pub mod fixture;
-pub mod listener;
-pub mod localpg;
 pub mod metrics;
 pub mod migrate;
-pub mod reload;
+pub mod net;
+pub mod proxy;
 pub mod report;
-pub mod rewrite;
-pub mod route;
-pub mod rules;
-pub mod session;
+pub mod routing;
+pub mod serve;
 pub mod shadow;
-pub mod tls;
-pub mod upstream;
 pub mod wire;

@@ -249,10 +249,10 @@ impl Served {
     }
 
     /// The counter of the side that served.
-    pub fn side(&self, side: crate::route::Side) -> &Counter {
+    pub fn side(&self, side: crate::routing::route::Side) -> &Counter {
         match side {
-            crate::route::Side::Legacy => &self.legacy,
-            crate::route::Side::Target => &self.target,
+            crate::routing::route::Side::Legacy => &self.legacy,
+            crate::routing::route::Side::Target => &self.target,
         }
     }
 }

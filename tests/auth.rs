@@ -14,8 +14,8 @@ use std::{
 
 use cutover::{
     config::FileConfig,
-    listener::{self, Running},
-    localpg::{LocalPg, Options},
+    demo::localpg::{LocalPg, Options},
+    serve::{self, Running},
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -158,7 +158,7 @@ async fn start(adjust: impl FnOnce(&mut FileConfig)) -> Running {
         ..FileConfig::default()
     };
     adjust(&mut file);
-    listener::start(file.validate().expect("valid test config"))
+    serve::start(file.validate().expect("valid test config"))
         .await
         .expect("start the proxy")
 }
@@ -167,7 +167,7 @@ async fn proxy(source: Source) -> Running {
     let f = fixture();
     let auth_file = f.pki.dir.path().join("userlist.txt");
     if source == Source::File {
-        let admin = cutover::connect::connect(&f.pg.config("postgres"))
+        let admin = cutover::net::connect::connect(&f.pg.config("postgres"))
             .await
             .unwrap();
         let mut text = String::from("; the roles' secrets, as pg_authid has them\n");
@@ -290,7 +290,7 @@ async fn with_an_auth_source_logins_work_with_tls_on_both_legs() {
             String::from_utf8_lossy(&out.stderr)
         );
         if source == Source::Query {
-            let admin = cutover::connect::connect(&fixture().pg.config("postgres"))
+            let admin = cutover::net::connect::connect(&fixture().pg.config("postgres"))
                 .await
                 .unwrap();
             let encrypted: Option<bool> = admin

@@ -3,7 +3,7 @@
 
 mod support;
 
-use cutover::fixture::{self, TreeSpec};
+use cutover::demo::fixture::{self, TreeSpec};
 
 fn backfill(db: &support::TestDb, extra: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     support::cutover_on(db, "backfill", extra, env)
@@ -250,9 +250,12 @@ async fn a_new_backfill_is_refused_while_v2_serves() {
 #[tokio::test]
 async fn backfill_and_verify_say_each_phase_outside_a_terminal() {
     let db = support::migrated_db().await;
-    cutover::fixture::load(&db.client().await, &cutover::fixture::TreeSpec::clean(300))
-        .await
-        .unwrap();
+    cutover::demo::fixture::load(
+        &db.client().await,
+        &cutover::demo::fixture::TreeSpec::clean(300),
+    )
+    .await
+    .unwrap();
     let (code, out) = support::cutover_on(&db, "backfill", &[], &[]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("backfill: rows: 300 rows to do"), "{out}");

@@ -300,7 +300,7 @@ async fn jdbc_sees_the_same_through_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_connection_is_encrypted_when_the_url_says_sslmode_require() {
-    use cutover::localpg::{LocalPg, Options};
+    use cutover::demo::localpg::{LocalPg, Options};
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let pg = LocalPg::start_with(Options {
         settings: vec![
@@ -323,7 +323,7 @@ async fn the_upstream_connection_is_encrypted_when_the_url_says_sslmode_require(
         ..Options::default()
     })
     .expect("a TLS-enabled cluster");
-    let admin = cutover::connect::connect(&pg.config("postgres"))
+    let admin = cutover::net::connect::connect(&pg.config("postgres"))
         .await
         .unwrap();
     admin

@@ -3,7 +3,8 @@
 
 mod support;
 
-use cutover::compare::{Answer, Options, Order, Verdict, compare, determinism};
+use cutover::routing::classify::determinism::{self, Order};
+use cutover::shadow::compare::{Answer, Options, Verdict, compare};
 
 async fn answer(client: &tokio_postgres::Client, sql: &str) -> Answer {
     let stmt = client.prepare(sql).await.unwrap();
@@ -12,10 +13,7 @@ async fn answer(client: &tokio_postgres::Client, sql: &str) -> Answer {
 }
 
 fn order_of(sql: &str) -> Order {
-    match determinism::analyze(
-        &cutover::classify::fingerprint::parse(sql).unwrap(),
-        &["id"],
-    ) {
+    match determinism::analyze(&cutover::routing::fingerprint::parse(sql).unwrap(), &["id"]) {
         determinism::Determinism::Determined(order) => order,
         other => panic!("{sql}: {other:?}"),
     }

@@ -75,7 +75,7 @@ async fn succeeded(mut program: Command) -> String {
 }
 
 async fn console_client(p: &Proxy, user: &str, password: &str) -> tokio_postgres::Client {
-    let mut config = p.config(cutover::console::DATABASE);
+    let mut config = p.config(cutover::admin::console::DATABASE);
     config.user(user).password(password);
     let (client, connection) = config.connect(NoTls).await.expect("console login");
     tokio::spawn(connection);
@@ -191,9 +191,10 @@ async fn psql_logs_in_with_scram_and_every_command_answers() {
     // The behaviour changes the rules declare, and a reviewer's acceptance.
     let (ok, out) = psql(&p, "ops", TOKEN, "", "ACCEPT no_such_change REASON 'x'").await;
     assert!(!ok && out.contains("SHOW CHANGES lists them"), "{out}");
-    let rules =
-        cutover::rules::RuleSet::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"))
-            .unwrap();
+    let rules = cutover::routing::rules::RuleSet::load_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
+    )
+    .unwrap();
     let change = &rules.behaviour_changes[0].name;
     let (ok, out) = psql(
         &p,

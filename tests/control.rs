@@ -39,7 +39,7 @@ async fn backfilled_db() -> TestDb {
 /// The reviewers' acceptance of every behaviour change the repository's rules declare, as
 /// SQL would record it (the gate's own test is `a_behaviour_change_holds_the_gate_…`).
 async fn accept_every_behaviour_change(db: &TestDb) {
-    let rules = cutover::rules::RuleSet::load_dir(std::path::Path::new(concat!(
+    let rules = cutover::routing::rules::RuleSet::load_dir(std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/rules"
     )))
@@ -946,9 +946,9 @@ async fn a_write_type_moves_on_a_clean_verify_not_on_samples() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_behaviour_change_the_rules_do_not_declare_holds_the_gate() {
     let db = migrated_db().await;
-    cutover::fixture::load(
+    cutover::demo::fixture::load(
         &db.client().await,
-        &cutover::fixture::TreeSpec {
+        &cutover::demo::fixture::TreeSpec {
             affiliates: 300,
             seed: 21,
             orphans: 2,
@@ -1035,7 +1035,7 @@ async fn a_database_error_is_logged_with_its_cause() {
         .err()
         .expect("no such database");
     assert_eq!(error.to_string(), "db error");
-    let cause = cutover::connect::cause(&error);
+    let cause = cutover::net::connect::cause(&error);
     assert!(
         cause.contains("does not exist") && cause.contains("3D000"),
         "{cause}"
@@ -1137,14 +1137,14 @@ async fn reading_needs_a_token_and_wrong_tokens_are_counted_and_slowed() {
         assert!(response.starts_with("HTTP/1.0 401"), "{response}");
     }
     assert!(
-        started.elapsed() >= 3 * cutover::auth::Throttle::DELAY,
+        started.elapsed() >= 3 * cutover::proxy::auth::Throttle::DELAY,
         "three wrong tokens answered in {:?}",
         started.elapsed()
     );
     assert!(failures(&p.metrics().await, "api") - before >= 3.0);
 
     // The console: a wrong password is counted too.
-    let mut config = p.config(cutover::console::DATABASE);
+    let mut config = p.config(cutover::admin::console::DATABASE);
     config.user("ops").password("not-the-token-0123");
     let err = config
         .connect(tokio_postgres::NoTls)
@@ -1180,7 +1180,7 @@ async fn an_automatic_query_type_can_be_seen_staged_and_promoted() {
     let app = p.client(&db.name).await;
     let sql = "SELECT affiliate_id, level_1_referrals FROM affiliates WHERE parent_affiliate_id = $1 AND status = $2";
     app.query(sql, &[&1i64, &"active"]).await.unwrap();
-    let id = cutover::classify::fingerprint::fingerprint(sql).unwrap().id;
+    let id = cutover::routing::fingerprint::fingerprint(sql).unwrap().id;
 
     // Seen at `legacy` already, with its text.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1303,8 +1303,8 @@ async fn an_automatic_query_type_can_be_seen_staged_and_promoted() {
         &[],
     );
     assert_eq!(code, 0, "{out}{err}");
-    let set = cutover::rules::RuleSet::load_dir(rules.path()).unwrap();
-    let fp = cutover::classify::fingerprint::fingerprint(sql).unwrap();
+    let set = cutover::routing::rules::RuleSet::load_dir(rules.path()).unwrap();
+    let fp = cutover::routing::fingerprint::fingerprint(sql).unwrap();
     assert_eq!(
         set.query_type_for(&fp).map(|q| q.name.as_str()),
         Some("children_by_status")

@@ -7,7 +7,7 @@ mod support;
 
 use std::process::Command;
 
-use cutover::fixture::{self, TreeSpec};
+use cutover::demo::fixture::{self, TreeSpec};
 use support::{TestDb, cluster, cutover, cutover_on, legacy_db, migrated_db, tree_db};
 use tokio_postgres::Client;
 

@@ -9,7 +9,7 @@ mod support;
 
 use std::{path::Path, process::Command};
 
-use cutover::fixture::{self, TreeSpec};
+use cutover::demo::fixture::{self, TreeSpec};
 use support::{TestDb, cluster, cutover_on, metric, proxy, set_state, tree_db};
 use tokio_postgres::{Client, error::SqlState};
 
@@ -749,7 +749,7 @@ async fn the_mirror_triggers_follow_the_stages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switch_waits_for_open_writers_or_changes_nothing() {
     use cutover::control::{self, Change, ChangeError, behaviour};
-    use cutover::rules::Stage;
+    use cutover::routing::rules::Stage;
     let db = tree_db(30).await;
     let writer = db.client().await;
     writer

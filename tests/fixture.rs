@@ -3,7 +3,7 @@
 
 mod support;
 
-use cutover::fixture::{self, TreeSpec};
+use cutover::demo::fixture::{self, TreeSpec};
 
 #[tokio::test]
 async fn generated_tree_lands_with_its_anomalies() {

@@ -20,9 +20,9 @@ use std::{path::Path, sync::Arc, sync::OnceLock};
 
 use bytes::BytesMut;
 use cutover::{
-    auth::{AuthFile, ScramSecret, Secret, scram::ServerExchange},
-    classify::{Classifier, fingerprint},
-    rules::RuleSet,
+    proxy::auth::{AuthFile, ScramSecret, Secret, scram::ServerExchange},
+    routing::rules::RuleSet,
+    routing::{classify::Classifier, fingerprint},
     wire::{self, messages},
 };
 use proptest::{prelude::*, strategy::ValueTree};
@@ -217,7 +217,7 @@ fn mutated_sql() -> impl Strategy<Value = String> {
 fn classify_and_rewrite(sql: &str) {
     let _ = classifier().classify(sql);
     let _ = classifier().mentions_table(sql.as_bytes());
-    let _ = cutover::rewrite::Rewriter::new(&rules().table).rewrite(sql);
+    let _ = cutover::routing::rewrite::Rewriter::new(&rules().table).rewrite(sql);
     let _ = fingerprint::fingerprint(sql);
     let _ = fingerprint::literals_hidden(sql);
 }
@@ -281,9 +281,9 @@ proptest! {
         let _ = AuthFile::parse(&line);
         let _ = Secret::parse(&text);
         let _ = ScramSecret::parse(&format!("SCRAM-SHA-256${text}"));
-        let _ = cutover::connect::take_verify(&text);
-        let _ = cutover::connect::parse_url(&text);
-        let _ = cutover::connect::take_verify(&format!("postgres://h/d?{line}&sslmode=verify-ca&sslrootcert={text}"));
+        let _ = cutover::net::connect::take_verify(&text);
+        let _ = cutover::net::connect::parse_url(&text);
+        let _ = cutover::net::connect::take_verify(&format!("postgres://h/d?{line}&sslmode=verify-ca&sslrootcert={text}"));
     }
 
     #[test]

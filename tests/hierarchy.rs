@@ -8,7 +8,7 @@ mod support;
 use std::collections::HashMap;
 
 use cutover::{
-    fixture::{self, TreeSpec},
+    demo::fixture::{self, TreeSpec},
     migrate::integrity,
 };
 use rand::{RngExt, SeedableRng, rngs::ChaCha8Rng};

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cutover::localpg::LocalPg;
+use cutover::demo::localpg::LocalPg;
 
 const CHILD_ENV: &str = "CUTOVER_LOCALPG_ABORT_CHILD";
 

@@ -4,7 +4,7 @@
 mod support;
 
 use cutover::{
-    localpg::{LocalPg, Options},
+    demo::localpg::{LocalPg, Options},
     migrate::{self, MigrateError, MigrationSet},
 };
 use support::{cutover, empty_db, legacy_db, migrated_db};
@@ -363,7 +363,7 @@ async fn missing_ltree_is_named_before_anything_runs() {
         err.contains("ltree extension is not available") && err.contains("contrib"),
         "{err}"
     );
-    let client = cutover::connect::connect(&pg.config("postgres"))
+    let client = cutover::net::connect::connect(&pg.config("postgres"))
         .await
         .unwrap();
     assert!(!exists(&client, "table", "fature_v2.affiliates_optimized").await);

@@ -76,7 +76,7 @@ async fn simple_and_extended_queries_match_direct() {
 
 /// The raw bytes of a column as the server sent them (binary format).
 fn raw(row: &tokio_postgres::Row, i: usize) -> Option<&[u8]> {
-    cutover::compare::raw_column(row, i)
+    cutover::shadow::compare::raw_column(row, i)
 }
 
 #[tokio::test]
@@ -816,10 +816,7 @@ async fn invalid_rules_stop_the_proxy_from_starting() {
     }
     .validate()
     .unwrap();
-    let err = cutover::listener::start(config)
-        .await
-        .err()
-        .expect("refused");
+    let err = cutover::serve::start(config).await.err().expect("refused");
     // As the CLI prints it: the error, then its causes, each once.
     let text = format!("{:#}", anyhow::Error::from(err));
     assert!(

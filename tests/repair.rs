@@ -4,7 +4,7 @@
 mod support;
 
 use cutover::{
-    fixture::{self, TreeSpec},
+    demo::fixture::{self, TreeSpec},
     migrate::integrity,
 };
 

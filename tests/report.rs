@@ -353,7 +353,7 @@ async fn an_empty_window_and_an_unreachable_database() {
 /// verify's line has no English words in the Portuguese report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarantined_orphans_explain_a_count_difference_next_to_the_verdict() {
-    use cutover::fixture::{self, TreeSpec};
+    use cutover::demo::fixture::{self, TreeSpec};
     let db = support::migrated_db().await;
     let direct = db.client().await;
     fixture::load(

@@ -8,9 +8,9 @@ mod support;
 use std::path::PathBuf;
 
 use cutover::{
-    fixture::{self, TreeSpec},
-    rewrite::{Rewrite, Rewriter},
-    rules::RuleSet,
+    demo::fixture::{self, TreeSpec},
+    routing::rewrite::{Rewrite, Rewriter},
+    routing::rules::RuleSet,
 };
 use rand::{RngExt, SeedableRng, rngs::ChaCha8Rng};
 use tokio_postgres::{Client, SimpleQueryMessage};
@@ -96,7 +96,7 @@ async fn every_corpus_statement_is_rewritten_faithfully_or_refused_with_a_reason
             }
             Rewrite::Target(target) => {
                 assert!(
-                    cutover::classify::fingerprint::parse(&target).is_ok(),
+                    cutover::routing::fingerprint::parse(&target).is_ok(),
                     "{target}"
                 );
                 // One transaction for both: now() and other defaults agree.
@@ -188,7 +188,7 @@ fn the_rewriter_never_panics_nor_emits_unparsable_sql() {
         if let Rewrite::Target(target) = rewriter.rewrite(&sql) {
             rewritten += 1;
             assert!(
-                cutover::classify::fingerprint::parse(&target).is_ok(),
+                cutover::routing::fingerprint::parse(&target).is_ok(),
                 "emitted unparsable SQL for {sql:?}: {target}"
             );
         }

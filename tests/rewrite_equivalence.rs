@@ -7,9 +7,9 @@ mod support;
 use std::{path::PathBuf, time::SystemTime};
 
 use cutover::{
-    fixture::{self, TreeSpec},
-    rewrite::{Rewrite, Rewriter},
-    rules::{QueryType, RuleSet},
+    demo::fixture::{self, TreeSpec},
+    routing::rewrite::{Rewrite, Rewriter},
+    routing::rules::{QueryType, RuleSet},
 };
 use tokio_postgres::{Client, Row, types::ToSql};
 
@@ -19,7 +19,7 @@ fn rules() -> RuleSet {
 
 /// A column's raw bytes as the server sent them.
 fn raw(row: &Row, i: usize) -> Option<Vec<u8>> {
-    cutover::compare::raw_column(row, i).map(<[u8]>::to_vec)
+    cutover::shadow::compare::raw_column(row, i).map(<[u8]>::to_vec)
 }
 
 type Answer = (Vec<(String, String)>, Vec<Vec<Option<Vec<u8>>>>);
@@ -130,7 +130,8 @@ async fn write_answer(client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]
 async fn every_write_query_type_answers_the_same_on_both_sides() {
     let (_db, client) = both_sides().await;
     let rules = rules();
-    let classifier = cutover::classify::Classifier::new(std::sync::Arc::new(rules.clone()));
+    let classifier =
+        cutover::routing::classify::Classifier::new(std::sync::Arc::new(rules.clone()));
     let (root, leaf, middle): (i64, i64, i64) = (1, 3000, 1500);
     let amount: rust_decimal::Decimal = "10.25".parse().unwrap();
     let (ext_new, ext_old) = ("brand-new".to_owned(), "aff-00000010".to_owned());
@@ -165,7 +166,9 @@ async fn every_write_query_type_answers_the_same_on_both_sides() {
             }
             other => panic!("no parameter values for write query type {other}"),
         };
-        let cutover::classify::Classification::Typed(t) = &*classifier.classify(legacy_sql) else {
+        let cutover::routing::classify::Classification::Typed(t) =
+            &*classifier.classify(legacy_sql)
+        else {
             panic!("{} not classified", qt.name)
         };
         let Rewrite::Target(target) = &t.route else {
@@ -282,7 +285,8 @@ async fn every_read_query_type_answers_the_same_on_both_sides() {
 
     // The simple protocol's way: literals where the rules have parameters, classified and
     // routed as the proxy will (an explicit target takes the statement's values).
-    let classifier = cutover::classify::Classifier::new(std::sync::Arc::new(rules.clone()));
+    let classifier =
+        cutover::routing::classify::Classifier::new(std::sync::Arc::new(rules.clone()));
     let mut literal = 0;
     for qt in rules.query_types.iter().filter(|q| q.target_sql.is_some()) {
         let Some(example) = &qt.example_sql else {
@@ -301,7 +305,8 @@ async fn every_read_query_type_answers_the_same_on_both_sides() {
                 } else {
                     sql
                 };
-                let cutover::classify::Classification::Typed(t) = &*classifier.classify(&sql)
+                let cutover::routing::classify::Classification::Typed(t) =
+                    &*classifier.classify(&sql)
                 else {
                     panic!("{sql} was not classified");
                 };

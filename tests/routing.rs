@@ -47,7 +47,7 @@ fn served_by_target(name: &str) -> bool {
 /// until the target serves it: its route check is made (until then, legacy serves it).
 async fn warm_up(client: &Client, sql: &str, percent: u8) {
     let key = (1i64..)
-        .find(|k| cutover::route::bucket(k.to_string().as_bytes()) < percent)
+        .find(|k| cutover::routing::route::bucket(k.to_string().as_bytes()) < percent)
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -452,7 +452,7 @@ async fn another_table_named_affiliates_is_never_routed() {
     // A session whose search_path comes with its startup packet.
     let mut config = s.proxy.config(&s.db.name);
     config.options("-c search_path=tenant_x,public");
-    let app = cutover::connect::connect(&config).await.unwrap();
+    let app = cutover::net::connect::connect(&config).await.unwrap();
     for id in [3, 7, 11] {
         assert_served(&app, sql, id, tenant).await;
     }

@@ -5,7 +5,7 @@ mod support;
 
 use std::path::PathBuf;
 
-use cutover::rules::{Diagnostic, RuleSet, Stage};
+use cutover::routing::rules::{Diagnostic, RuleSet, Stage};
 
 const TABLE: &str = r#"[table]
 legacy = "public.affiliates"
@@ -261,7 +261,7 @@ fn the_customer_rules_are_valid_offline() {
     );
     if let Ok(workload) = workload {
         for (ty, sql) in workload_statements(&workload) {
-            let fp = cutover::classify::fingerprint::fingerprint(&sql).unwrap();
+            let fp = cutover::routing::fingerprint::fingerprint(&sql).unwrap();
             let found = set.query_type_for(&fp).map(|q| q.name.as_str());
             if ty.starts_with('(') {
                 assert_eq!(found, None, "{sql}");

@@ -667,7 +667,7 @@ async fn a_class_reviewers_mark_as_expected_is_counted_apart() {
 
 #[tokio::test]
 async fn samples_are_capped_per_class_so_every_class_keeps_its_first_examples() {
-    use cutover::divergence::{Kind, SAMPLES_PER_HOUR, Sample, Store};
+    use cutover::shadow::divergence::{Kind, SAMPLES_PER_HOUR, Sample, Store};
     let db = support::migrated_db().await;
     let client = db.client().await;
     let sample = |kind: Kind| Sample {

@@ -4,7 +4,7 @@
 
 mod support;
 
-use cutover::fixture::{self, TreeSpec};
+use cutover::demo::fixture::{self, TreeSpec};
 
 async fn copied_tree(spec: TreeSpec) -> (support::TestDb, tokio_postgres::Client) {
     let db = support::migrated_db().await;

@@ -114,17 +114,20 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The repository's rules.
-pub fn rules() -> cutover::rules::RuleSet {
-    cutover::rules::RuleSet::load_dir(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/rules")))
-        .expect("the repository's rules load")
+pub fn rules() -> cutover::routing::rules::RuleSet {
+    cutover::routing::rules::RuleSet::load_dir(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/rules"
+    )))
+    .expect("the repository's rules load")
 }
 
 /// A database (by `config`) given the legacy table, every migration, and a generated tree.
 pub async fn legacy_database(
     config: &tokio_postgres::Config,
-    spec: &cutover::fixture::TreeSpec,
+    spec: &cutover::demo::fixture::TreeSpec,
 ) -> anyhow::Result<tokio_postgres::Client> {
-    use cutover::{connect, fixture, migrate};
+    use cutover::{demo::fixture, migrate, net::connect};
     let client = connect::connect(config).await?;
     fixture::create_legacy_table(&client).await?;
     migrate::run(config, &migrate::MigrationSet::embedded(), false).await?;
@@ -136,7 +139,7 @@ pub async fn legacy_database(
 pub async fn backfill(
     client: &tokio_postgres::Client,
     config: &tokio_postgres::Config,
-    rules: &cutover::rules::RuleSet,
+    rules: &cutover::routing::rules::RuleSet,
 ) -> Result<cutover::migrate::backfill::Summary, cutover::migrate::backfill::BackfillError> {
     use cutover::migrate::backfill;
     backfill::run(

@@ -7,7 +7,7 @@ use serde::Serialize;
 use tokio_postgres::GenericClient;
 
 use super::ChangeError;
-use crate::rules::{
+use crate::routing::rules::{
     RuleSet,
     changes::{BehaviourChange, ChangeKind},
 };

@@ -12,7 +12,18 @@
 //!
 //! Never blocks or fails the proxy: a control database that cannot be reached is logged.
 
+mod audit;
 pub mod behaviour;
+mod change;
+mod ramp_down;
+
+pub use audit::{AuditEntry, history};
+pub use change::{
+    Change, ChangeError, Changed, Failure, GATE_MAX_P99_RATIO, GATE_MIN_MATCH_RATE,
+    GATE_MIN_SAMPLES, GATE_MIN_TIMED, GATE_WINDOW, request_change, set_stage, slower_than_the_bar,
+    window_latency, window_samples, window_verify,
+};
+pub use ramp_down::{RampDown, ramp_down};
 
 use std::{
     collections::HashMap,
@@ -26,48 +37,10 @@ use std::{
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use serde::Serialize;
-use tokio_postgres::{AsyncMessage, Client, error::SqlState};
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
-use crate::rules::{Percent, RuleSet, Stage};
-
-/// The stage name and percent stored for a stage.
-pub fn stage_columns(stage: Stage) -> (&'static str, i16) {
-    match stage {
-        Stage::Legacy => ("legacy", 0),
-        Stage::Shadow => ("shadow", 0),
-        Stage::Cutover(p) => ("cutover", i16::from(p.get())),
-        Stage::Target => ("target", 100),
-        Stage::Complete => ("complete", 100),
-    }
-}
-
-/// A stored stage as people read it (`cutover 10%`, `target`); the stored text when it does
-/// not make a stage.
-pub fn stage_label(stage: &str, percent: i16) -> String {
-    let percent = (stage == "cutover").then_some(i64::from(percent));
-    stage_of(stage, percent).map_or_else(|_| stage.to_owned(), describe)
-}
-
-/// The stage of stored columns (or a request's), if they make one.
-pub fn stage_of(name: &str, percent: Option<i64>) -> Result<Stage, String> {
-    match (name, percent) {
-        ("legacy", None | Some(0)) => Ok(Stage::Legacy),
-        ("shadow", None | Some(0)) => Ok(Stage::Shadow),
-        ("cutover", Some(p)) => Percent::new(p)
-            .map(Stage::Cutover)
-            .ok_or_else(|| format!("percent {p} is not between 0 and 100")),
-        ("cutover", None) => Err("stage cutover needs a percent (0 to 100)".into()),
-        ("target", None | Some(100)) => Ok(Stage::Target),
-        ("complete", None | Some(100)) => Ok(Stage::Complete),
-        ("legacy" | "shadow" | "target" | "complete", Some(p)) => {
-            Err(format!("a percent ({p}) goes only with stage cutover"))
-        }
-        (other, _) => Err(format!(
-            "unknown stage {other:?}: legacy, shadow, cutover, target or complete"
-        )),
-    }
-}
+use crate::routing::rules::{RuleSet, Stage, stage_columns, stage_of};
 
 /// How far a stage serves from the target, to tell a raise from a step back: 0 legacy and
 /// shadow, the percent in cutover, 100 target, 101 complete.
@@ -206,7 +179,7 @@ impl Control {
     /// A connection of its own to the control database, for one request (API, console, ctl).
     pub async fn connect(&self) -> Result<Client, ChangeError> {
         let database = self.database().ok_or(ChangeError::NoControlDatabase)?;
-        Ok(crate::connect::connect(database).await?)
+        Ok(crate::net::connect::connect(database).await?)
     }
 
     pub fn database(&self) -> Option<&tokio_postgres::Config> {
@@ -224,7 +197,7 @@ impl Control {
         let mut seeded = false;
         // Retried after 1 s, then up to every 5 s; the same error is logged once.
         let mut pause = Duration::from_secs(1);
-        let mut retrying = crate::connect::Retrying::default();
+        let mut retrying = crate::net::connect::Retrying::default();
         loop {
             let followed = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -236,7 +209,7 @@ impl Control {
                 retrying.recovered();
             }
             if let Err(error) = followed {
-                let error = crate::connect::cause(&error);
+                let error = crate::net::connect::cause(&error);
                 if retrying.is_new(&error) {
                     tracing::warn!(%error, "control database unavailable: serving with the last state; retrying");
                 }
@@ -257,14 +230,14 @@ impl Control {
             return;
         };
         let mut client: Option<Client> = None;
-        let mut retrying = crate::connect::Retrying::default();
+        let mut retrying = crate::net::connect::Retrying::default();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
             if client.as_ref().is_none_or(Client::is_closed) {
-                client = crate::connect::connect(&config).await.ok();
+                client = crate::net::connect::connect(&config).await.ok();
             }
             let Some(c) = client.as_mut() else { continue };
             if let Err(error) = self.flush_behaviour(c).await {
@@ -286,7 +259,7 @@ impl Control {
                 }
                 Err(error) => {
                     let error = match &error {
-                        ChangeError::Database(e) => crate::connect::cause(e),
+                        ChangeError::Database(e) => crate::net::connect::cause(e),
                         other => other.to_string(),
                     };
                     if retrying.is_new(&error) {
@@ -299,9 +272,9 @@ impl Control {
 
     /// An error on a statement v2 served is a behaviour change of `kind` (counted; recorded in
     /// the control database within 5 seconds for the gate and the report).
-    pub fn behaviour_seen(&self, kind: crate::rules::changes::ChangeKind) {
+    pub fn behaviour_seen(&self, kind: crate::routing::rules::changes::ChangeKind) {
         metrics::counter!("cutover_behaviour_changes_total", "kind" => kind.as_str()).increment(1);
-        if kind == crate::rules::changes::ChangeKind::RefusedCycle {
+        if kind == crate::routing::rules::changes::ChangeKind::RefusedCycle {
             self.refused_cycles.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -333,7 +306,9 @@ impl Control {
     ) -> Result<(), tokio_postgres::Error> {
         let mut config = config.clone();
         config.application_name("cutover control");
-        let (client, mut connection) = config.connect(crate::tls::PostgresTls::shared()).await?;
+        let (client, mut connection) = config
+            .connect(crate::net::tls::PostgresTls::shared())
+            .await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let pump = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -431,547 +406,6 @@ pub async fn seed_query_types(
         inserted += rows.iter().filter(|r| r.get::<_, bool>(0)).count() as u64;
     }
     Ok(inserted)
-}
-
-/// A stage change asked for.
-#[derive(Debug, Clone)]
-pub struct Change {
-    pub query_type: String,
-    pub stage: Stage,
-    pub reason: String,
-    /// Who: the API token's name, the SQL user, or `auto`.
-    pub who: String,
-    pub via: &'static str,
-    pub force: bool,
-    /// The query type writes: the shadow does not compare writes, so its gate is a clean
-    /// `cutover verify` in the gate's window instead of compared samples.
-    pub writes: bool,
-    /// The behaviour changes the rules declare for it (and the kinds they do not).
-    pub declared: behaviour::Declared,
-}
-
-/// The safety gate's bar (design.md): in the current window, this many compared samples
-/// and this confirmed-match rate before a query type may serve more from the target.
-pub const GATE_MIN_SAMPLES: i64 = 1000;
-pub const GATE_MIN_MATCH_RATE: f64 = 0.95;
-/// The gate refuses to raise a read type whose target p99 is more than this many times
-/// legacy's in the window (issue 16: a migration must not make the application slower
-/// without someone deciding so).
-pub const GATE_MAX_P99_RATIO: f64 = 2.0;
-/// Timed comparisons each side needs before its p99 is held against it.
-pub const GATE_MIN_TIMED: i64 = 100;
-
-/// What a change did, or why it was refused.
-#[derive(Debug, Serialize)]
-pub struct Changed {
-    pub query_type: String,
-    pub from: Option<String>,
-    pub to: String,
-    pub forced: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ChangeError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(
-        "no query type {0:?} (not in the rules, and not an automatic type the shadow has seen)"
-    )]
-    UnknownQueryType(String),
-    #[error("no control database: start the proxy with --control (or a user in the upstream URL)")]
-    NoControlDatabase,
-    #[error(transparent)]
-    Unreachable(#[from] crate::connect::ConnectError),
-    #[error(
-        "refused by the safety gate: {samples} compared samples in the current window (need {min}), confirmed-match rate {rate} (need {bar:.0}%); force it with a reason if you must"
-    )]
-    Gate {
-        samples: i64,
-        min: i64,
-        rate: String,
-        bar: f64,
-    },
-    #[error(
-        "refused by the safety gate: a write type moves on the evidence of a clean `cutover verify` in the last hour, and {last}; run it, or force with a reason if you must"
-    )]
-    WriteGate { last: String },
-    #[error(
-        "refused: v2 cannot serve before a backfill has completed ({state}); every write until then is handed to the backfill, so v2 would answer with rows it does not have yet. Run `cutover backfill` (forcing does not lift this)"
-    )]
-    NotBackfilled { state: String },
-    #[error(
-        "refused by the gate: v2 behaves differently here on purpose ({change}, {kind}; seen {observed} times) and no reviewer has accepted it: `cutover ctl accept {change} --reason …` (the report and `rules explain` say what it means), or force with a reason"
-    )]
-    Unaccepted {
-        change: String,
-        kind: crate::rules::changes::ChangeKind,
-        observed: i64,
-    },
-    #[error(
-        "refused by the gate: v2 behaved differently {observed} times ({kind}) and the rules declare no behaviour change of that kind: declare it ([[behaviour_change]], docs/rules.md) and have it accepted, or force with a reason"
-    )]
-    Undeclared {
-        kind: crate::rules::changes::ChangeKind,
-        observed: i64,
-    },
-    #[error(
-        "refused by the gate: v2 is slower here: p99 {target_ms} ms against legacy's {legacy_ms} ms in the current window (the bar: at most {GATE_MAX_P99_RATIO}×). `cutover report` gives both sides' latency and the target's plan; give v2 what it needs (an index in a migration, a better target in the rules), or force with a reason if the slowdown is accepted"
-    )]
-    Slower { legacy_ms: f64, target_ms: f64 },
-    #[error("no behaviour change {0:?} in the rules")]
-    UnknownBehaviourChange(String),
-    /// Switching dual-write's triggers waited too long for the application's writers
-    /// (migration 0024): nothing changed; retry.
-    #[error("not changed: {0}")]
-    Busy(String),
-    #[error(transparent)]
-    Database(#[from] tokio_postgres::Error),
-}
-
-/// What kind of failure a [`ChangeError`] is, for each surface to answer in its own terms
-/// (an HTTP status, a SQLSTATE).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// The request itself is wrong.
-    Invalid,
-    /// It names a query type or behaviour change nobody knows.
-    Unknown,
-    /// A safety gate refused it.
-    Refused,
-    /// The control database cannot be reached or failed.
-    Unavailable,
-    /// The change waited too long for a lock and did nothing: retry.
-    Busy,
-}
-
-impl ChangeError {
-    /// The message, and for a name nobody knows, where the surface (`listed`: its commands
-    /// that list query types, then behaviour changes) lists the known ones.
-    pub fn explained(&self, listed: [&str; 2]) -> String {
-        match self {
-            ChangeError::UnknownQueryType(_) => format!("{self} ({} lists them)", listed[0]),
-            ChangeError::UnknownBehaviourChange(_) => format!("{self} ({} lists them)", listed[1]),
-            _ => self.to_string(),
-        }
-    }
-
-    /// The kind of failure (one exhaustive match: a new variant is placed here, once).
-    pub fn failure(&self) -> Failure {
-        match self {
-            ChangeError::Invalid(_) => Failure::Invalid,
-            ChangeError::UnknownQueryType(_) | ChangeError::UnknownBehaviourChange(_) => {
-                Failure::Unknown
-            }
-            ChangeError::Gate { .. }
-            | ChangeError::WriteGate { .. }
-            | ChangeError::NotBackfilled { .. }
-            | ChangeError::Unaccepted { .. }
-            | ChangeError::Undeclared { .. }
-            | ChangeError::Slower { .. } => Failure::Refused,
-            ChangeError::NoControlDatabase
-            | ChangeError::Unreachable(_)
-            | ChangeError::Database(_) => Failure::Unavailable,
-            ChangeError::Busy(_) => Failure::Busy,
-        }
-    }
-}
-
-/// A change asked of this proxy (admin API, SQL console): the query type must be one the
-/// rules or the live state know, the stage valid; then [`set_stage`] on the control
-/// database.
-#[allow(clippy::too_many_arguments)]
-pub async fn request_change(
-    control: &Control,
-    rules: &RuleSet,
-    query_type: String,
-    stage: &str,
-    percent: Option<i64>,
-    reason: String,
-    who: &str,
-    via: &'static str,
-    force: bool,
-) -> Result<Changed, ChangeError> {
-    let known = rules.query_types.iter().any(|qt| qt.name == query_type)
-        || control.live().by_type.contains_key(&query_type);
-    // An automatic query type (`fp_` and 16 hex digits): known once the shadow has seen it.
-    let automatic = !known
-        && query_type.len() == 19
-        && query_type.starts_with("fp_")
-        && query_type[3..].bytes().all(|b| b.is_ascii_hexdigit());
-    if !known && !automatic {
-        return Err(ChangeError::UnknownQueryType(query_type));
-    }
-    let stage = stage_of(stage, percent).map_err(ChangeError::Invalid)?;
-    let mut client = control.connect().await?;
-    if automatic
-        && !client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM cutover.fingerprints WHERE fingerprint = $1)
-                     OR EXISTS (SELECT 1 FROM cutover.comparison_stats WHERE query_type = $1)",
-                &[&query_type],
-            )
-            .await?
-            .get::<_, bool>(0)
-    {
-        return Err(ChangeError::UnknownQueryType(query_type));
-    }
-    let change = Change {
-        writes: rules.writes(&query_type).unwrap_or(false),
-        declared: behaviour::Declared::of(rules, &query_type),
-        query_type,
-        stage,
-        reason,
-        who: who.to_owned(),
-        via,
-        force,
-    };
-    let changed = set_stage(&mut client, &change).await?;
-    tracing::info!(query_type = %changed.query_type, from = ?changed.from, to = %changed.to, %who, via, forced = changed.forced, "stage changed");
-    Ok(changed)
-}
-
-fn describe(stage: Stage) -> String {
-    stage.to_string()
-}
-
-/// Changes one query type's stage: checks the gate (unless forced), writes the new state
-/// and its audit row, in one transaction (the notify trigger tells every replica).
-pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, ChangeError> {
-    if change.reason.trim().is_empty() {
-        return Err(ChangeError::Invalid("a reason is required".into()));
-    }
-    // READ COMMITTED whatever the database's default: dual-write's triggers follow the state
-    // (migration 0024), and decide from what every other change committed.
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
-        .start()
-        .await?;
-    let current = tx
-        .query_opt(
-            "SELECT stage, percent FROM cutover.query_type_state WHERE query_type = $1 FOR UPDATE",
-            &[&change.query_type],
-        )
-        .await?;
-    let from = match &current {
-        Some(row) => {
-            let (stage, percent): (String, i16) = (row.get(0), row.get(1));
-            let percent = (stage == "cutover").then_some(i64::from(percent));
-            Some(stage_of(&stage, percent).map_err(ChangeError::Invalid)?)
-        }
-        None => None,
-    };
-    if from == Some(change.stage) {
-        // Already there (another replica, or a repeated command): nothing to record.
-        tx.commit().await?;
-        return Ok(Changed {
-            query_type: change.query_type.clone(),
-            from: from.map(describe),
-            to: describe(change.stage),
-            forced: false,
-        });
-    }
-    let raise = served_by_target(change.stage) > from.map_or(0, served_by_target);
-    if raise {
-        backfilled(&tx).await?;
-        if !change.force {
-            behaviour::gate(&tx, &change.declared).await?;
-        }
-    }
-    if raise && !change.force && change.writes {
-        match window_verify(&tx).await? {
-            Some((true, _)) => {}
-            Some((false, at)) => {
-                return Err(ChangeError::WriteGate {
-                    last: format!("the last one ({at} UTC) found drift"),
-                });
-            }
-            None => {
-                return Err(ChangeError::WriteGate {
-                    last: "there was none".into(),
-                });
-            }
-        }
-    } else if raise && !change.force {
-        let (samples, matched) = window_samples(&tx, &change.query_type).await?;
-        let rate = if samples > 0 {
-            matched as f64 / samples as f64
-        } else {
-            0.0
-        };
-        if samples < GATE_MIN_SAMPLES || rate < GATE_MIN_MATCH_RATE {
-            return Err(ChangeError::Gate {
-                samples,
-                min: GATE_MIN_SAMPLES,
-                rate: if samples > 0 {
-                    format!("{:.1}%", rate * 100.0)
-                } else {
-                    "n/a".into()
-                },
-                bar: GATE_MIN_MATCH_RATE * 100.0,
-            });
-        }
-        let (legacy, target) = window_latency(&tx, &change.query_type).await?;
-        if let Some((legacy_ms, target_ms)) = slower_than_the_bar(&legacy, &target) {
-            return Err(ChangeError::Slower {
-                legacy_ms,
-                target_ms,
-            });
-        }
-    }
-    let (stage, percent) = stage_columns(change.stage);
-    tx.execute(
-        "INSERT INTO cutover.query_type_state (query_type, stage, percent, updated_at)
-         VALUES ($1, $2, $3, now())
-         ON CONFLICT (query_type) DO UPDATE
-             SET stage = EXCLUDED.stage, percent = EXCLUDED.percent, updated_at = now()",
-        &[&change.query_type, &stage, &percent],
-    )
-    .await
-    .map_err(|e| match e.as_db_error() {
-        Some(db) if *db.code() == SqlState::LOCK_NOT_AVAILABLE => {
-            ChangeError::Busy(db.message().to_owned())
-        }
-        _ => ChangeError::Database(e),
-    })?;
-    let (from_stage, from_percent) = match from.map(stage_columns) {
-        Some((s, p)) => (Some(s), Some(p)),
-        None => (None, None),
-    };
-    tx.execute(
-        "INSERT INTO cutover.stage_audit
-             (query_type, from_stage, from_percent, to_stage, to_percent, reason, changed_by, via, forced)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        &[
-            &change.query_type,
-            &from_stage,
-            &from_percent,
-            &stage,
-            &percent,
-            &change.reason,
-            &change.who,
-            &change.via,
-            &(change.force && raise),
-        ],
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(Changed {
-        query_type: change.query_type.clone(),
-        from: from.map(describe),
-        to: describe(change.stage),
-        forced: change.force && raise,
-    })
-}
-
-/// Nothing serves from the target before a backfill has completed, forced or not: until then
-/// dual-write hands every write to the backfill instead of v2.
-async fn backfilled(client: &impl tokio_postgres::GenericClient) -> Result<(), ChangeError> {
-    let phase: Option<String> = client
-        .query_opt("SELECT phase FROM cutover.backfill_progress", &[])
-        .await?
-        .map(|r| r.get(0));
-    match phase.as_deref() {
-        Some("done") => Ok(()),
-        Some(phase) => Err(ChangeError::NotBackfilled {
-            state: format!("the last one stopped in its {phase} phase; run it again to finish"),
-        }),
-        None => Err(ChangeError::NotBackfilled {
-            state: "none has run".into(),
-        }),
-    }
-}
-
-/// The gate's window.
-pub const GATE_WINDOW: &str = "1 hour";
-
-/// Compared samples with a verdict (matched, expected by reviewers, confirmed) and the
-/// agreeing ones (matched or expected), of a query type in the gate's window (`cutover.comparison_stats`, written by the shadow).
-pub async fn window_samples(
-    client: &impl tokio_postgres::GenericClient,
-    query_type: &str,
-) -> Result<(i64, i64), tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT coalesce(sum(matched + expected + confirmed), 0)::int8,
-                        coalesce(sum(matched + expected), 0)::int8
-                 FROM cutover.comparison_stats
-                 WHERE query_type = $1 AND minute >= now() - interval '{GATE_WINDOW}'"
-            ),
-            &[&query_type],
-        )
-        .await?;
-    Ok((row.get(0), row.get(1)))
-}
-
-/// Both sides' latency histograms (`cutover.comparison_stats` buckets) of a query type's
-/// timed comparisons in the gate's window.
-pub async fn window_latency(
-    client: &impl tokio_postgres::GenericClient,
-    query_type: &str,
-) -> Result<(Vec<i64>, Vec<i64>), tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT coalesce(cutover.hist_sum(legacy_us_hist), '{{}}'),
-                        coalesce(cutover.hist_sum(target_us_hist), '{{}}')
-                 FROM cutover.comparison_stats
-                 WHERE query_type = $1 AND minute >= now() - interval '{GATE_WINDOW}'"
-            ),
-            &[&query_type],
-        )
-        .await?;
-    Ok((row.get(0), row.get(1)))
-}
-
-/// The gate's latency bar, on both sides' latency histograms: `Some((legacy, target))`, their
-/// p99 in ms (the upper bound of its bucket), when each side has at least
-/// [`GATE_MIN_TIMED`] timings and the target's p99 is more than [`GATE_MAX_P99_RATIO`] times
-/// legacy's. The gate refuses on it; the report's verdict says it.
-pub fn slower_than_the_bar(legacy: &[i64], target: &[i64]) -> Option<(f64, f64)> {
-    let enough = |h: &[i64]| h.iter().sum::<i64>() >= GATE_MIN_TIMED;
-    if !enough(legacy) || !enough(target) {
-        return None;
-    }
-    let l = crate::divergence::percentile(legacy, 0.99)?;
-    let t = crate::divergence::percentile(target, 0.99)?;
-    (t > l * GATE_MAX_P99_RATIO).then_some((l, t))
-}
-
-/// The last `cutover verify` run in the gate's window: clean or not, and when (UTC) — the
-/// evidence a write type is raised on.
-pub async fn window_verify(
-    client: &impl tokio_postgres::GenericClient,
-) -> Result<Option<(bool, String)>, tokio_postgres::Error> {
-    Ok(client
-        .query_opt(
-            &format!(
-                "SELECT ok, to_char(ran_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') FROM cutover.verify_runs
-                 WHERE ran_at >= now() - interval '{GATE_WINDOW}' ORDER BY ran_at DESC LIMIT 1"
-            ),
-            &[],
-        )
-        .await?
-        .map(|r| (r.get(0), r.get(1))))
-}
-
-/// When a query type serving from the target is sent back to shadow by itself: more than
-/// this share of confirmed divergences among at least `min_samples` verdicts in the last
-/// `window_minutes`.
-#[derive(Debug, Clone, Copy)]
-pub struct RampDown {
-    pub max_divergence: f64,
-    pub min_samples: i64,
-    pub window_minutes: i32,
-}
-
-impl Default for RampDown {
-    fn default() -> Self {
-        Self {
-            max_divergence: 1.0 - GATE_MIN_MATCH_RATE,
-            min_samples: 100,
-            window_minutes: 5,
-        }
-    }
-}
-
-/// Sends back to `shadow` every query type in `cutover` or `target` whose confirmed
-/// divergences passed the bar, each with an audit row (`auto`); returns what it changed.
-pub async fn ramp_down(client: &mut Client, bar: RampDown) -> Result<Vec<Changed>, ChangeError> {
-    let diverging = client
-        .query(
-            "SELECT s.query_type, sum(c.confirmed)::int8, sum(c.matched + c.expected + c.confirmed)::int8
-             FROM cutover.query_type_state s
-             JOIN cutover.comparison_stats c ON c.query_type = s.query_type
-             WHERE s.stage IN ('cutover', 'target')
-               AND c.minute >= now() - make_interval(mins => $1::int4)
-             GROUP BY s.query_type
-             HAVING sum(c.matched + c.expected + c.confirmed)::int8 >= $2::int8
-                AND sum(c.confirmed)::float8
-                    / sum(c.matched + c.expected + c.confirmed)::float8 > $3::float8",
-            &[&bar.window_minutes, &bar.min_samples, &bar.max_divergence],
-        )
-        .await?;
-    let mut changed = Vec::new();
-    for row in diverging {
-        let (query_type, confirmed, samples): (String, i64, i64) =
-            (row.get(0), row.get(1), row.get(2));
-        let change = Change {
-            query_type,
-            stage: Stage::Shadow,
-            reason: format!(
-                "automatic ramp-down: {confirmed} confirmed divergences in {samples} compared samples ({:.1}%) over the last {} minutes, above {:.1}%",
-                confirmed as f64 * 100.0 / samples as f64,
-                bar.window_minutes,
-                bar.max_divergence * 100.0
-            ),
-            who: "auto".into(),
-            via: "auto",
-            force: false,
-            // A step back: no gate.
-            writes: false,
-            declared: behaviour::Declared::default(),
-        };
-        // Another replica may have done it already: the stage is read again under lock.
-        let still = client
-            .query_opt(
-                "SELECT 1 FROM cutover.query_type_state
-                 WHERE query_type = $1 AND stage IN ('cutover', 'target')",
-                &[&change.query_type],
-            )
-            .await?;
-        if still.is_some() {
-            let done = set_stage(client, &change).await?;
-            tracing::warn!(query_type = %done.query_type, from = ?done.from, reason = %change.reason, "query type ramped down to shadow");
-            changed.push(done);
-        }
-    }
-    Ok(changed)
-}
-
-/// One audit row.
-#[derive(Debug, Serialize)]
-pub struct AuditEntry {
-    pub changed_at: String,
-    pub query_type: String,
-    pub from: Option<String>,
-    pub to: String,
-    pub reason: String,
-    pub changed_by: String,
-    pub via: String,
-    pub forced: bool,
-}
-
-/// The most recent changes, newest first.
-pub async fn history(
-    client: &Client,
-    limit: i64,
-) -> Result<Vec<AuditEntry>, tokio_postgres::Error> {
-    let shown = |stage: Option<String>, percent: Option<i16>| -> Option<String> {
-        Some(stage_label(&stage?, percent.unwrap_or(0)))
-    };
-    Ok(client
-        .query(
-            "SELECT to_char(changed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                    query_type, from_stage, from_percent, to_stage, to_percent, reason,
-                    changed_by, via, forced
-             FROM cutover.stage_audit ORDER BY id DESC LIMIT $1",
-            &[&limit],
-        )
-        .await?
-        .iter()
-        .map(|r| AuditEntry {
-            changed_at: r.get(0),
-            query_type: r.get(1),
-            from: shown(r.get(2), r.get(3)),
-            to: shown(Some(r.get(4)), Some(r.get(5))).unwrap_or_default(),
-            reason: r.get(6),
-            changed_by: r.get(7),
-            via: r.get(8),
-            forced: r.get(9),
-        })
-        .collect())
 }
 
 #[cfg(test)]

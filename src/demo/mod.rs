@@ -16,6 +16,8 @@
 //! The cluster is removed on every way out (its owner's drop, and a watchdog if the process
 //! dies).
 
+pub mod fixture;
+pub mod localpg;
 mod workload;
 
 use std::{
@@ -31,11 +33,11 @@ use anyhow::Context;
 
 use crate::{
     config::FileConfig,
-    connect,
-    fixture::{self, TreeSpec},
-    localpg::{LocalPg, Options as PgOptions},
+    demo::fixture::TreeSpec,
+    demo::localpg::{LocalPg, Options as PgOptions},
     migrate,
-    rules::RuleSet,
+    net::connect,
+    routing::rules::RuleSet,
 };
 
 /// `cutover demo` options.
@@ -141,8 +143,7 @@ async fn walk(options: Options) -> anyhow::Result<()> {
         ),
         ..FileConfig::default()
     };
-    let proxy =
-        crate::listener::start(file.validate().map_err(|e| anyhow::anyhow!("{e}"))?).await?;
+    let proxy = crate::serve::start(file.validate().map_err(|e| anyhow::anyhow!("{e}"))?).await?;
     let admin = proxy
         .admin_addr
         .context("the admin endpoint is on")?
@@ -327,7 +328,7 @@ async fn set_stage(
         reason.to_owned(),
     );
     let outcome = tokio::task::spawn_blocking(move || {
-        crate::ctl::set(
+        crate::admin::ctl::set(
             &admin,
             Some(&token),
             &qt,
@@ -343,13 +344,13 @@ async fn set_stage(
 }
 
 /// What `ctl` answered, printed; a refusal is an error.
-fn printed(outcome: crate::ctl::Outcome) -> anyhow::Result<()> {
+fn printed(outcome: crate::admin::ctl::Outcome) -> anyhow::Result<()> {
     match outcome {
-        crate::ctl::Outcome::Done(text) => {
+        crate::admin::ctl::Outcome::Done(text) => {
             print!("  {text}");
             Ok(())
         }
-        crate::ctl::Outcome::Refused(text) => anyhow::bail!("{}", text.trim()),
+        crate::admin::ctl::Outcome::Refused(text) => anyhow::bail!("{}", text.trim()),
     }
 }
 
@@ -362,7 +363,7 @@ async fn accept(admin: &str, token: &str, name: &str, reason: &str) -> anyhow::R
         reason.to_owned(),
     );
     let outcome = tokio::task::spawn_blocking(move || {
-        crate::ctl::accept(&admin, Some(&token), &name, &reason, false)
+        crate::admin::ctl::accept(&admin, Some(&token), &name, &reason, false)
     })
     .await??;
     printed(outcome)

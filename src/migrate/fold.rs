@@ -27,7 +27,7 @@ const ABSENT_PAUSE: Duration = Duration::from_secs(60);
 /// Folds pending network-size deltas on `database` until `shutdown`.
 pub async fn run(database: Config, shutdown: CancellationToken) {
     let mut client: Option<Client> = None;
-    let mut retrying = crate::connect::Retrying::default();
+    let mut retrying = crate::net::connect::Retrying::default();
     let mut pause = PAUSE;
     loop {
         tokio::select! {
@@ -36,7 +36,7 @@ pub async fn run(database: Config, shutdown: CancellationToken) {
         }
         pause = PAUSE;
         if client.as_ref().is_none_or(Client::is_closed) {
-            client = crate::connect::connect_as(&database, "cutover fold")
+            client = crate::net::connect::connect_as(&database, "cutover fold")
                 .await
                 .ok();
         }
@@ -53,7 +53,7 @@ pub async fn run(database: Config, shutdown: CancellationToken) {
                 pause = ABSENT_PAUSE;
             }
             Err(error) => {
-                let error = crate::connect::cause(&error);
+                let error = crate::net::connect::cause(&error);
                 if retrying.is_new(&error) {
                     tracing::warn!(%error, "network-size fold failed; retrying");
                 }

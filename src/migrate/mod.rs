@@ -28,7 +28,7 @@ use std::{
 use sha2::{Digest, Sha256};
 use tokio_postgres::{Client, Config, error::SqlState};
 
-use crate::connect::{self, ConnectError};
+use crate::net::connect::{self, ConnectError};
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/migrations.rs"));

@@ -16,7 +16,7 @@
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::rules::{TableMap, quote_ident};
+use crate::routing::rules::{TableMap, quote_ident};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
@@ -62,9 +62,9 @@ async fn repair(
 ) -> Result<Summary, tokio_postgres::Error> {
     let legacy = table.legacy.quoted();
     let key = quote_ident(&table.key);
-    let shared: Vec<&crate::rules::ColumnMap> = table.stored_columns().collect();
+    let shared: Vec<&crate::routing::rules::ColumnMap> = table.stored_columns().collect();
     let (target_cols, legacy_cols) = table.stored_column_lists("l");
-    let differs = crate::rules::any_differs_sql(shared.iter().copied());
+    let differs = crate::routing::rules::any_differs_sql(shared.iter().copied());
     let quarantine: bool = client
         .query_one(
             "SELECT to_regclass('cutover.backfill_quarantine') IS NOT NULL",

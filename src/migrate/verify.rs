@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use super::integrity;
-use crate::rules::{TableMap, quote_ident};
+use crate::routing::rules::{TableMap, quote_ident};
 
 /// Keys compared per query.
 pub const DEFAULT_CHUNK: i64 = 50_000;
@@ -241,7 +241,7 @@ async fn verify_in_snapshot(
             .await?
             .get(0);
     }
-    let column_diff = |c: &crate::rules::ColumnMap| -> String {
+    let column_diff = |c: &crate::routing::rules::ColumnMap| -> String {
         let base = c.differs_sql();
         if Some(&c.legacy) == parent.as_ref() && detached {
             // A child of a deleted affiliate: legacy keeps the dangling id, the target made it

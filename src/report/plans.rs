@@ -7,8 +7,8 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::{
-    rewrite::{Rewrite, Rewriter},
-    rules::RuleSet,
+    routing::rewrite::{Rewrite, Rewriter},
+    routing::rules::RuleSet,
 };
 
 /// Both sides' plan shapes.

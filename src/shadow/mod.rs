@@ -17,6 +17,8 @@
 //! COMMIT). See [`run`] for the comparison, the confirmation in one snapshot and the
 //! classification of what held.
 
+pub mod compare;
+pub mod divergence;
 mod redact;
 mod run;
 
@@ -29,11 +31,11 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    classify::{Classification, Typed},
-    compare::determinism::Determinism,
     config::ShadowConfig,
-    divergence::{Outcome, Store},
-    rules::RuleSet,
+    routing::classify::determinism::Determinism,
+    routing::classify::{Classification, Typed},
+    routing::rules::RuleSet,
+    shadow::divergence::{Outcome, Store},
 };
 
 /// One bound parameter, as the client sent it.

@@ -16,8 +16,8 @@ use serde_json::{Value as Json, json};
 
 use super::Param;
 use crate::{
-    compare::{Diff, Value},
-    rules::redaction::Redaction,
+    routing::rules::redaction::Redaction,
+    shadow::compare::{Diff, Value},
 };
 
 const REDACTED: &str = "[redacted]";
@@ -26,7 +26,7 @@ const MAX_TEXT: usize = 200;
 
 /// The SQL as a sample stores it: literals out, parameters in.
 pub fn sql(sql: &str) -> String {
-    crate::classify::fingerprint::literals_hidden(sql).unwrap_or_else(|_| {
+    crate::routing::fingerprint::literals_hidden(sql).unwrap_or_else(|_| {
         "[not stored: the statement could not be parsed to take its values out]".to_owned()
     })
 }
@@ -76,7 +76,7 @@ pub fn integer(p: &Param) -> Option<i64> {
     if p.binary && ![2, 4, 8].contains(&v.len()) {
         return None;
     }
-    let text = crate::route::key_text(p.binary, v);
+    let text = crate::routing::route::key_text(p.binary, v);
     std::str::from_utf8(&text).ok()?.trim().parse().ok()
 }
 

@@ -2,7 +2,7 @@
 //!
 //! 1. the legacy statement and its target SQL run one after the other, each on committed
 //!    data (as two independent readers would see them: a concurrent write may fall between);
-//! 2. the answers compared ([`crate::compare`]); agreement is `match`;
+//! 2. the answers compared ([`crate::shadow::compare`]); agreement is `match`;
 //! 3. a disagreement is run again, both sides inside one `REPEATABLE READ READ ONLY`
 //!    transaction: agreement there makes it `transient` (a write fell between the two
 //!    reads), disagreement `confirmed`;
@@ -37,11 +37,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Job, Param, Shadow, label, redact};
 use crate::{
-    compare::determinism::Determinism,
-    compare::{self, Answer, Order, Verdict},
-    divergence::{Kind, Outcome, Sample},
-    rewrite::Rewrite,
-    rules::{QueryType, RuleSet, quote_ident},
+    routing::classify::determinism::{Determinism, Key, Order},
+    routing::rewrite::Rewrite,
+    routing::rules::{QueryType, RuleSet, quote_ident},
+    shadow::compare::{self, Answer, Verdict},
+    shadow::divergence::{Kind, Outcome, Sample},
 };
 
 /// Rows a side may return before the comparison is skipped (the shadow holds both answers
@@ -89,7 +89,7 @@ pub(super) async fn worker(
 /// Counts a comparison without a verdict, with its reason.
 fn skip(
     shadow: &Shadow,
-    typed: &crate::classify::Typed,
+    typed: &crate::routing::classify::Typed,
     why: Skip,
     latency: Option<(Duration, Duration)>,
 ) {
@@ -170,14 +170,14 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(shadow: &Shadow) -> Result<Self, crate::connect::ConnectError> {
+    async fn open(shadow: &Shadow) -> Result<Self, crate::net::connect::ConnectError> {
         let mut config = shadow.config.database.clone();
         let timeout = shadow.statement_timeout().as_millis();
         // Its own limits, whatever the role's defaults: never write, never wait long.
         config.options(format!(
             "-c statement_timeout={timeout} -c default_transaction_read_only=on -c lock_timeout={timeout}"
         ));
-        let client = crate::connect::connect_as(&config, "cutover shadow").await?;
+        let client = crate::net::connect::connect_as(&config, "cutover shadow").await?;
         Ok(Self {
             client,
             broken: false,
@@ -219,8 +219,8 @@ impl Conn {
         let unlocked;
         let (legacy_sql, target_sql) = if plan.locking {
             match (
-                crate::classify::without_locks(&job.sql),
-                crate::classify::without_locks(target_sql),
+                crate::routing::classify::without_locks(&job.sql),
+                crate::routing::classify::without_locks(target_sql),
             ) {
                 (Some(l), Some(t)) => {
                     unlocked = (l, t);
@@ -430,7 +430,7 @@ impl Conn {
         }
         let types: Vec<Type> = types
             .iter()
-            .map(|&oid| crate::route::check::type_of(oid))
+            .map(|&oid| crate::routing::route::check::type_of(oid))
             .collect();
         let statement = self.client.prepare_typed(sql, &types).await?;
         // Statements with their values inline are one-offs: not worth keeping.
@@ -451,11 +451,11 @@ impl Conn {
         job: &Job,
         legacy_sql: &str,
         target: &Answer,
-        keys: &[compare::Key],
+        keys: &[Key],
         options: &compare::Options,
     ) -> Result<bool, Skip> {
-        let longer =
-            crate::classify::with_limit(legacy_sql, MAX_ROWS).ok_or(Skip::NotRewritable)?;
+        let longer = crate::routing::classify::with_limit(legacy_sql, MAX_ROWS)
+            .ok_or(Skip::NotRewritable)?;
         match self.side_in_snapshot(&longer, job).await {
             Side::Answer(all, _) => {
                 let complete = all.rows.len() < MAX_ROWS;
@@ -490,7 +490,7 @@ impl Conn {
             return Some(Kind::Drift);
         }
         let Rewrite::Target(mapped) =
-            crate::rewrite::Rewriter::new(&job.rules.table).rewrite(legacy_sql)
+            crate::routing::rewrite::Rewriter::new(&job.rules.table).rewrite(legacy_sql)
         else {
             return None;
         };
@@ -515,7 +515,7 @@ impl Conn {
         }
         let table = &rules.table;
         let key = quote_ident(&table.key);
-        let differs = crate::rules::any_differs_sql(&table.columns);
+        let differs = crate::routing::rules::any_differs_sql(&table.columns);
         let sql = format!(
             "SELECT count(*) FROM (SELECT * FROM {legacy} WHERE {key} = ANY($1::int8[])) l
              FULL JOIN (SELECT * FROM {target} WHERE {key} = ANY($1::int8[])) t ON l.{key} = t.{key}

@@ -37,11 +37,12 @@ pub(crate) fn json_of(literal: &str) -> serde_json::Value {
 /// The SQL of a rule-named query type: its rule's example, the application's own statement
 /// (`../shared/workloads/fature_app.sql`), so the model cannot drift from what the rules name.
 pub(crate) fn rule_sql(name: &str) -> &'static str {
-    static RULES: OnceLock<cutover::rules::RuleSet> = OnceLock::new();
+    static RULES: OnceLock<cutover::routing::rules::RuleSet> = OnceLock::new();
     RULES
         .get_or_init(|| {
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
-            cutover::rules::RuleSet::load_dir(&dir).expect("the customer's rules are valid")
+            cutover::routing::rules::RuleSet::load_dir(&dir)
+                .expect("the customer's rules are valid")
         })
         .named(name)
         .and_then(|q| q.example_sql.as_deref())

@@ -16,10 +16,11 @@ use std::{
 
 use cutover::{
     config::FileConfig,
-    connect, fixture,
-    listener::{self, Running},
-    localpg::{LocalPg, Options},
+    demo::fixture,
+    demo::localpg::{LocalPg, Options},
     migrate,
+    net::connect,
+    serve::{self, Running},
 };
 use tokio_postgres::{Client, Config};
 
@@ -291,7 +292,7 @@ impl Proxy {
     }
 
     pub fn url(&self, dbname: &str) -> String {
-        self.url_as(cutover::localpg::SUPERUSER, dbname)
+        self.url_as(cutover::demo::localpg::SUPERUSER, dbname)
     }
 
     pub fn config(&self, dbname: &str) -> Config {
@@ -299,7 +300,7 @@ impl Proxy {
         config
             .host("127.0.0.1")
             .port(self.addr.port())
-            .user(cutover::localpg::SUPERUSER)
+            .user(cutover::demo::localpg::SUPERUSER)
             .dbname(dbname);
         config
     }
@@ -337,7 +338,7 @@ pub async fn console_psql(
         .arg(format!(
             "postgres://{user}@127.0.0.1:{}/{}?{extra}",
             p.addr.port(),
-            cutover::console::DATABASE
+            cutover::admin::console::DATABASE
         ))
         .env("PGPASSWORD", password)
         .env("PGCONNECT_TIMEOUT", "5");
@@ -373,7 +374,7 @@ pub async fn proxy_with(adjust: impl FnOnce(&mut FileConfig)) -> Proxy {
         ..FileConfig::default()
     };
     adjust(&mut file);
-    let running = listener::start(file.validate().expect("valid test config"))
+    let running = serve::start(file.validate().expect("valid test config"))
         .await
         .expect("start the proxy");
     Proxy {
@@ -499,9 +500,9 @@ pub fn cutover_on(
 /// `cutover verify` is clean).
 pub async fn tree_db(affiliates: u64) -> TestDb {
     let db = migrated_db().await;
-    cutover::fixture::load(
+    cutover::demo::fixture::load(
         &db.client().await,
-        &cutover::fixture::TreeSpec::clean(affiliates),
+        &cutover::demo::fixture::TreeSpec::clean(affiliates),
     )
     .await
     .expect("load the generated tree");

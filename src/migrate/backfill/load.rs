@@ -7,7 +7,7 @@ use tokio_postgres::{Client, error::SqlState};
 
 use super::Options;
 use crate::migrate::copy_in::CopyIn;
-use crate::rules::{TableMap, quote_ident};
+use crate::routing::rules::{TableMap, quote_ident};
 
 /// The next batch's last (level, id) after `from`, or None when done.
 async fn batch_end(

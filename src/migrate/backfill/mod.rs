@@ -31,7 +31,7 @@ use std::{sync::atomic::AtomicU64, time::Instant};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::rules::{TableMap, quote_ident};
+use crate::routing::rules::{TableMap, quote_ident};
 
 mod aside;
 mod load;
@@ -96,7 +96,7 @@ pub enum BackfillError {
     #[error(transparent)]
     Database(#[from] tokio_postgres::Error),
     #[error(transparent)]
-    Connect(#[from] crate::connect::ConnectError),
+    Connect(#[from] crate::net::connect::ConnectError),
 }
 
 /// Options of a run.
@@ -130,7 +130,7 @@ pub async fn run(
     }
     let result = match serving_from_target(client).await {
         Ok(serving) if !serving.is_empty() => Err(BackfillError::TargetServes(serving.join(", "))),
-        Ok(_) => match crate::connect::connect_as(helper, "cutover backfill").await {
+        Ok(_) => match crate::net::connect::connect_as(helper, "cutover backfill").await {
             Ok(second) => run_unlocked(client, &second, table, options)
                 .await
                 .map_err(Into::into),

@@ -7,7 +7,7 @@ use tokio_postgres::Client;
 
 use super::Quarantined;
 use crate::migrate::copy_in::CopyIn;
-use crate::rules::{TableMap, quote_ident};
+use crate::routing::rules::{TableMap, quote_ident};
 
 /// Where a plan goes. A run commits it (`cutover.backfill_plan`, the quarantine and the
 /// progress row) for the phases after it; a dry run, already inside a transaction that is
