@@ -337,6 +337,36 @@ async fn insufficient_privileges_are_named_before_anything_runs() {
     assert!(!exists(&owner, "table", "fature_v2.affiliates_optimized").await);
 }
 
+/// Dual-write switches the legacy table's triggers with the stages (migration 0024), which
+/// only its owner may do: a role that may create schemas but does not own the table is told
+/// so before anything runs.
+#[tokio::test]
+async fn a_role_that_does_not_own_the_table_is_told_before_anything_runs() {
+    let db = legacy_db().await;
+    let owner = db.client().await;
+    let role = format!("notowner_{}", db.name);
+    owner
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE {} TO {role}",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let url = format!(
+        "postgres://{role}@127.0.0.1:{}/{}",
+        support::cluster().port(),
+        db.name
+    );
+    let (code, _, err) = cutover(&["migrate", "--database-url", &url], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!("role {role} does not own public.affiliates")),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!exists(&owner, "table", "fature_v2.affiliates_optimized").await);
+}
+
 #[tokio::test]
 async fn missing_ltree_is_named_before_anything_runs() {
     let install = support::install_without_extension("ltree");

@@ -83,6 +83,11 @@ pub enum MigrateError {
     LtreeMissing,
 
     #[error(
+        "role {role} does not own public.affiliates: dual-write switches the table's triggers on and off as stages change (ALTER TABLE); run migrate as the table's owner, or a member of the owning role"
+    )]
+    NotTableOwner { role: String },
+
+    #[error(
         "role {role} lacks a privilege the migrations need ({message}); run migrate as the owner of database {database}, or GRANT CREATE ON DATABASE {database} TO {role}"
     )]
     InsufficientPrivilege {
@@ -389,12 +394,27 @@ async fn prerequisites(client: &Client) -> Result<Prerequisites, MigrateError> {
             "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'ltree'),
                     current_user::text, current_database()::text,
                     has_database_privilege(current_database(), 'CREATE'),
-                    to_regnamespace('cutover') IS NOT NULL",
+                    to_regnamespace('cutover') IS NOT NULL,
+                    coalesce((SELECT pg_has_role(relowner, 'USAGE') FROM pg_class
+                              WHERE oid = to_regclass('public.affiliates')), true)",
             &[],
         )
         .await?;
-    let (ltree, role, database, may_create, have_schema): (bool, String, String, bool, bool) =
-        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let (ltree, role, database, may_create, have_schema, owns_table): (
+        bool,
+        String,
+        String,
+        bool,
+        bool,
+        bool,
+    ) = (
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        row.get(3),
+        row.get(4),
+        row.get(5),
+    );
     if !ltree {
         return Err(MigrateError::LtreeMissing);
     }
@@ -404,6 +424,10 @@ async fn prerequisites(client: &Client) -> Result<Prerequisites, MigrateError> {
             database,
             message: "CREATE on the database, to create the fature_v2 and cutover schemas".into(),
         });
+    }
+    // Dual-write's triggers are switched with the stages by ALTER TABLE (migration 0024).
+    if !owns_table {
+        return Err(MigrateError::NotTableOwner { role });
     }
     Ok(Prerequisites {
         role,
