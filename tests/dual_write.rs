@@ -742,6 +742,34 @@ async fn the_mirror_triggers_follow_the_stages() {
     assert_eq!(mirror_triggers_enabled(&admin).await, (0, 0));
 }
 
+/// A database whose default isolation is REPEATABLE READ, where a change of the live state
+/// is refused (it could decide from a stale snapshot): cutover's own changes ask for READ
+/// COMMITTED, so the proxy still seeds the rules' stages and switches dual-write on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rules_are_seeded_whatever_the_database_default_isolation() {
+    let db = tree_db(30).await;
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET default_transaction_isolation = 'repeatable read'",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let rules = support::rules_with(&[("record_deposit", "stage = \"shadow\"")], "");
+    let p = support::proxy_on(&db, &rules, |_| {}).await;
+    let fresh = db.client().await;
+    assert_eq!(mirror_triggers_enabled(&fresh).await, (4, 0));
+    // By hand at that default: refused, and nothing changed.
+    let err = fresh
+        .batch_execute("UPDATE cutover.query_type_state SET stage = 'legacy'")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{err}");
+    assert_eq!(mirror_triggers_enabled(&fresh).await, (4, 0));
+    p.shutdown().await;
+}
+
 /// Switching dual-write on takes a lock that waits for the application's open write
 /// transactions, so none is half mirrored; a writer that stays open makes the stage change
 /// give up after its attempts with 55P03 (the control plane's `Busy`), changing nothing, and

@@ -396,16 +396,30 @@ pub async fn seed_query_types(
              RETURNING (xmax = 0) AS inserted",
         )
         .await?;
-    let mut inserted = 0;
-    for qt in &rules.query_types {
-        let (stage, percent) = stage_columns(qt.stage);
-        let mode = if qt.strict { "strict" } else { "isolated" };
-        let rows = client
-            .query(&statement, &[&qt.name, &stage, &percent, &mode])
-            .await?;
-        inserted += rows.iter().filter(|r| r.get::<_, bool>(0)).count() as u64;
+    // One transaction, READ COMMITTED whatever the database's default: dual-write's triggers
+    // follow the state (migration 0024), switched once for the whole baseline.
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+        .await?;
+    let seeded = async {
+        let mut inserted = 0;
+        for qt in &rules.query_types {
+            let (stage, percent) = stage_columns(qt.stage);
+            let mode = if qt.strict { "strict" } else { "isolated" };
+            let rows = client
+                .query(&statement, &[&qt.name, &stage, &percent, &mode])
+                .await?;
+            inserted += rows.iter().filter(|r| r.get::<_, bool>(0)).count() as u64;
+        }
+        client.batch_execute("COMMIT").await?;
+        Ok(inserted)
     }
-    Ok(inserted)
+    .await;
+    if seeded.is_err() {
+        // The connection may be gone; if not, it is left usable.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    seeded
 }
 
 #[cfg(test)]

@@ -174,6 +174,29 @@ async fn carry_stage(
         return Ok(None);
     };
     let (stage, percent): (String, i16) = (row.get(0), row.get(1));
+    // The state and its audit row together, READ COMMITTED whatever the database's default
+    // (dual-write's triggers follow the state: migration 0024).
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+        .await?;
+    let carried = carry(client, name, &stage, percent, id).await;
+    match carried {
+        Ok(()) => client.batch_execute("COMMIT").await?,
+        Err(_) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+    }
+    carried?;
+    Ok(Some(crate::routing::rules::stage_label(&stage, percent)))
+}
+
+async fn carry(
+    client: &Client,
+    name: &str,
+    stage: &str,
+    percent: i16,
+    id: &str,
+) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
             "INSERT INTO cutover.query_type_state (query_type, stage, percent, updated_at)
@@ -195,7 +218,7 @@ async fn carry_stage(
             ],
         )
         .await?;
-    Ok(Some(crate::routing::rules::stage_label(&stage, percent)))
+    Ok(())
 }
 
 #[cfg(test)]
