@@ -15,7 +15,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 const UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Installs the Prometheus recorder once per process and returns its handle, with its
-/// upkeep running every [`UPKEEP`] on a thread of its own.
+/// upkeep running every `UPKEEP` (5 s) on a thread of its own.
 ///
 /// Histogram samples wait in the recorder until a scrape or an upkeep folds them into their
 /// distribution: with nobody scraping `/metrics` (or `--admin off`), every statement's

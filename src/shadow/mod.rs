@@ -14,7 +14,7 @@
 //! client's own uncommitted writes are invisible to both sides alike, so a read inside a
 //! transaction that wrote is compared on what was committed before it — never against a
 //! target that has not yet received the transaction's writes (dual-write syncs v2 at
-//! COMMIT). See [`run`] for the comparison, the confirmation in one snapshot and the
+//! COMMIT). See `run` for the comparison, the confirmation in one snapshot and the
 //! classification of what held.
 
 pub mod compare;

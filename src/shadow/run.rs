@@ -117,7 +117,7 @@ enum Side {
 pub enum Skip {
     /// The shadow's `statement_timeout`.
     Timeout,
-    /// More than [`MAX_ROWS`] rows.
+    /// More than `MAX_ROWS` rows.
     TooManyRows,
     /// The shadow connection failed or stopped answering.
     Unreachable,

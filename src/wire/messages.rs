@@ -1,5 +1,5 @@
 //! The few messages the proxy decodes or builds, each as the protocol documentation
-//! describes it (https://www.postgresql.org/docs/current/protocol-message-formats.html).
+//! describes it (<https://www.postgresql.org/docs/current/protocol-message-formats.html>).
 //! Bodies here exclude the type byte and length.
 
 use bytes::{BufMut, Bytes, BytesMut};
