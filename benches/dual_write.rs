@@ -203,8 +203,9 @@ async fn main() -> anyhow::Result<()> {
             let port = if proxied { proxy_port } else { pg.port() };
             runs[at].push(pgbench(&bindir, &script, port, seconds, CLIENTS));
             if at == bare {
+                // The mirror's triggers back as the stages want them (migration 0024).
                 client
-                    .batch_execute("ALTER TABLE public.affiliates ENABLE TRIGGER USER")
+                    .batch_execute("SELECT cutover.sync_mirror_triggers()")
                     .await?;
             }
         }

@@ -36,27 +36,7 @@
 -- stage changes ask for READ COMMITTED.
 --
 -- Ownership: ALTER TABLE needs the role that migrates (these functions' owner) to own both
--- tables; this migration refuses to run otherwise, saying so.
-
-DO $$
-DECLARE
-    rel TEXT;
-BEGIN
-    FOREACH rel IN ARRAY ARRAY['public.affiliates', 'fature_v2.affiliates_optimized'] LOOP
-        IF NOT pg_has_role((SELECT relowner FROM pg_class WHERE oid = rel::regclass), 'USAGE') THEN
-            RAISE EXCEPTION 'the role that migrates (%) must own %: dual-write switches its triggers on and off',
-                            current_user, rel
-                USING ERRCODE = 'insufficient_privilege',
-                      HINT = 'Run cutover migrate as the tables'' owner (or a member of the owning role).';
-        END IF;
-    END LOOP;
-END $$;
-
--- The key of the advisory lock that serializes switches ('cutover' 'trig' in ASCII).
-CREATE FUNCTION cutover.switch_lock_key()
-RETURNS BIGINT
-LANGUAGE sql IMMUTABLE
-AS $$ SELECT 7166773871928029799::BIGINT $$;
+-- tables; `cutover migrate` checks it before anything runs.
 
 -- Takes `rel` IN SHARE ROW EXCLUSIVE MODE a short wait at a time (see the header), or fails
 -- with 55P03.
@@ -130,7 +110,7 @@ BEGIN
     -- Taken by every change of the state, before deciding: the statement below sees every
     -- change committed before the lock was granted, so two changes cannot each decide from a
     -- state the other is changing.
-    PERFORM pg_advisory_xact_lock(cutover.switch_lock_key());
+    PERFORM pg_advisory_xact_lock(7166773871928029799);  -- one key, every switch
     FOR t IN SELECT * FROM cutover.mirror_triggers_to_switch() LOOP
         PERFORM cutover.lock_for_switch(t.rel);
         EXECUTE format('ALTER TABLE %s %s', t.rel,

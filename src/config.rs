@@ -134,7 +134,7 @@ impl std::fmt::Display for UpstreamAddr {
     }
 }
 
-pub use crate::net::tls::{TlsFiles, UpstreamVerify};
+use crate::net::tls::{TlsFiles, UpstreamVerify};
 
 /// Where the proxy finds users' password secrets (none: every login is relayed).
 #[derive(Debug, Clone, Default)]

@@ -313,13 +313,12 @@ fn help_explains_migrate() {
     }
 }
 
-#[tokio::test]
-async fn insufficient_privileges_are_named_before_anything_runs() {
-    let db = empty_db().await;
+/// `cutover migrate` as a new login role `role` (`grants` run for it first): it must stop
+/// before anything runs, exit 2, with one line; that line.
+async fn refused_as(db: &support::TestDb, role: &str, grants: &str) -> String {
     let owner = db.client().await;
-    let role = format!("plain_{}", db.name);
     owner
-        .batch_execute(&format!("CREATE ROLE {role} LOGIN"))
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN; {grants}"))
         .await
         .unwrap();
     let url = format!(
@@ -328,13 +327,21 @@ async fn insufficient_privileges_are_named_before_anything_runs() {
         db.name
     );
     let (code, _, err) = cutover(&["migrate", "--database-url", &url], &[]);
-    assert_eq!(code, 2);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!exists(&owner, "table", "fature_v2.affiliates_optimized").await);
+    err
+}
+
+#[tokio::test]
+async fn insufficient_privileges_are_named_before_anything_runs() {
+    let db = empty_db().await;
+    let role = format!("plain_{}", db.name);
+    let err = refused_as(&db, &role, "").await;
     assert!(
         err.contains(&format!("role {role} lacks a privilege")) && err.contains("GRANT CREATE"),
         "{err}"
     );
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(!exists(&owner, "table", "fature_v2.affiliates_optimized").await);
 }
 
 /// Dual-write switches the legacy table's triggers with the stages (migration 0024), which
@@ -343,28 +350,13 @@ async fn insufficient_privileges_are_named_before_anything_runs() {
 #[tokio::test]
 async fn a_role_that_does_not_own_the_table_is_told_before_anything_runs() {
     let db = legacy_db().await;
-    let owner = db.client().await;
     let role = format!("notowner_{}", db.name);
-    owner
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE {} TO {role}",
-            db.name
-        ))
-        .await
-        .unwrap();
-    let url = format!(
-        "postgres://{role}@127.0.0.1:{}/{}",
-        support::cluster().port(),
-        db.name
-    );
-    let (code, _, err) = cutover(&["migrate", "--database-url", &url], &[]);
-    assert_eq!(code, 2);
+    let grants = format!("GRANT CREATE ON DATABASE {} TO {role}", db.name);
+    let err = refused_as(&db, &role, &grants).await;
     assert!(
         err.contains(&format!("role {role} does not own public.affiliates")),
         "{err}"
     );
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(!exists(&owner, "table", "fature_v2.affiliates_optimized").await);
 }
 
 #[tokio::test]

@@ -173,8 +173,9 @@ pub fn reload(shared: &Shared) -> Result<usize, crate::routing::rules::RulesErro
             if let Some(database) = shared.control.database().cloned() {
                 tokio::spawn(async move {
                     match crate::net::connect::connect(&database).await {
-                        Ok(client) => {
-                            if let Err(error) = control::seed_query_types(&client, &rules).await {
+                        Ok(mut client) => {
+                            if let Err(error) = control::seed_query_types(&mut client, &rules).await
+                            {
                                 tracing::warn!(%error, "reloaded rules not seeded into the live state");
                             }
                         }

@@ -485,7 +485,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             file,
             database_url,
         }) => {
-            let client = connect::connect(&connect::parse_url(&database_url)?).await?;
+            let mut client = connect::connect(&connect::parse_url(&database_url)?).await?;
             let done = crate::routing::rule_files::promote::promote(
                 &client,
                 &rules,
@@ -495,7 +495,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             )
             .await?;
             println!("{}: added{}", done.file.display(), done.rule);
-            match done.stage {
+            // The live stage, under the new name (audited), so the type keeps where it was.
+            match crate::control::carry_stage(&mut client, &fingerprint, &name).await? {
                 Some(stage) => println!(
                     "live stage {stage} carried over to {name}; reload the proxies' rules (SIGHUP) to use the name"
                 ),
@@ -518,8 +519,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{report}");
             if !dry_run && rules_dir.is_dir() {
                 let rules = rules::RuleSet::load_dir(&rules_dir)?;
-                let client = connect::connect(&config).await?;
-                let new = crate::control::seed_query_types(&client, &rules).await?;
+                let mut client = connect::connect(&config).await?;
+                let new = crate::control::seed_query_types(&mut client, &rules).await?;
                 if new > 0 {
                     println!(
                         "{new} query types given their rules' stage in cutover.query_type_state"

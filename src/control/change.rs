@@ -4,8 +4,8 @@
 use serde::Serialize;
 use tokio_postgres::{Client, error::SqlState};
 
-use super::{Control, behaviour, served_by_target};
-use crate::routing::rules::{RuleSet, Stage, stage_columns, stage_of};
+use super::{Control, behaviour, read_committed, served_by_target};
+use crate::routing::rules::{RuleSet, Stage, stage_columns, stage_label, stage_of};
 
 /// A stage change asked for.
 #[derive(Debug, Clone)]
@@ -204,23 +204,13 @@ pub async fn request_change(
     Ok(changed)
 }
 
-fn describe(stage: Stage) -> String {
-    stage.to_string()
-}
-
 /// Changes one query type's stage: checks the gate (unless forced), writes the new state
 /// and its audit row, in one transaction (the notify trigger tells every replica).
 pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, ChangeError> {
     if change.reason.trim().is_empty() {
         return Err(ChangeError::Invalid("a reason is required".into()));
     }
-    // READ COMMITTED whatever the database's default: dual-write's triggers follow the state
-    // (migration 0024), and decide from what every other change committed.
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
-        .start()
-        .await?;
+    let tx = read_committed(client).await?;
     let current = tx
         .query_opt(
             "SELECT stage, percent FROM cutover.query_type_state WHERE query_type = $1 FOR UPDATE",
@@ -240,8 +230,8 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
         tx.commit().await?;
         return Ok(Changed {
             query_type: change.query_type.clone(),
-            from: from.map(describe),
-            to: describe(change.stage),
+            from: from.map(|s| s.to_string()),
+            to: change.stage.to_string(),
             forced: false,
         });
     }
@@ -332,8 +322,8 @@ pub async fn set_stage(client: &mut Client, change: &Change) -> Result<Changed, 
     tx.commit().await?;
     Ok(Changed {
         query_type: change.query_type.clone(),
-        from: from.map(describe),
-        to: describe(change.stage),
+        from: from.map(|s| s.to_string()),
+        to: change.stage.to_string(),
         forced: change.force && raise,
     })
 }
@@ -428,4 +418,46 @@ pub async fn window_verify(
         )
         .await?
         .map(|r| (r.get(0), r.get(1))))
+}
+
+/// `cutover rules promote`: the live stage of automatic type `from`, if it has one, given to
+/// the rule `to` that now names its statements, with an audit row; the stage as people read
+/// it.
+pub async fn carry_stage(
+    client: &mut Client,
+    from: &str,
+    to: &str,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let tx = read_committed(client).await?;
+    let Some(row) = tx
+        .query_opt(
+            "SELECT stage, percent FROM cutover.query_type_state WHERE query_type = $1",
+            &[&from],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let (stage, percent): (String, i16) = (row.get(0), row.get(1));
+    tx.execute(
+        "INSERT INTO cutover.query_type_state (query_type, stage, percent, updated_at)
+         VALUES ($1, $2, $3, now())
+         ON CONFLICT (query_type) DO NOTHING",
+        &[&to, &stage, &percent],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO cutover.stage_audit
+             (query_type, from_stage, from_percent, to_stage, to_percent, reason, changed_by, via, forced)
+         VALUES ($1, NULL, NULL, $2, $3, $4, current_user, 'promote', false)",
+        &[
+            &to,
+            &stage,
+            &percent,
+            &format!("promoted from the automatic query type {from}"),
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(stage_label(&stage, percent)))
 }

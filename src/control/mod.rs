@@ -20,8 +20,8 @@ mod ramp_down;
 pub use audit::{AuditEntry, history};
 pub use change::{
     Change, ChangeError, Changed, Failure, GATE_MAX_P99_RATIO, GATE_MIN_MATCH_RATE,
-    GATE_MIN_SAMPLES, GATE_MIN_TIMED, GATE_WINDOW, request_change, set_stage, slower_than_the_bar,
-    window_latency, window_samples, window_verify,
+    GATE_MIN_SAMPLES, GATE_MIN_TIMED, GATE_WINDOW, carry_stage, request_change, set_stage,
+    slower_than_the_bar, window_latency, window_samples, window_verify,
 };
 pub use ramp_down::{RampDown, ramp_down};
 
@@ -306,7 +306,7 @@ impl Control {
     ) -> Result<(), tokio_postgres::Error> {
         let mut config = config.clone();
         config.application_name("cutover control");
-        let (client, mut connection) = config
+        let (mut client, mut connection) = config
             .connect(crate::net::tls::PostgresTls::shared())
             .await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -327,7 +327,7 @@ impl Control {
         });
         let result = async {
             if !*seeded {
-                let new = seed_query_types(&client, &self.rules.load()).await?;
+                let new = seed_query_types(&mut client, &self.rules.load()).await?;
                 tracing::info!(new, "query type state seeded from the rules");
                 *seeded = true;
             }
@@ -384,10 +384,12 @@ pub async fn load(client: &Client) -> Result<Vec<QueryTypeState>, tokio_postgres
 /// that had no state yet. The stage only where there is none (live changes win over the
 /// files); the dual-write mode always (a reviewed rule option, not live state).
 pub async fn seed_query_types(
-    client: &Client,
+    client: &mut Client,
     rules: &RuleSet,
 ) -> Result<u64, tokio_postgres::Error> {
-    let statement = client
+    // One transaction: dual-write's triggers are switched once for the whole baseline.
+    let tx = read_committed(client).await?;
+    let statement = tx
         .prepare(
             "INSERT INTO cutover.query_type_state AS s (query_type, stage, percent, dual_write)
              VALUES ($1, $2, $3, $4)
@@ -396,30 +398,30 @@ pub async fn seed_query_types(
              RETURNING (xmax = 0) AS inserted",
         )
         .await?;
-    // One transaction, READ COMMITTED whatever the database's default: dual-write's triggers
-    // follow the state (migration 0024), switched once for the whole baseline.
+    let mut inserted = 0;
+    for qt in &rules.query_types {
+        let (stage, percent) = stage_columns(qt.stage);
+        let mode = if qt.strict { "strict" } else { "isolated" };
+        let rows = tx
+            .query(&statement, &[&qt.name, &stage, &percent, &mode])
+            .await?;
+        inserted += rows.iter().filter(|r| r.get::<_, bool>(0)).count() as u64;
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+/// A transaction for a change of `cutover.query_type_state`: READ COMMITTED whatever the
+/// database's default, the only level migration 0024 accepts (dual-write's triggers follow
+/// the state, decided from what every other change committed).
+async fn read_committed(
+    client: &mut Client,
+) -> Result<tokio_postgres::Transaction<'_>, tokio_postgres::Error> {
     client
-        .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-        .await?;
-    let seeded = async {
-        let mut inserted = 0;
-        for qt in &rules.query_types {
-            let (stage, percent) = stage_columns(qt.stage);
-            let mode = if qt.strict { "strict" } else { "isolated" };
-            let rows = client
-                .query(&statement, &[&qt.name, &stage, &percent, &mode])
-                .await?;
-            inserted += rows.iter().filter(|r| r.get::<_, bool>(0)).count() as u64;
-        }
-        client.batch_execute("COMMIT").await?;
-        Ok(inserted)
-    }
-    .await;
-    if seeded.is_err() {
-        // The connection may be gone; if not, it is left usable.
-        let _ = client.batch_execute("ROLLBACK").await;
-    }
-    seeded
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await
 }
 
 #[cfg(test)]

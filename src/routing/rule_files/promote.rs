@@ -44,8 +44,6 @@ pub enum PromoteError {
 pub struct Promoted {
     pub file: PathBuf,
     pub rule: String,
-    /// The live stage carried over to the new name, if there was one.
-    pub stage: Option<String>,
 }
 
 /// A normalized text's `?`s as `$1`, `$2`, … — checked to fingerprint the same.
@@ -150,75 +148,7 @@ pub async fn promote(
             source,
         })?;
 
-    // The live stage, under the new name (audited), so the type keeps where it was.
-    let stage = carry_stage(client, id, name).await?;
-    Ok(Promoted {
-        file: path,
-        rule,
-        stage,
-    })
-}
-
-async fn carry_stage(
-    client: &Client,
-    id: &str,
-    name: &str,
-) -> Result<Option<String>, tokio_postgres::Error> {
-    let Some(row) = client
-        .query_opt(
-            "SELECT stage, percent FROM cutover.query_type_state WHERE query_type = $1",
-            &[&id],
-        )
-        .await?
-    else {
-        return Ok(None);
-    };
-    let (stage, percent): (String, i16) = (row.get(0), row.get(1));
-    // The state and its audit row together, READ COMMITTED whatever the database's default
-    // (dual-write's triggers follow the state: migration 0024).
-    client
-        .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-        .await?;
-    let carried = carry(client, name, &stage, percent, id).await;
-    match carried {
-        Ok(()) => client.batch_execute("COMMIT").await?,
-        Err(_) => {
-            let _ = client.batch_execute("ROLLBACK").await;
-        }
-    }
-    carried?;
-    Ok(Some(crate::routing::rules::stage_label(&stage, percent)))
-}
-
-async fn carry(
-    client: &Client,
-    name: &str,
-    stage: &str,
-    percent: i16,
-    id: &str,
-) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
-            "INSERT INTO cutover.query_type_state (query_type, stage, percent, updated_at)
-             VALUES ($1, $2, $3, now())
-             ON CONFLICT (query_type) DO NOTHING",
-            &[&name, &stage, &percent],
-        )
-        .await?;
-    client
-        .execute(
-            "INSERT INTO cutover.stage_audit
-                 (query_type, from_stage, from_percent, to_stage, to_percent, reason, changed_by, via, forced)
-             VALUES ($1, NULL, NULL, $2, $3, $4, current_user, 'promote', false)",
-            &[
-                &name,
-                &stage,
-                &percent,
-                &format!("promoted from the automatic query type {id}"),
-            ],
-        )
-        .await?;
-    Ok(())
+    Ok(Promoted { file: path, rule })
 }
 
 #[cfg(test)]
