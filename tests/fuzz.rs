@@ -86,7 +86,7 @@ fn parse_everything(tag: u8, body: &[u8]) {
     let _ = messages::dual_write_report(body);
     let _ = messages::tagged_query(body, "t");
     let _ = messages::tagged_parse(body, "t");
-    let _ = messages::described_as(body, &[(23, 4, -1), (25, -1, -1)]);
+    let _ = messages::describe_as(&mut body.to_vec(), &[(23, 4, -1), (25, -1, -1)]);
     let _ = wire::frame(tag, body);
 }
 

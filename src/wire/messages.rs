@@ -211,30 +211,41 @@ pub fn parse_text(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((name, sql))
 }
 
-/// A RowDescription body with each field's table OID, attribute number and type modifier
-/// replaced by `fields` (name, type, length and format kept); `None` if the counts differ or
-/// the body is malformed.
-pub fn described_as(body: &[u8], fields: &[(u32, i16, i32)]) -> Option<Bytes> {
-    let (count, mut rest) = body.split_first_chunk::<2>()?;
+/// Gives a RowDescription body each field's table OID, attribute number and type modifier
+/// from `fields`, in place (name, type, length and format kept; the size does not change);
+/// false, leaving it untouched, if the counts differ or the body is malformed.
+pub fn describe_as(body: &mut [u8], fields: &[(u32, i16, i32)]) -> bool {
+    let Some(count) = body.first_chunk::<2>() else {
+        return false;
+    };
     if usize::from(u16::from_be_bytes(*count)) != fields.len() {
-        return None;
+        return false;
     }
-    let mut out = BytesMut::with_capacity(body.len());
-    out.put_slice(count);
+    // Each field: its name, then table oid (4), attnum (2), type oid (4), typlen (2),
+    // typmod (4), format (2). Walked once to check the body, once to change it.
+    let fixed = |body: &[u8], at: usize| {
+        let nul = memchr::memchr(0, body.get(at..)?)?;
+        let start = at + nul + 1;
+        (body.len() >= start + 18).then_some(start)
+    };
+    let mut at = 2;
+    for _ in fields {
+        let Some(start) = fixed(body, at) else {
+            return false;
+        };
+        at = start + 18;
+    }
+    let mut at = 2;
     for &(table_oid, attnum, typmod) in fields {
-        let name = take_cstr(&mut rest)?;
-        out.put_slice(name);
-        out.put_u8(0);
-        // table oid (4), attnum (2), type oid (4), typlen (2), typmod (4), format (2)
-        let (field, tail) = rest.split_first_chunk::<18>()?;
-        rest = tail;
-        out.put_u32(table_oid);
-        out.put_i16(attnum);
-        out.put_slice(&field[6..12]);
-        out.put_i32(typmod);
-        out.put_slice(&field[16..18]);
+        let Some(start) = fixed(body, at) else {
+            return false;
+        };
+        body[start..start + 4].copy_from_slice(&table_oid.to_be_bytes());
+        body[start + 4..start + 6].copy_from_slice(&attnum.to_be_bytes());
+        body[start + 12..start + 16].copy_from_slice(&typmod.to_be_bytes());
+        at = start + 18;
     }
-    Some(frame(backend::ROW_DESCRIPTION, &out))
+    true
 }
 
 /// A Query message for `sql`.
@@ -484,6 +495,47 @@ mod tests {
 
     fn body(frame: &Bytes) -> &[u8] {
         &frame[5..]
+    }
+
+    /// A RowDescription body: (name, table oid, attnum, type oid, typlen, typmod, format).
+    fn row_description(fields: &[(&str, u32, i16, u32, i16, i32, i16)]) -> Vec<u8> {
+        let mut b = (fields.len() as u16).to_be_bytes().to_vec();
+        for &(name, table, attnum, oid, len, typmod, format) in fields {
+            b.extend_from_slice(name.as_bytes());
+            b.push(0);
+            b.extend_from_slice(&table.to_be_bytes());
+            b.extend_from_slice(&attnum.to_be_bytes());
+            b.extend_from_slice(&oid.to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
+            b.extend_from_slice(&typmod.to_be_bytes());
+            b.extend_from_slice(&format.to_be_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn row_descriptions_take_legacy_identities_in_place() {
+        let target = [
+            ("affiliate_id", 99, 1, 20, 8, -1, 1),
+            ("name", 99, 4, 1043, -1, 104, 0),
+        ];
+        let mut b = row_description(&target);
+        assert!(describe_as(&mut b, &[(16384, 1, -1), (16384, 4, 104 + 4)]));
+        assert_eq!(
+            b,
+            row_description(&[
+                ("affiliate_id", 16384, 1, 20, 8, -1, 1),
+                ("name", 16384, 4, 1043, -1, 108, 0),
+            ])
+        );
+        // Another count, or a body cut anywhere: refused, and not a byte changed.
+        let mut b = row_description(&target);
+        assert!(!describe_as(&mut b, &[(1, 1, 1)]));
+        for cut in 0..b.len() {
+            let mut short = b[..cut].to_vec();
+            assert!(!describe_as(&mut short, &[(1, 1, 1), (2, 2, 2)]), "{cut}");
+            assert_eq!(short, &b[..cut]);
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The sockets a session relays between: [`Duplex`], a socket read and written at once from
-//! one task, and the read buffers lent per read ([`buffers`]).
+//! one task, the read buffers lent per read ([`buffers`]), and what a read becomes on the
+//! other side, sent in one write ([`outgoing`]).
 
 pub mod buffers;
+pub mod outgoing;
 
 use buffers::ReadReady;
 use tokio::io::{AsyncRead, AsyncWrite};

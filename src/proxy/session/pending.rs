@@ -62,8 +62,9 @@ pub enum Answer {
     /// client's messages up to Sync too, and the client must learn why) and stop routing
     /// that statement.
     InjectedFailed,
-    /// A RowDescription of the target's, as legacy would have sent it.
-    Described(bytes::Bytes),
+    /// A RowDescription of the target's: to be described as legacy describes these
+    /// columns (`messages::describe_as`).
+    Described(Described),
 }
 
 #[derive(Debug, Default)]
@@ -528,7 +529,6 @@ impl Flow {
         match tag {
             backend::ROW_DESCRIPTION => answers
                 .row_description()
-                .and_then(|legacy| messages::described_as(body, &legacy))
                 .map_or(Answer::Forward, Answer::Described),
             backend::NO_DATA => {
                 answers.no_data();

@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
 
@@ -27,6 +27,7 @@ use crate::{
         io::{
             Duplex,
             buffers::{READ_CHUNK, ReadReady, read_ready},
+            outgoing::Outgoing,
         },
     },
     shadow::Shadow,
@@ -104,6 +105,7 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
             me: self.me,
             flow: &flow,
             buf: BytesMut::new(),
+            out: Outgoing::default(),
             streaming: 0,
             statements: Statements::new(shared, self.shadow, self.id, &flow),
         };
@@ -111,6 +113,7 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
             shared,
             id: self.id,
             buf: BytesMut::new(),
+            out: Outgoing::default(),
             streaming: 0,
             last_was_fatal: false,
             key_guard: None,
@@ -161,6 +164,8 @@ struct ClientToServer<'s> {
     me: &'s Client,
     flow: &'s Flow,
     buf: BytesMut,
+    /// What the read became so far, when the relay replaced a frame of it.
+    out: Outgoing,
     /// Bytes of a frame still to stream through without looking.
     streaming: usize,
     statements: Statements<'s>,
@@ -174,22 +179,18 @@ async fn upstream_gone() -> End {
 }
 
 impl ClientToServer<'_> {
-    /// Sends the `ready` bytes before a message, then `frames` in place of the message
-    /// (`total` bytes, dropped); false if the upstream is gone.
-    async fn replace<W: AsyncWrite + Unpin>(
+    /// Sends what the read became so far and the `ready` bytes after it, then `frames` in
+    /// the place of the `total` bytes that follow (dropped), in one write; false if the
+    /// upstream is gone.
+    async fn send_with<W: AsyncWrite + Unpin>(
         &mut self,
         upstream: &mut W,
         ready: usize,
         total: usize,
         frames: &[u8],
     ) -> bool {
-        let written = upstream.write_all(&self.buf[..ready]).await.is_ok()
-            && upstream.write_all(frames).await.is_ok()
-            && upstream.flush().await.is_ok();
-        if written {
-            self.buf.advance(ready + total);
-        }
-        written
+        self.out.splice(&mut self.buf, ready, total, frames);
+        self.out.send(upstream, &mut self.buf, 0).await
     }
 
     async fn run<R, W>(&mut self, client: &mut R, upstream: &mut W) -> End
@@ -259,7 +260,7 @@ impl ClientToServer<'_> {
                         {
                             // Asked first, in its own transaction; the statement waits for
                             // the answer (one round trip, once per session or change).
-                            if !self.replace(upstream, ready, 0, &question).await {
+                            if !self.send_with(upstream, ready, 0, &question).await {
                                 return upstream_gone().await;
                             }
                             ready = 0;
@@ -286,9 +287,8 @@ impl ClientToServer<'_> {
                         match replacement {
                             None => ready += header.total,
                             Some(frame) => {
-                                if !self.replace(upstream, ready, header.total, &frame).await {
-                                    return upstream_gone().await;
-                                }
+                                // Sent with the rest of the read.
+                                self.out.splice(&mut self.buf, ready, header.total, &frame);
                                 ready = 0;
                             }
                         }
@@ -312,7 +312,7 @@ impl ClientToServer<'_> {
                                     self.statements.names_question_for_bind(statement)
                                 })
                             {
-                                if !self.replace(upstream, ready, 0, &question).await {
+                                if !self.send_with(upstream, ready, 0, &question).await {
                                     return upstream_gone().await;
                                 }
                                 ready = 0;
@@ -345,9 +345,8 @@ impl ClientToServer<'_> {
                                 });
                                 if let Some(frames) = self.statements.bind(portal, statement, whole)
                                 {
-                                    if !self.replace(upstream, ready, header.total, &frames).await {
-                                        return upstream_gone().await;
-                                    }
+                                    // Sent with the rest of the read.
+                                    self.out.splice(&mut self.buf, ready, header.total, &frames);
                                     ready = 0;
                                     continue;
                                 }
@@ -363,16 +362,10 @@ impl ClientToServer<'_> {
                     }
                 }
             }
-            if ready > 0 {
-                // Flushed before the next read: over TLS, records the socket could not take
-                // yet wait in the TLS session until a flush (or a next write that may never
-                // come).
-                if upstream.write_all(&self.buf[..ready]).await.is_err()
-                    || upstream.flush().await.is_err()
-                {
-                    return upstream_gone().await;
-                }
-                self.buf.advance(ready);
+            // Flushed before the next read: over TLS, records the socket could not take yet
+            // wait in the TLS session until a flush (or a next write that may never come).
+            if !self.out.send(upstream, &mut self.buf, ready).await {
+                return upstream_gone().await;
             }
             release_if_large(&mut self.buf);
             if terminate {
@@ -396,6 +389,8 @@ struct ServerToClient<'s> {
     /// Shared with the client side (see [`Flow`]).
     flow: &'s Flow,
     me: &'s Client,
+    /// What the read became so far, when the relay replaced a frame of it.
+    out: Outgoing,
 }
 
 /// What to do with an inspected server frame.
@@ -464,7 +459,14 @@ impl ServerToClient<'_> {
                         }
                         let action = match answer {
                             Answer::Swallow => Action::Replace(Bytes::new()),
-                            Answer::Described(frame) => Action::Replace(frame),
+                            Answer::Described(legacy) => {
+                                // Same size: rewritten where it lies, and forwarded.
+                                messages::describe_as(
+                                    &mut self.buf[ready + 5..ready + header.total],
+                                    &legacy,
+                                );
+                                Action::Forward
+                            }
                             Answer::InjectedFailed | Answer::Forward => inspect_server_frame(
                                 header.tag,
                                 body,
@@ -478,10 +480,8 @@ impl ServerToClient<'_> {
                         match action {
                             Action::Forward => ready += header.total,
                             Action::Replace(frame) => {
-                                if !self.write(client, ready, &frame).await {
-                                    return End::ClientClosed;
-                                }
-                                self.buf.advance(header.total);
+                                // Sent with the rest of the read.
+                                self.out.splice(&mut self.buf, ready, header.total, &frame);
                                 ready = 0;
                             }
                         }
@@ -499,31 +499,16 @@ impl ServerToClient<'_> {
                 }
             }
             self.at_boundary.store(false, Relaxed);
-            if ready > 0 && !self.write(client, ready, &[]).await {
+            // Flushed: over TLS, records the socket could not take yet wait in the TLS
+            // session until a flush, and the relay's next step is to wait for the server,
+            // which may have nothing more to say (a large answer to a slow reader hung that
+            // way, issue 17). Free on plain TCP.
+            if !self.out.send(client, &mut self.buf, ready).await {
                 return End::ClientClosed;
             }
             release_if_large(&mut self.buf);
             self.at_boundary.store(self.streaming == 0, Relaxed);
         }
-    }
-
-    /// Writes the first `ready` buffered bytes, then `extra`, drops the former, and flushes:
-    /// over TLS, records the socket could not take yet wait in the TLS session until a flush,
-    /// and the relay's next step is to wait for the server, which may have nothing more to
-    /// say (a large answer to a slow reader hung that way, issue 17). Free on plain TCP.
-    async fn write<W: AsyncWrite + Unpin>(
-        &mut self,
-        client: &mut W,
-        ready: usize,
-        extra: &[u8],
-    ) -> bool {
-        if ready > 0 {
-            if client.write_all(&self.buf[..ready]).await.is_err() {
-                return false;
-            }
-            self.buf.advance(ready);
-        }
-        (extra.is_empty() || client.write_all(extra).await.is_ok()) && client.flush().await.is_ok()
     }
 }
 

@@ -32,10 +32,7 @@ use crate::{
     routing::route::{self, Side, check::Check},
     routing::rules::{RuleSet, Stage},
     shadow::{self, Shadow},
-    wire::{
-        self,
-        messages::{self, frontend},
-    },
+    wire::messages::{self, frontend},
 };
 
 /// Bind messages up to this size are read whole when the statement may be routed or
@@ -89,6 +86,26 @@ struct Prepared {
     variant_confirmed: bool,
     /// The batch the variant's Parse was sent in.
     variant_batch: u64,
+    /// What its route check said, kept for its next Binds.
+    variant: Option<Variant>,
+}
+
+/// A prepared statement's route check, as its Binds use it: read once per statement (and
+/// again after the rules change), not looked up by its SQL text at every execution.
+struct Variant {
+    /// The checks' generation it was read in (`Checks::generation`).
+    generation: u64,
+    /// `None` when the check refused it (legacy serves it).
+    ready: Option<ReadyVariant>,
+}
+
+/// A target variant the route check said yes to.
+struct ReadyVariant {
+    /// The name it is prepared under: `cutover_t_` and the client's name in hex.
+    name: Box<[u8]>,
+    param_types: Arc<[u32]>,
+    /// Its columns, as legacy describes them.
+    described: Described,
 }
 
 /// A statement on the legacy table, as parsed.
@@ -630,6 +647,7 @@ impl<'s> Statements<'s> {
                 variant_parsed: 0,
                 variant_confirmed: false,
                 variant_batch: 0,
+                variant: None,
             },
         );
         write_tag.and_then(|tag| messages::tagged_parse(body, &tag))
@@ -689,10 +707,11 @@ impl<'s> Statements<'s> {
             return None;
         };
         let t = source.typed();
-        let params = messages::bind_params(body);
-        let job = params
-            .as_ref()
-            .filter(|_| self.compared(t, stage) && Self::sampled(t))
+        // The parameters are read only when something needs them: the shadow's copy, or the
+        // bucket's key (which only `cutover N%` splits by).
+        let job = (self.compared(t, stage) && Self::sampled(t))
+            .then(|| messages::bind_params(body))
+            .flatten()
             .map(|params| shadow::Job {
                 classification: Arc::clone(&source.classification),
                 sql: Arc::clone(&source.sql),
@@ -707,10 +726,10 @@ impl<'s> Statements<'s> {
                 inline: false,
                 rules: Arc::clone(&source.rules),
             });
-        let key = match (&t.bucket_key, &params) {
-            (BucketKey::Param(n), Some(params)) => params
-                .get(n - 1)
-                .and_then(|(binary, value)| Some(route::key_text(*binary, (*value)?))),
+        let key = match (&t.bucket_key, stage) {
+            (BucketKey::Param(n), Stage::Cutover(_)) => messages::bind_params(body)
+                .and_then(|params| params.get(n - 1).copied())
+                .and_then(|(binary, value)| Some(route::key_text(binary, value?))),
             (BucketKey::Literal(v), _) => Some(std::borrow::Cow::Borrowed(v.as_bytes())),
             _ => None,
         };
@@ -748,16 +767,35 @@ impl<'s> Statements<'s> {
         portal: &[u8],
         body: &[u8],
     ) -> Option<(Bytes, Described)> {
-        let Some(Check::Ready {
-            param_types,
-            columns,
-        }) = self.checked(source.check_key(), &source.sql, target, &source.param_types)
-        else {
-            return None;
-        };
-        let variant = format!("{TARGET_PREFIX}{}", hex::encode(statement));
-        let mut out = BytesMut::new();
+        let generation = self.shared.checks.as_ref()?.generation();
+        let known = self.statements.get(statement)?.variant.as_ref();
+        if known.is_none_or(|v| v.generation != generation) {
+            let ready =
+                match self.checked(source.check_key(), &source.sql, target, &source.param_types)? {
+                    Check::Ready {
+                        param_types,
+                        columns,
+                    } => Some(ReadyVariant {
+                        name: format!("{TARGET_PREFIX}{}", hex::encode(statement))
+                            .into_bytes()
+                            .into_boxed_slice(),
+                        param_types,
+                        described: described(&columns),
+                    }),
+                    Check::Refused(_) => None,
+                };
+            self.statements.get_mut(statement)?.variant = Some(Variant { generation, ready });
+        }
         let prepared = self.statements.get_mut(statement)?;
+        let ReadyVariant {
+            name: variant,
+            param_types,
+            described,
+        } = prepared.variant.as_ref()?.ready.as_ref()?;
+        // Bind: portal, the variant's name, then the client's formats and values as sent.
+        let rest = &body[portal.len() + 1 + statement.len() + 1..];
+        let bind_len = 4 + portal.len() + 1 + variant.len() + 1 + rest.len();
+        let mut out = BytesMut::with_capacity(1 + bind_len);
         // Prepared (again) unless done, or sent in this batch (a failure there skips this
         // Bind too): a Parse from an earlier batch may have been skipped by an error whose
         // answer is not in yet.
@@ -770,11 +808,11 @@ impl<'s> Statements<'s> {
             prepared.variant_confirmed = false;
             prepared.variant_batch = batch;
             let tag = source.typed().write_tag.as_deref().unwrap_or("");
-            out.extend_from_slice(&messages::close_statement_frame(variant.as_bytes()));
+            out.extend_from_slice(&messages::close_statement_frame(variant));
             out.extend_from_slice(&messages::parse_frame(
-                variant.as_bytes(),
+                variant,
                 &format!("{target}{tag}"),
-                &param_types,
+                param_types,
             ));
             self.flow.expect(Awaited::Close { injected: true });
             self.flow.expect(Awaited::Parse {
@@ -782,15 +820,14 @@ impl<'s> Statements<'s> {
                 seq: self.parses,
             });
         }
-        // Bind: portal, the variant's name, then the client's formats and values as sent.
-        let rest = &body[portal.len() + 1 + statement.len() + 1..];
-        let mut bind = BytesMut::with_capacity(portal.len() + variant.len() + 2 + rest.len());
-        bind.put_slice(portal);
-        bind.put_u8(0);
-        bind.put_slice(variant.as_bytes());
-        bind.put_u8(0);
-        bind.put_slice(rest);
-        out.extend_from_slice(&wire::frame(frontend::BIND, &bind));
-        Some((out.freeze(), described(&columns)))
+        out.put_u8(frontend::BIND);
+        // A Bind read whole is at most MAX_INSPECTED_BIND bytes, and the names are short.
+        out.put_u32(u32::try_from(bind_len).ok()?);
+        out.put_slice(portal);
+        out.put_u8(0);
+        out.put_slice(variant);
+        out.put_u8(0);
+        out.put_slice(rest);
+        Some((out.freeze(), Arc::clone(described)))
     }
 }

@@ -61,6 +61,8 @@ pub struct Checks {
     table: Mutex<Option<crate::routing::rules::TableMap>>,
     /// Legacy's names for the target's, read when the connection first comes up.
     identities: arc_swap::ArcSwapOption<super::identity::Identities>,
+    /// Counts the times what was found was forgotten ([`Self::clear`]).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Checks {
@@ -80,6 +82,7 @@ impl Checks {
             finished: tokio::sync::Notify::new(),
             table: Mutex::new(None),
             identities: arc_swap::ArcSwapOption::empty(),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -153,6 +156,17 @@ impl Checks {
     pub fn clear(&self) {
         self.done.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.asked.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // After the maps: whoever reads the new generation then finds them cleared (the
+        // reader's lock of `done` follows the read, the maps' unlock precedes the change).
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Changes whenever what was found is forgotten: a check kept since an earlier
+    /// generation is to be asked again. Read before [`Self::get`], so that a check made
+    /// before a `clear` is never kept as one made after it.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Answers the requests on a connection of its own to `database`.
