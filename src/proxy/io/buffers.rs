@@ -8,12 +8,13 @@
 
 use std::{
     cell::RefCell,
+    io,
     task::{Context, Poll},
 };
 
 use bytes::BytesMut;
 use tokio::{
-    io::AsyncRead,
+    io::{AsyncRead, AsyncReadExt, Interest},
     net::{tcp, unix},
 };
 use tokio_util::either::Either;
@@ -61,6 +62,10 @@ pub trait ReadReady: AsyncRead + Unpin {
 
     /// `Ready` once a read would not block (or would fail: the read then says how).
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()>;
+
+    /// Reads what the socket holds now into `buf`, without a future (`WouldBlock` when it
+    /// holds nothing after all); `None` for a stream that can only be read through one.
+    fn try_read_now(&self, buf: &mut BytesMut) -> Option<io::Result<usize>>;
 }
 
 impl ReadReady for tcp::ReadHalf<'_> {
@@ -70,6 +75,14 @@ impl ReadReady for tcp::ReadHalf<'_> {
 
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.as_ref().poll_read_ready(cx).map(drop)
+    }
+
+    fn try_read_now(&self, buf: &mut BytesMut) -> Option<io::Result<usize>> {
+        Some(read_clearing(
+            buf,
+            |buf| self.try_read_buf(buf),
+            || self.as_ref().try_io(Interest::READABLE, would_block),
+        ))
     }
 }
 
@@ -81,6 +94,38 @@ impl ReadReady for unix::ReadHalf<'_> {
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.as_ref().poll_read_ready(cx).map(drop)
     }
+
+    fn try_read_now(&self, buf: &mut BytesMut) -> Option<io::Result<usize>> {
+        Some(read_clearing(
+            buf,
+            |buf| self.try_read_buf(buf),
+            || self.as_ref().try_io(Interest::READABLE, would_block),
+        ))
+    }
+}
+
+/// Reads with `read`; when the read took less than there was room for, it emptied the
+/// socket, and its readiness is cleared with `clear` (a `try_io` that fails with
+/// [`would_block`]), as tokio's own read future does: the next wait then parks until the
+/// socket says more came, instead of trying a read that fails with `EAGAIN` (half the reads
+/// did, without this). Bytes that come after the read raise a new event, which the next
+/// wait sees.
+fn read_clearing(
+    buf: &mut BytesMut,
+    read: impl FnOnce(&mut BytesMut) -> io::Result<usize>,
+    clear: impl FnOnce() -> io::Result<()>,
+) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let read = read(buf);
+    if matches!(read, Ok(n) if 0 < n && n < room) {
+        let _ = clear();
+    }
+    read
+}
+
+/// What clears a socket's readiness through `try_io`.
+fn would_block() -> io::Result<()> {
+    Err(io::ErrorKind::WouldBlock.into())
 }
 
 impl<T: AsyncRead> ReadReady for tokio::io::ReadHalf<T> {
@@ -90,6 +135,10 @@ impl<T: AsyncRead> ReadReady for tokio::io::ReadHalf<T> {
 
     fn poll_readable(&self, _: &mut Context<'_>) -> Poll<()> {
         Poll::Ready(())
+    }
+
+    fn try_read_now(&self, _: &mut BytesMut) -> Option<io::Result<usize>> {
+        None
     }
 }
 
@@ -107,6 +156,13 @@ impl<L: ReadReady, R: ReadReady> ReadReady for Either<L, R> {
             Either::Right(r) => r.poll_readable(cx),
         }
     }
+
+    fn try_read_now(&self, buf: &mut BytesMut) -> Option<io::Result<usize>> {
+        match self {
+            Either::Left(l) => l.try_read_now(buf),
+            Either::Right(r) => r.try_read_now(buf),
+        }
+    }
 }
 
 /// Gives `buf` back while `stream` has nothing to read, then takes one for the read. A
@@ -118,6 +174,25 @@ pub async fn read_ready<R: ReadReady>(stream: &R, buf: &mut BytesMut) {
     }
     if buf.capacity() == 0 {
         *buf = take();
+    }
+}
+
+/// Reads what `stream` has into `buf` (`Ok(0)`: the peer closed), holding no buffer while
+/// it waits (see [`read_ready`]). A socket that says it is readable is read with one system
+/// call and no future; the read future is the path of TLS streams only. Losing this future
+/// loses nothing: bytes are only ever read into `buf`.
+pub async fn read_some<R: ReadReady>(stream: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        read_ready(stream, buf).await;
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(READ_CHUNK);
+        }
+        match stream.try_read_now(buf) {
+            // Readiness can be stale (the event was for a read already made): wait again.
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Some(read) => return read,
+            None => return stream.read_buf(buf).await,
+        }
     }
 }
 

@@ -11,7 +11,8 @@
 //! The buffer is given back after each write: a session at rest holds none.
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use super::{WriteNow, write_all_now};
 
 /// The part of a read already decided but not yet written: everything before the read
 /// buffer's first byte still there.
@@ -39,7 +40,7 @@ impl Outgoing {
     /// flushes (over TLS, records the socket could not take yet wait in the session until a
     /// flush); nothing when there is nothing. `buf` then starts after them. False if the peer
     /// is gone.
-    pub async fn send<W: AsyncWrite + Unpin>(
+    pub async fn send<W: WriteNow>(
         &mut self,
         peer: &mut W,
         buf: &mut BytesMut,
@@ -49,15 +50,15 @@ impl Outgoing {
             if ready == 0 {
                 return true;
             }
-            peer.write_all(&buf[..ready]).await.is_ok()
+            write_all_now(peer, &buf[..ready]).await.is_ok()
         } else {
             self.pending.extend_from_slice(&buf[..ready]);
             let pending = std::mem::take(&mut self.pending);
-            peer.write_all(&pending).await.is_ok()
+            write_all_now(peer, &pending).await.is_ok()
         };
         if written {
             buf.advance(ready);
         }
-        written && peer.flush().await.is_ok()
+        written
     }
 }

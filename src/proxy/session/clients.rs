@@ -83,10 +83,18 @@ pub struct Client {
     batches: AtomicU64,
 }
 
+/// Milliseconds since the epoch, from the kernel's coarse clock: a state changes twice per
+/// query, and `SHOW CLIENTS` needs no better than a few milliseconds (`SystemTime::now` and
+/// its `duration_since` cost ~200 instructions per query, 3% of the relay's under callgrind).
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_REALTIME_COARSE exists on every Linux
+    // since 2.6.32 (on failure `ts` stays zero and the time reads as the epoch).
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    (ts.tv_sec.max(0) as u64) * 1000 + (ts.tv_nsec.max(0) as u64) / 1_000_000
 }
 
 impl Client {

@@ -28,7 +28,6 @@ use std::sync::{
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
@@ -80,7 +79,7 @@ pub struct Shared {
     /// TLS to the upstream, from the upstream URL's sslmode.
     pub upstream_tls: upstream::UpstreamTls,
     /// Fired when the shutdown grace period ends: sessions close with 57P01.
-    pub terminate: CancellationToken,
+    pub terminate: crate::proxy::shutdown::Terminate,
     /// The live state of the query types, shared with the other replicas.
     pub control: Arc<crate::control::Control>,
     /// The shadow pool, when one is configured.
@@ -136,7 +135,7 @@ impl Shared {
             metrics,
             classifier: arc_swap::ArcSwap::from_pointee(classifier),
             upstream_tls,
-            terminate: CancellationToken::new(),
+            terminate: crate::proxy::shutdown::Terminate::new(),
             control,
             shadow: None,
             checks: None,

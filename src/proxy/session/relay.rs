@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_postgres::error::SqlState;
 
 use super::{
@@ -25,8 +25,8 @@ use crate::{
     proxy::{
         cancel::KeyGuard,
         io::{
-            Duplex,
-            buffers::{READ_CHUNK, ReadReady, read_ready},
+            Duplex, WriteNow,
+            buffers::{ReadReady, read_some},
             outgoing::Outgoing,
         },
     },
@@ -182,7 +182,7 @@ impl ClientToServer<'_> {
     /// Sends what the read became so far and the `ready` bytes after it, then `frames` in
     /// the place of the `total` bytes that follow (dropped), in one write; false if the
     /// upstream is gone.
-    async fn send_with<W: AsyncWrite + Unpin>(
+    async fn send_with<W: WriteNow>(
         &mut self,
         upstream: &mut W,
         ready: usize,
@@ -196,16 +196,12 @@ impl ClientToServer<'_> {
     async fn run<R, W>(&mut self, client: &mut R, upstream: &mut W) -> End
     where
         R: ReadReady,
-        W: AsyncWrite + Unpin,
+        W: WriteNow,
     {
         let max = self.shared.config.max_message_bytes;
         loop {
             // No buffer held while the client has nothing to say (see `buffers`).
-            read_ready(client, &mut self.buf).await;
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(READ_CHUNK);
-            }
-            match client.read_buf(&mut self.buf).await {
+            match read_some(client, &mut self.buf).await {
                 Ok(0) | Err(_) => return End::ClientClosed,
                 Ok(_) => {}
             }
@@ -403,26 +399,18 @@ impl ServerToClient<'_> {
     async fn run<R, W>(&mut self, upstream: &mut R, client: &mut W) -> End
     where
         R: ReadReady,
-        W: AsyncWrite + Unpin,
+        W: WriteNow,
     {
         // One future for the whole session: creating it per read would take a lock.
-        let terminate = self.shared.terminate.clone();
-        let terminated = terminate.cancelled();
-        tokio::pin!(terminated);
+        // One wait for the whole session, polled at every wake-up (see `proxy::shutdown`).
+        let shared = self.shared;
+        let mut terminated = shared.terminate.cancelled();
         loop {
             // No buffer held while the server has nothing to say (see `buffers`).
-            tokio::select! {
-                biased;
-                _ = &mut terminated, if self.streaming == 0 => return End::Shutdown,
-                () = read_ready(upstream, &mut self.buf) => {}
-            }
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(READ_CHUNK);
-            }
             let read = tokio::select! {
                 biased;
-                _ = &mut terminated, if self.streaming == 0 => return End::Shutdown,
-                read = upstream.read_buf(&mut self.buf) => read,
+                () = &mut terminated, if self.streaming == 0 => return End::Shutdown,
+                read = read_some(upstream, &mut self.buf) => read,
             };
             match read {
                 Ok(0) | Err(_) => return End::UpstreamClosed,
