@@ -124,8 +124,15 @@ fn thread_cpu_us(pid: u32) -> (f64, f64) {
 /// The cost of serving `affiliate_by_id` (prepared) in each stage: one client's time per
 /// query, and with 8 clients the proxy's CPU per query, the relay's threads apart from the
 /// rest (the shadow's comparisons). A second proxy with a control database, on a migrated and
-/// backfilled tree of 100,000 affiliates.
-async fn stage_costs(pg: &LocalPg, bindir: &Path, seconds: u64, rounds: usize) {
+/// backfilled tree of 100,000 affiliates; then pgbouncer (`bouncer`: its port and pid)
+/// relaying the same query, the bar.
+async fn stage_costs(
+    pg: &LocalPg,
+    bindir: &Path,
+    seconds: u64,
+    rounds: usize,
+    bouncer: Option<(u16, u32)>,
+) {
     let config = pg.config("tree_bench");
     let admin = cutover::net::connect::connect(&pg.config("postgres"))
         .await
@@ -215,6 +222,25 @@ async fn stage_costs(pg: &LocalPg, bindir: &Path, seconds: u64, rounds: usize) {
             median(other),
         );
     }
+    // pgbouncer has no stages: it relays the query to legacy; its whole process is its relay.
+    if let Some((port, pid)) = bouncer {
+        let (mut direct, mut through, mut relay) = (vec![], vec![], vec![]);
+        for _ in 0..rounds {
+            direct.push(1000.0 / run(pg.port(), "1").tps);
+            through.push(1000.0 / run(port, "1").tps);
+            let before = cpu_us(&pid.to_string());
+            let queries = run(port, CLIENTS).transactions;
+            relay.push((cpu_us(&pid.to_string()) - before) / queries.max(1.0));
+        }
+        let (direct, through) = (median(direct), median(through));
+        println!(
+            "{:<12} {direct:>10.3} {through:>10.3} {:>8.0} {:>12.1} {:>12}",
+            "pgbouncer",
+            (through - direct) * 1000.0,
+            median(relay),
+            "-",
+        );
+    }
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -271,8 +297,16 @@ fn start_pgbouncer(upstream_port: u16, dir: &Path) -> Option<((Killed, Bouncer),
             .args(["-R", "postgres"])
             .arg(dir)
             .status();
+        // runuser's session starts at the default limit of 1,024 open files: too few for
+        // 1,000 idle clients and their server connections (pgbouncer then fails every
+        // accept and the clients wait for ever). Raised to what the hard limit allows.
         let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(&exe);
+        c.args(["-u", "postgres", "--", "sh", "-c"])
+            .arg(
+                "h=$(ulimit -Hn); [ \"$h\" = unlimited ] && h=65536; \
+                 ulimit -n \"$h\" 2>/dev/null; exec \"$0\" \"$@\"",
+            )
+            .arg(&exe);
         c
     } else {
         Command::new(&exe)
@@ -460,7 +494,13 @@ fn main() {
     );
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(stage_costs(&pg, &bindir, seconds, rounds));
+    runtime.block_on(stage_costs(
+        &pg,
+        &bindir,
+        seconds,
+        rounds,
+        bouncer.as_ref().map(|(_, port, pid)| (*port, *pid)),
+    ));
     let before = rss_kb(cutover_pid);
     let idle = runtime.block_on(idle_connections(cutover_port, IDLE_CONNECTIONS));
     std::thread::sleep(Duration::from_millis(500));
