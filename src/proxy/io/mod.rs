@@ -1,9 +1,11 @@
 //! The sockets a session relays between: [`Duplex`], a socket read and written at once from
 //! one task, the read buffers lent per read ([`buffers`]), and what a read becomes on the
-//! other side, sent in one write ([`outgoing`]).
+//! other side, sent in one write ([`outgoing`]), and the race of the relay's two directions
+//! ([`race`]).
 
 pub mod buffers;
 pub mod outgoing;
+pub mod race;
 
 use std::io;
 

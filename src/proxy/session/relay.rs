@@ -8,7 +8,10 @@
 //! write. Frames are forwarded byte for byte, except the server's BackendKeyData (replaced
 //! by the proxy's key). The login is over before the relay starts (`session::login`).
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::{
+    pin::pin,
+    sync::atomic::{AtomicBool, Ordering::Relaxed},
+};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -28,6 +31,7 @@ use crate::{
             Duplex, WriteNow,
             buffers::{ReadReady, read_some},
             outgoing::Outgoing,
+            race::race,
         },
     },
     shadow::Shadow,
@@ -122,10 +126,12 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
             me: self.me,
         };
 
-        let end = tokio::select! {
-            end = to_upstream.run(&mut client_rd, &mut upstream_wr) => end,
-            end = to_client.run(&mut upstream_rd, &mut client_wr) => end,
-        };
+        // Each direction is polled only when something it waits for happened (`race`).
+        let end = race(
+            pin!(to_upstream.run(&mut client_rd, &mut upstream_wr)),
+            pin!(to_client.run(&mut upstream_rd, &mut client_wr)),
+        )
+        .await;
         shared.metrics.clients.decrement(1.0);
         drop((client_rd, client_wr, upstream_rd, upstream_wr));
 
