@@ -25,7 +25,7 @@ pub struct FileConfig {
     pub max_message_bytes: Option<usize>,
     /// After SIGTERM, how long sessions may go on before they are closed with 57P01.
     pub shutdown_grace_seconds: Option<u64>,
-    /// Threads that run client sessions (default: [`default_worker_threads`]).
+    /// Threads that run client sessions (default: one per CPU core).
     pub worker_threads: Option<usize>,
     /// Directory of the rule files (default: rules).
     pub rules: Option<PathBuf>,
@@ -415,7 +415,9 @@ impl FileConfig {
                         .map(Duration::from_secs)
                         .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
                     rules: self.rules.unwrap_or_else(|| PathBuf::from("rules")),
-                    worker_threads: self.worker_threads.unwrap_or_else(default_worker_threads),
+                    worker_threads: self.worker_threads.unwrap_or_else(|| {
+                        std::thread::available_parallelism().map_or(2, |n| n.get())
+                    }),
                     tls,
                     client_tls_required,
                     control,
@@ -459,18 +461,6 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, col)
-}
-
-/// Threads that run sessions unless configured: one per two CPU cores, at least one.
-///
-/// Each worker waits for its own sockets: the fewer sessions it has, the fewer events each
-/// of its `epoll_wait` calls returns, and the more often it sleeps and wakes. On a 2-core
-/// machine shared with PostgreSQL and the clients, two workers cost 2–4 µs more CPU per
-/// `pgbench -S` transaction than one (user and system time, 8 clients) for the same
-/// throughput, which one worker matches pgbouncer's at (docs/performance.md). A worker relays
-/// tens of thousands of queries a second; a host given to the proxy alone can have more.
-pub fn default_worker_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 #[cfg(test)]
