@@ -317,6 +317,57 @@ fn first_error_code(bytes: &[u8]) -> Option<String> {
     Some(fields.code)
 }
 
+/// A message that arrives in pieces, the rest a while later: the session waits for the socket
+/// with part of a frame in its buffer, and its worker serves other sessions meanwhile. (A
+/// read that found nothing after all once looped back without waiting while the buffer held
+/// part of a frame: the worker spun on it, and every other session on it stood still.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_cut_in_two_waits_without_holding_the_worker() {
+    let p = proxy_with(|c| c.worker_threads = Some(1)).await;
+    let mut cut = raw_session(p.addr).await;
+    let query = query_frame("SELECT 'whole'");
+    let (head, tail) = query.split_at(query.len() / 2);
+    cut.write_all(head).await.unwrap();
+    // The half frame is read (the socket said readable); the rest is not sent yet.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Another session on the same (only) worker is served meanwhile.
+    let served = tokio::time::timeout(Duration::from_secs(20), async {
+        let other = p.client("postgres").await;
+        other
+            .query_one("SELECT 2", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+    })
+    .await
+    .expect("the other session was served while one waited for the rest of a frame");
+    assert_eq!(served, 2);
+
+    cut.write_all(tail).await.unwrap();
+    let mut seen = Vec::new();
+    while !seen.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(20), cut.read(&mut chunk))
+            .await
+            .expect("the whole message answered")
+            .unwrap();
+        assert!(n > 0, "closed");
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    assert!(seen.windows(5).any(|w| w == b"whole"));
+    p.shutdown().await;
+}
+
+/// A simple Query message.
+fn query_frame(sql: &str) -> Vec<u8> {
+    let mut frame = vec![b'Q'];
+    frame.extend_from_slice(&(4 + sql.len() as u32 + 1).to_be_bytes());
+    frame.extend_from_slice(sql.as_bytes());
+    frame.push(0);
+    frame
+}
+
 #[tokio::test]
 async fn malformed_and_oversized_messages_get_08p01_and_a_close() {
     let p = proxy_with(|c| c.max_message_bytes = Some(64 * 1024)).await;

@@ -188,8 +188,15 @@ pub async fn read_some<R: ReadReady>(stream: &mut R, buf: &mut BytesMut) -> io::
             buf.reserve(READ_CHUNK);
         }
         match stream.try_read_now(buf) {
-            // Readiness can be stale (the event was for a read already made): wait again.
-            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // Nothing after all (the readiness was stale; the failed read cleared it): wait
+            // for the socket. `read_ready` waits only with an empty buffer (it gives it
+            // back), so with part of a frame held the wait is made here: looping back
+            // without one spun the worker, and every session on it stood still.
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !buf.is_empty() {
+                    std::future::poll_fn(|cx| stream.poll_readable(cx)).await;
+                }
+            }
             Some(read) => return read,
             None => return stream.read_buf(buf).await,
         }
