@@ -288,8 +288,13 @@ async fn password_methods_are_relayed_and_wrong_passwords_get_the_server_error()
 
 /// Connects with a raw socket and completes a trust startup; returns the socket.
 async fn raw_session(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    raw_session_on(addr, "postgres").await
+}
+
+/// [`raw_session`] on database `dbname`.
+async fn raw_session_on(addr: std::net::SocketAddr, dbname: &str) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(&support::startup_packet("postgres", "postgres"))
+    s.write_all(&support::startup_packet("postgres", dbname))
         .await
         .unwrap();
     // Read until ReadyForQuery.
@@ -406,6 +411,47 @@ async fn malformed_and_oversized_messages_get_08p01_and_a_close() {
 
     let text = p.metrics().await;
     assert!(metric(&text, "cutover_protocol_violations_total") >= 3.0);
+    p.shutdown().await;
+}
+
+/// Frames that came whole before a malformed one in the same read reach the server, as they
+/// would without the proxy (PostgreSQL executes messages in order and fails at the bad one):
+/// the proxy never drops a write it was sent, even one it rewrote.
+#[tokio::test]
+async fn frames_before_a_malformed_one_are_still_served() {
+    let p = proxy().await;
+    let db = support::empty_db().await;
+    let direct = db.client().await;
+    direct
+        .batch_execute("CREATE TABLE kept (id int)")
+        .await
+        .unwrap();
+    let mut s = raw_session_on(p.addr, &db.name).await;
+    // One write: an autocommit INSERT, then a Query whose length is impossible.
+    let mut bytes = query_frame("INSERT INTO kept VALUES (1)");
+    bytes.extend_from_slice(&[b'Q', 0, 0, 0, 2]);
+    s.write_all(&bytes).await.unwrap();
+    assert_eq!(
+        first_error_code(&read_to_close(&mut s).await).as_deref(),
+        Some("08P01")
+    );
+    // The server executes it once the bytes are in, whatever became of the connection.
+    let mut kept = 0;
+    for _ in 0..100 {
+        kept = direct
+            .query_one("SELECT count(*) FROM kept", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if kept > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        kept, 1,
+        "the INSERT sent before the malformed frame was dropped"
+    );
     p.shutdown().await;
 }
 

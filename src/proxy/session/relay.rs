@@ -240,7 +240,12 @@ impl ClientToServer<'_> {
                 let header = match wire::header(&self.buf[ready..], max) {
                     Ok(Some(h)) => h,
                     Ok(None) => break,
-                    Err(e) => return End::ProtocolViolation(e),
+                    Err(e) => {
+                        // The whole frames before it go on, as PostgreSQL would have executed
+                        // them before failing at this one: a write among them is not dropped.
+                        let _ = self.out.send(upstream, &mut self.buf, ready).await;
+                        return End::ProtocolViolation(e);
+                    }
                 };
                 let available = self.buf.len() - ready;
                 match header.tag {
