@@ -68,41 +68,32 @@ pub trait ReadReady: AsyncRead + Unpin {
     fn try_read_now(&self, buf: &mut BytesMut) -> Option<io::Result<usize>>;
 }
 
-impl ReadReady for tcp::ReadHalf<'_> {
-    fn tells_readiness(&self) -> bool {
-        true
-    }
+/// The read halves of plain sockets (TCP, Unix): they say when they are readable, and are
+/// read without a future.
+macro_rules! plain_read_half {
+    ($half:ty) => {
+        impl ReadReady for $half {
+            fn tells_readiness(&self) -> bool {
+                true
+            }
 
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.as_ref().poll_read_ready(cx).map(drop)
-    }
+            fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
+                self.as_ref().poll_read_ready(cx).map(drop)
+            }
 
-    fn try_read_now(&self, buf: &mut BytesMut) -> Option<io::Result<usize>> {
-        Some(read_clearing(
-            buf,
-            |buf| self.try_read_buf(buf),
-            || self.as_ref().try_io(Interest::READABLE, would_block),
-        ))
-    }
+            fn try_read_now(&self, buf: &mut BytesMut) -> Option<io::Result<usize>> {
+                Some(read_clearing(
+                    buf,
+                    |buf| self.try_read_buf(buf),
+                    || self.as_ref().try_io(Interest::READABLE, would_block),
+                ))
+            }
+        }
+    };
 }
 
-impl ReadReady for unix::ReadHalf<'_> {
-    fn tells_readiness(&self) -> bool {
-        true
-    }
-
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.as_ref().poll_read_ready(cx).map(drop)
-    }
-
-    fn try_read_now(&self, buf: &mut BytesMut) -> Option<io::Result<usize>> {
-        Some(read_clearing(
-            buf,
-            |buf| self.try_read_buf(buf),
-            || self.as_ref().try_io(Interest::READABLE, would_block),
-        ))
-    }
-}
+plain_read_half!(tcp::ReadHalf<'_>);
+plain_read_half!(unix::ReadHalf<'_>);
 
 /// Reads with `read`; when the read took less than there was room for, it emptied the
 /// socket, and its readiness is cleared with `clear` (a `try_io` that fails with

@@ -42,25 +42,24 @@ pub trait WriteNow: AsyncWrite + Unpin {
     fn buffers(&self) -> bool;
 }
 
-impl WriteNow for tcp::WriteHalf<'_> {
-    fn try_write_now(&self, bytes: &[u8]) -> Option<io::Result<usize>> {
-        Some(self.try_write(bytes))
-    }
+/// The write halves of plain sockets (TCP, Unix): written without a future, nothing held
+/// back until a flush.
+macro_rules! plain_write_half {
+    ($half:ty) => {
+        impl WriteNow for $half {
+            fn try_write_now(&self, bytes: &[u8]) -> Option<io::Result<usize>> {
+                Some(self.try_write(bytes))
+            }
 
-    fn buffers(&self) -> bool {
-        false
-    }
+            fn buffers(&self) -> bool {
+                false
+            }
+        }
+    };
 }
 
-impl WriteNow for unix::WriteHalf<'_> {
-    fn try_write_now(&self, bytes: &[u8]) -> Option<io::Result<usize>> {
-        Some(self.try_write(bytes))
-    }
-
-    fn buffers(&self) -> bool {
-        false
-    }
-}
+plain_write_half!(tcp::WriteHalf<'_>);
+plain_write_half!(unix::WriteHalf<'_>);
 
 impl<T: AsyncWrite> WriteNow for tokio::io::WriteHalf<T> {
     fn try_write_now(&self, _: &[u8]) -> Option<io::Result<usize>> {

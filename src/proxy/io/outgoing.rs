@@ -28,8 +28,7 @@ impl Outgoing {
     pub fn splice(&mut self, buf: &mut BytesMut, ready: usize, total: usize, frames: &[u8]) {
         if self.pending.is_empty() {
             // Sized once for what usually follows (the rest of the read) too.
-            self.pending
-                .reserve(ready + frames.len() + buf.len() - ready - total);
+            self.pending.reserve(buf.len() - total + frames.len());
         }
         self.pending.extend_from_slice(&buf[..ready]);
         self.pending.extend_from_slice(frames);

@@ -767,11 +767,16 @@ impl<'s> Statements<'s> {
         portal: &[u8],
         body: &[u8],
     ) -> Option<(Bytes, Described)> {
-        let generation = self.shared.checks.as_ref()?.generation();
-        let known = self.statements.get(statement)?.variant.as_ref();
-        if known.is_none_or(|v| v.generation != generation) {
+        let checks = self.shared.checks.as_ref()?;
+        let generation = checks.generation();
+        let prepared = self.statements.get_mut(statement)?;
+        if prepared
+            .variant
+            .as_ref()
+            .is_none_or(|v| v.generation != generation)
+        {
             let ready =
-                match self.checked(source.check_key(), &source.sql, target, &source.param_types)? {
+                match checks.get(source.check_key(), &source.sql, target, &source.param_types)? {
                     Check::Ready {
                         param_types,
                         columns,
@@ -784,9 +789,8 @@ impl<'s> Statements<'s> {
                     }),
                     Check::Refused(_) => None,
                 };
-            self.statements.get_mut(statement)?.variant = Some(Variant { generation, ready });
+            prepared.variant = Some(Variant { generation, ready });
         }
-        let prepared = self.statements.get_mut(statement)?;
         let ReadyVariant {
             name: variant,
             param_types,
