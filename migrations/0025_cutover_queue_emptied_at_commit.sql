@@ -85,10 +85,12 @@ BEGIN
         (txid, affiliate_id, query_type, fingerprint, statement_at, legacy_us)
     SELECT me, k, left(qt, 300), left(fp, 100), statement_timestamp(), took
     FROM unnest(keys) AS k;
-    -- One marker (one sync at COMMIT) per transaction.
+    -- One marker (one sync at COMMIT) per transaction. The setting first: under SET
+    -- CONSTRAINTS ALL IMMEDIATE the marker's trigger runs the sync at the end of the INSERT,
+    -- and the sync resets it, so that the next write queues a marker of its own.
     IF coalesce(current_setting('cutover.queued_txid', true), '') <> me::TEXT THEN
-        INSERT INTO pg_temp.cutover_mirror_queue_tx (txid) VALUES (me);
         PERFORM set_config('cutover.queued_txid', me::TEXT, true);
+        INSERT INTO pg_temp.cutover_mirror_queue_tx (txid) VALUES (me);
     END IF;
 
     IF cutover.dual_write_strict(qt) AND NOT cutover.backfill_running() THEN

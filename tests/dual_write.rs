@@ -1235,3 +1235,42 @@ async fn the_mirror_queue_does_not_grow_with_the_connections_age() {
     );
     assert_verify_clean(&db);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_after_an_early_sync_are_mirrored_too() {
+    // SET CONSTRAINTS ALL IMMEDIATE runs the deferred sync at once, mid-transaction (and,
+    // from then on, at the end of each write statement): every write after it must still be
+    // mirrored, in either mode, and nothing synced twice.
+    let (db, admin) = dual_written(100, "record_deposit").await;
+    admin
+        .batch_execute(
+            "BEGIN;
+             UPDATE affiliates SET name = 'antes' WHERE affiliate_id = 11;
+             SET CONSTRAINTS ALL IMMEDIATE;
+             UPDATE affiliates SET name = 'depois 1' WHERE affiliate_id = 12;
+             UPDATE affiliates SET name = 'depois 2' WHERE affiliate_id = 13;
+             SAVEPOINT s;
+             UPDATE affiliates SET name = 'desfeito' WHERE affiliate_id = 14;
+             ROLLBACK TO s;
+             UPDATE affiliates SET name = 'depois 3' WHERE affiliate_id = 15;
+             SET CONSTRAINTS ALL DEFERRED;
+             UPDATE affiliates SET name = 'adiado' WHERE affiliate_id = 16;
+             COMMIT",
+        )
+        .await
+        .unwrap();
+    let names: Vec<String> = admin
+        .query(
+            "SELECT name FROM fature_v2.affiliates_optimized
+             WHERE affiliate_id BETWEEN 11 AND 16 ORDER BY affiliate_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names[..3], ["antes", "depois 1", "depois 2"]);
+    assert_eq!(names[4..], ["depois 3", "adiado"]);
+    assert_verify_clean(&db);
+}
