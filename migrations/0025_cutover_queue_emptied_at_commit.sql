@@ -7,13 +7,14 @@
 -- mirror got slower the longer it lived (one writer's deposits, 1,400 a second, fell to
 -- 950 within 90 s; an application's pooled connections live for days).
 --
--- Now: the same two tables under new names, `ON COMMIT DELETE ROWS`: PostgreSQL truncates
--- them in place at the end of every transaction that used the temporary schema (after the
--- deferred sync has run), rolled-back rows included. The transaction's marker row needs no
--- unique index any more (an index would be rebuilt at each truncation): a transaction-local
--- setting, cutover.queued_txid, says whether this transaction has queued its marker, and
--- is undone with it by a rolled-back savepoint. Sessions that created the old tables keep
--- them, unused.
+-- Now: one table under a new name, `ON COMMIT DELETE ROWS`: PostgreSQL truncates it in
+-- place at the end of every transaction that used the temporary schema (after the deferred
+-- sync has run), rolled-back rows included. The per-transaction marker table and its unique
+-- index are gone (an index is rebuilt at each truncation): the transaction's first queued
+-- row opens the queue (`opens`, the only row the deferred trigger's WHEN lets through), and
+-- a transaction-local setting, cutover.queued_txid, says whether this transaction has
+-- opened it — undone with the row by a rolled-back savepoint. Sessions that created the old
+-- tables keep them, unused.
 --
 -- No column may need TOAST: truncating a table truncates its TOAST table too, and rebuilding
 -- the TOAST table's index updates pg_class, which at every COMMIT cost more than the dead
@@ -26,28 +27,27 @@ RETURNS VOID
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    IF to_regclass('pg_temp.cutover_mirror_queue_tx') IS NOT NULL THEN
+    IF to_regclass('pg_temp.cutover_mirror_queue') IS NOT NULL THEN
         RETURN;
     END IF;
-    CREATE TEMP TABLE IF NOT EXISTS cutover_mirror_queue (
+    CREATE TEMP TABLE cutover_mirror_queue (
         txid         BIGINT NOT NULL,
         affiliate_id BIGINT NOT NULL,
         query_type   VARCHAR(300),
         fingerprint  VARCHAR(100),
         statement_at TIMESTAMPTZ NOT NULL,
-        legacy_us    BIGINT NOT NULL
-    ) ON COMMIT DELETE ROWS;
-    CREATE TEMP TABLE cutover_mirror_queue_tx (
-        txid BIGINT NOT NULL
+        legacy_us    BIGINT NOT NULL,
+        opens        BOOLEAN NOT NULL
     ) ON COMMIT DELETE ROWS;
     CREATE CONSTRAINT TRIGGER cutover_mirror_at_commit
-        AFTER INSERT ON pg_temp.cutover_mirror_queue_tx
+        AFTER INSERT ON pg_temp.cutover_mirror_queue
         DEFERRABLE INITIALLY DEFERRED
-        FOR EACH ROW EXECUTE FUNCTION cutover.mirror_at_commit();
+        FOR EACH ROW WHEN (NEW.opens) EXECUTE FUNCTION cutover.mirror_at_commit();
 END;
 $$;
 
--- 0020's, with the new queue and marker.
+-- 0020's, with the new queue; the proxy's tag read with one regular expression instead
+-- of two, and ensure_queue() asked only by a transaction's first write.
 CREATE OR REPLACE FUNCTION cutover.queue_legacy_write()
 RETURNS TRIGGER
 LANGUAGE plpgsql
@@ -59,6 +59,8 @@ DECLARE
     me        BIGINT;
     qt        TEXT;
     fp        TEXT;
+    tag       TEXT[];
+    marked    BOOLEAN;
     keys      BIGINT[];
     took      BIGINT;
     prev_flag TEXT;
@@ -67,8 +69,9 @@ DECLARE
 BEGIN
     -- (dual-write is on: the trigger's WHEN asked, just before)
     me := txid_current();
-    qt := cutover.statement_query_type();
-    fp := cutover.statement_fingerprint();
+    tag := regexp_match(current_query(), '/\* cutover:([A-Za-z0-9_]+) ([A-Za-z0-9_]+) \*/\s*$');
+    qt := tag[1];
+    fp := tag[2];
     took := greatest(0, (extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1e6)::BIGINT);
     IF TG_OP = 'INSERT' THEN
         keys := ARRAY(SELECT affiliate_id FROM new_rows);
@@ -80,18 +83,23 @@ BEGIN
     IF cardinality(keys) = 0 THEN
         RETURN NULL;
     END IF;
-    PERFORM cutover.ensure_queue();
-    INSERT INTO pg_temp.cutover_mirror_queue
-        (txid, affiliate_id, query_type, fingerprint, statement_at, legacy_us)
-    SELECT me, k, left(qt, 300), left(fp, 100), statement_timestamp(), took
-    FROM unnest(keys) AS k;
-    -- One marker (one sync at COMMIT) per transaction. The setting first: under SET
-    -- CONSTRAINTS ALL IMMEDIATE the marker's trigger runs the sync at the end of the INSERT,
-    -- and the sync resets it, so that the next write queues a marker of its own.
-    IF coalesce(current_setting('cutover.queued_txid', true), '') <> me::TEXT THEN
-        PERFORM set_config('cutover.queued_txid', me::TEXT, true);
-        INSERT INTO pg_temp.cutover_mirror_queue_tx (txid) VALUES (me);
+    -- The queue exists once this transaction has opened it.
+    marked := coalesce(current_setting('cutover.queued_txid', true), '') = me::TEXT;
+    IF NOT marked THEN
+        PERFORM cutover.ensure_queue();
     END IF;
+    -- The transaction's first key opens it: its row's deferred trigger runs the sync at
+    -- COMMIT, once. The setting first: under SET CONSTRAINTS ALL IMMEDIATE the trigger runs
+    -- the sync at the end of this INSERT, and the sync resets it, so that the next write
+    -- opens the queue again.
+    IF NOT marked THEN
+        PERFORM set_config('cutover.queued_txid', me::TEXT, true);
+    END IF;
+    INSERT INTO pg_temp.cutover_mirror_queue
+        (txid, affiliate_id, query_type, fingerprint, statement_at, legacy_us, opens)
+    SELECT me, k, left(qt, 300), left(fp, 100), statement_timestamp(), took,
+           NOT marked AND n = 1
+    FROM unnest(keys) WITH ORDINALITY AS u(k, n);
 
     IF cutover.dual_write_strict(qt) AND NOT cutover.backfill_running() THEN
         prev_flag := coalesce(current_setting('cutover.mirroring', true), '');
@@ -281,7 +289,6 @@ BEGIN
     END;
 
     DELETE FROM pg_temp.cutover_mirror_queue WHERE txid = me;
-    DELETE FROM pg_temp.cutover_mirror_queue_tx WHERE txid = me;
     PERFORM set_config('cutover.queued_txid', '', true);
     RETURN NULL;
 END;

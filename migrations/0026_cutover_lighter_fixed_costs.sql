@@ -1,14 +1,12 @@
 -- Dual-write's fixed cost per statement and per COMMIT, trimmed (issue 16; numbers in
 -- docs/performance.md, "Dual-write"). Same behaviour.
 --
--- 1. sync_to_target: a sync where no key changes its place in the tree (a deposit, a status,
---    a counter: most writes) takes a path of its own, one UPDATE of legacy's columns joined
---    by key. The general path's update also joined v2's current row and asked
---    detached_affiliates for the parent, a plan three times the size, prepared and started
---    at every COMMIT; it also cleaned the quarantine, which only a key gone from legacy
---    can need. A single key takes no separate lock (its UPDATE takes it).
--- 2. queue_legacy_write: the proxy's tag read with one regular expression instead of two,
---    and ensure_queue() asked only by a transaction's first write.
+-- sync_to_target: a sync where no key changes its place in the tree (a deposit, a status,
+-- a counter: most writes) takes a path of its own, one UPDATE of legacy's columns joined by
+-- key. The general path's update also joins v2's current row and asks detached_affiliates
+-- for the parent, a plan three times the size, started at every COMMIT; it also cleans the
+-- quarantine, which only a key gone from legacy can need. A single key takes no separate
+-- lock (its UPDATE takes it).
 
 -- 0017's, with the common case apart.
 CREATE OR REPLACE FUNCTION cutover.sync_to_target(p_keys BIGINT[], p_detach_dangling BOOLEAN DEFAULT false)
@@ -241,84 +239,5 @@ BEGIN
         SET CONSTRAINTS fature_v2.fk_parent_affiliate IMMEDIATE;
         SET CONSTRAINTS fature_v2.fk_parent_affiliate DEFERRED;
     END IF;
-END;
-$$;
-
--- 0025's, lighter.
-CREATE OR REPLACE FUNCTION cutover.queue_legacy_write()
-RETURNS TRIGGER
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = fature_v2, public
-SET plan_cache_mode = force_generic_plan
-AS $$
-DECLARE
-    me        BIGINT;
-    qt        TEXT;
-    fp        TEXT;
-    tag       TEXT[];
-    marked    BOOLEAN;
-    keys      BIGINT[];
-    took      BIGINT;
-    prev_flag TEXT;
-    started   TIMESTAMPTZ;
-    failed    BIGINT[];
-BEGIN
-    -- (dual-write is on: the trigger's WHEN asked, just before)
-    me := txid_current();
-    tag := regexp_match(current_query(), '/\* cutover:([A-Za-z0-9_]+) ([A-Za-z0-9_]+) \*/\s*$');
-    qt := tag[1];
-    fp := tag[2];
-    took := greatest(0, (extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1e6)::BIGINT);
-    IF TG_OP = 'INSERT' THEN
-        keys := ARRAY(SELECT affiliate_id FROM new_rows);
-    ELSIF TG_OP = 'UPDATE' THEN
-        keys := ARRAY(SELECT affiliate_id FROM new_rows UNION SELECT affiliate_id FROM old_rows);
-    ELSE
-        keys := ARRAY(SELECT affiliate_id FROM old_rows);
-    END IF;
-    IF cardinality(keys) = 0 THEN
-        RETURN NULL;
-    END IF;
-    -- The queue exists once this transaction has queued its marker.
-    marked := coalesce(current_setting('cutover.queued_txid', true), '') = me::TEXT;
-    IF NOT marked THEN
-        PERFORM cutover.ensure_queue();
-    END IF;
-    INSERT INTO pg_temp.cutover_mirror_queue
-        (txid, affiliate_id, query_type, fingerprint, statement_at, legacy_us)
-    SELECT me, k, left(qt, 300), left(fp, 100), statement_timestamp(), took
-    FROM unnest(keys) AS k;
-    -- One marker (one sync at COMMIT) per transaction. The setting first: under SET
-    -- CONSTRAINTS ALL IMMEDIATE the marker's trigger runs the sync at the end of the INSERT,
-    -- and the sync resets it, so that the next write queues a marker of its own.
-    IF NOT marked THEN
-        PERFORM set_config('cutover.queued_txid', me::TEXT, true);
-        INSERT INTO pg_temp.cutover_mirror_queue_tx (txid) VALUES (me);
-    END IF;
-
-    IF cutover.dual_write_strict(qt) AND NOT cutover.backfill_running() THEN
-        prev_flag := coalesce(current_setting('cutover.mirroring', true), '');
-        PERFORM set_config('cutover.mirroring', 'on', true);
-        BEGIN
-            PERFORM cutover.sync_to_target(keys);
-        EXCEPTION WHEN OTHERS THEN
-            PERFORM cutover.report_statement('CV002', 'legacy_to_target', qt, cardinality(keys),
-                                             clock_timestamp(), clock_timestamp());
-            RAISE;
-        END;
-        PERFORM set_config('cutover.mirroring', prev_flag, true);
-    ELSIF cutover.wrote_v2_first() AND NOT cutover.backfill_running() THEN
-        prev_flag := coalesce(current_setting('cutover.mirroring', true), '');
-        started := clock_timestamp();
-        PERFORM set_config('cutover.mirroring', 'on', true);
-        failed := cutover.sync_isolated(keys, me);
-        PERFORM set_config('cutover.mirroring', prev_flag, true);
-        IF cardinality(failed) > 0 THEN
-            PERFORM cutover.report_statement('CV001', 'legacy_to_target', qt, cardinality(keys),
-                                             started, clock_timestamp());
-        END IF;
-    END IF;
-    RETURN NULL;
 END;
 $$;
