@@ -439,3 +439,48 @@ async fn sizes_stay_exact_under_concurrent_writers_on_v2() {
 async fn sizes_stay_exact_under_concurrent_writers_through_dual_write() {
     concurrent_writers_keep_sizes_exact(Side::LegacyMirrored).await;
 }
+
+#[tokio::test]
+async fn the_fold_after_the_flip_leaves_legacy_alone() {
+    // The fold changes only v2's total_network_size, which legacy has no column for. After
+    // the flip the reverse mirror copies v2's writes into legacy, and copied the fold's too:
+    // an upsert of every folded row (the root's among them) that changed nothing but locked
+    // those rows in legacy until the fold committed.
+    let db = tree_db(300).await;
+    let a = db.client().await;
+    let b = db.client().await;
+    set_state(&a, "new_affiliate", "stage", "target").await;
+    let (root, below) = largest_tree(&a).await;
+    // A write at target: v2 first, then legacy by the reverse mirror; its ancestors' sizes
+    // wait in deltas.
+    a.execute(
+        "INSERT INTO fature_v2.affiliates_optimized (affiliate_id, parent_affiliate_id, external_id, name, registration_date)
+         VALUES (1000001, $1, 'flipped-1', 'flipped', now())",
+        &[&below[0]],
+    )
+    .await
+    .unwrap();
+    a.batch_execute("BEGIN").await.unwrap();
+    let folded: i32 = a
+        .query_one("SELECT fature_v2.fold_network_sizes(1000)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(folded > 0, "nothing was pending");
+    b.batch_execute("SET lock_timeout = '1s'").await.unwrap();
+    let locked = b
+        .execute(
+            "SELECT 1 FROM public.affiliates WHERE affiliate_id = $1 FOR UPDATE",
+            &[&root],
+        )
+        .await;
+    assert!(
+        locked.is_ok(),
+        "the fold holds the root's legacy row: {:?}",
+        locked.err()
+    );
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(wrong_sizes(&a).await, 0);
+    let (code, out) = cutover_on(&db, "verify", &[], &[]);
+    assert_eq!(code, 0, "verify found drift:\n{out}");
+}

@@ -1,0 +1,11 @@
+-- The network-size fold is not mirrored into legacy (issue 16).
+--
+-- The fold (0017, 0021) changes only fature_v2.affiliates_optimized.total_network_size, a
+-- column legacy does not have. After the flip the reverse mirror (0013, 0014) copies every
+-- write on v2 into legacy, the fold's included: each batch upserted its folded rows into
+-- public.affiliates — the root and the upper ancestors at every batch — changing nothing,
+-- but locking those legacy rows until the fold committed (an upsert locks the row it
+-- conflicts with even when its WHERE says no) and paying an upsert per row. The fold now
+-- runs as the mirror's own writes do, with cutover.mirroring on, which the reverse mirror's
+-- triggers skip.
+ALTER FUNCTION fature_v2.fold_network_sizes(INTEGER) SET cutover.mirroring = 'on';
