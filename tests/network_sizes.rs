@@ -484,3 +484,104 @@ async fn the_fold_after_the_flip_leaves_legacy_alone() {
     let (code, out) = cutover_on(&db, "verify", &[], &[]);
     assert_eq!(code, 0, "verify found drift:\n{out}");
 }
+
+#[tokio::test]
+async fn after_the_flip_v2_upkeep_leaves_legacy_rows_unlocked() {
+    // After the flip, a write on v2 is copied into legacy row by row; v2's own upkeep (a
+    // parent's count at an insert, a moved subtree's paths and levels) changes only v2's
+    // columns, and copying it locked those rows in legacy until COMMIT: a move locked its
+    // whole subtree there. What legacy sees must still arrive.
+    let db = tree_db(300).await;
+    let a = db.client().await;
+    let b = db.client().await;
+    set_state(&a, "move_affiliate", "stage", "target").await;
+    let (_root, below) = largest_tree(&a).await;
+    // An affiliate with a subtree of its own, and a new parent outside that subtree.
+    let moved: i64 = a
+        .query_one(
+            "SELECT ancestor_id FROM fature_v2.hierarchy_index
+             WHERE ancestor_id = ANY ($1) AND level_distance = 2
+             GROUP BY ancestor_id ORDER BY count(*) DESC, ancestor_id LIMIT 1",
+            &[&below],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (parent, subtree): (i64, Vec<i64>) = {
+        let rows = a
+            .query(
+                "SELECT descendant_id FROM fature_v2.hierarchy_index WHERE ancestor_id = $1",
+                &[&moved],
+            )
+            .await
+            .unwrap();
+        let subtree: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let parent = *below
+            .iter()
+            .find(|id| **id != moved && !subtree.contains(id))
+            .unwrap();
+        (parent, subtree)
+    };
+    b.batch_execute("SET lock_timeout = '1s'").await.unwrap();
+    let free = |id: i64| {
+        let b = &b;
+        async move {
+            b.execute(
+                "SELECT 1 FROM public.affiliates WHERE affiliate_id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await
+        }
+    };
+
+    a.batch_execute("BEGIN").await.unwrap();
+    a.execute(
+        "UPDATE fature_v2.affiliates_optimized SET parent_affiliate_id = $1 WHERE affiliate_id = $2",
+        &[&parent, &moved],
+    )
+    .await
+    .unwrap();
+    for &id in &subtree {
+        let locked = free(id).await;
+        assert!(
+            locked.is_ok(),
+            "the move holds {id}'s legacy row, below the moved {moved}: {:?}",
+            locked.err()
+        );
+    }
+    assert!(
+        free(moved).await.is_err(),
+        "the moved row itself is written in legacy"
+    );
+    a.batch_execute("COMMIT").await.unwrap();
+
+    // An insert: the new row reaches legacy, its parent's legacy row is not held for v2's count.
+    a.batch_execute("BEGIN").await.unwrap();
+    a.execute(
+        "INSERT INTO fature_v2.affiliates_optimized (affiliate_id, parent_affiliate_id, external_id, name, registration_date)
+         VALUES (1000001, $1, 'flipped-1', 'flipped', now())",
+        &[&parent],
+    )
+    .await
+    .unwrap();
+    let held = free(parent).await;
+    assert!(
+        held.is_ok(),
+        "the insert holds its parent's legacy row: {:?}",
+        held.err()
+    );
+    a.batch_execute("COMMIT").await.unwrap();
+
+    let legacy_parent: Option<i64> = a
+        .query_one(
+            "SELECT parent_affiliate_id FROM public.affiliates WHERE affiliate_id = $1",
+            &[&moved],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(legacy_parent, Some(parent));
+    support::assert_integrity(&a, "after the move and the insert").await;
+    let (code, out) = cutover_on(&db, "verify", &[], &[]);
+    assert_eq!(code, 0, "verify found drift:\n{out}");
+}
