@@ -27,6 +27,7 @@ DECLARE
     n         BIGINT;
     prev_flag TEXT;
     changed   BIGINT[];   -- an update's rows whose legacy columns changed (NULL: all)
+    unpaired  BOOLEAN;    -- a new row without an old one of its key (a key changed)
     e_state TEXT; e_message TEXT; e_constraint TEXT;
 BEGIN
     -- (the reverse mirror is on: the trigger's WHEN asked, just before)
@@ -44,27 +45,30 @@ BEGIN
     -- subtree's paths and levels, the network-size fold): copied, each row was an upsert
     -- that changed nothing in legacy but locked the row there until COMMIT. When a key
     -- itself changed, old and new rows cannot be paired: every row is copied, as before.
-    -- (Nested: an INSERT's or a DELETE's trigger has no old_rows or new_rows to plan with.)
+    -- (Only in an UPDATE's trigger: an INSERT's or a DELETE's has no old_rows to plan with.)
     IF TG_OP = 'UPDATE' THEN
-    IF NOT EXISTS (SELECT 1 FROM new_rows nr
-                   WHERE NOT EXISTS (SELECT 1 FROM old_rows o WHERE o.affiliate_id = nr.affiliate_id)) THEN
-        SELECT coalesce(array_agg(nr.affiliate_id), '{}') INTO changed
-        FROM new_rows nr JOIN old_rows o USING (affiliate_id)
-        WHERE (nr.parent_affiliate_id, nr.external_id, nr.name, nr.email, nr.status,
-               nr.registration_date, nr.legacy_level_1_referrals, nr.total_deposits,
-               nr.total_bets, nr.total_withdrawals, nr.total_cpa_earned, nr.total_rev_earned,
-               nr.total_commissions_paid, nr.created_at, nr.updated_at)
-              IS DISTINCT FROM
-              (o.parent_affiliate_id, o.external_id, o.name, o.email, o.status,
-               o.registration_date, o.legacy_level_1_referrals, o.total_deposits,
-               o.total_bets, o.total_withdrawals, o.total_cpa_earned, o.total_rev_earned,
-               o.total_commissions_paid, o.created_at, o.updated_at);
+        SELECT coalesce(array_agg(nr.affiliate_id) FILTER (WHERE o.affiliate_id IS NULL
+                  OR (nr.parent_affiliate_id, nr.external_id, nr.name, nr.email, nr.status,
+                      nr.registration_date, nr.legacy_level_1_referrals, nr.total_deposits,
+                      nr.total_bets, nr.total_withdrawals, nr.total_cpa_earned,
+                      nr.total_rev_earned, nr.total_commissions_paid, nr.created_at,
+                      nr.updated_at)
+                     IS DISTINCT FROM
+                     (o.parent_affiliate_id, o.external_id, o.name, o.email, o.status,
+                      o.registration_date, o.legacy_level_1_referrals, o.total_deposits,
+                      o.total_bets, o.total_withdrawals, o.total_cpa_earned,
+                      o.total_rev_earned, o.total_commissions_paid, o.created_at,
+                      o.updated_at)), '{}'),
+               coalesce(bool_or(o.affiliate_id IS NULL), false)
+          INTO changed, unpaired
+        FROM new_rows nr LEFT JOIN old_rows o USING (affiliate_id);
+        IF unpaired THEN
+            changed := NULL;
         -- v2's upkeep that changed nothing legacy sees: nothing to copy or report. (The
         -- client's own statement still reports, with its rows, as before.)
-        IF cardinality(changed) = 0 AND pg_trigger_depth() > 1 THEN
+        ELSIF cardinality(changed) = 0 AND pg_trigger_depth() > 1 THEN
             RETURN NULL;
         END IF;
-    END IF;
     END IF;
     PERFORM set_config('cutover.v2_first', 'on', true);
     prev_flag := coalesce(current_setting('cutover.mirroring', true), '');
