@@ -441,3 +441,14 @@ async fn an_unmigrated_database_is_one_problem_with_the_way_out() {
     assert_eq!(problems.len(), 1, "{out}");
     assert!(problems[0].contains("run `cutover migrate`"), "{out}");
 }
+
+#[test]
+fn a_query_type_name_fits_a_postgresql_identifier() {
+    // The name travels in the proxy's tag on every write, and the mirror's queue keeps it
+    // in a bounded column: no longer than PostgreSQL's own identifiers (63 bytes).
+    let named = |name: &str| {
+        format!("[[query_type]]\nname = \"{name}\"\nmatch = \"SELECT * FROM affiliates\"\n")
+    };
+    assert!(check(&named(&"q".repeat(63))).is_empty());
+    assert_one(&named(&"q".repeat(64)), 2, 8, "longer than 63");
+}

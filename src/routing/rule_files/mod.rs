@@ -672,6 +672,15 @@ impl Builder {
                 &raw.name,
                 format!("query type name {name:?}: use lower-case letters, digits and _"),
             );
+        } else if name.len() > MAX_QUERY_TYPE_NAME {
+            // The proxy tags every write with it and the mirror's queue keeps it in a
+            // bounded column (migration 0025): PostgreSQL's own bound for identifiers.
+            self.at(
+                path,
+                text,
+                &raw.name,
+                format!("query type name {name:?} is longer than {MAX_QUERY_TYPE_NAME} characters"),
+            );
         }
         let matcher = match (&raw.match_sql, &raw.pattern) {
             (Some(sql), None) => match fingerprint::fingerprint(sql.get_ref()) {
@@ -793,6 +802,9 @@ impl Builder {
         })
     }
 }
+
+/// The longest query type name, PostgreSQL's bound for identifiers (NAMEDATALEN - 1).
+const MAX_QUERY_TYPE_NAME: usize = 63;
 
 pub(crate) fn is_identifier(s: &str) -> bool {
     !s.is_empty()
