@@ -83,16 +83,13 @@ BEGIN
     IF cardinality(keys) = 0 THEN
         RETURN NULL;
     END IF;
-    -- The queue exists once this transaction has opened it.
+    -- The transaction's first key opens the queue (which exists from then on): its row's
+    -- deferred trigger runs the sync at COMMIT, once. The setting first: under SET
+    -- CONSTRAINTS ALL IMMEDIATE the trigger runs the sync at the end of this INSERT, and the
+    -- sync resets it, so that the next write opens the queue again.
     marked := coalesce(current_setting('cutover.queued_txid', true), '') = me::TEXT;
     IF NOT marked THEN
         PERFORM cutover.ensure_queue();
-    END IF;
-    -- The transaction's first key opens it: its row's deferred trigger runs the sync at
-    -- COMMIT, once. The setting first: under SET CONSTRAINTS ALL IMMEDIATE the trigger runs
-    -- the sync at the end of this INSERT, and the sync resets it, so that the next write
-    -- opens the queue again.
-    IF NOT marked THEN
         PERFORM set_config('cutover.queued_txid', me::TEXT, true);
     END IF;
     INSERT INTO pg_temp.cutover_mirror_queue

@@ -233,11 +233,9 @@ BEGIN
            s.total_cpa_earned, s.total_rev_earned, s.total_commissions_paid,
            s.created_at, s.updated_at, s.level_1_referrals);
 
-    IF cardinality(structural) > 0 THEN
-        -- v2's parent key is deferred: checked here, where a failure can still be
-        -- contained (only inserts and moves queue such checks).
-        SET CONSTRAINTS fature_v2.fk_parent_affiliate IMMEDIATE;
-        SET CONSTRAINTS fature_v2.fk_parent_affiliate DEFERRED;
-    END IF;
+    -- v2's parent key is deferred: checked here, where a failure can still be contained
+    -- (only inserts and moves queue such checks, and the common case above has neither).
+    SET CONSTRAINTS fature_v2.fk_parent_affiliate IMMEDIATE;
+    SET CONSTRAINTS fature_v2.fk_parent_affiliate DEFERRED;
 END;
 $$;

@@ -96,6 +96,22 @@ async fn wrong_sizes(client: &Client) -> i64 {
     wrong
 }
 
+/// Locks legacy's row `id` from `client` (give it a `lock_timeout`): `55P03` while another
+/// transaction holds the row.
+async fn lock_legacy_row(client: &Client, id: i64) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT 1 FROM public.affiliates WHERE affiliate_id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await
+}
+
+fn assert_verify_clean(db: &TestDb, when: &str) {
+    let (code, out) = cutover_on(db, "verify", &[], &[]);
+    assert_eq!(code, 0, "verify {when}:\n{out}");
+}
+
 #[tokio::test]
 async fn writers_under_one_root_never_wait_for_each_other_on_v2() {
     let db = tree_db(600).await;
@@ -208,8 +224,7 @@ async fn writers_under_one_root_never_wait_for_each_other_through_dual_write() {
         "B's mirror waited for A under the same root: {divergences:?}"
     );
     a.batch_execute("COMMIT").await.unwrap();
-    let (code, out) = cutover_on(&db, "verify", &[], &[]);
-    assert_eq!(code, 0, "verify after both:\n{out}");
+    assert_verify_clean(&db, "after both");
 }
 
 /// Which table the writers write: v2 directly, or legacy with dual-write on.
@@ -468,12 +483,7 @@ async fn the_fold_after_the_flip_leaves_legacy_alone() {
         .get(0);
     assert!(folded > 0, "nothing was pending");
     b.batch_execute("SET lock_timeout = '1s'").await.unwrap();
-    let locked = b
-        .execute(
-            "SELECT 1 FROM public.affiliates WHERE affiliate_id = $1 FOR UPDATE",
-            &[&root],
-        )
-        .await;
+    let locked = lock_legacy_row(&b, root).await;
     assert!(
         locked.is_ok(),
         "the fold holds the root's legacy row: {:?}",
@@ -481,8 +491,7 @@ async fn the_fold_after_the_flip_leaves_legacy_alone() {
     );
     a.batch_execute("COMMIT").await.unwrap();
     assert_eq!(wrong_sizes(&a).await, 0);
-    let (code, out) = cutover_on(&db, "verify", &[], &[]);
-    assert_eq!(code, 0, "verify found drift:\n{out}");
+    assert_verify_clean(&db, "after the fold");
 }
 
 #[tokio::test]
@@ -523,16 +532,6 @@ async fn after_the_flip_v2_upkeep_leaves_legacy_rows_unlocked() {
         (parent, subtree)
     };
     b.batch_execute("SET lock_timeout = '1s'").await.unwrap();
-    let free = |id: i64| {
-        let b = &b;
-        async move {
-            b.execute(
-                "SELECT 1 FROM public.affiliates WHERE affiliate_id = $1 FOR UPDATE",
-                &[&id],
-            )
-            .await
-        }
-    };
 
     a.batch_execute("BEGIN").await.unwrap();
     a.execute(
@@ -542,7 +541,7 @@ async fn after_the_flip_v2_upkeep_leaves_legacy_rows_unlocked() {
     .await
     .unwrap();
     for &id in &subtree {
-        let locked = free(id).await;
+        let locked = lock_legacy_row(&b, id).await;
         assert!(
             locked.is_ok(),
             "the move holds {id}'s legacy row, below the moved {moved}: {:?}",
@@ -550,7 +549,7 @@ async fn after_the_flip_v2_upkeep_leaves_legacy_rows_unlocked() {
         );
     }
     assert!(
-        free(moved).await.is_err(),
+        lock_legacy_row(&b, moved).await.is_err(),
         "the moved row itself is written in legacy"
     );
     a.batch_execute("COMMIT").await.unwrap();
@@ -564,7 +563,7 @@ async fn after_the_flip_v2_upkeep_leaves_legacy_rows_unlocked() {
     )
     .await
     .unwrap();
-    let held = free(parent).await;
+    let held = lock_legacy_row(&b, parent).await;
     assert!(
         held.is_ok(),
         "the insert holds its parent's legacy row: {:?}",
@@ -582,6 +581,5 @@ async fn after_the_flip_v2_upkeep_leaves_legacy_rows_unlocked() {
         .get(0);
     assert_eq!(legacy_parent, Some(parent));
     support::assert_integrity(&a, "after the move and the insert").await;
-    let (code, out) = cutover_on(&db, "verify", &[], &[]);
-    assert_eq!(code, 0, "verify found drift:\n{out}");
+    assert_verify_clean(&db, "after the move and the insert");
 }

@@ -412,7 +412,6 @@ impl ServerToClient<'_> {
         R: ReadReady,
         W: WriteNow,
     {
-        // One future for the whole session: creating it per read would take a lock.
         // One wait for the whole session, polled at every wake-up (see `proxy::shutdown`).
         let shared = self.shared;
         let mut terminated = shared.terminate.cancelled();
