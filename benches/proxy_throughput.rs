@@ -177,6 +177,31 @@ async fn stage_costs(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // One row: one client's time per query direct and through `port`, and with 8 clients
+    // the CPU per query `cpu` reads from the proxy (its relay, the rest), medians of the rounds.
+    let row = |label: &str, port: u16, cpu: &dyn Fn() -> (f64, f64)| {
+        let (mut direct, mut through, mut relay, mut other) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..rounds {
+            direct.push(1000.0 / run(pg.port(), "1").tps);
+            through.push(1000.0 / run(port, "1").tps);
+            let before = cpu();
+            let queries = run(port, CLIENTS).transactions;
+            let after = cpu();
+            relay.push((after.0 - before.0) / queries.max(1.0));
+            other.push((after.1 - before.1) / queries.max(1.0));
+        }
+        let (direct, through, other) = (median(direct), median(through), median(other));
+        let other = if other.is_nan() {
+            "-".to_owned()
+        } else {
+            format!("{other:.1}")
+        };
+        println!(
+            "{label:<12} {direct:>10.3} {through:>10.3} {:>8.0} {:>12.1} {other:>12}",
+            (through - direct) * 1000.0,
+            median(relay),
+        );
+    };
     println!(
         "\naffiliate_by_id prepared, {TREE} affiliates, every other query type at legacy, sample rate 1.0; {seconds} s each, median of {rounds} rounds"
     );
@@ -204,42 +229,12 @@ async fn stage_costs(
         // Every replica applies a change within a second; then the route check is made.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let _ = run(port, "1");
-        let (mut direct, mut through, mut relay, mut other) = (vec![], vec![], vec![], vec![]);
-        for _ in 0..rounds {
-            direct.push(1000.0 / run(pg.port(), "1").tps);
-            through.push(1000.0 / run(port, "1").tps);
-            let before = thread_cpu_us(pid);
-            let queries = run(port, CLIENTS).transactions;
-            let after = thread_cpu_us(pid);
-            relay.push((after.0 - before.0) / queries.max(1.0));
-            other.push((after.1 - before.1) / queries.max(1.0));
-        }
-        let (direct, through) = (median(direct), median(through));
-        println!(
-            "{label:<12} {direct:>10.3} {through:>10.3} {:>8.0} {:>12.1} {:>12.1}",
-            (through - direct) * 1000.0,
-            median(relay),
-            median(other),
-        );
+        row(label, port, &|| thread_cpu_us(pid));
     }
-    // pgbouncer has no stages: it relays the query to legacy; its whole process is its relay.
+    // pgbouncer has no stages: it relays the query to legacy; its whole process is its relay
+    // (no other CPU: shown as "-").
     if let Some((port, pid)) = bouncer {
-        let (mut direct, mut through, mut relay) = (vec![], vec![], vec![]);
-        for _ in 0..rounds {
-            direct.push(1000.0 / run(pg.port(), "1").tps);
-            through.push(1000.0 / run(port, "1").tps);
-            let before = cpu_us(&pid.to_string());
-            let queries = run(port, CLIENTS).transactions;
-            relay.push((cpu_us(&pid.to_string()) - before) / queries.max(1.0));
-        }
-        let (direct, through) = (median(direct), median(through));
-        println!(
-            "{:<12} {direct:>10.3} {through:>10.3} {:>8.0} {:>12.1} {:>12}",
-            "pgbouncer",
-            (through - direct) * 1000.0,
-            median(relay),
-            "-",
-        );
+        row("pgbouncer", port, &|| (cpu_us(&pid.to_string()), f64::NAN));
     }
 }
 
