@@ -143,6 +143,22 @@ async fn psql_and_pgbench_served_by_the_target() {
     }
     sql.push_str("SELECT COUNT(*) FROM affiliates WHERE status = 'active';\n");
     std::fs::write(&script, &sql).unwrap();
+    // A read is served by the target once its route check is in; reads do not wait for it
+    // (only writes do). psql's 30 reads take a few milliseconds, less than the check can on a
+    // loaded machine: the check of their fingerprint is made first.
+    let client = proxy.client(&db.name).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while metric(&proxy.metrics().await, BY_ID_TARGET) == 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the route check of affiliate_by_id never came in"
+        );
+        client
+            .simple_query("SELECT * FROM affiliates WHERE affiliate_id = 1")
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let psql = cluster().bindir().join("psql");
     let script_arg = script.to_str().unwrap().to_owned();
     let args = ["-X", "-a", "-f", script_arg.as_str()];

@@ -1,10 +1,11 @@
 //! The listener: accepts client connections, answers the initial negotiation (SSLRequest,
 //! GSSENCRequest, CancelRequest), takes a login slot for each StartupMessage (see
-//! [`session::slots`]) and hands it to a [`session`], on the session
-//! threads it starts. A shutdown stops accepting, lets sessions finish for the grace period,
+//! [`session::slots`]) and hands it to a [`session`], on the runtime it accepts on; it starts
+//! the session threads ([`crate::proxy::io::event_loop`]) that relay logged-in sessions over
+//! plain sockets. A shutdown stops accepting, lets sessions finish for the grace period,
 //! then closes them with 57P01. [`crate::serve`] starts it with everything beside it.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{
@@ -13,11 +14,14 @@ use tokio::{
 };
 use tokio_postgres::error::SqlState;
 use tokio_rustls::server::TlsStream;
-use tokio_util::{either::Either, sync::CancellationToken, task::TaskTracker};
+use tokio_util::{either::Either, sync::CancellationToken};
 
 use crate::{
     proxy::{
-        io::Duplex,
+        io::{
+            Duplex,
+            event_loop::{Loops, Plain},
+        },
         session::{self, Shared, slots::Full},
     },
     wire::{self, Initial},
@@ -32,14 +36,18 @@ pub async fn accept_loop(
     shutdown: CancellationToken,
 ) {
     let tracker = shared.sessions.clone();
-    let workers = match Workers::start(shared.config.worker_threads, &tracker) {
-        Ok(workers) => workers,
+    match Loops::start(
+        shared.config.worker_threads,
+        tokio::runtime::Handle::current(),
+    ) {
+        Ok(loops) => {
+            let _ = shared.loops.set(loops);
+        }
         Err(error) => {
             tracing::error!(%error, "cannot start session threads");
             return;
         }
-    };
-    let mut next_worker = 0usize;
+    }
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -55,20 +63,14 @@ pub async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let Ok(stream) = stream.into_std() else {
-            continue;
-        };
-        let job = Job {
-            stream,
-            peer,
-            tls: tls.clone(),
-            shared: Arc::clone(&shared),
-        };
-        next_worker = (next_worker + 1) % workers.senders.len();
-        let _ = workers.senders[next_worker].send(job);
+        let (tls, shared) = (tls.clone(), Arc::clone(&shared));
+        tracker.spawn(async move {
+            if let Err(error) = handle(stream, tls, shared).await {
+                tracing::debug!(%peer, %error, "connection ended during negotiation");
+            }
+        });
     }
     drop(listener);
-    drop(workers);
     tracing::info!(
         sessions = tracker.len(),
         grace_s = shared.config.shutdown_grace.as_secs(),
@@ -87,6 +89,9 @@ pub async fn accept_loop(
         // Sessions close at their next frame boundary; do not wait forever for one that
         // is stuck mid-frame.
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    }
+    if let Some(loops) = shared.loops.get() {
+        loops.close();
     }
 }
 
@@ -230,67 +235,6 @@ async fn handle(
     Ok(())
 }
 
-/// A connection handed to a session thread.
-struct Job {
-    stream: std::net::TcpStream,
-    peer: SocketAddr,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    shared: Arc<Shared>,
-}
-
-/// Session threads, each with its own single-threaded runtime. Connections are dealt to
-/// them in turn; a session then lives on one thread, so relaying a query never hands work
-/// between threads (no cross-thread wake-ups, no work stealing), as in a thread-per-core
-/// server. This is what keeps the proxy at pgbouncer's speed.
-struct Workers {
-    senders: Vec<tokio::sync::mpsc::UnboundedSender<Job>>,
-}
-
-impl Workers {
-    fn start(count: usize, tracker: &TaskTracker) -> io::Result<Self> {
-        let mut senders = Vec::with_capacity(count);
-        for n in 0..count.max(1) {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let tracker = tracker.clone();
-            std::thread::Builder::new()
-                .name(format!("cutover-sessions-{n}"))
-                .spawn(move || {
-                    runtime.block_on(async move {
-                        while let Some(job) = rx.recv().await {
-                            tracker.spawn(run_job(job));
-                        }
-                        // The listener is gone: drive this thread's sessions to their end.
-                        tracker.wait().await;
-                    })
-                })?;
-            senders.push(tx);
-        }
-        Ok(Self { senders })
-    }
-}
-
-async fn run_job(job: Job) {
-    let Job {
-        stream,
-        peer,
-        tls,
-        shared,
-    } = job;
-    let stream = match TcpStream::from_std(stream) {
-        Ok(stream) => stream,
-        Err(error) => {
-            tracing::warn!(%peer, %error, "cannot register a connection");
-            return;
-        }
-    };
-    if let Err(error) = handle(stream, tls, shared).await {
-        tracing::debug!(%peer, %error, "connection ended during negotiation");
-    }
-}
-
 struct Violation(String);
 
 /// Reads until one initial packet is complete. `None`: the client closed.
@@ -317,6 +261,17 @@ pub type ClientStream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 impl Duplex for ClientStream {
     type Read<'a> = Either<tcp::ReadHalf<'a>, tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>>;
     type Write<'a> = Either<tcp::WriteHalf<'a>, tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>>;
+
+    fn is_plain(&self) -> bool {
+        matches!(self, Either::Left(_))
+    }
+
+    fn into_plain(self) -> Result<io::Result<Plain>, Self> {
+        match self {
+            Either::Left(tcp) => Ok(tcp.into_std().map(Plain::Tcp)),
+            tls => Err(tls),
+        }
+    }
 
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
         match self {

@@ -11,7 +11,11 @@ use tokio::{
 use tokio_rustls::{TlsConnector, client::TlsStream, rustls::pki_types::ServerName};
 use tokio_util::either::Either;
 
-use crate::{config::UpstreamAddr, proxy::io::Duplex, wire};
+use crate::{
+    config::UpstreamAddr,
+    proxy::io::{Duplex, event_loop::Plain},
+    wire,
+};
 
 /// A plain socket to the upstream: TCP or a Unix socket.
 pub type PlainStream = Either<TcpStream, UnixStream>;
@@ -90,6 +94,18 @@ type TlsWrite<'a> = tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>;
 impl Duplex for UpstreamStream {
     type Read<'a> = Either<Either<tcp::ReadHalf<'a>, unix::ReadHalf<'a>>, TlsRead<'a>>;
     type Write<'a> = Either<Either<tcp::WriteHalf<'a>, unix::WriteHalf<'a>>, TlsWrite<'a>>;
+
+    fn is_plain(&self) -> bool {
+        matches!(self, Either::Left(_))
+    }
+
+    fn into_plain(self) -> Result<io::Result<Plain>, Self> {
+        match self {
+            Either::Left(Either::Left(tcp)) => Ok(tcp.into_std().map(Plain::Tcp)),
+            Either::Left(Either::Right(unix)) => Ok(unix.into_std().map(Plain::Unix)),
+            tls => Err(tls),
+        }
+    }
 
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
         match self {

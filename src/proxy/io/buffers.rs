@@ -1,8 +1,9 @@
 //! The relay's read buffers, lent per read instead of owned per session: a session waiting
 //! for its peer holds none (plain sockets say when they are readable without a buffer to read
 //! into), so an idle client costs no buffer memory, and a busy one takes a buffer that another
-//! session just gave back instead of asking the allocator. One pool per worker thread (sessions
-//! stay on their worker), bounded.
+//! session just gave back instead of asking the allocator. One pool per thread (a session thread's
+//! sessions stay on it; a TLS session's relay on tokio's threads may give a buffer back to
+//! another thread's pool), bounded.
 //!
 //! TLS streams cannot say they are readable without reading: their sessions keep a buffer.
 
@@ -21,7 +22,7 @@ use tokio_util::either::Either;
 
 /// Bytes asked of the socket per read when the buffer runs low.
 pub const READ_CHUNK: usize = 16 * 1024;
-/// Buffers kept for reuse per worker thread (at most 2 × 16 KiB each: one that grew past
+/// Buffers kept for reuse per thread (at most 2 × 16 KiB each: one that grew past
 /// that for a large message goes back to the allocator).
 const POOLED: usize = 128;
 

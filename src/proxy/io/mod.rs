@@ -1,9 +1,12 @@
 //! The sockets a session relays between: [`Duplex`], a socket read and written at once from
 //! one task, the read buffers lent per read ([`buffers`]), and what a read becomes on the
-//! other side, sent in one write ([`outgoing`]), and the race of the relay's two directions
-//! ([`race`]).
+//! other side, sent in one write ([`outgoing`]), the race of the relay's two directions
+//! ([`race`]), and the session threads' own event loop that relays plain sockets
+//! ([`event_loop`], [`loop_stream`]).
 
 pub mod buffers;
+pub mod event_loop;
+pub mod loop_stream;
 pub mod outgoing;
 pub mod race;
 
@@ -18,16 +21,31 @@ use tokio_util::either::Either;
 
 /// A socket that can be read and written at the same time from one task.
 pub trait Duplex: AsyncRead + AsyncWrite + Unpin {
-    type Read<'a>: ReadReady + Send + Sync
+    type Read<'a>: ReadReady
     where
         Self: 'a;
-    type Write<'a>: WriteNow + Send + Sync
+    type Write<'a>: WriteNow
     where
         Self: 'a;
 
     /// Borrowed halves; for plain sockets these are free (no lock, unlike
     /// `tokio::io::split`), which matters on a path crossed twice per query.
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+
+    /// Whether [`Self::into_plain`] takes it out of tokio.
+    fn is_plain(&self) -> bool {
+        false
+    }
+
+    /// The socket out of tokio, for a session thread's [`event_loop`], when it is a plain
+    /// one (TCP or Unix); itself back otherwise (TLS stays on tokio). An error loses the
+    /// socket (tokio could not let it go).
+    fn into_plain(self) -> Result<io::Result<event_loop::Plain>, Self>
+    where
+        Self: Sized,
+    {
+        Err(self)
+    }
 }
 
 /// A write half that can write without a future when the socket has room, which it nearly

@@ -34,7 +34,13 @@ use crate::{
     config::ServeConfig,
     metrics::ProxyMetrics,
     proxy::upstream,
-    proxy::{cancel::CancelKeys, io::Duplex},
+    proxy::{
+        cancel::CancelKeys,
+        io::{
+            Duplex,
+            event_loop::{Job, Start},
+        },
+    },
     routing::classify::Classifier,
     wire::{
         Startup,
@@ -106,6 +112,9 @@ pub struct Shared {
     pub config_source: std::sync::OnceLock<crate::config::ConfigSource>,
     /// The other service on the proxy's port (the admin console), if one is plugged in.
     pub console: Option<Box<dyn Endpoint>>,
+    /// The session threads that relay plain sockets, once the listener has started them
+    /// (unset: every relay runs on tokio).
+    pub loops: std::sync::OnceLock<crate::proxy::io::event_loop::Loops>,
     next_id: AtomicU32,
 }
 
@@ -146,6 +155,7 @@ impl Shared {
             sessions: tokio_util::task::TaskTracker::new(),
             config_source: std::sync::OnceLock::new(),
             console: None,
+            loops: std::sync::OnceLock::new(),
             // Session ids double as the process ids handed to clients for cancelling;
             // start at a random point so they do not look like the server's.
             next_id: AtomicU32::new(rand::random::<u32>() >> 1),
@@ -167,25 +177,27 @@ pub async fn refuse<C: AsyncWrite + Unpin>(client: &mut C, code: &SqlState, mess
     let _ = client.shutdown().await;
 }
 
-/// A logged-in session's relay, to its end. Owns what lives as long as the session: the two
-/// sockets, its place in the registry and its session slot.
-async fn relay<C: Duplex, U: Duplex>(
-    mut client: C,
-    mut upstream: U,
+/// What a logged-in session's relay owns beside its two sockets: what lives as long as the
+/// session, its place in the registry and its session slot among them.
+struct Owned {
     id: u32,
     shared: Arc<Shared>,
     serves_shadow: bool,
     registered: clients::Registered,
     _slot: slots::Slot,
-) {
-    let shadow = shared.shadow.as_deref().filter(|_| serves_shadow);
+}
+
+/// A logged-in session's relay, to its end.
+async fn relay<C: Duplex, U: Duplex>(mut client: C, mut upstream: U, owned: Owned) {
+    let shared = &owned.shared;
+    let shadow = shared.shadow.as_deref().filter(|_| owned.serves_shadow);
     let end = relay::Relay::new(
         &mut client,
         &mut upstream,
-        id,
-        &shared,
+        owned.id,
+        shared,
         shadow,
-        &registered.client,
+        &owned.registered.client,
     )
     .run()
     .await;
@@ -193,8 +205,8 @@ async fn relay<C: Duplex, U: Duplex>(
 }
 
 /// Runs a session whose StartupMessage has been read, in the login slot it was given.
-pub async fn run<C: Duplex + Send + Sync + 'static>(
-    mut client: C,
+pub async fn run(
+    mut client: crate::proxy::listener::ClientStream,
     client_tls: bool,
     peer: Option<std::net::SocketAddr>,
     startup: Startup,
@@ -248,23 +260,51 @@ pub async fn run<C: Duplex + Send + Sync + 'static>(
         // The relay gets a task of its own, holding only what it needs: everything the
         // negotiation and the login kept (the startup packet, their states, this
         // function's own) would otherwise stay in the session's memory for its whole life.
+        // Over plain sockets it runs on a session thread's own loop; with TLS, on tokio.
         let serves_shadow = shared
             .shadow
             .as_deref()
             .is_some_and(|s| s.serves(startup.user_and_database().1));
         let sessions = shared.sessions.clone();
-        sessions.spawn(
-            relay(
+        let span = tracing::Span::current();
+        let on_loop = client.is_plain() && upstream.is_plain() && shared.loops.get().is_some();
+        let owned = Owned {
+            id,
+            shared: Arc::clone(&shared),
+            serves_shadow,
+            registered,
+            _slot: slot,
+        };
+        if !on_loop {
+            sessions.spawn(relay(client, upstream, owned).instrument(span));
+            return;
+        }
+        let (Ok(Ok(client)), Ok(Ok(upstream))) = (client.into_plain(), upstream.into_plain())
+        else {
+            tracing::warn!("cannot take a session's sockets out of tokio: closing it");
+            return;
+        };
+        // Counted until the relay ends, wherever it runs: a shutdown waits for it.
+        let token = sessions.token();
+        let start: Start = Box::new(move |client, upstream| {
+            Box::pin(
+                async move {
+                    let _token = token;
+                    relay(client, upstream, owned).await;
+                }
+                .instrument(span),
+            )
+        });
+        let handed = shared.loops.get().map(|loops| {
+            loops.hand(Job {
                 client,
                 upstream,
-                id,
-                shared,
-                serves_shadow,
-                registered,
-                slot,
-            )
-            .instrument(tracing::Span::current()),
-        );
+                start,
+            })
+        });
+        if !matches!(handed, Some(Ok(()))) {
+            tracing::debug!("the session threads are closed: session dropped");
+        }
     }
     .instrument(span)
     .await
