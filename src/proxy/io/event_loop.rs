@@ -13,7 +13,7 @@
 //! session with TLS on either leg (rustls reads to know whether a socket is readable). The
 //! relay's rare waits keep working here: the loop thread enters the main runtime's context,
 //! so a timer or a channel of tokio's wakes the session from that runtime's threads, through
-//! the loop's inbox ([`Remote`]).
+//! the loop's inbox.
 //!
 //! A loop never blocks on anything but `epoll_wait`, and a task woken from another thread
 //! costs a lock and, when the loop sleeps, one write to its eventfd.
