@@ -237,7 +237,13 @@ fn run(mut poll: mio::Poll, remote: &Arc<Remote>) -> io::Result<()> {
     let mut tasks: Slab<Task> = Slab::new();
     let mut events = Events::with_capacity(EVENTS);
     loop {
-        while let Some(key) = READY.with_borrow_mut(VecDeque::pop_front) {
+        // Only the tasks queued before this batch: one woken again while it runs (a session
+        // that always has work) waits for the next, after the sockets' events are read.
+        let batch = READY.with_borrow(VecDeque::len);
+        for _ in 0..batch {
+            let Some(key) = READY.with_borrow_mut(VecDeque::pop_front) else {
+                break;
+            };
             let Some(task) = tasks.get_mut(key) else {
                 continue; // woken after it ended
             };
@@ -363,6 +369,14 @@ mod tests {
     fn job(start: Start) -> (Job, UnixStream, UnixStream) {
         let (client, client_peer) = UnixStream::pair().unwrap();
         let (upstream, upstream_peer) = UnixStream::pair().unwrap();
+        // A loop that never answers fails the test instead of hanging it (a blocked read
+        // would also hold the runtime's shutdown).
+        for peer in [&client_peer, &upstream_peer] {
+            peer.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            peer.set_write_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+        }
         let job = Job {
             client: Plain::Unix(client),
             upstream: Plain::Unix(upstream),
@@ -415,6 +429,35 @@ mod tests {
                 .hand(job(Box::new(|_, _| Box::pin(async {}))).0)
                 .is_err()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_session_that_always_has_work_does_not_starve_the_others() {
+        let loops = Loops::start(1, tokio::runtime::Handle::current()).unwrap();
+        // Wakes itself at every poll, forever (until its sockets close).
+        let (spinning, _spinning_client, _) = job(Box::new(|_, _| {
+            Box::pin(std::future::poll_fn(|cx| {
+                cx.waker().wake_by_ref();
+                Poll::<()>::Pending
+            }))
+        }));
+        loops.hand(spinning).ok().unwrap();
+        let (echo, mut client, _upstream) = job(Box::new(|mut client, _| {
+            Box::pin(async move {
+                let mut buf = [0u8; 4];
+                client.read_exact(&mut buf).await.unwrap();
+                client.write_all(&buf).await.unwrap();
+            })
+        }));
+        loops.hand(echo).ok().unwrap();
+        let echoed = blocking(move || {
+            client.write_all(b"ping").unwrap();
+            let mut back = [0u8; 4];
+            client.read_exact(&mut back).unwrap();
+            back
+        })
+        .await;
+        assert_eq!(&echoed, b"ping");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
