@@ -123,12 +123,8 @@ impl Stream {
         }
     }
 
-    fn is_readable(&self) -> bool {
-        self.io.readable.get() || self.io.read_closed.get()
-    }
-
     fn poll_readable(&self, cx: &Context<'_>) -> Poll<()> {
-        if self.is_readable() {
+        if self.io.readable.get() || self.io.read_closed.get() {
             Poll::Ready(())
         } else {
             Readiness::wait(&self.io.reader, cx.waker());
@@ -136,20 +132,9 @@ impl Stream {
         }
     }
 
-    fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
-        match self.socket.write(bytes) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.io.writable.set(false);
-                Err(e)
-            }
-            other => other,
-        }
-    }
-
     fn poll_read(&self, cx: &Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
-            if !self.is_readable() {
-                Readiness::wait(&self.io.reader, cx.waker());
+            if self.poll_readable(cx).is_pending() {
                 return Poll::Pending;
             }
             match self.socket.read(out.initialize_unfilled()) {
@@ -164,8 +149,9 @@ impl Stream {
     }
 
     fn poll_write(&self, cx: &Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
-        // Tried first: the flag is set only by events, and a socket nearly always has room.
-        match self.try_write(bytes) {
+        // Tried first: a socket nearly always has room. Only when it has none does the task
+        // wait for the next writable event.
+        match self.socket.write(bytes) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 Readiness::wait(&self.io.writer, cx.waker());
                 Poll::Pending
@@ -215,7 +201,7 @@ impl ReadReady for ReadHalf<'_> {
 
 impl WriteNow for WriteHalf<'_> {
     fn try_write_now(&self, bytes: &[u8]) -> Option<io::Result<usize>> {
-        Some(self.0.try_write(bytes))
+        Some(self.0.socket.write(bytes))
     }
 
     fn buffers(&self) -> bool {

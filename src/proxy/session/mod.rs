@@ -267,7 +267,10 @@ pub async fn run(
             .is_some_and(|s| s.serves(startup.user_and_database().1));
         let sessions = shared.sessions.clone();
         let span = tracing::Span::current();
-        let on_loop = client.is_plain() && upstream.is_plain() && shared.loops.get().is_some();
+        let loops = shared
+            .loops
+            .get()
+            .filter(|_| client.is_plain() && upstream.is_plain());
         let owned = Owned {
             id,
             shared: Arc::clone(&shared),
@@ -275,10 +278,10 @@ pub async fn run(
             registered,
             _slot: slot,
         };
-        if !on_loop {
+        let Some(loops) = loops else {
             sessions.spawn(relay(client, upstream, owned).instrument(span));
             return;
-        }
+        };
         let (Ok(Ok(client)), Ok(Ok(upstream))) = (client.into_plain(), upstream.into_plain())
         else {
             tracing::warn!("cannot take a session's sockets out of tokio: closing it");
@@ -295,14 +298,12 @@ pub async fn run(
                 .instrument(span),
             )
         });
-        let handed = shared.loops.get().map(|loops| {
-            loops.hand(Job {
-                client,
-                upstream,
-                start,
-            })
-        });
-        if !matches!(handed, Some(Ok(()))) {
+        let job = Job {
+            client,
+            upstream,
+            start,
+        };
+        if loops.hand(job).is_err() {
             tracing::debug!("the session threads are closed: session dropped");
         }
     }
