@@ -109,6 +109,14 @@ pub const DEFAULT_SHADOW_QUEUE: usize = 1024;
 pub const DEFAULT_SHADOW_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_AUTHENTICATION_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Session threads when none is configured: half the CPUs the process may use, at least one.
+/// Each thread sleeps and wakes for its own sessions; two on two cores wake twice as often
+/// for half the events each, and take the core PostgreSQL and the clients need
+/// (docs/performance.md, "How many session threads").
+pub fn default_session_threads(cpus: usize) -> usize {
+    (cpus / 2).max(1)
+}
+
 /// The shadow pool's settings.
 #[derive(Debug, Clone)]
 pub struct ShadowConfig {
@@ -416,7 +424,9 @@ impl FileConfig {
                         .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
                     rules: self.rules.unwrap_or_else(|| PathBuf::from("rules")),
                     worker_threads: self.worker_threads.unwrap_or_else(|| {
-                        std::thread::available_parallelism().map_or(2, |n| n.get())
+                        default_session_threads(
+                            std::thread::available_parallelism().map_or(1, |n| n.get()),
+                        )
                     }),
                     tls,
                     client_tls_required,
@@ -466,6 +476,13 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_threads_are_half_the_cpus_and_at_least_one() {
+        for (cpus, threads) in [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (16, 8)] {
+            assert_eq!(default_session_threads(cpus), threads, "{cpus} CPUs");
+        }
+    }
 
     #[test]
     fn defaults_and_overrides() {

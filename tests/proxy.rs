@@ -373,6 +373,77 @@ fn query_frame(sql: &str) -> Vec<u8> {
     frame
 }
 
+/// Sessions dealt over several session threads (the default is half the cores, so on a
+/// small machine one: the rest of the suite runs on one loop) each keep their own upstream
+/// connection and settings, answered in turn while the others run, and a cancel reaches a
+/// session on any of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_on_several_session_threads_each_keep_their_own() {
+    let p = proxy_with(|c| c.worker_threads = Some(3)).await;
+    let mut sessions = Vec::new();
+    for i in 0..7 {
+        let client = p.client("postgres").await;
+        client
+            .batch_execute(&format!("SET application_name = 'session-{i}'"))
+            .await
+            .unwrap();
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        sessions.push((i, client, pid));
+    }
+    let runs = sessions.iter().map(|(i, client, pid)| async move {
+        for _ in 0..30 {
+            let row = client
+                .query_one(
+                    "SELECT current_setting('application_name'), pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(row.get::<_, String>(0), format!("session-{i}"));
+            assert_eq!(
+                row.get::<_, i32>(1),
+                *pid,
+                "session {i} kept its connection"
+            );
+        }
+    });
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(runs),
+    )
+    .await
+    .expect("every session answered");
+
+    // The last session (dealt to another thread than the first) is cancelled mid-sleep.
+    let (_, last, _) = sessions.last().unwrap();
+    let cancel = last.cancel_token();
+    let sleeping = last.simple_query("SELECT pg_sleep(30)");
+    tokio::pin!(sleeping);
+    // Sent again until it lands: one sent before the sleep began cancels nothing.
+    let slept = tokio::time::timeout(Duration::from_secs(25), async {
+        loop {
+            tokio::select! {
+                slept = &mut sleeping => break slept,
+                () = tokio::time::sleep(Duration::from_millis(300)) => {
+                    cancel.cancel_query(NoTls).await.unwrap();
+                }
+            }
+        }
+    })
+    .await
+    .expect("the cancel arrived");
+    assert_eq!(
+        slept.unwrap_err().code(),
+        Some(&SqlState::QUERY_CANCELED),
+        "the sleep was cancelled"
+    );
+    p.shutdown().await;
+}
+
 #[tokio::test]
 async fn malformed_and_oversized_messages_get_08p01_and_a_close() {
     let p = proxy_with(|c| c.max_message_bytes = Some(64 * 1024)).await;

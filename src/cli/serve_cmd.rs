@@ -36,7 +36,7 @@ pub(super) struct ServeArgs {
     /// Directory of the rule files; invalid rules stop the proxy from starting [default: rules]
     #[arg(long, value_name = "DIR")]
     rules: Option<PathBuf>,
-    /// Threads that run client sessions [default: one per CPU core]
+    /// Threads that run client sessions [default: half the CPU cores, at least one]
     #[arg(long, value_name = "N")]
     worker_threads: Option<usize>,
     /// PEM certificate for TLS to clients (with --tls-key)
