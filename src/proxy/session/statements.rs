@@ -68,7 +68,13 @@ pub struct Statements<'s> {
     portals: ByName<Portal>,
     /// Numbers the Parse messages sent (the client's and the proxy's).
     parses: u64,
+    /// The classification of the Query about to be inspected, when
+    /// [`Self::query_check_to_await`] made it (so that it is not made twice).
+    ahead: Option<Classified>,
 }
+
+/// A statement's counters, and its classification when it is on the legacy table.
+type Classified = (Served, Option<Arc<Classification>>);
 
 /// A prepared statement.
 struct Prepared {
@@ -190,6 +196,7 @@ impl<'s> Statements<'s> {
             statements: ByName::default(),
             portals: ByName::default(),
             parses: 0,
+            ahead: None,
         }
     }
 
@@ -320,7 +327,7 @@ impl<'s> Statements<'s> {
 
     /// The counters of a statement's query type, and its classification when it is on the
     /// legacy table.
-    fn classify(&self, sql: &[u8]) -> (Served, Option<Arc<Classification>>) {
+    fn classify(&self, sql: &[u8]) -> Classified {
         let queries = &self.shared.metrics.queries;
         let passthrough = || Served::either(&queries.passthrough);
         let Ok(sql) = std::str::from_utf8(sql) else {
@@ -350,13 +357,18 @@ impl<'s> Statements<'s> {
     /// locking read whose transaction writes the target, whose check is not in yet. Served by
     /// legacy for want of its check, it would take legacy's locks first where every other
     /// transaction takes v2's (a deadlock), or split its transaction.
-    pub fn query_check_to_await(&self, body: &[u8]) -> Option<Awaitable> {
+    /// The classification made here is kept for the [`Self::inspect`] of the same Query,
+    /// which must come next.
+    pub fn query_check_to_await(&mut self, body: &[u8]) -> Option<Awaitable> {
         // Nothing waits while the transaction's writes go to legacy (no classifying).
         if self.shared.checks.is_none() || self.write_side() != Side::Target {
             return None;
         }
         let sql = messages::query_text(body)?;
-        let classification = self.classify(sql).1?;
+        let classified = self.classify(sql);
+        let classification = classified.1.clone();
+        self.ahead = Some(classified);
+        let classification = classification?;
         let Classification::Typed(t) = &*classification else {
             return None;
         };
@@ -531,7 +543,10 @@ impl<'s> Statements<'s> {
             }
             None => {}
         }
-        let (served, classification) = self.classify(sql);
+        let (served, classification) = match self.ahead.take() {
+            Some(classified) => classified,
+            None => self.classify(sql),
+        };
         let Some(classification) = classification else {
             served.legacy.increment(1);
             return None;
