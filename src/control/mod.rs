@@ -67,8 +67,10 @@ pub struct QueryTypeState {
 #[derive(Debug, Default)]
 pub struct LiveState {
     pub by_type: HashMap<String, QueryTypeState>,
-    /// The stage of each query type, parsed once per load (sessions read it per statement).
-    stages: HashMap<String, Stage>,
+    /// The stage of each query type, parsed once per load (sessions read it per statement,
+    /// so hashed with foldhash rather than SipHash: the names are the rules' and the
+    /// operators', not the clients').
+    stages: HashMap<String, Stage, foldhash::fast::RandomState>,
 }
 
 impl LiveState {

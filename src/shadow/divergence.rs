@@ -266,6 +266,9 @@ pub struct Store {
     /// The metrics of each query type label, looked up once: building a labelled key per
     /// comparison (three of them) cost more than the rest of the counting.
     handles: Mutex<HashMap<String, LabelMetrics>>,
+    /// `cutover_shadow_dropped_total`, registered at the first drop (after the exporter is
+    /// installed), counted without a lookup after.
+    dropped: std::sync::OnceLock<metrics::Counter>,
 }
 
 /// One query type label's comparison metrics.
@@ -303,6 +306,7 @@ impl Store {
             marks: ArcSwap::from_pointee(Vec::new()),
             fingerprints: Mutex::default(),
             handles: Mutex::default(),
+            dropped: std::sync::OnceLock::new(),
             replica: format!(
                 "{}:{}",
                 std::env::var("HOSTNAME").unwrap_or_else(|_| "cutover".into()),
@@ -334,15 +338,20 @@ impl Store {
             }
         }
         if outcome == Outcome::Dropped {
-            counter!("cutover_shadow_dropped_total").increment(1);
+            self.dropped
+                .get_or_init(|| counter!("cutover_shadow_dropped_total"))
+                .increment(1);
         }
         // A poisoned lock only means another thread panicked mid-add: the counts are still
         // numbers; keep counting.
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        counts
-            .entry(query_type.to_owned())
-            .or_default()
-            .add(outcome, latency);
+        match counts.get_mut(query_type) {
+            Some(c) => c.add(outcome, latency),
+            None => counts
+                .entry(query_type.to_owned())
+                .or_default()
+                .add(outcome, latency),
+        }
     }
 
     /// Whether this replica may still sample a divergence of `query_type` of this class

@@ -115,9 +115,39 @@ impl Shadow {
     /// Hands a read over; never waits. A statement whose answer is not determined is
     /// counted `nondeterministic` without running.
     pub fn offer(&self, job: Job) {
-        let Some(typed) = job.typed() else { return };
-        let Some(plan) = &typed.read else { return };
+        if !self.comparable(&job.classification) {
+            return;
+        }
+        if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
+            self.queue.try_send(job)
+        {
+            self.count_dropped(&job.classification);
+        }
+    }
 
+    /// Whether the queue has room for a job now: when it has none, a session need not copy a
+    /// statement's parameters into one, and counts it with [`Self::offer_without_room`].
+    pub fn has_room(&self) -> bool {
+        self.queue.capacity() > 0
+    }
+
+    /// Counts, as [`Self::offer`] would, a read whose job was not made because the queue was
+    /// full: dropped (or nondeterministic).
+    pub fn offer_without_room(&self, classification: &Classification) {
+        if self.comparable(classification) {
+            self.count_dropped(classification);
+        }
+    }
+
+    /// Whether the statement's answers can be compared; a nondeterministic one is counted
+    /// here.
+    fn comparable(&self, classification: &Classification) -> bool {
+        let Classification::Typed(typed) = classification else {
+            return false;
+        };
+        let Some(plan) = &typed.read else {
+            return false;
+        };
         if let Determinism::Nondeterministic(_) = plan.determinism {
             self.store.count(
                 &typed.query_type,
@@ -125,12 +155,13 @@ impl Shadow {
                 Outcome::Nondeterministic,
                 None,
             );
-            return;
+            return false;
         }
-        if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
-            self.queue.try_send(job)
-            && let Some(typed) = job.typed()
-        {
+        true
+    }
+
+    fn count_dropped(&self, classification: &Classification) {
+        if let Classification::Typed(typed) = classification {
             self.store
                 .count(&typed.query_type, label(typed), Outcome::Dropped, None);
         }

@@ -178,7 +178,15 @@ struct Portal {
     /// Served by the target: how legacy describes its columns.
     described: Option<Described>,
     /// A comparison to hand to the shadow at the portal's first Execute.
-    job: Option<shadow::Job>,
+    job: Option<Comparison>,
+}
+
+/// What a portal's first Execute gives the shadow.
+enum Comparison {
+    Job(shadow::Job),
+    /// The shadow's queue was full at the Bind: the parameters were not copied, and the
+    /// Execute counts the comparison dropped.
+    NoRoom(Arc<Classification>),
 }
 
 impl<'s> Statements<'s> {
@@ -506,8 +514,12 @@ impl<'s> Statements<'s> {
                 match self.portals.get_mut(portal) {
                     Some(p) => {
                         p.served.side(p.side).increment(1);
-                        if let (Some(job), Some(shadow)) = (p.job.take(), self.shadow) {
-                            shadow.offer(job);
+                        match (p.job.take(), self.shadow) {
+                            (Some(Comparison::Job(job)), Some(shadow)) => shadow.offer(job),
+                            (Some(Comparison::NoRoom(c)), Some(shadow)) => {
+                                shadow.offer_without_room(&c);
+                            }
+                            _ => {}
                         }
                     }
                     None => self.shared.metrics.queries.passthrough.increment(1),
@@ -724,23 +736,16 @@ impl<'s> Statements<'s> {
         let t = source.typed();
         // The parameters are read only when something needs them: the shadow's copy, or the
         // bucket's key (which only `cutover N%` splits by).
-        let job = (self.compared(t, stage) && Self::sampled(t))
-            .then(|| messages::bind_params(body))
-            .flatten()
-            .map(|params| shadow::Job {
-                classification: Arc::clone(&source.classification),
-                sql: Arc::clone(&source.sql),
-                param_types: Arc::clone(&source.param_types),
-                params: params
-                    .iter()
-                    .map(|(binary, value)| shadow::Param {
-                        binary: *binary,
-                        value: value.map(Bytes::copy_from_slice),
-                    })
-                    .collect(),
-                inline: false,
-                rules: Arc::clone(&source.rules),
-            });
+        let job = match self.shadow {
+            Some(shadow) if self.compared(t, stage) && Self::sampled(t) => {
+                if shadow.has_room() {
+                    Self::job(&source, body).map(Comparison::Job)
+                } else {
+                    Some(Comparison::NoRoom(Arc::clone(&source.classification)))
+                }
+            }
+            _ => None,
+        };
         let key = match (&t.bucket_key, stage) {
             (BucketKey::Param(n), Stage::Cutover(_)) => messages::bind_params(body)
                 .and_then(|params| params.get(n - 1).copied())
@@ -770,6 +775,31 @@ impl<'s> Statements<'s> {
             },
         );
         replacement
+    }
+
+    /// The shadow's copy of an execution: the statement and the Bind's parameters (`body`,
+    /// the whole Bind), copied in one piece that the parameters are slices of.
+    fn job(source: &Source, body: &[u8]) -> Option<shadow::Job> {
+        let params = messages::bind_params(body)?;
+        let whole = Bytes::copy_from_slice(body);
+        let start = body.as_ptr() as usize;
+        Some(shadow::Job {
+            classification: Arc::clone(&source.classification),
+            sql: Arc::clone(&source.sql),
+            param_types: Arc::clone(&source.param_types),
+            params: params
+                .iter()
+                .map(|(binary, value)| shadow::Param {
+                    binary: *binary,
+                    value: value.map(|v| {
+                        let at = v.as_ptr() as usize - start;
+                        whole.slice(at..at + v.len())
+                    }),
+                })
+                .collect(),
+            inline: false,
+            rules: Arc::clone(&source.rules),
+        })
     }
 
     /// The Bind rewritten to name the statement's target variant, preceded (the first time)
