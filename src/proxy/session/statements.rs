@@ -17,6 +17,7 @@
 
 use std::sync::Arc;
 
+use arc_swap::{ArcSwap, Cache};
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{
@@ -27,7 +28,7 @@ use super::{
 };
 use crate::{
     metrics::Served,
-    routing::classify::{BucketKey, Classification, Typed},
+    routing::classify::{BucketKey, Classification, Classifier, Typed},
     routing::rewrite::Rewrite,
     routing::route::{self, Side, check::Check},
     routing::rules::{RuleSet, Stage},
@@ -58,6 +59,9 @@ pub struct Awaitable {
 
 pub struct Statements<'s> {
     shared: &'s Shared,
+    /// The classifier this session saw last, checked against the shared one with one atomic
+    /// load per statement (not loaded through its debt list at each).
+    classifier: Cache<&'s ArcSwap<Classifier>, Arc<Classifier>>,
     shadow: Option<&'s Shadow>,
     /// The session's bucketing key when the rule names none.
     session_key: String,
@@ -198,6 +202,7 @@ impl<'s> Statements<'s> {
     ) -> Self {
         Self {
             shared,
+            classifier: Cache::new(&shared.classifier),
             shadow,
             session_key: format!("session:{session_id}"),
             flow,
@@ -228,7 +233,7 @@ impl<'s> Statements<'s> {
     /// answer is not known (at its first such statement, and after a statement that may have
     /// changed it — which is recorded here too). Only where something could be routed or
     /// compared.
-    pub fn names_question(&self, tag: u8, body: &[u8]) -> Option<Bytes> {
+    pub fn names_question(&mut self, tag: u8, body: &[u8]) -> Option<Bytes> {
         if self.shared.checks.is_none() && self.shadow.is_none() {
             return None;
         }
@@ -237,7 +242,7 @@ impl<'s> Statements<'s> {
             frontend::PARSE => messages::parse_text(body)?.1,
             _ => return None,
         };
-        let classifier = self.shared.classifier.load();
+        let classifier = self.classifier.load();
         if classifier.names().may_change(sql) {
             self.flow.names_may_change();
             return None;
@@ -335,14 +340,19 @@ impl<'s> Statements<'s> {
 
     /// The counters of a statement's query type, and its classification when it is on the
     /// legacy table.
-    fn classify(&self, sql: &[u8]) -> Classified {
+    fn classify(&mut self, sql: &[u8]) -> Classified {
         let queries = &self.shared.metrics.queries;
         let passthrough = || Served::either(&queries.passthrough);
+        let classifier = self.classifier.load();
+        // Most statements: not the table's, looked at no further (no UTF-8 check, no lookup).
+        if !classifier.mentions_table(sql) {
+            return (passthrough(), None);
+        }
         let Ok(sql) = std::str::from_utf8(sql) else {
             // Not UTF-8 (another client_encoding): never parsed, relayed as it is.
             return (passthrough(), None);
         };
-        let classification = self.shared.classifier.load().classify(sql);
+        let classification = classifier.classify_mentioning(sql);
         let served = match &*classification {
             Classification::Passthrough => return (passthrough(), None),
             Classification::Unparsable { .. } => {

@@ -442,6 +442,11 @@ impl Classifier {
         if !self.precheck.mentions_table(sql.as_bytes()) {
             return Arc::clone(&self.passthrough);
         }
+        self.classify_mentioning(sql)
+    }
+
+    /// [`Self::classify`] of a statement [`Self::mentions_table`] already said yes to.
+    pub fn classify_mentioning(&self, sql: &str) -> Arc<Classification> {
         if let Some(hit) = self.cache.get(sql) {
             return hit;
         }
