@@ -177,33 +177,23 @@ async fn stage_costs(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // One row: one client's time per query direct and through `port`, and with 8 clients
-    // the CPU per query `cpu` reads from the proxy (its relay, the rest), medians of the rounds.
-    let row = |label: &str, port: u16, cpu: &dyn Fn() -> (f64, f64)| {
-        let (mut direct, mut through, mut relay, mut other) = (vec![], vec![], vec![], vec![]);
-        for _ in 0..rounds {
-            direct.push(1000.0 / run(pg.port(), "1").tps);
-            through.push(1000.0 / run(port, "1").tps);
-            let before = cpu();
-            let queries = run(port, CLIENTS).transactions;
-            let after = cpu();
-            relay.push((after.0 - before.0) / queries.max(1.0));
-            other.push((after.1 - before.1) / queries.max(1.0));
-        }
-        let (direct, through, other) = (median(direct), median(through), median(other));
-        let other = if other.is_nan() {
-            "-".to_owned()
-        } else {
-            format!("{other:.1}")
-        };
-        println!(
-            "{label:<12} {direct:>10.3} {through:>10.3} {:>8.0} {:>12.1} {other:>12}",
-            (through - direct) * 1000.0,
-            median(relay),
-        );
+    // One sample: one client's time per query direct and through `port`, and with 8 clients
+    // the CPU per query `cpu` reads from the proxy (its relay, the rest).
+    let sample = |port: u16, cpu: &dyn Fn() -> (f64, f64)| {
+        let direct = 1000.0 / run(pg.port(), "1").tps;
+        let through = 1000.0 / run(port, "1").tps;
+        let before = cpu();
+        let queries = run(port, CLIENTS).transactions;
+        let after = cpu();
+        [
+            direct,
+            through,
+            (after.0 - before.0) / queries.max(1.0),
+            (after.1 - before.1) / queries.max(1.0),
+        ]
     };
     println!(
-        "\naffiliate_by_id prepared, {TREE} affiliates, every other query type at legacy, sample rate 1.0; {seconds} s each, median of {rounds} rounds"
+        "\naffiliate_by_id prepared, {TREE} affiliates, every other query type at legacy, sample rate 1.0; {seconds} s each, median of {rounds} rounds, the rows rotated within each"
     );
     println!(
         "{:<12} {:>10} {:>10} {:>8} {:>12} {:>12}",
@@ -213,28 +203,53 @@ async fn stage_costs(
         "{:<12} {:>10} {:>10} {:>8} {:>12} {:>12}",
         "", "1 client", "1 client", "µs", "µs/query", "µs/query"
     );
-    for (label, stage, percent) in [
-        ("legacy", "legacy", 0i16),
-        ("shadow", "shadow", 0),
-        ("cutover 50", "cutover", 50),
-        ("target", "target", 0),
-    ] {
-        client
-            .execute(
-                "UPDATE cutover.query_type_state SET stage = $1, percent = $2 WHERE query_type = 'affiliate_by_id'",
-                &[&stage, &percent],
-            )
-            .await
-            .expect("set the stage");
-        // Every replica applies a change within a second; then the route check is made.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let _ = run(port, "1");
-        row(label, port, &|| thread_cpu_us(pid));
-    }
     // pgbouncer has no stages: it relays the query to legacy; its whole process is its relay
     // (no other CPU: shown as "-").
-    if let Some((port, pid)) = bouncer {
-        row("pgbouncer", port, &|| (cpu_us(&pid.to_string()), f64::NAN));
+    let mut rows: Vec<(&str, Option<(&str, i16)>)> = vec![
+        ("legacy", Some(("legacy", 0))),
+        ("shadow", Some(("shadow", 0))),
+        ("cutover 50", Some(("cutover", 50))),
+        ("target", Some(("target", 0))),
+    ];
+    if bouncer.is_some() {
+        rows.push(("pgbouncer", None));
+    }
+    let mut samples = vec![Vec::new(); rows.len()];
+    for round in 0..rounds {
+        for i in (0..rows.len()).map(|i| (i + round) % rows.len()) {
+            let taken = match (rows[i].1, bouncer) {
+                (Some((stage, percent)), _) => {
+                    client
+                        .execute(
+                            "UPDATE cutover.query_type_state SET stage = $1, percent = $2 WHERE query_type = 'affiliate_by_id'",
+                            &[&stage, &percent],
+                        )
+                        .await
+                        .expect("set the stage");
+                    // Every replica applies a change within a second; then the route check
+                    // is made.
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    let _ = run(port, "1");
+                    sample(port, &|| thread_cpu_us(pid))
+                }
+                (None, Some((port, pid))) => sample(port, &|| (cpu_us(&pid.to_string()), f64::NAN)),
+                (None, None) => unreachable!("pgbouncer's row is there only with pgbouncer"),
+            };
+            samples[i].push(taken);
+        }
+    }
+    for ((label, _), taken) in rows.iter().zip(samples) {
+        let column = |c: usize| median(taken.iter().map(|s| s[c]).collect());
+        let (direct, through, relay, other) = (column(0), column(1), column(2), column(3));
+        let other = if other.is_nan() {
+            "-".to_owned()
+        } else {
+            format!("{other:.1}")
+        };
+        println!(
+            "{label:<12} {direct:>10.3} {through:>10.3} {:>8.0} {relay:>12.1} {other:>12}",
+            (through - direct) * 1000.0,
+        );
     }
 }
 
