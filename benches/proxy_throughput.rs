@@ -321,7 +321,7 @@ fn start_pgbouncer(upstream_port: u16, dir: &Path) -> Option<((Killed, Bouncer),
     } else {
         Command::new(&exe)
     };
-    let child = cmd
+    let child = common::own_session(&mut cmd)
         .arg(&ini)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -43,22 +43,25 @@ pub fn start_cutover(upstream_port: u16) -> (Killed, u16) {
     start_cutover_with(upstream_port, &[])
 }
 
-/// `start_cutover` with more flags (a control database, the shadow's settings).
-pub fn start_cutover_with(upstream_port: u16, extra: &[&str]) -> (Killed, u16) {
-    let port = free_port();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cutover"));
-    // In a session of its own, as a service runs and as pgbouncer (which daemonizes) runs
-    // beside it: with the kernel's autogroups on (Debian's default), a process in the
-    // benchmark's session shares one scheduling group with pgbench and is preempted by it
-    // (docs/performance.md, "The benchmark put cutover in pgbench's scheduling group").
+/// Starts `command` in a session of its own, as a service runs. With the kernel's autogroups
+/// on (Debian's default) a process in the benchmark's session shares one scheduling group
+/// with pgbench and is preempted by it; every proxy measured starts this way, so that none
+/// shares pgbench's group (docs/performance.md, "Scheduling groups").
+pub fn own_session(command: &mut Command) -> &mut Command {
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
     unsafe {
         command.pre_exec(|| {
             libc::setsid();
             Ok(())
-        });
+        })
     }
-    let child = command
+}
+
+/// `start_cutover` with more flags (a control database, the shadow's settings).
+pub fn start_cutover_with(upstream_port: u16, extra: &[&str]) -> (Killed, u16) {
+    let port = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cutover"));
+    let child = own_session(&mut command)
         .args(["serve", "--admin", "off"])
         .args(extra)
         .args(["--listen", &format!("127.0.0.1:{port}")])
