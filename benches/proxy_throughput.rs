@@ -205,20 +205,26 @@ async fn stage_costs(
     );
     // pgbouncer has no stages: it relays the query to legacy; its whole process is its relay
     // (no other CPU: shown as "-").
-    let mut rows: Vec<(&str, Option<(&str, i16)>)> = vec![
-        ("legacy", Some(("legacy", 0))),
-        ("shadow", Some(("shadow", 0))),
-        ("cutover 50", Some(("cutover", 50))),
-        ("target", Some(("target", 0))),
+    enum Row<'a> {
+        /// `affiliate_by_id` at a stage and percent, through cutover.
+        Stage(&'a str, i16),
+        /// Through pgbouncer (its port and pid).
+        Bouncer(u16, u32),
+    }
+    let mut rows = vec![
+        ("legacy", Row::Stage("legacy", 0)),
+        ("shadow", Row::Stage("shadow", 0)),
+        ("cutover 50", Row::Stage("cutover", 50)),
+        ("target", Row::Stage("target", 0)),
     ];
-    if bouncer.is_some() {
-        rows.push(("pgbouncer", None));
+    if let Some((port, pid)) = bouncer {
+        rows.push(("pgbouncer", Row::Bouncer(port, pid)));
     }
     let mut samples = vec![Vec::new(); rows.len()];
     for round in 0..rounds {
         for i in (0..rows.len()).map(|i| (i + round) % rows.len()) {
-            let taken = match (rows[i].1, bouncer) {
-                (Some((stage, percent)), _) => {
+            let taken = match rows[i].1 {
+                Row::Stage(stage, percent) => {
                     client
                         .execute(
                             "UPDATE cutover.query_type_state SET stage = $1, percent = $2 WHERE query_type = 'affiliate_by_id'",
@@ -232,8 +238,7 @@ async fn stage_costs(
                     let _ = run(port, "1");
                     sample(port, &|| thread_cpu_us(pid))
                 }
-                (None, Some((port, pid))) => sample(port, &|| (cpu_us(&pid.to_string()), f64::NAN)),
-                (None, None) => unreachable!("pgbouncer's row is there only with pgbouncer"),
+                Row::Bouncer(port, pid) => sample(port, &|| (cpu_us(&pid.to_string()), f64::NAN)),
             };
             samples[i].push(taken);
         }

@@ -394,8 +394,9 @@ impl<'s> Statements<'s> {
             return None;
         }
         let target = routed_write(t)?;
+        let key = self.query_check_key(t);
         self.unchecked(
-            self.query_check_key(t),
+            key,
             std::str::from_utf8(sql).ok()?.into(),
             target,
             Arc::from([]),
@@ -439,10 +440,10 @@ impl<'s> Statements<'s> {
     }
 
     /// A simple Query's route check: per rules and fingerprint (its values are inline).
-    fn query_check_key(&self, t: &Typed) -> String {
+    fn query_check_key(&mut self, t: &Typed) -> String {
         format!(
             "q:{}:{}",
-            self.shared.classifier.load().rules().version,
+            self.classifier.load().rules().version,
             t.fingerprint.id
         )
     }
@@ -604,14 +605,19 @@ impl<'s> Statements<'s> {
             && Self::sampled(t)
             && let Some(shadow) = self.shadow
         {
-            shadow.offer(shadow::Job {
-                classification: Arc::clone(&classification),
-                sql: text.into(),
-                param_types: Arc::new([]),
-                params: Vec::new(),
-                inline: true,
-                rules: Arc::clone(self.shared.classifier.load().rules_arc()),
-            });
+            // As at a Bind: no copy of the text when the queue has no room for it.
+            if shadow.has_room() {
+                shadow.offer(shadow::Job {
+                    classification: Arc::clone(&classification),
+                    sql: text.into(),
+                    param_types: Arc::new([]),
+                    params: Vec::new(),
+                    inline: true,
+                    rules: Arc::clone(self.classifier.load().rules_arc()),
+                });
+            } else {
+                shadow.offer_without_room(&classification);
+            }
         }
         let key = match &t.bucket_key {
             BucketKey::Literal(v) => Some(v.as_bytes()),
@@ -659,7 +665,7 @@ impl<'s> Statements<'s> {
                 classification: Arc::clone(c),
                 sql: std::str::from_utf8(sql).ok()?.into(),
                 param_types: messages::parse_param_types(body)?.into(),
-                rules: Arc::clone(self.shared.classifier.load().rules_arc()),
+                rules: Arc::clone(self.classifier.load().rules_arc()),
                 check_key: std::sync::OnceLock::new(),
             }))
         });

@@ -166,7 +166,6 @@ impl Names {
     /// (`SET ROLE`, `SESSION AUTHORIZATION`: `"$user"`), or a temporary table or DDL that
     /// names the table. Words, not substrings (`created_at` is not `create`); one pass.
     ///
-    ///
     /// The text is split into words of identifier bytes and each is looked up: a whole word
     /// is exactly such a run. It runs at every Query and Parse; an overlapping Aho-Corasick
     /// search did the same in ~1.2k instructions per `pgbench -S` statement (callgrind).
