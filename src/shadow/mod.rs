@@ -8,7 +8,9 @@
 //! - the pool's connections are its own (the shadow role, `statement_timeout`,
 //!   `default_transaction_read_only`), so a slow or failing target side costs the shadow,
 //!   not the session; a shadow statement that times out is `skipped`, not a divergence;
-//! - nothing the shadow does reaches a client: its failures become outcomes and metrics.
+//! - nothing the shadow does reaches a client: its failures become outcomes and metrics;
+//! - its comparisons run on threads of their own at a lower priority (`threads`): on a
+//!   saturated machine they get the CPU the sessions leave, and the rest are dropped.
 //!
 //! What it compares: the legacy statement and its target SQL, each on committed data. A
 //! client's own uncommitted writes are invisible to both sides alike, so a read inside a
@@ -21,6 +23,7 @@ pub mod compare;
 pub mod divergence;
 mod redact;
 mod run;
+mod threads;
 
 pub use run::Skip;
 
@@ -182,8 +185,9 @@ impl Shadow {
             return;
         };
         let receiver = Arc::new(Mutex::new(receiver));
+        // The comparisons on threads that yield the CPU to the sessions (`threads`).
         for n in 0..self.config.connections {
-            tokio::spawn(run::worker(
+            threads::spawn(run::worker(
                 n,
                 Arc::clone(self),
                 Arc::clone(&receiver),
