@@ -4,7 +4,9 @@
 //! (directly, dual-write off), through cutover with dual-write on, and after the flip
 //! (every query type at `target`: v2 written first, legacy mirrored) — and the parts of the
 //! difference: the proxy alone (through cutover, off), the mirror alone (directly, on), and
-//! what cutover's triggers cost while dual-write is off (legacy without them). Then the same
+//! what cutover's triggers cost while dual-write is off (legacy without them) — and the floor
+//! of any dual-write (legacy's row and v2's written in one statement, no trigger on either
+//! table: what writing v2's row at all costs). Then the same
 //! inserts with 1 writer and with 8, all under one root: whether writers under one root
 //! still run one at a time. A program, not a test: it prints what it measured and asserts
 //! nothing.
@@ -25,7 +27,7 @@ use cutover::{
 };
 
 mod common;
-use common::{median, pgbench_tps, start_cutover_with};
+use common::{median, pgbench_on, start_cutover_with};
 
 const AFFILIATES: u64 = 100_000;
 const CLIENTS: &str = "8";
@@ -42,6 +44,26 @@ END;
 UPDATE affiliates SET total_deposits = total_deposits + :cents / 100.0, updated_at = now() WHERE affiliate_id = :who;
 UPDATE affiliates SET status = 'active', updated_at = now() WHERE affiliate_id = :who;
 ";
+
+/// The floor of any dual-write: the same transactions, each statement writing legacy's row
+/// and v2's row in one statement (v2's columns from legacy's `RETURNING`), run with
+/// `session_replication_role = replica` so that no trigger fires on either table — no
+/// closure rows, paths or counters in v2, no mirror, no foreign-key checks. What writing v2's
+/// row at all costs, on top of legacy's; no design of the mirror can cost less.
+const FLOOR: &str = r"
+\set parent random(1, 100000)
+\set who random(1, 100000)
+\set cents random(1, 100000)
+BEGIN;
+WITH l AS (INSERT INTO public.affiliates (parent_affiliate_id, external_id, name, email, registration_date) VALUES (:parent, gen_random_uuid()::text, 'Bench', 'bench@example.com', now()) RETURNING *) INSERT INTO fature_v2.affiliates_optimized (affiliate_id, parent_affiliate_id, external_id, name, email, status, registration_date, hierarchy_path, hierarchy_level, created_at, updated_at) SELECT affiliate_id, parent_affiliate_id, external_id, name, email, status, registration_date, text2ltree('1.' || affiliate_id), 2, created_at, updated_at FROM l RETURNING affiliate_id;
+WITH l AS (UPDATE public.affiliates SET level_1_referrals = level_1_referrals + 1, updated_at = now() WHERE affiliate_id = :parent RETURNING affiliate_id, level_1_referrals, updated_at) UPDATE fature_v2.affiliates_optimized v SET direct_referrals_count = direct_referrals_count + 1, legacy_level_1_referrals = l.level_1_referrals, updated_at = l.updated_at FROM l WHERE v.affiliate_id = l.affiliate_id;
+END;
+WITH l AS (UPDATE public.affiliates SET total_deposits = total_deposits + :cents / 100.0, updated_at = now() WHERE affiliate_id = :who RETURNING affiliate_id, total_deposits, updated_at) UPDATE fature_v2.affiliates_optimized v SET total_deposits = l.total_deposits, updated_at = l.updated_at FROM l WHERE v.affiliate_id = l.affiliate_id;
+WITH l AS (UPDATE public.affiliates SET status = 'active', updated_at = now() WHERE affiliate_id = :who RETURNING affiliate_id, status, updated_at) UPDATE fature_v2.affiliates_optimized v SET status = l.status, updated_at = l.updated_at FROM l WHERE v.affiliate_id = l.affiliate_id;
+";
+
+/// The floor's connections: no trigger fires (the benchmark's role is a superuser).
+const NO_TRIGGERS: &str = "dbname=postgres options='-c session_replication_role=replica'";
 
 /// The scaling script: the new-affiliate transaction alone.
 const INSERTS: &str = r"
@@ -93,18 +115,27 @@ struct Run {
     busy: f64,
 }
 
-/// `script` with `clients` (one pgbench transaction = the script once).
-fn pgbench(bindir: &Path, script: &Path, port: u16, seconds: u64, clients: &str) -> Run {
+/// `script` with `clients` (one pgbench transaction = the script once) on `database` (a
+/// name or a connection string).
+fn pgbench(
+    bindir: &Path,
+    (script, database): (&Path, &str),
+    port: u16,
+    seconds: u64,
+    clients: &str,
+) -> Run {
     let (secs, script) = (seconds.to_string(), script.to_string_lossy());
     let threads = if clients == "1" { "1" } else { THREADS };
     let busy = machine_busy_ms();
-    let tps = pgbench_tps(
+    let tps = pgbench_on(
         bindir,
         port,
+        database,
         &[
             "-n", "-M", "prepared", "-c", clients, "-j", threads, "-T", &secs, "-f", &script,
         ],
-    );
+    )
+    .tps;
     let spent = machine_busy_ms() - busy;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     Run {
@@ -152,6 +183,13 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&script, SCRIPT)?;
     let inserts = dir.path().join("inserts.sql");
     std::fs::write(&inserts, INSERTS)?;
+    let floor = dir.path().join("floor.sql");
+    std::fs::write(&floor, FLOOR)?;
+    let (app, floor, inserts) = (
+        (script.as_path(), "postgres"),
+        (floor.as_path(), NO_TRIGGERS),
+        (inserts.as_path(), "postgres"),
+    );
     let control = pg.url("postgres");
     let (_cutover, proxy_port) = start_cutover_with(pg.port(), &["--control", &control]);
     let bindir = pg.bindir().to_owned();
@@ -178,22 +216,38 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    // (label, through the proxy, mode); the last one without cutover's triggers at all, as
-    // legacy was before `cutover migrate`.
+    // (label, through the proxy, mode, script); `bare` without cutover's triggers at all, as
+    // legacy was before `cutover migrate`; the last, the floor of any dual-write.
     let setups = [
-        ("legacy only, direct", false, Mode::Off),
-        ("dual-write, cutover", true, Mode::DualWrite),
-        ("proxy only (no dual-write)", true, Mode::Off),
-        ("mirror only (direct, dual-write)", false, Mode::DualWrite),
-        ("after the flip, cutover", true, Mode::Flipped),
-        ("before cutover (no triggers), direct", false, Mode::Off),
+        ("legacy only, direct", false, Mode::Off, app),
+        ("dual-write, cutover", true, Mode::DualWrite, app),
+        ("proxy only (no dual-write)", true, Mode::Off, app),
+        (
+            "mirror only (direct, dual-write)",
+            false,
+            Mode::DualWrite,
+            app,
+        ),
+        ("after the flip, cutover", true, Mode::Flipped, app),
+        (
+            "before cutover (no triggers), direct",
+            false,
+            Mode::Off,
+            app,
+        ),
+        (
+            "floor: both rows, no triggers, direct",
+            false,
+            Mode::Off,
+            floor,
+        ),
     ];
-    let bare = setups.len() - 1;
+    let bare = 5;
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); setups.len()];
     for round in 0..rounds {
         for i in 0..setups.len() {
             let at = (i + round) % setups.len();
-            let (_, proxied, mode) = setups[at];
+            let (_, proxied, mode, script) = setups[at];
             set_mode(mode).await?;
             if at == bare {
                 client
@@ -201,7 +255,7 @@ async fn main() -> anyhow::Result<()> {
                     .await?;
             }
             let port = if proxied { proxy_port } else { pg.port() };
-            runs[at].push(pgbench(&bindir, &script, port, seconds, CLIENTS));
+            runs[at].push(pgbench(&bindir, script, port, seconds, CLIENTS));
             if at == bare {
                 // The mirror's triggers back as the stages want them (migration 0024).
                 client
@@ -229,10 +283,10 @@ async fn main() -> anyhow::Result<()> {
             let port = if proxied { proxy_port } else { pg.port() };
             scaling[at]
                 .0
-                .push(pgbench(&bindir, &inserts, port, seconds, "1"));
+                .push(pgbench(&bindir, inserts, port, seconds, "1"));
             scaling[at]
                 .1
-                .push(pgbench(&bindir, &inserts, port, seconds, CLIENTS));
+                .push(pgbench(&bindir, inserts, port, seconds, CLIENTS));
         }
     }
     set_mode(Mode::DualWrite).await?;
@@ -258,7 +312,7 @@ async fn main() -> anyhow::Result<()> {
         "{:<38} {:>9} {:>10} {:>14}",
         "set-up", "tps", "vs legacy", "CPU ms per tx"
     );
-    for ((label, _, _), run) in setups.iter().zip(&results) {
+    for ((label, _, _, _), run) in setups.iter().zip(&results) {
         println!(
             "{label:<38} {:>9.0} {:>10.2} {:>14.2}",
             run.tps,
@@ -272,6 +326,10 @@ async fn main() -> anyhow::Result<()> {
         tps[3] / tps[0],
         tps[4] / tps[2],
         (1.0 - tps[0] / tps[bare]) * 100.0
+    );
+    println!(
+        "floor / before cutover: {:.2} (legacy's rows and v2's written in one statement each, no trigger on either table: no closure, paths or counters in v2, no mirror; no dual-write costs less)",
+        tps[6] / tps[bare]
     );
     println!(
         "(CPU ms per tx: the whole machine's busy time over the run — PostgreSQL, cutover and pgbench — per transaction)"
