@@ -10,8 +10,9 @@
 //! not, they run as before. Only the pool's workers run here: the divergence store, the
 //! control plane and logins stay on the main runtime.
 //!
-//! It must never stop the shadow: a runtime that cannot be built, or a priority that cannot
-//! be lowered, leaves the workers on the main runtime at the normal priority, with a warning.
+//! It must never stop the shadow: a runtime that cannot be built leaves the workers on the
+//! main runtime, a priority that cannot be lowered leaves them at the sessions' priority,
+//! each with a warning.
 
 use std::{future::Future, sync::OnceLock};
 
@@ -19,7 +20,7 @@ use tokio::runtime::{Builder, Handle, Runtime};
 
 /// The nice value of the shadow's threads, whose CPU share against a session thread's (nice
 /// 0) is then about one to ten under the kernel's fair scheduler.
-pub const NICE: libc::c_int = 10;
+const NICE: libc::c_int = 10;
 
 /// Worker threads of the shadow's runtime, as the main runtime has.
 const THREADS: usize = 2;
