@@ -2,9 +2,10 @@
 //! the proxy's own connections, and their answers compared.
 //!
 //! It must never slow a client down or change what it sees:
-//! - sessions hand a read over with [`Shadow::offer`]: a `try_send` into a bounded queue;
+//! - sessions hand a read over with [`Shadow::hand`]: a `try_send` into a bounded queue;
 //!   when the queue is full the comparison is dropped and counted
-//!   (`cutover_shadow_dropped_total`), never waited for;
+//!   (`cutover_shadow_dropped_total`), never waited for, and its parameters are not even
+//!   copied when the queue was already full as it was bound ([`Shadow::prepare`]);
 //! - the pool's connections are its own (the shadow role, `statement_timeout`,
 //!   `default_transaction_read_only`), so a slow or failing target side costs the shadow,
 //!   not the session; a shadow statement that times out is `skipped`, not a divergence;
@@ -74,6 +75,16 @@ impl Job {
     }
 }
 
+/// A read for the shadow, made when its statement is bound and handed over when it runs
+/// ([`Shadow::prepare`], [`Shadow::hand`]).
+#[derive(Debug)]
+pub enum Offer {
+    /// Copied, to compare.
+    Job(Job),
+    /// Not copied: the queue had no room for it, or its answer is not determined.
+    Uncopied(Arc<Classification>),
+}
+
 /// The `query_type` label of a query type's metrics: its rule's name, or `automatic`.
 pub fn label(typed: &Typed) -> &str {
     if typed.named {
@@ -115,31 +126,55 @@ impl Shadow {
         self.database == database
     }
 
-    /// Hands a read over; never waits. A statement whose answer is not determined is
-    /// counted `nondeterministic` without running.
-    pub fn offer(&self, job: Job) {
-        if !self.comparable(&job.classification) {
-            return;
-        }
-        if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
-            self.queue.try_send(job)
-        {
-            self.count_dropped(&job.classification);
+    /// What to hand over when the statement runs: its job, made by `job` only when the
+    /// queue has room for it now and its answer can be compared; else nothing is copied and
+    /// [`Self::hand`] counts it as an offer would have been counted.
+    pub fn prepare(
+        &self,
+        classification: &Arc<Classification>,
+        job: impl FnOnce() -> Option<Job>,
+    ) -> Option<Offer> {
+        if self.queue.capacity() > 0 && Self::determined(classification) {
+            job().map(Offer::Job)
+        } else {
+            Some(Offer::Uncopied(Arc::clone(classification)))
         }
     }
 
-    /// Whether the queue has room for a job now: when it has none, a session need not copy a
-    /// statement's parameters into one, and counts it with [`Self::offer_without_room`].
-    pub fn has_room(&self) -> bool {
-        self.queue.capacity() > 0
+    /// Hands a read over when it runs; never waits. A job the queue has no room for is
+    /// dropped and counted; a statement whose answer is not determined is counted
+    /// `nondeterministic` without running.
+    pub fn hand(&self, offer: Offer) {
+        let classification = match offer {
+            Offer::Job(job) => {
+                if !self.comparable(&job.classification) {
+                    return;
+                }
+                match self.queue.try_send(job) {
+                    Ok(()) => return,
+                    Err(
+                        mpsc::error::TrySendError::Full(job)
+                        | mpsc::error::TrySendError::Closed(job),
+                    ) => job.classification,
+                }
+            }
+            Offer::Uncopied(classification) => {
+                if !self.comparable(&classification) {
+                    return;
+                }
+                classification
+            }
+        };
+        if let Classification::Typed(typed) = &*classification {
+            self.store
+                .count(&typed.query_type, label(typed), Outcome::Dropped, None);
+        }
     }
 
-    /// Counts, as [`Self::offer`] would, a read whose job was not made because the queue was
-    /// full: dropped (or nondeterministic).
-    pub fn offer_without_room(&self, classification: &Classification) {
-        if self.comparable(classification) {
-            self.count_dropped(classification);
-        }
+    /// A read whose answer is determined (whether to copy it for a comparison).
+    fn determined(classification: &Classification) -> bool {
+        matches!(classification, Classification::Typed(Typed { read: Some(plan), .. })
+            if !matches!(plan.determinism, Determinism::Nondeterministic(_)))
     }
 
     /// Whether the statement's answers can be compared; a nondeterministic one is counted
@@ -161,13 +196,6 @@ impl Shadow {
             return false;
         }
         true
-    }
-
-    fn count_dropped(&self, classification: &Classification) {
-        if let Classification::Typed(typed) = classification {
-            self.store
-                .count(&typed.query_type, label(typed), Outcome::Dropped, None);
-        }
     }
 
     /// Starts the pool's workers and the store's writer (once).

@@ -75,8 +75,8 @@ fn lower_priority() {
                 && libc::setpriority(libc::PRIO_PROCESS, 0, (base + NICE).min(19)) == 0
         };
         if !lowered {
-            static WARNED: OnceLock<()> = OnceLock::new();
-            WARNED.get_or_init(|| {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
                 tracing::warn!(
                     error = %std::io::Error::last_os_error(),
                     "shadow: cannot lower its threads' priority; comparisons compete with sessions for the CPU"

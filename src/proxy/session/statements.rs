@@ -182,15 +182,7 @@ struct Portal {
     /// Served by the target: how legacy describes its columns.
     described: Option<Described>,
     /// A comparison to hand to the shadow at the portal's first Execute.
-    job: Option<Comparison>,
-}
-
-/// What a portal's first Execute gives the shadow.
-enum Comparison {
-    Job(shadow::Job),
-    /// The shadow's queue was full at the Bind: the parameters were not copied, and the
-    /// Execute counts the comparison dropped.
-    NoRoom(Arc<Classification>),
+    job: Option<shadow::Offer>,
 }
 
 impl<'s> Statements<'s> {
@@ -525,12 +517,8 @@ impl<'s> Statements<'s> {
                 match self.portals.get_mut(portal) {
                     Some(p) => {
                         p.served.side(p.side).increment(1);
-                        match (p.job.take(), self.shadow) {
-                            (Some(Comparison::Job(job)), Some(shadow)) => shadow.offer(job),
-                            (Some(Comparison::NoRoom(c)), Some(shadow)) => {
-                                shadow.offer_without_room(&c);
-                            }
-                            _ => {}
+                        if let (Some(offer), Some(shadow)) = (p.job.take(), self.shadow) {
+                            shadow.hand(offer);
                         }
                     }
                     None => self.shared.metrics.queries.passthrough.increment(1),
@@ -605,18 +593,18 @@ impl<'s> Statements<'s> {
             && Self::sampled(t)
             && let Some(shadow) = self.shadow
         {
-            // As at a Bind: no copy of the text when the queue has no room for it.
-            if shadow.has_room() {
-                shadow.offer(shadow::Job {
+            let classifier = &mut self.classifier;
+            if let Some(offer) = shadow.prepare(&classification, || {
+                Some(shadow::Job {
                     classification: Arc::clone(&classification),
                     sql: text.into(),
                     param_types: Arc::new([]),
                     params: Vec::new(),
                     inline: true,
-                    rules: Arc::clone(self.classifier.load().rules_arc()),
-                });
-            } else {
-                shadow.offer_without_room(&classification);
+                    rules: Arc::clone(classifier.load().rules_arc()),
+                })
+            }) {
+                shadow.hand(offer);
             }
         }
         let key = match &t.bucket_key {
@@ -754,11 +742,7 @@ impl<'s> Statements<'s> {
         // bucket's key (which only `cutover N%` splits by).
         let job = match self.shadow {
             Some(shadow) if self.compared(t, stage) && Self::sampled(t) => {
-                if shadow.has_room() {
-                    Self::job(&source, body).map(Comparison::Job)
-                } else {
-                    Some(Comparison::NoRoom(Arc::clone(&source.classification)))
-                }
+                shadow.prepare(&source.classification, || Self::job(&source, body))
             }
             _ => None,
         };
