@@ -103,6 +103,9 @@ pub struct Control {
     config: Option<tokio_postgres::Config>,
     rules: ArcSwap<RuleSet>,
     live: ArcSwap<LiveState>,
+    /// Bumped at each load of the live state: a session keeps each prepared statement's
+    /// stage until it moves (one atomic load per execution instead of a lookup by name).
+    generation: std::sync::atomic::AtomicU64,
     connected: AtomicBool,
     /// Whether the table's writes are served by the target: every rule-named write type is
     /// at `target` or `complete` (docs/routing.md, "One transaction, one write side").
@@ -118,6 +121,7 @@ impl Control {
             config,
             rules: ArcSwap::new(rules),
             live: ArcSwap::from_pointee(LiveState::default()),
+            generation: std::sync::atomic::AtomicU64::new(0),
             connected: AtomicBool::new(false),
             refused_cycles: std::sync::atomic::AtomicI64::new(0),
             writes_to_target: AtomicBool::new(false),
@@ -171,6 +175,11 @@ impl Control {
     /// every statement's path: no reference count is taken.
     pub fn stage(&self, query_type: &str) -> Option<Stage> {
         self.live.load().stage(query_type)
+    }
+
+    /// The live state's generation: a stage read in it holds until this changes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Whether the change feed is connected now.
@@ -356,6 +365,7 @@ impl Control {
     async fn reload(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
         self.live
             .store(Arc::new(LiveState::new(load(client).await?)));
+        self.generation.fetch_add(1, Ordering::Release);
         self.publish();
         Ok(())
     }

@@ -254,7 +254,7 @@ struct Fingerprints(std::collections::HashSet<String>, Vec<(String, String)>);
 const MAX_FINGERPRINTS: usize = 10_000;
 
 pub struct Store {
-    counts: Mutex<HashMap<String, Counts>>,
+    counts: Mutex<Fast<String, Counts>>,
     samples: Mutex<Vec<Sample>>,
     /// Samples taken this hour by this replica, per query type (the database bounds the
     /// fleet; this spares it the attempts).
@@ -265,11 +265,16 @@ pub struct Store {
     fingerprints: Mutex<Fingerprints>,
     /// The metrics of each query type label, looked up once: building a labelled key per
     /// comparison (three of them) cost more than the rest of the counting.
-    handles: Mutex<HashMap<String, LabelMetrics>>,
+    handles: Mutex<Fast<String, LabelMetrics>>,
     /// `cutover_shadow_dropped_total`, registered at the first drop (after the exporter is
     /// installed), counted without a lookup after.
     dropped: std::sync::OnceLock<metrics::Counter>,
 }
+
+/// A map on the statements' path (a count per comparison, and per drop on the relay's
+/// thread), keyed by rule names and fingerprints: foldhash, seeded per process, as the
+/// session's statement names are (SipHash cost ~700 instructions per count, before).
+type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// One query type label's comparison metrics.
 struct LabelMetrics {
@@ -327,10 +332,12 @@ impl Store {
         {
             // Poisoned: another thread panicked mid-insert; the handles are still handles.
             let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
-            if !handles.contains_key(label) {
-                handles.insert(label.to_owned(), LabelMetrics::new(label));
-            }
-            let metrics = &handles[label];
+            let metrics = match handles.get(label) {
+                Some(metrics) => metrics,
+                None => handles
+                    .entry(label.to_owned())
+                    .or_insert_with(|| LabelMetrics::new(label)),
+            };
             metrics.outcomes[outcome.label_index()].increment(1);
             if let Some((legacy, target)) = latency {
                 metrics.legacy.record(legacy.as_secs_f64());
@@ -511,7 +518,7 @@ impl Store {
         }
         let counts = std::mem::take(&mut *self.counts.lock().unwrap_or_else(|e| e.into_inner()));
         let mut failed: Option<tokio_postgres::Error> = None;
-        let mut unwritten = HashMap::new();
+        let mut unwritten = Fast::default();
         for (query_type, c) in counts {
             if failed.is_some() {
                 unwritten.insert(query_type, c);

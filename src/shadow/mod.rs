@@ -57,8 +57,12 @@ pub struct Job {
     pub classification: Arc<Classification>,
     /// The legacy SQL, as the client sent it.
     pub sql: Arc<str>,
-    /// Parameter type OIDs from the Parse (0: unspecified), and the values from the Bind.
+    /// Parameter type OIDs from the Parse (0: unspecified).
     pub param_types: Arc<[u32]>,
+    /// The Bind's body as the client sent it (empty for a simple Query): the relay copies
+    /// it whole, the worker reads its values out ([`Job::unpack`]), off the relay's thread.
+    pub bind: Bytes,
+    /// The Bind's values, slices of `bind`; filled by [`Job::unpack`] on the worker.
     pub params: Vec<Param>,
     /// The SQL carries its values inline (simple protocol): samples normalize them away.
     pub inline: bool,
@@ -67,6 +71,29 @@ pub struct Job {
 }
 
 impl Job {
+    /// Reads the Bind's values into `params`; false if the Bind is malformed (the server
+    /// refused it too: nothing to compare).
+    pub fn unpack(&mut self) -> bool {
+        if self.bind.is_empty() {
+            return true;
+        }
+        let Some(values) = crate::wire::messages::bind_params(&self.bind) else {
+            return false;
+        };
+        let start = self.bind.as_ptr() as usize;
+        self.params = values
+            .iter()
+            .map(|(binary, value)| Param {
+                binary: *binary,
+                value: value.map(|v| {
+                    let at = v.as_ptr() as usize - start;
+                    self.bind.slice(at..at + v.len())
+                }),
+            })
+            .collect();
+        true
+    }
+
     fn typed(&self) -> Option<&Typed> {
         match &*self.classification {
             Classification::Typed(t) => Some(t),
@@ -132,12 +159,12 @@ impl Shadow {
     pub fn prepare(
         &self,
         classification: &Arc<Classification>,
-        job: impl FnOnce() -> Option<Job>,
-    ) -> Option<Offer> {
+        job: impl FnOnce() -> Job,
+    ) -> Offer {
         if self.queue.capacity() > 0 && Self::determined(classification) {
-            job().map(Offer::Job)
+            Offer::Job(job())
         } else {
-            Some(Offer::Uncopied(Arc::clone(classification)))
+            Offer::Uncopied(Arc::clone(classification))
         }
     }
 

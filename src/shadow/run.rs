@@ -59,13 +59,16 @@ pub(super) async fn worker(
     let mut conn: Option<Conn> = None;
     let mut last_attempt: Option<Instant> = None;
     loop {
-        let job = tokio::select! {
+        let mut job = tokio::select! {
             _ = shutdown.cancelled() => return,
             job = async { queue.lock().await.recv().await } => match job {
                 Some(job) => job,
                 None => return,
             },
         };
+        if !job.unpack() {
+            continue;
+        }
         let Some(typed) = job.typed() else { continue };
         if conn.as_ref().is_none_or(Conn::unusable)
             && last_attempt.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))

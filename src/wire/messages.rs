@@ -224,7 +224,7 @@ pub fn describe_as(body: &mut [u8], fields: &[(u32, i16, i32)]) -> bool {
     // Each field: its name, then table oid (4), attnum (2), type oid (4), typlen (2),
     // typmod (4), format (2). Walked once to check the body, once to change it.
     let fixed = |body: &[u8], at: usize| {
-        let nul = memchr::memchr(0, body.get(at..)?)?;
+        let nul = super::nul(body.get(at..)?)?;
         let start = at + nul + 1;
         (body.len() >= start + 18).then_some(start)
     };
@@ -293,6 +293,25 @@ pub fn parse_param_types(body: &[u8]) -> Option<Vec<u32>> {
             Some(u32::from_be_bytes(*oid))
         })
         .collect()
+}
+
+/// Whether a Parse (whole `body`) declares exactly `types` (what [`parse_param_types`]
+/// would read), without building them.
+pub fn parse_param_types_are(body: &[u8], types: &[u32]) -> bool {
+    let mut rest = body;
+    let (Some(_), Some(_), Some(n)) = (
+        take_cstr(&mut rest),
+        take_cstr(&mut rest),
+        take_i16(&mut rest),
+    ) else {
+        return false;
+    };
+    usize::try_from(n).is_ok_and(|n| n == types.len())
+        && rest.len() >= 4 * types.len()
+        && types
+            .iter()
+            .zip(rest.chunks_exact(4))
+            .all(|(&t, oid)| oid == t.to_be_bytes())
 }
 
 /// One bound parameter: binary format or not, and the value (`None` for NULL).
@@ -446,6 +465,7 @@ pub fn dual_write_report(body: &[u8]) -> Option<DualWriteReport> {
 
 /// The portal and statement names at the start of a Bind message (the rest need not be
 /// there).
+#[inline]
 pub fn bind_names(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let mut rest = body;
     let portal = take_cstr(&mut rest)?;
@@ -491,6 +511,32 @@ mod tests {
         parse.extend_from_slice(&1i16.to_be_bytes());
         parse.extend_from_slice(&20u32.to_be_bytes());
         assert_eq!(parse_param_types(&parse), Some(vec![20]));
+    }
+
+    proptest::proptest! {
+        /// A Parse declares `types` exactly when `parse_param_types` reads `types` from it,
+        /// truncated Parses included.
+        #[test]
+        fn param_types_are_what_is_read(
+            declared in proptest::collection::vec(proptest::sample::select(vec![0u32, 20, 23, 25]), 0..4),
+            asked in proptest::collection::vec(proptest::sample::select(vec![0u32, 20, 23, 25]), 0..4),
+            cut in 0usize..8,
+        ) {
+            let mut parse = b"\0SELECT $1\0".to_vec();
+            parse.extend_from_slice(&(declared.len() as i16).to_be_bytes());
+            for oid in &declared {
+                parse.extend_from_slice(&oid.to_be_bytes());
+            }
+            let parse = &parse[..parse.len().saturating_sub(cut)];
+            let read = parse_param_types(parse);
+            proptest::prop_assert_eq!(
+                parse_param_types_are(parse, &asked),
+                read.as_deref() == Some(&asked[..])
+            );
+            if let Some(read) = read {
+                proptest::prop_assert!(parse_param_types_are(parse, &read));
+            }
+        }
     }
 
     fn body(frame: &Bytes) -> &[u8] {

@@ -26,8 +26,63 @@ use crate::{
     wire::messages::{self, backend},
 };
 
-/// How legacy describes each column: table OID, attribute number, type modifier.
-pub type Described = Arc<[(u32, i16, i32)]>;
+/// How legacy describes each column of a statement served by the target.
+pub type Described = Arc<LegacyColumns>;
+
+/// Legacy's table OID, attribute number and type modifier of each column, written over the
+/// target's RowDescription; the last rewrite is kept, since a statement's executions are
+/// described alike (libpq describes the portal at every execution): the next one is
+/// compared and copied (~100 instructions) instead of walked and rewritten field by field
+/// (~300 a column).
+#[derive(Debug)]
+pub struct LegacyColumns {
+    fields: Box<[(u32, i16, i32)]>,
+    /// The target's last RowDescription body and what it was rewritten to (bodies of at most
+    /// [`KEPT_DESCRIPTION`] bytes).
+    last: std::sync::Mutex<Option<Rewrite>>,
+}
+
+/// A RowDescription body as the target sent it, and as legacy's identities rewrote it.
+type Rewrite = (Box<[u8]>, Box<[u8]>);
+
+/// The largest RowDescription body whose rewrite is kept (a few dozen columns).
+const KEPT_DESCRIPTION: usize = 2048;
+
+impl LegacyColumns {
+    pub fn new(fields: impl IntoIterator<Item = (u32, i16, i32)>) -> Described {
+        Arc::new(Self {
+            fields: fields.into_iter().collect(),
+            last: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Rewrites a RowDescription `body` in place (same size) to legacy's identities; false,
+    /// leaving it untouched, if it does not have this statement's columns.
+    pub fn rewrite(&self, body: &mut [u8]) -> bool {
+        // A poisoned lock only means a panic mid-copy: the kept pair is checked whole.
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((from, to)) = &*last
+            && **from == *body
+        {
+            body.copy_from_slice(to);
+            return true;
+        }
+        let from: Option<Box<[u8]>> = (body.len() <= KEPT_DESCRIPTION).then(|| body.into());
+        if !messages::describe_as(body, &self.fields) {
+            return false;
+        }
+        *last = from.map(|from| (from, Box::from(&*body)));
+        true
+    }
+}
+
+impl PartialEq for LegacyColumns {
+    fn eq(&self, other: &Self) -> bool {
+        self.fields == other.fields
+    }
+}
+
+impl Eq for LegacyColumns {}
 
 /// A message waiting for its answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,8 +313,39 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_rewrite_is_the_rewrite() {
+        // RowDescription of one column "id": table 0, attnum 0, int8, typlen 8, typmod -1,
+        // in `format`.
+        let description = |format: i16| {
+            let mut body = 1i16.to_be_bytes().to_vec();
+            body.extend_from_slice(b"id\0");
+            body.extend_from_slice(&0u32.to_be_bytes());
+            body.extend_from_slice(&0i16.to_be_bytes());
+            body.extend_from_slice(&20u32.to_be_bytes());
+            body.extend_from_slice(&8i16.to_be_bytes());
+            body.extend_from_slice(&(-1i32).to_be_bytes());
+            body.extend_from_slice(&format.to_be_bytes());
+            body
+        };
+        let legacy = LegacyColumns::new([(16384, 1, -1)]);
+        for format in [0, 0, 1, 0] {
+            let mut fresh = description(format);
+            assert!(messages::describe_as(&mut fresh, &[(16384, 1, -1)]));
+            let mut kept = description(format);
+            assert!(legacy.rewrite(&mut kept));
+            assert_eq!(kept, fresh, "format {format}");
+        }
+        // Another statement's columns: refused and untouched, kept rewrite or not.
+        let mut two = description(0);
+        two[1] = 2;
+        let before = two.clone();
+        assert!(!legacy.rewrite(&mut two));
+        assert_eq!(two, before);
+    }
+
+    #[test]
     fn describes_of_target_portals_carry_legacy_columns() {
-        let legacy: Described = Arc::new([(16384, 1, -1)]);
+        let legacy: Described = LegacyColumns::new([(16384, 1, -1)]);
         let mut p = Pending::default();
         p.push(Awaited::Describe { described: None });
         p.push(Awaited::Describe {

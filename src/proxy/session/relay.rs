@@ -313,12 +313,10 @@ impl ClientToServer<'_> {
                                 self.buf.reserve(prefix - available);
                                 break;
                             }
-                            let names = &self.buf[ready + 5..ready + prefix];
-                            if let Some(question) =
-                                messages::bind_names(names).and_then(|(_, statement)| {
-                                    self.statements.names_question_for_bind(statement)
-                                })
-                            {
+                            let names = messages::bind_names(&self.buf[ready + 5..ready + prefix]);
+                            if let Some(question) = names.and_then(|(_, statement)| {
+                                self.statements.names_question_for_bind(statement)
+                            }) {
                                 if !self.send_with(upstream, ready, 0, &question).await {
                                     return upstream_gone().await;
                                 }
@@ -330,8 +328,7 @@ impl ClientToServer<'_> {
                             // Counted as sent once the question is settled (the question
                             // is asked only outside an extended-protocol batch).
                             self.statements.client_sent(tag);
-                            let names = &self.buf[ready + 5..ready + prefix];
-                            if let Some((portal, statement)) = messages::bind_names(names) {
+                            if let Some((portal, statement)) = names {
                                 let whole = if header.total <= MAX_INSPECTED_BIND {
                                     self.statements.bind_needs_whole(statement)
                                 } else {
@@ -459,10 +456,7 @@ impl ServerToClient<'_> {
                             Answer::Swallow => Action::Replace(Bytes::new()),
                             Answer::Described(legacy) => {
                                 // Same size: rewritten where it lies, and forwarded.
-                                messages::describe_as(
-                                    &mut self.buf[ready + 5..ready + header.total],
-                                    &legacy,
-                                );
+                                legacy.rewrite(&mut self.buf[ready + 5..ready + header.total]);
                                 Action::Forward
                             }
                             Answer::InjectedFailed | Answer::Forward => inspect_server_frame(

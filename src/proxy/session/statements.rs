@@ -23,7 +23,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::{
     Shared,
     by_name::ByName,
-    pending::{Awaited, Described, Flow, Resolution},
+    pending::{Awaited, Described, Flow, LegacyColumns, Resolution},
     prepared::{TARGET_PREFIX, deallocates},
 };
 use crate::{
@@ -75,6 +75,10 @@ pub struct Statements<'s> {
     /// The classification of the Query about to be inspected, when
     /// [`Self::query_check_to_await`] made it (so that it is not made twice).
     ahead: Option<Classified>,
+    /// What the names watch said of the Parse about to be inspected (`Some(true)`: nothing
+    /// in its text changes what names resolve to), from [`Self::names_question`], which
+    /// sees every Parse just before it is inspected.
+    watched: Option<bool>,
 }
 
 /// A statement's counters, and its classification when it is on the legacy table.
@@ -98,7 +102,17 @@ struct Prepared {
     variant_batch: u64,
     /// What its route check said, kept for its next Binds.
     variant: Option<Variant>,
+    /// Its query type's live stage and the live state's generation it was read in
+    /// (`Control::generation`).
+    stage: Option<(u64, Stage)>,
+    /// The names watch found nothing in its text: a Parse of the same text under the same
+    /// name is not searched again.
+    names_quiet: bool,
 }
+
+/// What a statement parsed again as it was keeps: its counters, its classification and its
+/// live stage as last read (see `Statements::parsed_again`).
+type Reparsed = (Served, Option<Arc<Source>>, Option<(u64, Stage)>);
 
 /// A prepared statement's route check, as its Binds use it: read once per statement (and
 /// again after the rules change), not looked up by its SQL text at every execution.
@@ -151,10 +165,7 @@ impl Source {
 
 /// How legacy describes the columns, as the relay rewrites a RowDescription.
 fn described(columns: &[crate::routing::route::check::LegacyColumn]) -> Described {
-    columns
-        .iter()
-        .map(|c| (c.table_oid, c.attnum, c.typmod))
-        .collect()
+    LegacyColumns::new(columns.iter().map(|c| (c.table_oid, c.attnum, c.typmod)))
 }
 
 /// Whether a stage may serve anything from the target.
@@ -202,6 +213,7 @@ impl<'s> Statements<'s> {
             portals: ByName::default(),
             parses: 0,
             ahead: None,
+            watched: None,
         }
     }
 
@@ -226,18 +238,38 @@ impl<'s> Statements<'s> {
     /// changed it — which is recorded here too). Only where something could be routed or
     /// compared.
     pub fn names_question(&mut self, tag: u8, body: &[u8]) -> Option<Bytes> {
+        self.watched = None;
         if self.shared.checks.is_none() && self.shadow.is_none() {
             return None;
         }
         let sql = match tag {
             frontend::QUERY => messages::query_text(body)?,
-            frontend::PARSE => messages::parse_text(body)?.1,
+            frontend::PARSE => {
+                let (name, sql) = messages::parse_text(body)?;
+                // A statement parsed again as it was (a driver's unnamed one, at each
+                // execution), under the same rules, was watched already.
+                let rules = Arc::as_ptr(self.classifier.load().rules_arc());
+                let quiet = self.statements.get(name).is_some_and(|p| {
+                    p.names_quiet
+                        && p.typed.as_ref().is_some_and(|s| {
+                            s.sql.as_bytes() == sql && std::ptr::eq(Arc::as_ptr(&s.rules), rules)
+                        })
+                });
+                self.watched = Some(quiet);
+                sql
+            }
             _ => return None,
         };
         let classifier = self.classifier.load();
-        if classifier.names().may_change(sql) {
-            self.flow.names_may_change();
-            return None;
+        if self.watched != Some(true) {
+            let changes = classifier.names().may_change(sql);
+            if tag == frontend::PARSE {
+                self.watched = Some(!changes);
+            }
+            if changes {
+                self.flow.names_may_change();
+                return None;
+            }
         }
         (self.flow.names() == Resolution::Unknown
             && classifier.mentions_table(sql)
@@ -261,6 +293,16 @@ impl<'s> Statements<'s> {
     /// The live stage of a query type (the rules' when the live state has none).
     fn stage(&self, t: &Typed) -> Stage {
         self.shared.control.stage(&t.query_type).unwrap_or(t.stage)
+    }
+
+    /// A prepared statement's live stage: `kept` (the stage and the live state's generation
+    /// it was read in) while the live state has not changed since, else read again.
+    fn kept_stage(&self, kept: Option<(u64, Stage)>, t: &Typed) -> (u64, Stage) {
+        let generation = self.shared.control.generation();
+        match kept {
+            Some((read, stage)) if read == generation => (read, stage),
+            _ => (generation, self.stage(t)),
+        }
     }
 
     /// The side the session's writes go to now: its open transaction's, or, for the first
@@ -594,18 +636,16 @@ impl<'s> Statements<'s> {
             && let Some(shadow) = self.shadow
         {
             let classifier = &mut self.classifier;
-            if let Some(offer) = shadow.prepare(&classification, || {
-                Some(shadow::Job {
-                    classification: Arc::clone(&classification),
-                    sql: text.into(),
-                    param_types: Arc::new([]),
-                    params: Vec::new(),
-                    inline: true,
-                    rules: Arc::clone(classifier.load().rules_arc()),
-                })
-            }) {
-                shadow.hand(offer);
-            }
+            let offer = shadow.prepare(&classification, || shadow::Job {
+                classification: Arc::clone(&classification),
+                sql: text.into(),
+                param_types: Arc::new([]),
+                bind: Bytes::new(),
+                params: Vec::new(),
+                inline: true,
+                rules: Arc::clone(classifier.load().rules_arc()),
+            });
+            shadow.hand(offer);
         }
         let key = match &t.bucket_key {
             BucketKey::Literal(v) => Some(v.as_bytes()),
@@ -644,24 +684,34 @@ impl<'s> Statements<'s> {
 
     fn parse(&mut self, body: &[u8]) -> Option<Bytes> {
         let (name, sql) = messages::parse_text(body)?;
-        let (served, classification) = self.classify(sql);
-        let typed = classification.as_ref().and_then(|c| {
-            let Classification::Typed(_) = &**c else {
-                return None;
-            };
-            Some(Arc::new(Source {
-                classification: Arc::clone(c),
-                sql: std::str::from_utf8(sql).ok()?.into(),
-                param_types: messages::parse_param_types(body)?.into(),
-                rules: Arc::clone(self.classifier.load().rules_arc()),
-                check_key: std::sync::OnceLock::new(),
-            }))
-        });
-        if let Some(source) = &typed {
+        let names_quiet = self.watched.take() == Some(true);
+        let (served, typed, stage) = match self.parsed_again(name, sql, body) {
+            Some(again) => again,
+            None => {
+                let (served, classification) = self.classify(sql);
+                let typed = classification.as_ref().and_then(|c| {
+                    let Classification::Typed(_) = &**c else {
+                        return None;
+                    };
+                    Some(Arc::new(Source {
+                        classification: Arc::clone(c),
+                        sql: std::str::from_utf8(sql).ok()?.into(),
+                        param_types: messages::parse_param_types(body)?.into(),
+                        rules: Arc::clone(self.classifier.load().rules_arc()),
+                        check_key: std::sync::OnceLock::new(),
+                    }))
+                });
+                (served, typed, None)
+            }
+        };
+        let stage = typed
+            .as_ref()
+            .map(|source| self.kept_stage(stage, source.typed()));
+        if let (Some(source), Some((_, stage))) = (&typed, stage) {
             let t = source.typed();
             if let Rewrite::Target(target) = &t.route
                 && self.resolution(t) == Resolution::Legacy
-                && self.routable_now(t, self.stage(t))
+                && self.routable_now(t, stage)
             {
                 // Asked for now, so that it is in by the first Bind.
                 let _ = self.checked(source.check_key(), &source.sql, target, &source.param_types);
@@ -679,21 +729,50 @@ impl<'s> Statements<'s> {
                 variant_confirmed: false,
                 variant_batch: 0,
                 variant: None,
+                stage,
+                names_quiet,
             },
         );
         write_tag.and_then(|tag| messages::tagged_parse(body, &tag))
     }
 
+    /// What statement `name` was classified as, when this Parse (`sql`, whole `body`)
+    /// prepares it again as it was, under the same rules: a driver's unnamed statement,
+    /// parsed again at each execution (a lookup, a copy of its text and its types, and the
+    /// old copy freed, ~2k instructions, otherwise).
+    fn parsed_again(&mut self, name: &[u8], sql: &[u8], body: &[u8]) -> Option<Reparsed> {
+        let rules = Arc::as_ptr(self.classifier.load().rules_arc());
+        let prepared = self.statements.get(name)?;
+        let source = prepared.typed.as_ref()?;
+        (source.sql.as_bytes() == sql
+            && std::ptr::eq(Arc::as_ptr(&source.rules), rules)
+            && messages::parse_param_types_are(body, &source.param_types))
+        .then(|| {
+            (
+                prepared.served.clone(),
+                Some(Arc::clone(source)),
+                prepared.stage,
+            )
+        })
+    }
+
     /// Whether a Bind of prepared statement `name` must be read whole: its executions may be
     /// routed to the target now, or compared.
     /// The live stage, when it does (so that the Bind does not look it up again).
-    pub fn bind_needs_whole(&self, name: &[u8]) -> Option<Stage> {
-        let source = self.statements.get(name)?.typed.as_ref()?;
+    pub fn bind_needs_whole(&mut self, name: &[u8]) -> Option<Stage> {
+        let prepared = self.statements.get(name)?;
+        let source = Arc::clone(prepared.typed.as_ref()?);
         let t = source.typed();
+        let kept = self.kept_stage(prepared.stage, t);
+        if Some(kept) != prepared.stage
+            && let Some(prepared) = self.statements.get_mut(name)
+        {
+            prepared.stage = Some(kept);
+        }
+        let stage = kept.1;
         if self.resolution(t) != Resolution::Legacy {
             return None;
         }
-        let stage = self.stage(t);
         ((matches!(t.route, Rewrite::Target(_)) && self.routable_now(t, stage))
             || self.compared(t, stage))
         .then_some(stage)
@@ -742,7 +821,7 @@ impl<'s> Statements<'s> {
         // bucket's key (which only `cutover N%` splits by).
         let job = match self.shadow {
             Some(shadow) if self.compared(t, stage) && Self::sampled(t) => {
-                shadow.prepare(&source.classification, || Self::job(&source, body))
+                Some(shadow.prepare(&source.classification, || Self::job(&source, body)))
             }
             _ => None,
         };
@@ -777,29 +856,18 @@ impl<'s> Statements<'s> {
         replacement
     }
 
-    /// The shadow's copy of an execution: the statement and the Bind's parameters (`body`,
-    /// the whole Bind), copied in one piece that the parameters are slices of.
-    fn job(source: &Source, body: &[u8]) -> Option<shadow::Job> {
-        let params = messages::bind_params(body)?;
-        let whole = Bytes::copy_from_slice(body);
-        let start = body.as_ptr() as usize;
-        Some(shadow::Job {
+    /// The shadow's copy of an execution: the statement and the Bind (`body`), copied in
+    /// one piece; the shadow's worker reads the values out of it.
+    fn job(source: &Source, body: &[u8]) -> shadow::Job {
+        shadow::Job {
             classification: Arc::clone(&source.classification),
             sql: Arc::clone(&source.sql),
             param_types: Arc::clone(&source.param_types),
-            params: params
-                .iter()
-                .map(|(binary, value)| shadow::Param {
-                    binary: *binary,
-                    value: value.map(|v| {
-                        let at = v.as_ptr() as usize - start;
-                        whole.slice(at..at + v.len())
-                    }),
-                })
-                .collect(),
+            bind: Bytes::copy_from_slice(body),
+            params: Vec::new(),
             inline: false,
             rules: Arc::clone(&source.rules),
-        })
+        }
     }
 
     /// The Bind rewritten to name the statement's target variant, preceded (the first time)
