@@ -13,7 +13,7 @@
 //! run moves by ±10%, and the proxies must be compared under the same conditions.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -21,9 +21,7 @@ use std::{
 use cutover::demo::localpg::{LocalPg, Options};
 
 mod common;
-use common::{
-    Killed, Pgbench, free_port, median, pgbench_on, pgbench_tps, start_cutover, wait_for_port,
-};
+use common::{Pgbench, median, pgbench_on, pgbench_tps, start_cutover};
 
 const CLIENTS: &str = "8";
 const THREADS: &str = "2";
@@ -133,31 +131,12 @@ async fn stage_costs(
     rounds: usize,
     bouncer: Option<(u16, u32)>,
 ) {
-    let config = pg.config("tree_bench");
-    let admin = cutover::net::connect::connect(&pg.config("postgres"))
-        .await
-        .expect("connect");
-    admin
-        .batch_execute("CREATE DATABASE tree_bench")
-        .await
-        .expect("create database");
-    let client = common::legacy_database(&config, &cutover::demo::fixture::TreeSpec::clean(TREE))
-        .await
-        .expect("a legacy tree");
-    common::backfill(&client, &config, &common::rules())
-        .await
-        .expect("backfill");
+    let client = common::tree_bench(pg, TREE).await;
     let control = pg.url("tree_bench");
     let (proxy, port) = common::start_cutover_with(pg.port(), &["--control", &control]);
     let pid = proxy.0.id();
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("by_id.sql");
-    std::fs::write(
-        &script,
-        format!("\\set id random(1, {TREE})\nSELECT * FROM affiliates WHERE affiliate_id = :id;\n"),
-    )
-    .unwrap();
-    let script = script.display().to_string();
+    let script = common::by_id_script(dir.path(), TREE);
     let run = |port: u16, clients: &str| {
         let seconds = seconds.to_string();
         let threads = if clients == "1" { "1" } else { THREADS };
@@ -166,17 +145,7 @@ async fn stage_costs(
         ];
         pgbench_on(bindir, port, "tree_bench", &args)
     };
-    // The rules' stages reach the live state when the proxy's control feed has seeded it.
-    for _ in 0..100 {
-        let seeded: i64 = client
-            .query_one("SELECT count(*) FROM cutover.query_type_state", &[])
-            .await
-            .map_or(0, |r| r.get(0));
-        if seeded > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::seeded(&client).await;
     // One sample: one client's time per query direct and through `port`, and with 8 clients
     // the CPU per query `cpu` reads from the proxy (its relay, the rest).
     let sample = |port: u16, cpu: &dyn Fn() -> (f64, f64)| {
@@ -273,93 +242,6 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// pgbouncer in session mode, run as the postgres user when we are root (it refuses root).
-/// pgbouncer's own process, stopped when dropped (as root it runs under runuser, and killing
-/// runuser leaves it running).
-struct Bouncer(u32);
-
-impl Drop for Bouncer {
-    fn drop(&mut self) {
-        // SAFETY: kill has no memory preconditions; the pid is pgbouncer's, found above.
-        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
-    }
-}
-
-fn start_pgbouncer(upstream_port: u16, dir: &Path) -> Option<((Killed, Bouncer), u16, u32)> {
-    let exe = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())?;
-    let port = free_port();
-    let ini = dir.join("pgbouncer.ini");
-    std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
-    std::fs::write(
-        &ini,
-        format!(
-            "[databases]\n* = host=127.0.0.1 port={upstream_port}\n\
-             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
-             auth_type = trust\nauth_file = {}\npool_mode = session\n\
-             max_client_conn = 2000\ndefault_pool_size = 2000\nunix_socket_dir =\n\
-             logfile = {}\n",
-            dir.join("users.txt").display(),
-            dir.join("pgbouncer.log").display()
-        ),
-    )
-    .unwrap();
-    let root = unsafe_is_root();
-    let mut cmd = if root {
-        let _ = Command::new("chown")
-            .args(["-R", "postgres"])
-            .arg(dir)
-            .status();
-        // runuser's session starts at the default limit of 1,024 open files: too few for
-        // 1,000 idle clients and their server connections (pgbouncer then fails every
-        // accept and the clients wait for ever). Raised to what the hard limit allows.
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", "sh", "-c"])
-            .arg(
-                "h=$(ulimit -Hn); [ \"$h\" = unlimited ] && h=65536; \
-                 ulimit -n \"$h\" 2>/dev/null; exec \"$0\" \"$@\"",
-            )
-            .arg(&exe);
-        c
-    } else {
-        Command::new(&exe)
-    };
-    let child = common::own_session(&mut cmd)
-        .arg(&ini)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    wait_for_port(port);
-    // With runuser, the child is runuser; pgbouncer is its child.
-    let pid = if root {
-        let out = Command::new("pgrep")
-            .args(["-f", &ini.display().to_string()])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.trim().parse::<u32>().ok())
-            .find(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/comm"))
-                    .is_ok_and(|c| c.trim() == "pgbouncer")
-            })
-            .unwrap_or(child.id())
-    } else {
-        child.id()
-    };
-    Some(((Killed(child), Bouncer(pid)), port, pid))
-}
-
-fn unsafe_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
 async fn idle_connections(port: u16, n: usize) -> Vec<tokio_postgres::Client> {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
@@ -414,7 +296,7 @@ fn main() {
 
     let (cutover, cutover_port) = start_cutover(pg.port());
     let dir = tempfile::tempdir().unwrap();
-    let bouncer = start_pgbouncer(pg.port(), dir.path());
+    let bouncer = common::start_pgbouncer(pg.port(), dir.path(), &[]);
     if bouncer.is_none() {
         println!("pgbouncer not found (apt install pgbouncer): its column is left out");
     }

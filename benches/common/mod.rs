@@ -5,7 +5,7 @@
 use std::{
     net::TcpListener,
     os::unix::process::CommandExt,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -19,7 +19,12 @@ pub fn free_port() -> u16 {
 }
 
 pub fn wait_for_port(port: u16) {
-    for _ in 0..200 {
+    wait_for_port_within(port, Duration::from_secs(10));
+}
+
+/// `wait_for_port`, for a program that starts slowly (under valgrind).
+pub fn wait_for_port_within(port: u16, patience: Duration) {
+    for _ in 0..patience.as_millis() / 50 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return;
         }
@@ -59,8 +64,22 @@ pub fn own_session(command: &mut Command) -> &mut Command {
 
 /// `start_cutover` with more flags (a control database, the shadow's settings).
 pub fn start_cutover_with(upstream_port: u16, extra: &[&str]) -> (Killed, u16) {
+    start_cutover_wrapped(upstream_port, extra, &[])
+}
+
+/// `start_cutover_with`, run by `wrap` (a program and its arguments, e.g. valgrind's) when
+/// it is not empty.
+pub fn start_cutover_wrapped(upstream_port: u16, extra: &[&str], wrap: &[&str]) -> (Killed, u16) {
     let port = free_port();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cutover"));
+    let exe = env!("CARGO_BIN_EXE_cutover");
+    let mut command = match wrap.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
     let child = own_session(&mut command)
         .args(["serve", "--admin", "off"])
         .args(extra)
@@ -75,7 +94,10 @@ pub fn start_cutover_with(upstream_port: u16, extra: &[&str]) -> (Killed, u16) {
         .spawn()
         .expect("start cutover");
     let child = Killed(child);
-    wait_for_port(port);
+    wait_for_port_within(
+        port,
+        Duration::from_secs(if wrap.is_empty() { 10 } else { 120 }),
+    );
     (child, port)
 }
 
@@ -151,6 +173,53 @@ pub async fn legacy_database(
     Ok(client)
 }
 
+/// Database `tree_bench` on `pg`: the legacy table holding a clean tree of `size`
+/// affiliates, every migration, backfilled.
+pub async fn tree_bench(pg: &cutover::demo::localpg::LocalPg, size: u64) -> tokio_postgres::Client {
+    let admin = cutover::net::connect::connect(&pg.config("postgres"))
+        .await
+        .expect("connect");
+    admin
+        .batch_execute("CREATE DATABASE tree_bench")
+        .await
+        .expect("create database");
+    let config = pg.config("tree_bench");
+    let client = legacy_database(&config, &cutover::demo::fixture::TreeSpec::clean(size))
+        .await
+        .expect("a legacy tree");
+    backfill(&client, &config, &rules())
+        .await
+        .expect("backfill");
+    client
+}
+
+/// A pgbench script in `dir` running the app's `affiliate_by_id` on a random id of a tree of
+/// `size`; its path.
+pub fn by_id_script(dir: &Path, size: u64) -> String {
+    let script = dir.join("by_id.sql");
+    std::fs::write(
+        &script,
+        format!("\\set id random(1, {size})\nSELECT * FROM affiliates WHERE affiliate_id = :id;\n"),
+    )
+    .unwrap();
+    script.display().to_string()
+}
+
+/// Waits (up to 10 s) until a proxy's control feed has seeded the live state from the rules:
+/// then a stage set in `cutover.query_type_state` is the one applied.
+pub async fn seeded(client: &tokio_postgres::Client) {
+    for _ in 0..100 {
+        let seeded: i64 = client
+            .query_one("SELECT count(*) FROM cutover.query_type_state", &[])
+            .await
+            .map_or(0, |r| r.get(0));
+        if seeded > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `cutover backfill` with its defaults, quietly.
 pub async fn backfill(
     client: &tokio_postgres::Client,
@@ -170,4 +239,106 @@ pub async fn backfill(
         },
     )
     .await
+}
+
+/// pgbouncer in session mode, run as the postgres user when we are root (it refuses root).
+/// pgbouncer's own process, stopped when dropped (as root it runs under runuser, and killing
+/// runuser leaves it running).
+pub struct Bouncer(pub u32);
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory preconditions; the pid is pgbouncer's, found above.
+        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+    }
+}
+
+/// Started by `wrap` (a program and its arguments, e.g. valgrind's) when it is not empty.
+/// Returns the processes to stop, the port and pgbouncer's pid (under `wrap`, the wrapper's
+/// process, which is pgbouncer's).
+pub fn start_pgbouncer(
+    upstream_port: u16,
+    dir: &Path,
+    wrap: &[&str],
+) -> Option<((Killed, Bouncer), u16, u32)> {
+    let exe = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())?;
+    let port = free_port();
+    let ini = dir.join("pgbouncer.ini");
+    std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\n* = host=127.0.0.1 port={upstream_port}\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+             auth_type = trust\nauth_file = {}\npool_mode = session\n\
+             max_client_conn = 2000\ndefault_pool_size = 2000\nunix_socket_dir =\n\
+             logfile = {}\n",
+            dir.join("users.txt").display(),
+            dir.join("pgbouncer.log").display()
+        ),
+    )
+    .unwrap();
+    let root = is_root();
+    let mut program: Vec<&std::ffi::OsStr> = wrap.iter().map(std::ffi::OsStr::new).collect();
+    program.push(exe.as_os_str());
+    let mut cmd = if root {
+        let _ = Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(dir)
+            .status();
+        // runuser's session starts at the default limit of 1,024 open files: too few for
+        // 1,000 idle clients and their server connections (pgbouncer then fails every
+        // accept and the clients wait for ever). Raised to what the hard limit allows.
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", "sh", "-c"])
+            .arg(
+                "h=$(ulimit -Hn); [ \"$h\" = unlimited ] && h=65536; \
+                 ulimit -n \"$h\" 2>/dev/null; exec \"$0\" \"$@\"",
+            )
+            .args(&program);
+        c
+    } else {
+        let mut c = Command::new(program[0]);
+        c.args(&program[1..]);
+        c
+    };
+    let child = own_session(&mut cmd)
+        .arg(&ini)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_for_port_within(
+        port,
+        Duration::from_secs(if wrap.is_empty() { 10 } else { 120 }),
+    );
+    // With runuser, the child is runuser; pgbouncer (or its wrapper) is its child.
+    let pid = if root {
+        let out = Command::new("pgrep")
+            .args(["-f", &ini.display().to_string()])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse::<u32>().ok())
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| !matches!(c.trim(), "runuser" | "sh"))
+            })
+            .unwrap_or(child.id())
+    } else {
+        child.id()
+    };
+    Some(((Killed(child), Bouncer(pid)), port, pid))
+}
+
+/// Whether this process runs as root (pgbouncer and PostgreSQL refuse to).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

@@ -1,0 +1,312 @@
+//! Instructions per transaction through cutover and through pgbouncer, counted by valgrind's
+//! callgrind: the proxies' own work, which this machine's noise does not move (CPU time per
+//! transaction moves by more than the difference between them from one run to the next). A
+//! program, not a test: it prints what it counted and asserts nothing.
+//!
+//!     cargo bench --bench instructions              # 2,000 transactions per client
+//!     cargo bench --bench instructions -- 500       # 500
+//!     cargo bench --bench instructions -- target    # only the rows whose label says so
+//!
+//! Each row starts its proxy under callgrind with counting off, warms it up with a few seconds
+//! of pgbench (logins, the route check a stage waits for, the caches), then counts only over
+//! one run of 8 clients × N transactions, and divides by the transactions. Both proxies make
+//! the same system calls per transaction (docs/performance.md: two reads and two writes),
+//! so what separates their CPU per transaction is these instructions and the kernel's
+//! scheduling. cutover's are given whole and for its relay's thread alone ("relay"): the
+//! rest is the shadow's comparisons at the later stages, and timed upkeep (the metrics, the
+//! change feed) that valgrind's slowness inflates per transaction.
+//!
+//! Needs `valgrind` (with `callgrind_control`) and pgbouncer: `apt install valgrind pgbouncer`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use cutover::demo::localpg::{LocalPg, Options};
+
+mod common;
+use common::{Pgbench, pgbench_on, start_cutover_wrapped, start_pgbouncer};
+
+const CLIENTS: &str = "8";
+const THREADS: &str = "2";
+/// The stage rows' tree, as `proxy_throughput`'s.
+const TREE: u64 = 100_000;
+
+/// A proxy under callgrind, counting off until [`Counted::count`].
+struct Counted {
+    /// The valgrind process (the proxy's own pid under valgrind).
+    pid: u32,
+    /// Where callgrind writes, one file per thread (`out-01`, `out-02`, …).
+    out: PathBuf,
+    /// `callgrind_control` runs as the user valgrind runs as.
+    as_postgres: bool,
+}
+
+/// Instructions counted over one run.
+struct Count {
+    whole: u64,
+    /// The threads that ran the relay (cutover's session threads).
+    relay: u64,
+    transactions: f64,
+}
+
+impl Counted {
+    /// valgrind's arguments to start a proxy under it, writing to `out`.
+    fn wrap(out: &Path) -> Vec<String> {
+        vec![
+            "valgrind".into(),
+            "--tool=callgrind".into(),
+            "--instr-atstart=no".into(),
+            "--separate-threads=yes".into(),
+            format!("--callgrind-out-file={}", out.display()),
+        ]
+    }
+
+    fn control(&self, what: &str) {
+        let pid = self.pid.to_string();
+        let status = if self.as_postgres {
+            Command::new("runuser")
+                .args([
+                    "-u",
+                    "postgres",
+                    "--",
+                    "callgrind_control",
+                    "-i",
+                    what,
+                    &pid,
+                ])
+                .output()
+        } else {
+            Command::new("callgrind_control")
+                .args(["-i", what, &pid])
+                .output()
+        };
+        assert!(
+            status.is_ok_and(|o| o.status.success()),
+            "callgrind_control -i {what} {pid}"
+        );
+    }
+
+    /// Counts over `run`, then stops the proxy (callgrind writes its counts as it exits).
+    fn count(self, run: impl FnOnce() -> Pgbench, stop: impl FnOnce()) -> Count {
+        self.control("on");
+        let transactions = run().transactions;
+        self.control("off");
+        stop();
+        for _ in 0..600 {
+            if !Path::new(&format!("/proc/{}", self.pid)).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let dir = self.out.parent().expect("a file in a directory");
+        let name = self.out.file_name().unwrap().to_string_lossy().into_owned();
+        let (mut whole, mut relay) = (0, 0);
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            if !entry.file_name().to_string_lossy().starts_with(&name) {
+                continue;
+            }
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let total = text
+                .lines()
+                .find_map(|l| l.strip_prefix("totals: "))
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            whole += total;
+            if text.contains("session::relay::Relay") {
+                relay += total;
+            }
+        }
+        Count {
+            whole,
+            relay,
+            transactions,
+        }
+    }
+}
+
+fn found(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let per_client: u64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(2000);
+    // Words that are not numbers pick the rows whose label has one of them.
+    let only: Vec<&str> = args
+        .iter()
+        .filter(|a| a.parse::<u64>().is_err() && !a.starts_with('-'))
+        .map(String::as_str)
+        .collect();
+    if !found("valgrind") || !found("callgrind_control") {
+        println!("valgrind not found (apt install valgrind): nothing counted");
+        return;
+    }
+    let pg = LocalPg::start_with(Options {
+        settings: vec![("max_connections".into(), "200".into())],
+        ..Options::default()
+    })
+    .expect("start PostgreSQL");
+    let bindir = pg.bindir().to_owned();
+    let init = pgbench_init(&bindir, pg.port());
+    assert!(init, "pgbench -i");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let tree = runtime.block_on(tree(&pg));
+    let dir = tempfile::tempdir().unwrap();
+    // valgrind as postgres (pgbouncer's user when we are root) writes here too.
+    let _ = Command::new("chmod").arg("777").arg(dir.path()).status();
+    let script = common::by_id_script(dir.path(), TREE);
+    let transactions = per_client.to_string();
+    println!(
+        "instructions per transaction (callgrind), {CLIENTS} clients × {per_client} transactions after a 5 s warm-up"
+    );
+    println!(
+        "{:<24} {:>10} {:>10} {:>10} {:>10}",
+        "", "cutover", "cutover", "pgbouncer", "cutover /"
+    );
+    println!(
+        "{:<24} {:>10} {:>10} {:>10} {:>10}",
+        "", "process", "relay", "process", "pgbouncer"
+    );
+    let mut rows: Vec<(String, Option<&str>, Vec<&str>)> = ["simple", "extended", "prepared"]
+        .into_iter()
+        .map(|mode| (format!("pgbench -S {mode}"), None, vec!["-S", "-M", mode]))
+        .collect();
+    // The application's own statement, in the extended protocol with an unnamed statement
+    // (a Parse per execution, each classified), at legacy.
+    rows.push((
+        "affiliate_by_id extended".to_owned(),
+        Some("legacy"),
+        vec!["-M", "extended", "-f", script.as_str()],
+    ));
+    for (label, stage) in [
+        ("legacy", "legacy"),
+        ("shadow", "shadow"),
+        ("cutover 50", "cutover 50"),
+        ("target", "target"),
+    ] {
+        rows.push((
+            format!("affiliate_by_id {label}"),
+            Some(stage),
+            vec!["-M", "prepared", "-f", script.as_str()],
+        ));
+    }
+    rows.retain(|(label, _, _)| only.is_empty() || only.iter().any(|w| label.contains(w)));
+    for (label, stage, args) in rows {
+        let database = if stage.is_some() {
+            "tree_bench"
+        } else {
+            "postgres"
+        };
+        let out = dir
+            .path()
+            .join(format!("cutover-{}", label.replace(' ', "_")));
+        let wrap = Counted::wrap(&out);
+        let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+        let control = pg.url("tree_bench");
+        let extra: Vec<&str> = match stage {
+            Some(_) => vec!["--control", &control, "--worker-threads", "1"],
+            None => vec!["--worker-threads", "1"],
+        };
+        if let Some(stage) = stage {
+            let (name, percent) = stage.split_once(' ').unwrap_or((stage, "0"));
+            let percent: i16 = percent.parse().unwrap();
+            runtime.block_on(async {
+                tree.execute(
+                    "UPDATE cutover.query_type_state SET stage = $1, percent = $2 WHERE query_type = 'affiliate_by_id'",
+                    &[&name, &percent],
+                )
+                .await
+                .expect("set the stage")
+            });
+        }
+        let (proxy, port) = start_cutover_wrapped(pg.port(), &extra, &wrap);
+        let counted = Counted {
+            pid: proxy.0.id(),
+            out,
+            as_postgres: false,
+        };
+        let run = warmed(&bindir, port, database, &args, &transactions);
+        let pid = counted.pid;
+        let cutover = counted.count(run, || {
+            // SAFETY: kill has no memory preconditions; the pid is our child's.
+            unsafe { libc::kill(pid as i32, libc::SIGINT) };
+        });
+        drop(proxy);
+
+        let bouncer_out = dir
+            .path()
+            .join(format!("pgbouncer-{}", label.replace(' ', "_")));
+        let wrap = Counted::wrap(&bouncer_out);
+        let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+        let bouncer_dir = tempfile::tempdir().unwrap();
+        let bouncer = start_pgbouncer(pg.port(), bouncer_dir.path(), &wrap).map(
+            |((child, bouncer), port, pid)| {
+                let counted = Counted {
+                    pid,
+                    out: bouncer_out.clone(),
+                    as_postgres: common::is_root(),
+                };
+                let run = warmed(&bindir, port, database, &args, &transactions);
+                let count = counted.count(run, || drop(bouncer));
+                drop(child);
+                count
+            },
+        );
+        let per = |n: u64, c: &Count| n as f64 / c.transactions.max(1.0);
+        let bouncer_column = bouncer
+            .as_ref()
+            .map_or("-".to_owned(), |b| format!("{:.0}", per(b.whole, b)));
+        let ratio = bouncer.as_ref().map_or("-".to_owned(), |b| {
+            format!("{:.2}", per(cutover.relay, &cutover) / per(b.whole, b))
+        });
+        println!(
+            "{label:<24} {:>10.0} {:>10.0} {bouncer_column:>10} {ratio:>10}",
+            per(cutover.whole, &cutover),
+            per(cutover.relay, &cutover),
+        );
+    }
+    println!("(cutover / pgbouncer: cutover's relay against pgbouncer's whole process)");
+}
+
+/// pgbench with `args` (8 clients) on `port`: 5 s of it now, uncounted; then, from the
+/// closure returned, the counted run of `transactions` per client.
+fn warmed<'a>(
+    bindir: &'a Path,
+    port: u16,
+    database: &'a str,
+    args: &[&'a str],
+    transactions: &'a str,
+) -> impl FnOnce() -> Pgbench + 'a {
+    let mut all = vec!["-n", "-c", CLIENTS, "-j", THREADS];
+    all.extend_from_slice(args);
+    let mut warm = all.clone();
+    warm.extend_from_slice(&["-T", "5"]);
+    pgbench_on(bindir, port, database, &warm);
+    all.extend_from_slice(&["-t", transactions]);
+    move || pgbench_on(bindir, port, database, &all)
+}
+
+fn pgbench_init(bindir: &Path, port: u16) -> bool {
+    Command::new(bindir.join("pgbench"))
+        .args(["-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .args(["-U", "postgres", "postgres"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The stage rows' database: a migrated, backfilled tree, its live state seeded from the
+/// rules (by a proxy with a control database started once, without valgrind).
+async fn tree(pg: &LocalPg) -> tokio_postgres::Client {
+    let client = common::tree_bench(pg, TREE).await;
+    let control = pg.url("tree_bench");
+    let (_proxy, _) = common::start_cutover_with(pg.port(), &["--control", &control]);
+    common::seeded(&client).await;
+    client
+}
