@@ -6,6 +6,7 @@
 //!     cargo bench --bench instructions              # 2,000 transactions per client
 //!     cargo bench --bench instructions -- 500       # 500
 //!     cargo bench --bench instructions -- target    # only the rows whose label says so
+//!     CUTOVER_BENCH_KEEP=1 cargo bench --bench instructions   # callgrind's files kept, to annotate
 //!
 //! Each row starts its proxy under callgrind with counting off, warms it up with a few seconds
 //! of pgbench (logins, the route check a stage waits for, the caches), then counts only over
@@ -157,10 +158,17 @@ fn main() {
     assert!(init, "pgbench -i");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let tree = runtime.block_on(tree(&pg));
-    let dir = tempfile::tempdir().unwrap();
+    let tempdir = tempfile::tempdir().unwrap();
+    let (dir, _removed_at_the_end) = if std::env::var_os("CUTOVER_BENCH_KEEP").is_some() {
+        let kept = tempdir.keep();
+        println!("callgrind's files are kept in {}", kept.display());
+        (kept, None)
+    } else {
+        (tempdir.path().to_owned(), Some(tempdir))
+    };
     // valgrind as postgres (pgbouncer's user when we are root) writes here too.
-    let _ = Command::new("chmod").arg("777").arg(dir.path()).status();
-    let script = common::by_id_script(dir.path(), TREE);
+    let _ = Command::new("chmod").arg("777").arg(dir.as_path()).status();
+    let script = common::by_id_script(dir.as_path(), TREE);
     let transactions = per_client.to_string();
     println!(
         "instructions per transaction (callgrind), {CLIENTS} clients × {per_client} transactions after a 5 s warm-up"
@@ -203,9 +211,7 @@ fn main() {
         } else {
             "postgres"
         };
-        let out = dir
-            .path()
-            .join(format!("cutover-{}", label.replace(' ', "_")));
+        let out = dir.join(format!("cutover-{}", label.replace(' ', "_")));
         let wrap = Counted::wrap(&out);
         let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
         let control = pg.url("tree_bench");
@@ -239,9 +245,7 @@ fn main() {
         });
         drop(proxy);
 
-        let bouncer_out = dir
-            .path()
-            .join(format!("pgbouncer-{}", label.replace(' ', "_")));
+        let bouncer_out = dir.join(format!("pgbouncer-{}", label.replace(' ', "_")));
         let wrap = Counted::wrap(&bouncer_out);
         let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
         let bouncer_dir = tempfile::tempdir().unwrap();

@@ -8,11 +8,12 @@
 //! -c`: five `sendto` per `affiliate_by_id` execution at `target` against two at `legacy`,
 //! ~20 µs of the relay's CPU per query; docs/performance.md). The bytes around a replacement
 //! are copied once into a pending buffer instead, which is written with the rest of the read.
-//! The buffer is given back after each write: a session at rest holds none.
+//! The buffer is lent by the read buffers' pool and given back after each write: a session at
+//! rest holds none, and a busy one does not ask the allocator for one per replacement.
 
 use bytes::{Buf, BytesMut};
 
-use super::{WriteNow, write_all_now};
+use super::{WriteNow, buffers, write_all_now};
 
 /// The part of a read already decided but not yet written: everything before the read
 /// buffer's first byte still there.
@@ -27,7 +28,9 @@ impl Outgoing {
     /// bytes.
     pub fn splice(&mut self, buf: &mut BytesMut, ready: usize, total: usize, frames: &[u8]) {
         if self.pending.is_empty() {
-            // Sized once for what usually follows (the rest of the read) too.
+            // A pooled buffer (the read buffers' pool), sized once for what usually follows
+            // (the rest of the read) too.
+            self.pending = buffers::take();
             self.pending.reserve(buf.len() - total + frames.len());
         }
         self.pending.extend_from_slice(&buf[..ready]);
@@ -52,8 +55,12 @@ impl Outgoing {
             write_all_now(peer, &buf[..ready]).await.is_ok()
         } else {
             self.pending.extend_from_slice(&buf[..ready]);
-            let pending = std::mem::take(&mut self.pending);
-            write_all_now(peer, &pending).await.is_ok()
+            let mut pending = std::mem::take(&mut self.pending);
+            let written = write_all_now(peer, &pending).await.is_ok();
+            // Back to the pool, as a read buffer is when its session waits.
+            pending.clear();
+            buffers::give(&mut pending);
+            written
         };
         if written {
             buf.advance(ready);
