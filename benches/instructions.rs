@@ -55,8 +55,8 @@ struct Count {
 
 impl Counted {
     /// valgrind's arguments to start a proxy under it, writing to `out`.
-    fn wrap(out: &Path) -> Vec<String> {
-        vec![
+    fn wrap(out: &Path) -> [String; 5] {
+        [
             "valgrind".into(),
             "--tool=callgrind".into(),
             "--instr-atstart=no".into(),
@@ -192,14 +192,9 @@ fn main() {
         Some("legacy"),
         vec!["-M", "extended", "-f", script.as_str()],
     ));
-    for (label, stage) in [
-        ("legacy", "legacy"),
-        ("shadow", "shadow"),
-        ("cutover 50", "cutover 50"),
-        ("target", "target"),
-    ] {
+    for stage in ["legacy", "shadow", "cutover 50", "target"] {
         rows.push((
-            format!("affiliate_by_id {label}"),
+            format!("affiliate_by_id {stage}"),
             Some(stage),
             vec!["-M", "prepared", "-f", script.as_str()],
         ));
@@ -213,7 +208,6 @@ fn main() {
         };
         let out = dir.join(format!("cutover-{}", label.replace(' ', "_")));
         let wrap = Counted::wrap(&out);
-        let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
         let control = pg.url("tree_bench");
         let extra: Vec<&str> = match stage {
             Some(_) => vec!["--control", &control, "--worker-threads", "1"],
@@ -247,7 +241,6 @@ fn main() {
 
         let bouncer_out = dir.join(format!("pgbouncer-{}", label.replace(' ', "_")));
         let wrap = Counted::wrap(&bouncer_out);
-        let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
         let bouncer_dir = tempfile::tempdir().unwrap();
         let bouncer = start_pgbouncer(pg.port(), bouncer_dir.path(), &wrap).map(
             |((child, bouncer), port, pid)| {

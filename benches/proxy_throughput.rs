@@ -296,7 +296,7 @@ fn main() {
 
     let (cutover, cutover_port) = start_cutover(pg.port());
     let dir = tempfile::tempdir().unwrap();
-    let bouncer = common::start_pgbouncer(pg.port(), dir.path(), &[]);
+    let bouncer = common::start_pgbouncer::<&str>(pg.port(), dir.path(), &[]);
     if bouncer.is_none() {
         println!("pgbouncer not found (apt install pgbouncer): its column is left out");
     }

@@ -64,12 +64,16 @@ pub fn own_session(command: &mut Command) -> &mut Command {
 
 /// `start_cutover` with more flags (a control database, the shadow's settings).
 pub fn start_cutover_with(upstream_port: u16, extra: &[&str]) -> (Killed, u16) {
-    start_cutover_wrapped(upstream_port, extra, &[])
+    start_cutover_wrapped::<&str>(upstream_port, extra, &[])
 }
 
 /// `start_cutover_with`, run by `wrap` (a program and its arguments, e.g. valgrind's) when
 /// it is not empty.
-pub fn start_cutover_wrapped(upstream_port: u16, extra: &[&str], wrap: &[&str]) -> (Killed, u16) {
+pub fn start_cutover_wrapped<S: AsRef<std::ffi::OsStr>>(
+    upstream_port: u16,
+    extra: &[&str],
+    wrap: &[S],
+) -> (Killed, u16) {
     let port = free_port();
     let exe = env!("CARGO_BIN_EXE_cutover");
     let mut command = match wrap.split_first() {
@@ -256,10 +260,10 @@ impl Drop for Bouncer {
 /// Started by `wrap` (a program and its arguments, e.g. valgrind's) when it is not empty.
 /// Returns the processes to stop, the port and pgbouncer's pid (under `wrap`, the wrapper's
 /// process, which is pgbouncer's).
-pub fn start_pgbouncer(
+pub fn start_pgbouncer<S: AsRef<std::ffi::OsStr>>(
     upstream_port: u16,
     dir: &Path,
-    wrap: &[&str],
+    wrap: &[S],
 ) -> Option<((Killed, Bouncer), u16, u32)> {
     let exe = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
         .into_iter()
@@ -282,7 +286,7 @@ pub fn start_pgbouncer(
     )
     .unwrap();
     let root = is_root();
-    let mut program: Vec<&std::ffi::OsStr> = wrap.iter().map(std::ffi::OsStr::new).collect();
+    let mut program: Vec<&std::ffi::OsStr> = wrap.iter().map(AsRef::as_ref).collect();
     program.push(exe.as_os_str());
     let mut cmd = if root {
         let _ = Command::new("chown")

@@ -282,36 +282,34 @@ pub fn close_statement_frame(name: &[u8]) -> Bytes {
 
 /// The parameter type OIDs of a Parse message (0: left to the server).
 pub fn parse_param_types(body: &[u8]) -> Option<Vec<u32>> {
-    let mut rest = body;
-    take_cstr(&mut rest)?;
-    take_cstr(&mut rest)?;
-    let n = take_i16(&mut rest)?;
-    (0..n)
-        .map(|_| {
-            let (oid, tail) = rest.split_first_chunk::<4>()?;
-            rest = tail;
-            Some(u32::from_be_bytes(*oid))
-        })
-        .collect()
+    let oids = declared_types(body)?;
+    Some(
+        oids.chunks_exact(4)
+            .map(|oid| u32::from_be_bytes([oid[0], oid[1], oid[2], oid[3]]))
+            .collect(),
+    )
 }
 
 /// Whether a Parse (whole `body`) declares exactly `types` (what [`parse_param_types`]
 /// would read), without building them.
 pub fn parse_param_types_are(body: &[u8], types: &[u32]) -> bool {
+    declared_types(body).is_some_and(|oids| {
+        oids.len() == 4 * types.len()
+            && types
+                .iter()
+                .zip(oids.chunks_exact(4))
+                .all(|(&t, oid)| oid == t.to_be_bytes())
+    })
+}
+
+/// The bytes of a Parse's declared parameter type OIDs, four each (none for a negative
+/// count); `None` if the body is shorter than its count says.
+fn declared_types(body: &[u8]) -> Option<&[u8]> {
     let mut rest = body;
-    let (Some(_), Some(_), Some(n)) = (
-        take_cstr(&mut rest),
-        take_cstr(&mut rest),
-        take_i16(&mut rest),
-    ) else {
-        return false;
-    };
-    usize::try_from(n).is_ok_and(|n| n == types.len())
-        && rest.len() >= 4 * types.len()
-        && types
-            .iter()
-            .zip(rest.chunks_exact(4))
-            .all(|(&t, oid)| oid == t.to_be_bytes())
+    take_cstr(&mut rest)?;
+    take_cstr(&mut rest)?;
+    let n = usize::try_from(take_i16(&mut rest)?).unwrap_or(0);
+    rest.get(..4 * n)
 }
 
 /// One bound parameter: binary format or not, and the value (`None` for NULL).
@@ -511,6 +509,11 @@ mod tests {
         parse.extend_from_slice(&1i16.to_be_bytes());
         parse.extend_from_slice(&20u32.to_be_bytes());
         assert_eq!(parse_param_types(&parse), Some(vec![20]));
+        // A negative count declares nothing (the server refuses such a Parse).
+        let mut negative = b"s1\0SELECT 1\0".to_vec();
+        negative.extend_from_slice(&(-1i16).to_be_bytes());
+        assert_eq!(parse_param_types(&negative), Some(vec![]));
+        assert!(parse_param_types_are(&negative, &[]));
     }
 
     proptest::proptest! {

@@ -204,6 +204,20 @@ async fn relay<C: Duplex, U: Duplex>(mut client: C, mut upstream: U, owned: Owne
     tracing::debug!(?end, "session ended");
 }
 
+/// A session's relay in its span, unless no subscriber wants the span (the default level):
+/// then it is not entered and left at every wake-up (~120 instructions a transaction).
+fn in_span<F: std::future::Future>(
+    relay: F,
+    span: tracing::Span,
+) -> futures_util::future::Either<F, tracing::instrument::Instrumented<F>> {
+    use futures_util::future::Either;
+    if span.is_disabled() {
+        Either::Left(relay)
+    } else {
+        Either::Right(relay.instrument(span))
+    }
+}
+
 /// Runs a session whose StartupMessage has been read, in the login slot it was given.
 pub async fn run(
     mut client: crate::proxy::listener::ClientStream,
@@ -279,7 +293,7 @@ pub async fn run(
             _slot: slot,
         };
         let Some(loops) = loops else {
-            sessions.spawn(relay(client, upstream, owned).instrument(span));
+            sessions.spawn(in_span(relay(client, upstream, owned), span));
             return;
         };
         let (Ok(Ok(client)), Ok(Ok(upstream))) = (client.into_plain(), upstream.into_plain())
@@ -290,17 +304,13 @@ pub async fn run(
         // Counted until the relay ends, wherever it runs: a shutdown waits for it.
         let token = sessions.token();
         let start: Start = Box::new(move |client, upstream| {
-            let relay = async move {
-                let _token = token;
-                relay(client, upstream, owned).await;
-            };
-            // A span no subscriber wants (the default level) is not entered and left at
-            // every wake-up (~120 instructions a transaction).
-            if span.is_disabled() {
-                Box::pin(relay)
-            } else {
-                Box::pin(relay.instrument(span))
-            }
+            Box::pin(in_span(
+                async move {
+                    let _token = token;
+                    relay(client, upstream, owned).await;
+                },
+                span,
+            ))
         });
         let job = Job {
             client,

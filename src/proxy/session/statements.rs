@@ -242,34 +242,25 @@ impl<'s> Statements<'s> {
         if self.shared.checks.is_none() && self.shadow.is_none() {
             return None;
         }
-        let sql = match tag {
-            frontend::QUERY => messages::query_text(body)?,
+        let (sql, watched) = match tag {
+            frontend::QUERY => (messages::query_text(body)?, false),
             frontend::PARSE => {
-                let (name, sql) = messages::parse_text(body)?;
                 // A statement parsed again as it was (a driver's unnamed one, at each
-                // execution), under the same rules, was watched already.
-                let rules = Arc::as_ptr(self.classifier.load().rules_arc());
-                let quiet = self.statements.get(name).is_some_and(|p| {
-                    p.names_quiet
-                        && p.typed.as_ref().is_some_and(|s| {
-                            s.sql.as_bytes() == sql && std::ptr::eq(Arc::as_ptr(&s.rules), rules)
-                        })
-                });
-                self.watched = Some(quiet);
-                sql
+                // execution) was watched already.
+                let (name, sql) = messages::parse_text(body)?;
+                let quiet = self.as_before(name, sql).is_some_and(|p| p.names_quiet);
+                (sql, quiet)
             }
             _ => return None,
         };
         let classifier = self.classifier.load();
-        if self.watched != Some(true) {
-            let changes = classifier.names().may_change(sql);
-            if tag == frontend::PARSE {
-                self.watched = Some(!changes);
-            }
-            if changes {
-                self.flow.names_may_change();
-                return None;
-            }
+        let quiet = watched || !classifier.names().may_change(sql);
+        if tag == frontend::PARSE {
+            self.watched = Some(quiet);
+        }
+        if !quiet {
+            self.flow.names_may_change();
+            return None;
         }
         (self.flow.names() == Resolution::Unknown
             && classifier.mentions_table(sql)
@@ -741,13 +732,9 @@ impl<'s> Statements<'s> {
     /// parsed again at each execution (a lookup, a copy of its text and its types, and the
     /// old copy freed, ~2k instructions, otherwise).
     fn parsed_again(&mut self, name: &[u8], sql: &[u8], body: &[u8]) -> Option<Reparsed> {
-        let rules = Arc::as_ptr(self.classifier.load().rules_arc());
-        let prepared = self.statements.get(name)?;
+        let prepared = self.as_before(name, sql)?;
         let source = prepared.typed.as_ref()?;
-        (source.sql.as_bytes() == sql
-            && std::ptr::eq(Arc::as_ptr(&source.rules), rules)
-            && messages::parse_param_types_are(body, &source.param_types))
-        .then(|| {
+        messages::parse_param_types_are(body, &source.param_types).then(|| {
             (
                 prepared.served.clone(),
                 Some(Arc::clone(source)),
@@ -756,26 +743,34 @@ impl<'s> Statements<'s> {
         })
     }
 
+    /// Statement `name`, when it is on the legacy table with the text `sql`, classified under
+    /// the rules in force: what a Parse of the same text under that name would find again.
+    fn as_before(&mut self, name: &[u8], sql: &[u8]) -> Option<&Prepared> {
+        let rules = Arc::as_ptr(self.classifier.load().rules_arc());
+        self.statements.get(name).filter(|p| {
+            p.typed.as_ref().is_some_and(|source| {
+                source.sql.as_bytes() == sql && std::ptr::eq(Arc::as_ptr(&source.rules), rules)
+            })
+        })
+    }
+
     /// Whether a Bind of prepared statement `name` must be read whole: its executions may be
     /// routed to the target now, or compared.
     /// The live stage, when it does (so that the Bind does not look it up again).
     pub fn bind_needs_whole(&mut self, name: &[u8]) -> Option<Stage> {
         let prepared = self.statements.get(name)?;
-        let source = Arc::clone(prepared.typed.as_ref()?);
-        let t = source.typed();
+        let t = prepared.typed.as_ref()?.typed();
         let kept = self.kept_stage(prepared.stage, t);
-        if Some(kept) != prepared.stage
+        let stage = kept.1;
+        let whole = self.resolution(t) == Resolution::Legacy
+            && ((matches!(t.route, Rewrite::Target(_)) && self.routable_now(t, stage))
+                || self.compared(t, stage));
+        if prepared.stage != Some(kept)
             && let Some(prepared) = self.statements.get_mut(name)
         {
             prepared.stage = Some(kept);
         }
-        let stage = kept.1;
-        if self.resolution(t) != Resolution::Legacy {
-            return None;
-        }
-        ((matches!(t.route, Rewrite::Target(_)) && self.routable_now(t, stage))
-            || self.compared(t, stage))
-        .then_some(stage)
+        whole.then_some(stage)
     }
 
     /// A Bind: its portal executes what `statement` was parsed as, on the side its key
