@@ -1102,3 +1102,90 @@ async fn answers_cut_inside_a_tie_group_are_compared_by_validity() {
     let st = settled(&direct, "top_wrong_direction", 3).await;
     assert_eq!((st["matched"], st["confirmed"]), (0, 3), "{st:?}");
 }
+
+/// A read is handed to the shadow once the client has had its answer (its ReadyForQuery):
+/// the comparison's statements never compete with the statement they compare. Until then
+/// it is held — an execution flushed but not synced is not compared yet — and a session that
+/// ends before its answer still has its read compared.
+#[tokio::test]
+async fn a_read_is_compared_after_its_answer_not_during_it() {
+    use cutover::wire::{self, messages};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(20, &["affiliate_by_id"], |_| {}).await;
+    let compared = |m: &str| {
+        ["match", "diverged", "error", "expected", "transient", "skipped"]
+            .iter()
+            .map(|outcome| {
+                metric(
+                    m,
+                    &format!(
+                        "cutover_comparisons_total{{query_type=\"affiliate_by_id\",outcome=\"{outcome}\"}}"
+                    ),
+                )
+            })
+            .sum::<f64>()
+    };
+    let counted_within = |want: f64| {
+        let proxy = &s.proxy;
+        async move {
+            for _ in 0..100 {
+                if compared(&proxy.metrics().await) >= want {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        }
+    };
+    // Reads a server message; its tag.
+    async fn message(c: &mut tokio::net::TcpStream) -> u8 {
+        let mut header = [0u8; 5];
+        c.read_exact(&mut header).await.unwrap();
+        let len = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len - 4];
+        c.read_exact(&mut body).await.unwrap();
+        header[0]
+    }
+    async fn until(c: &mut tokio::net::TcpStream, tag: u8) {
+        while message(c).await != tag {}
+    }
+    let sql = "SELECT * FROM affiliates WHERE affiliate_id = $1";
+    // Bind of the statement `s1` with the text parameter '3', Execute, Flush: its rows and
+    // CommandComplete come back, its ReadyForQuery waits for a Sync.
+    let flushed_execution = || {
+        let mut out = wire::frame(b'B', b"\0s1\0\0\0\0\x01\0\0\0\x013\0\0").to_vec();
+        out.extend_from_slice(&wire::frame(b'E', b"\0\0\0\0\0"));
+        out.extend_from_slice(&wire::frame(b'H', b""));
+        out
+    };
+    let mut c = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    c.write_all(&support::startup_packet("postgres", &s.db.name))
+        .await
+        .unwrap();
+    until(&mut c, b'Z').await;
+    let mut out = messages::parse_frame(b"s1", sql, &[]).to_vec();
+    out.extend_from_slice(&wire::frame(b'S', b""));
+    c.write_all(&out).await.unwrap();
+    until(&mut c, b'Z').await;
+
+    c.write_all(&flushed_execution()).await.unwrap();
+    until(&mut c, b'C').await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        compared(&s.proxy.metrics().await),
+        0.0,
+        "compared before its answer was complete"
+    );
+    c.write_all(&wire::frame(b'S', b"")).await.unwrap();
+    until(&mut c, b'Z').await;
+    assert!(counted_within(1.0).await, "compared once answered");
+
+    // Executed, then the session ends before its Sync.
+    c.write_all(&flushed_execution()).await.unwrap();
+    until(&mut c, b'C').await;
+    drop(c);
+    assert!(
+        counted_within(2.0).await,
+        "a read whose session ended before its answer is compared too"
+    );
+}

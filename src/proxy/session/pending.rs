@@ -23,6 +23,7 @@ use std::{
 
 use crate::{
     routing::route::Side,
+    shadow::Offer,
     wire::messages::{self, backend},
 };
 
@@ -390,7 +391,17 @@ pub struct Flow {
     parse_outcomes: AtomicBool,
     /// The client has sent extended-protocol messages that no Sync has closed yet.
     batch_open: AtomicBool,
+    /// Reads for the shadow, held from their Execute (or simple Query) until a ReadyForQuery
+    /// has been relayed to the client ([`Self::defer`], [`Self::take_offers`]).
+    offers: Mutex<Vec<Offer>>,
+    /// Some are held: looked at after every read that carried a ReadyForQuery, so that
+    /// their lock is taken only when there are.
+    offers_held: AtomicBool,
 }
+
+/// The room a session's held offers keep once handed over (a pipelined batch of many
+/// compared reads lets its room go).
+const OFFERS_KEPT: usize = 4;
 
 /// How a session resolves the legacy table's bare name (`affiliates`): its search_path (from
 /// the startup packet, the role's or database's settings, `SET`), its temporary tables.
@@ -594,6 +605,32 @@ impl Flow {
         if !answers.lost.is_empty() || !answers.confirmed.is_empty() {
             self.parse_outcomes.store(true, Relaxed);
         }
+    }
+
+    /// Holds a read for the shadow until the client has had its answer: the comparison's
+    /// statements then do not compete with the statement they compare, nor the hand-off
+    /// (which may wake a shadow thread) delay it.
+    pub fn defer(&self, offer: Offer) {
+        let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+        if offers.capacity() == 0 {
+            // One read per batch is the rule.
+            offers.reserve_exact(1);
+        }
+        offers.push(offer);
+        self.offers_held.store(true, Relaxed);
+    }
+
+    /// The reads held so far, swapped into `into` (empty): called once a ReadyForQuery has
+    /// been relayed, and when the session ends.
+    pub fn take_offers(&self, into: &mut Vec<Offer>) {
+        if !self.offers_held.swap(false, Relaxed) {
+            return;
+        }
+        if into.capacity() > OFFERS_KEPT {
+            *into = Vec::new();
+        }
+        let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::swap(&mut *offers, into);
     }
 
     /// Batches sent so far (each ends with a Sync, a simple Query or a FunctionCall).

@@ -34,7 +34,7 @@ use crate::{
             race::race,
         },
     },
-    shadow::Shadow,
+    shadow::{Offer, Shadow},
     wire::{
         self, WireError,
         messages::{self, backend, frontend},
@@ -124,6 +124,8 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
             at_boundary: &client_at_boundary,
             flow: &flow,
             me: self.me,
+            shadow: self.shadow,
+            offers: Vec::new(),
         };
 
         // Each direction is polled only when something it waits for happened (`race`).
@@ -134,6 +136,8 @@ impl<'a, C: Duplex, U: Duplex> Relay<'a, C, U> {
         .await;
         shared.metrics.clients.decrement(1.0);
         drop((client_rd, client_wr, upstream_rd, upstream_wr));
+        // Reads whose answer the session did not live to relay are compared all the same.
+        to_client.hand_offers();
 
         let (code, message) = match &end {
             End::ProtocolViolation(error) => {
@@ -350,7 +354,7 @@ impl ClientToServer<'_> {
                                 if let Some(frames) = self.statements.bind(portal, statement, whole)
                                 {
                                     // Sent with the rest of the read.
-                                    self.out.splice(&mut self.buf, ready, header.total, &frames);
+                                    self.out.splice(&mut self.buf, ready, header.total, frames);
                                     ready = 0;
                                     continue;
                                 }
@@ -395,6 +399,11 @@ struct ServerToClient<'s> {
     me: &'s Client,
     /// What the read became so far, when the relay replaced a frame of it.
     out: Outgoing,
+    /// The shadow, when this session's database is the one it reads.
+    shadow: Option<&'s Shadow>,
+    /// The reads for the shadow the client side held until their answers
+    /// ([`Flow::defer`]), taken out to be handed over (kept empty between).
+    offers: Vec<Offer>,
 }
 
 /// What to do with an inspected server frame.
@@ -404,6 +413,17 @@ enum Action {
 }
 
 impl ServerToClient<'_> {
+    /// Hands the shadow the reads the client side held (see [`Flow::defer`]).
+    fn hand_offers(&mut self) {
+        self.flow.take_offers(&mut self.offers);
+        // Only a session the shadow serves holds any.
+        for offer in self.offers.drain(..) {
+            if let Some(shadow) = self.shadow {
+                shadow.hand(offer);
+            }
+        }
+    }
+
     async fn run<R, W>(&mut self, upstream: &mut R, client: &mut W) -> End
     where
         R: ReadReady,
@@ -424,6 +444,8 @@ impl ServerToClient<'_> {
                 Ok(_) => {}
             }
             let mut ready = 0;
+            // A ReadyForQuery is in this read: once relayed, the held reads are handed over.
+            let mut answered = false;
             loop {
                 if self.streaming > 0 {
                     let take = self.streaming.min(self.buf.len() - ready);
@@ -447,6 +469,7 @@ impl ServerToClient<'_> {
                         let body = &self.buf[ready + 5..ready + header.total];
                         let answer = self.flow.answer(header.tag, body);
                         if header.tag == backend::READY_FOR_QUERY {
+                            answered = true;
                             self.me.ready(
                                 messages::ready_status(body).unwrap_or(b'I'),
                                 self.flow.at_rest(),
@@ -497,6 +520,9 @@ impl ServerToClient<'_> {
             // way, issue 17). Free on plain TCP.
             if !self.out.send(client, &mut self.buf, ready).await {
                 return End::ClientClosed;
+            }
+            if answered {
+                self.hand_offers();
             }
             release_if_large(&mut self.buf);
             self.at_boundary.store(self.streaming == 0, Relaxed);

@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Cache};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 
 use super::{
     Shared,
@@ -40,6 +40,10 @@ use crate::{
 /// compared (to read the key, copy the parameters or name the target variant); larger ones
 /// stream through, served by legacy and not compared.
 pub const MAX_INSPECTED_BIND: usize = 64 * 1024;
+
+/// The room [`Statements::bind`]'s frames keep from one Bind to the next: a Bind of a few
+/// parameters (the frames of a larger one are let go at the next).
+const FRAMES_KEPT: usize = 512;
 
 /// How long a statement waits for the answer to the proxy's names question (one round trip,
 /// once per session and after statements that may change it) before it is served by legacy.
@@ -79,6 +83,10 @@ pub struct Statements<'s> {
     /// in its text changes what names resolve to), from [`Self::names_question`], which
     /// sees every Parse just before it is inspected.
     watched: Option<bool>,
+    /// The frames sent in place of a Bind routed to the target ([`Self::bind`]), built here
+    /// and copied with the rest of the read: kept from one Bind to the next, not allocated
+    /// for each.
+    frames: Vec<u8>,
 }
 
 /// A statement's counters, and its classification when it is on the legacy table.
@@ -214,6 +222,7 @@ impl<'s> Statements<'s> {
             parses: 0,
             ahead: None,
             watched: None,
+            frames: Vec::new(),
         }
     }
 
@@ -550,8 +559,8 @@ impl<'s> Statements<'s> {
                 match self.portals.get_mut(portal) {
                     Some(p) => {
                         p.served.side(p.side).increment(1);
-                        if let (Some(offer), Some(shadow)) = (p.job.take(), self.shadow) {
-                            shadow.hand(offer);
+                        if let Some(offer) = p.job.take() {
+                            self.flow.defer(offer);
                         }
                     }
                     None => self.shared.metrics.queries.passthrough.increment(1),
@@ -636,7 +645,7 @@ impl<'s> Statements<'s> {
                 inline: true,
                 rules: Arc::clone(classifier.load().rules_arc()),
             });
-            shadow.hand(offer);
+            self.flow.defer(offer);
         }
         let key = match &t.bucket_key {
             BucketKey::Literal(v) => Some(v.as_bytes()),
@@ -782,7 +791,7 @@ impl<'s> Statements<'s> {
         portal: &[u8],
         statement: &[u8],
         whole: Option<(&[u8], Stage)>,
-    ) -> Option<Bytes> {
+    ) -> Option<&[u8]> {
         let Some(prepared) = self.statements.get(statement) else {
             self.portals.insert(
                 portal,
@@ -834,9 +843,10 @@ impl<'s> Statements<'s> {
             }
             _ => None,
         };
-        let (side, described, replacement) = match replacement {
-            Some((frames, described)) => (Side::Target, Some(described), Some(frames)),
-            None => (Side::Legacy, None, None),
+        let side = if replacement.is_some() {
+            Side::Target
+        } else {
+            Side::Legacy
         };
         self.sent(t, side);
         self.portals.insert(
@@ -844,11 +854,11 @@ impl<'s> Statements<'s> {
             Portal {
                 served,
                 side,
-                described,
+                described: replacement,
                 job,
             },
         );
-        replacement
+        (side == Side::Target).then_some(&self.frames[..])
     }
 
     /// The shadow's copy of an execution: the statement and the Bind (`body`), copied in
@@ -866,7 +876,8 @@ impl<'s> Statements<'s> {
     }
 
     /// The Bind rewritten to name the statement's target variant, preceded (the first time)
-    /// by the Close and Parse that prepare it; `None` while the route check has not said yes.
+    /// by the Close and Parse that prepare it, written in `frames`; `None` while the route
+    /// check has not said yes. Returns the columns its portal describes.
     fn bind_to_target(
         &mut self,
         statement: &[u8],
@@ -874,7 +885,7 @@ impl<'s> Statements<'s> {
         target: &str,
         portal: &[u8],
         body: &[u8],
-    ) -> Option<(Bytes, Described)> {
+    ) -> Option<Described> {
         let checks = self.shared.checks.as_ref()?;
         let generation = checks.generation();
         let prepared = self.statements.get_mut(statement)?;
@@ -906,8 +917,13 @@ impl<'s> Statements<'s> {
         } = prepared.variant.as_ref()?.ready.as_ref()?;
         // Bind: portal, the variant's name, then the client's formats and values as sent.
         let rest = &body[portal.len() + 1 + statement.len() + 1..];
-        let bind_len = 4 + portal.len() + 1 + variant.len() + 1 + rest.len();
-        let mut out = BytesMut::with_capacity(1 + bind_len);
+        let bind_len = u32::try_from(4 + portal.len() + 1 + variant.len() + 1 + rest.len()).ok()?;
+        let out = &mut self.frames;
+        if out.capacity() > FRAMES_KEPT {
+            // What a Parse of a long target SQL, or a large Bind, left.
+            *out = Vec::new();
+        }
+        out.clear();
         // Prepared (again) unless done, or sent in this batch (a failure there skips this
         // Bind too): a Parse from an earlier batch may have been skipped by an error whose
         // answer is not in yet.
@@ -932,14 +948,14 @@ impl<'s> Statements<'s> {
                 seq: self.parses,
             });
         }
+        out.reserve(1 + bind_len as usize);
         out.put_u8(frontend::BIND);
-        // A Bind read whole is at most MAX_INSPECTED_BIND bytes, and the names are short.
-        out.put_u32(u32::try_from(bind_len).ok()?);
+        out.put_u32(bind_len);
         out.put_slice(portal);
         out.put_u8(0);
         out.put_slice(variant);
         out.put_u8(0);
         out.put_slice(rest);
-        Some((out.freeze(), Arc::clone(described)))
+        Some(Arc::clone(described))
     }
 }
