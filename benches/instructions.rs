@@ -216,14 +216,7 @@ fn main() {
         if let Some(stage) = stage {
             let (name, percent) = stage.split_once(' ').unwrap_or((stage, "0"));
             let percent: i16 = percent.parse().unwrap();
-            runtime.block_on(async {
-                tree.execute(
-                    "UPDATE cutover.query_type_state SET stage = $1, percent = $2 WHERE query_type = 'affiliate_by_id'",
-                    &[&name, &percent],
-                )
-                .await
-                .expect("set the stage")
-            });
+            runtime.block_on(common::set_stage(&tree, name, percent));
         }
         let (proxy, port) = start_cutover_wrapped(pg.port(), &extra, &wrap);
         let counted = Counted {
@@ -299,11 +292,10 @@ fn pgbench_init(bindir: &Path, port: u16) -> bool {
 }
 
 /// The stage rows' database: a migrated, backfilled tree, its live state seeded from the
-/// rules (by a proxy with a control database started once, without valgrind).
+/// rules.
 async fn tree(pg: &LocalPg) -> tokio_postgres::Client {
-    let client = common::tree_bench(pg, TREE).await;
-    let control = pg.url("tree_bench");
-    let (_proxy, _) = common::start_cutover_with(pg.port(), &["--control", &control]);
-    common::seeded(&client).await;
-    client
+    common::seeded_tree(pg, TREE, &[]).await;
+    cutover::net::connect::connect(&pg.config("tree_bench"))
+        .await
+        .expect("connect")
 }

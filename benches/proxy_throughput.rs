@@ -4,13 +4,19 @@
 //! client connections. A program, not a test: it prints what it measured and asserts
 //! nothing.
 //!
-//!     cargo bench --bench proxy_throughput              # 10 s per measurement, 3 rounds
-//!     cargo bench --bench proxy_throughput -- 5 1       # 5 s, 1 round
+//!     cargo bench --bench proxy_throughput                 # 10 s per measurement, 3 rounds
+//!     cargo bench --bench proxy_throughput -- 5 1          # 5 s, 1 round
+//!     cargo bench --bench proxy_throughput -- 5 3 latency  # one part: modes, latency,
+//!                                                          # stages or memory
 //!
 //! Every target gets the same pgbench invocation (8 clients, 2 threads). Each mode is
 //! measured in rounds, each round running direct, cutover and pgbouncer back to back in a
 //! rotating order, and the median of the rounds is printed: on a small shared machine one
 //! run moves by ±10%, and the proxies must be compared under the same conditions.
+//!
+//! Then, on a tree of 100,000 affiliates with the app's `affiliate_by_id` at each stage: one
+//! client's round trips through each proxy, interleaved query by query (`latency`), and with
+//! 8 clients the relay's CPU per query apart from the shadow's (`stages`).
 
 use std::{
     path::Path,
@@ -21,7 +27,7 @@ use std::{
 use cutover::demo::localpg::{LocalPg, Options};
 
 mod common;
-use common::{Pgbench, median, pgbench_on, pgbench_tps, start_cutover};
+use common::{Pgbench, median, pgbench_on, start_cutover};
 
 const CLIENTS: &str = "8";
 const THREADS: &str = "2";
@@ -97,6 +103,113 @@ fn measure(pid: Option<u32>, run: impl FnOnce() -> Pgbench) -> Measured {
 
 const TREE: u64 = 100_000;
 
+/// The stages measured: a label, the stage and its percent.
+const STAGES: [(&str, &str, i16); 4] = [
+    ("legacy", "legacy", 0),
+    ("shadow", "shadow", 0),
+    ("cutover 50", "cutover", 50),
+    ("target", "target", 0),
+];
+
+/// The copy of `tree_bench` whose live state holds `affiliate_by_id` at `stage` (a label of
+/// [`STAGES`]).
+fn copy_of(stage: &str) -> String {
+    format!("tree_bench_{}", stage.replace(' ', "_"))
+}
+
+/// The time one client's round trip takes through each proxy beyond direct's, with
+/// `affiliate_by_id` (prepared) at each stage: a proxy per stage, each following a copy of
+/// the tree whose live state holds that stage, and pgbouncer (on `bouncer`). One client's
+/// queries go to every target in turn, query by query (`common::latency`): what slows the
+/// machine down for a while slows them all alike. The shadow's comparisons at the later
+/// stages run after their reads, in the background, and so land on whichever targets come
+/// next in the pass, not on the proxy's own round trip: a row's added time is its relay's,
+/// and v2's own time at `target` is the row "direct, v2's SQL".
+async fn round_trips(pg: &LocalPg, passes: usize, rounds: usize, bouncer: Option<u16>) {
+    use common::latency::{Target, interleaved};
+    let legacy_sql = "SELECT * FROM affiliates WHERE affiliate_id = $1";
+    let classifier =
+        cutover::routing::classify::Classifier::new(std::sync::Arc::new(common::rules()));
+    let v2_sql = cutover::routing::classify::explain(&classifier, legacy_sql)
+        .target_sql
+        .expect("affiliate_by_id has a target SQL");
+    let direct = |label: &str, sql: &str| Target {
+        label: label.to_owned(),
+        port: pg.port(),
+        database: "tree_bench".to_owned(),
+        sql: sql.to_owned(),
+    };
+    let mut targets = vec![
+        direct("direct", legacy_sql),
+        direct("direct, v2's SQL", &v2_sql),
+    ];
+    if let Some(port) = bouncer {
+        targets.push(Target {
+            port,
+            ..direct("pgbouncer", legacy_sql)
+        });
+    }
+    let mut proxies = Vec::new();
+    for (label, stage, percent) in STAGES {
+        let database = copy_of(label);
+        let live = cutover::net::connect::connect(&pg.config(&database))
+            .await
+            .expect("connect");
+        common::set_stage(&live, stage, percent).await;
+        let control = pg.url(&database);
+        let (proxy, port) = common::start_cutover_with(pg.port(), &["--control", &control]);
+        proxies.push(proxy);
+        targets.push(Target {
+            label: format!("cutover {label}"),
+            port,
+            database,
+            sql: legacy_sql.to_owned(),
+        });
+    }
+    // The route check a stage waits for, made by each proxy as it starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut by_round = Vec::new();
+    for _ in 0..rounds {
+        by_round.push(interleaved(&targets, TREE as i64, 500, passes).await);
+    }
+    println!(
+        "\none client, affiliate_by_id prepared, {TREE} affiliates, sample rate 1.0: round trips interleaved query by query, {passes} passes × {rounds} rounds (medians of the rounds)"
+    );
+    println!(
+        "{:<20} {:>9} {:>9} {:>10} {:>16}",
+        "", "p50 µs", "p99 µs", "added µs", "rounds' added"
+    );
+    for (i, target) in targets.iter().enumerate() {
+        let of_rounds = |f: &dyn Fn(&common::latency::Trips, &common::latency::Trips) -> f64| {
+            by_round
+                .iter()
+                .map(|r| f(&r[i], &r[0]))
+                .collect::<Vec<f64>>()
+        };
+        let added = of_rounds(&|t, base| t.added_us(base));
+        let (low, high) = added
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), a| (l.min(*a), h.max(*a)));
+        println!(
+            "{:<20} {:>9.1} {:>9.1} {:>10} {:>16}",
+            target.label,
+            median(of_rounds(&|t, _| t.quantile_us(0.5))),
+            median(of_rounds(&|t, _| t.quantile_us(0.99))),
+            if i == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:+.1}", median(added))
+            },
+            if i == 0 {
+                "-".to_owned()
+            } else {
+                format!("{low:+.0} … {high:+.0}")
+            },
+        );
+    }
+    drop(proxies);
+}
+
 /// CPU time of process `pid`'s threads, in microseconds: those named `cutover-sessions-*`
 /// (the relay) and the rest (the shadow, the control feed, metrics).
 fn thread_cpu_us(pid: u32) -> (f64, f64) {
@@ -119,10 +232,10 @@ fn thread_cpu_us(pid: u32) -> (f64, f64) {
     (sessions, rest)
 }
 
-/// The cost of serving `affiliate_by_id` (prepared) in each stage: one client's time per
-/// query, and with 8 clients the proxy's CPU per query, the relay's threads apart from the
-/// rest (the shadow's comparisons). A second proxy with a control database, on a migrated and
-/// backfilled tree of 100,000 affiliates; then pgbouncer (`bouncer`: its port and pid)
+/// The CPU cost of serving `affiliate_by_id` (prepared) in each stage: with 8 clients, the
+/// proxy's CPU per query, the relay's threads apart from the rest (the shadow's
+/// comparisons). A second proxy with a control database, on `tree_bench` (a migrated and
+/// backfilled tree of 100,000 affiliates); then pgbouncer (`bouncer`: its port and pid)
 /// relaying the same query, the bar.
 async fn stage_costs(
     pg: &LocalPg,
@@ -131,7 +244,9 @@ async fn stage_costs(
     rounds: usize,
     bouncer: Option<(u16, u32)>,
 ) {
-    let client = common::tree_bench(pg, TREE).await;
+    let client = cutover::net::connect::connect(&pg.config("tree_bench"))
+        .await
+        .expect("connect");
     let control = pg.url("tree_bench");
     let (proxy, port) = common::start_cutover_with(pg.port(), &["--control", &control]);
     let pid = proxy.0.id();
@@ -145,18 +260,13 @@ async fn stage_costs(
         ];
         pgbench_on(bindir, port, "tree_bench", &args)
     };
-    common::seeded(&client).await;
-    // One sample: one client's time per query direct and through `port`, and with 8 clients
-    // the CPU per query `cpu` reads from the proxy (its relay, the rest).
+    // One sample: with 8 clients, the CPU per query `cpu` reads from the proxy (its relay, the
+    // rest).
     let sample = |port: u16, cpu: &dyn Fn() -> (f64, f64)| {
-        let direct = 1000.0 / run(pg.port(), "1").tps;
-        let through = 1000.0 / run(port, "1").tps;
         let before = cpu();
         let queries = run(port, CLIENTS).transactions;
         let after = cpu();
         [
-            direct,
-            through,
             (after.0 - before.0) / queries.max(1.0),
             (after.1 - before.1) / queries.max(1.0),
         ]
@@ -164,14 +274,8 @@ async fn stage_costs(
     println!(
         "\naffiliate_by_id prepared, {TREE} affiliates, every other query type at legacy, sample rate 1.0; {seconds} s each, median of {rounds} rounds, the rows rotated within each"
     );
-    println!(
-        "{:<12} {:>10} {:>10} {:>8} {:>12} {:>12}",
-        "stage", "direct ms", "cutover ms", "added", "relay CPU", "other CPU"
-    );
-    println!(
-        "{:<12} {:>10} {:>10} {:>8} {:>12} {:>12}",
-        "", "1 client", "1 client", "µs", "µs/query", "µs/query"
-    );
+    println!("{:<12} {:>12} {:>12}", "stage", "relay CPU", "other CPU");
+    println!("{:<12} {:>12} {:>12}", "", "µs/query", "µs/query");
     // pgbouncer has no stages: it relays the query to legacy; its whole process is its relay
     // (no other CPU: shown as "-").
     enum Row<'a> {
@@ -180,12 +284,10 @@ async fn stage_costs(
         /// Through pgbouncer (its port and pid).
         Bouncer(u16, u32),
     }
-    let mut rows = vec![
-        ("legacy", Row::Stage("legacy", 0)),
-        ("shadow", Row::Stage("shadow", 0)),
-        ("cutover 50", Row::Stage("cutover", 50)),
-        ("target", Row::Stage("target", 0)),
-    ];
+    let mut rows: Vec<(&str, Row)> = STAGES
+        .iter()
+        .map(|(label, stage, percent)| (*label, Row::Stage(stage, *percent)))
+        .collect();
     if let Some((port, pid)) = bouncer {
         rows.push(("pgbouncer", Row::Bouncer(port, pid)));
     }
@@ -194,13 +296,7 @@ async fn stage_costs(
         for i in (0..rows.len()).map(|i| (i + round) % rows.len()) {
             let taken = match rows[i].1 {
                 Row::Stage(stage, percent) => {
-                    client
-                        .execute(
-                            "UPDATE cutover.query_type_state SET stage = $1, percent = $2 WHERE query_type = 'affiliate_by_id'",
-                            &[&stage, &percent],
-                        )
-                        .await
-                        .expect("set the stage");
+                    common::set_stage(&client, stage, percent).await;
                     // Every replica applies a change within a second; then the route check
                     // is made.
                     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -214,16 +310,13 @@ async fn stage_costs(
     }
     for ((label, _), taken) in rows.iter().zip(samples) {
         let column = |c: usize| median(taken.iter().map(|s| s[c]).collect());
-        let (direct, through, relay, other) = (column(0), column(1), column(2), column(3));
+        let (relay, other) = (column(0), column(1));
         let other = if other.is_nan() {
             "-".to_owned()
         } else {
             format!("{other:.1}")
         };
-        println!(
-            "{label:<12} {direct:>10.3} {through:>10.3} {:>8.0} {relay:>12.1} {other:>12}",
-            (through - direct) * 1000.0,
-        );
+        println!("{label:<12} {relay:>12.1} {other:>12}");
     }
 }
 
@@ -268,6 +361,12 @@ fn main() {
         .collect();
     let seconds = numbers.first().copied().unwrap_or(10);
     let rounds = numbers.get(1).copied().unwrap_or(3).max(1) as usize;
+    // Words pick the parts to run (all when none is given).
+    let words: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a.parse::<u64>().is_err() && !a.starts_with('-'))
+        .collect();
+    let wants = |part: &str| words.is_empty() || words.iter().any(|w| w == part);
     let pg = LocalPg::start_with(Options {
         settings: vec![("max_connections".into(), "1200".into())],
         ..Options::default()
@@ -302,19 +401,26 @@ fn main() {
     }
 
     let cutover_pid = cutover.0.id();
-    println!(
-        "pgbench -S, {CLIENTS} clients, {THREADS} threads, {seconds} s each, median of {rounds} rounds, scale 10; {} cores",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    println!(
-        "{:<9} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}",
-        "mode", "direct", "cutover/", "bouncer/", "", "cutover", "pgbouncer"
-    );
-    println!(
-        "{:<9} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}",
-        "", "tps", "direct", "direct", "", "CPU µs/tx", "CPU µs/tx"
-    );
-    for mode in ["simple", "extended", "prepared"] {
+    if wants("modes") {
+        println!(
+            "pgbench -S, {CLIENTS} clients, {THREADS} threads, {seconds} s each, median of {rounds} rounds, scale 10; {} cores",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        println!(
+            "{:<9} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}",
+            "mode", "direct", "cutover/", "bouncer/", "", "cutover", "pgbouncer"
+        );
+        println!(
+            "{:<9} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}",
+            "", "tps", "direct", "direct", "", "CPU µs/tx", "CPU µs/tx"
+        );
+    }
+    let modes: &[&str] = if wants("modes") {
+        &["simple", "extended", "prepared"]
+    } else {
+        &[]
+    };
+    for &mode in modes {
         let mut runs: [Vec<Measured>; 3] = Default::default();
         for round in 0..rounds {
             for i in 0..3 {
@@ -343,61 +449,37 @@ fn main() {
         );
     }
 
-    // One client, prepared: the time each proxy adds to a round trip.
-    let one = |port: u16| {
-        let tps = pgbench_tps(
-            &bindir,
-            port,
-            &[
-                "-n",
-                "-S",
-                "-M",
-                "prepared",
-                "-c",
-                "1",
-                "-j",
-                "1",
-                "-T",
-                &seconds.to_string(),
-            ],
-        );
-        1000.0 / tps
-    };
-    let mut latency: [Vec<f64>; 3] = Default::default();
-    for round in 0..rounds {
-        for i in 0..3 {
-            let at = (i + round) % 3;
-            let port = match at {
-                0 => pg.port(),
-                1 => cutover_port,
-                _ => match &bouncer {
-                    Some((_, port, _)) => *port,
-                    None => continue,
-                },
-            };
-            latency[at].push(one(port));
-        }
-    }
-    let [direct_ms, cutover_ms, bouncer_ms] = latency.map(|l| (!l.is_empty()).then(|| median(l)));
-    let direct_ms = direct_ms.unwrap_or_default();
-    let cutover_ms = cutover_ms.unwrap_or_default();
-    println!(
-        "one client, prepared: direct {direct_ms:.3} ms per tx, cutover {cutover_ms:.3} ms (+{:.0} µs){}",
-        (cutover_ms - direct_ms) * 1000.0,
-        bouncer_ms.map_or(String::new(), |b| format!(
-            ", pgbouncer {b:.3} ms (+{:.0} µs)",
-            (b - direct_ms) * 1000.0
-        ))
-    );
-
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(stage_costs(
-        &pg,
-        &bindir,
-        seconds,
-        rounds,
-        bouncer.as_ref().map(|(_, port, pid)| (*port, *pid)),
-    ));
+    if wants("latency") || wants("stages") {
+        let copies: Vec<String> = STAGES.iter().map(|s| copy_of(s.0)).collect();
+        let copies: Vec<&str> = copies.iter().map(String::as_str).collect();
+        runtime.block_on(common::seeded_tree(&pg, TREE, &copies));
+    }
+    if wants("latency") {
+        // One client: its own thread's runtime, as a client's driver has.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(round_trips(
+                &pg,
+                seconds as usize * 1000,
+                rounds,
+                bouncer.as_ref().map(|(_, port, _)| *port),
+            ));
+    }
+    if wants("stages") {
+        runtime.block_on(stage_costs(
+            &pg,
+            &bindir,
+            seconds,
+            rounds,
+            bouncer.as_ref().map(|(_, port, pid)| (*port, *pid)),
+        ));
+    }
+    if !wants("memory") {
+        return;
+    }
     let before = rss_kb(cutover_pid);
     let idle = runtime.block_on(idle_connections(cutover_port, IDLE_CONNECTIONS));
     std::thread::sleep(Duration::from_millis(500));

@@ -2,6 +2,8 @@
 //! killed on drop, and pgbench's transactions per second.
 #![allow(dead_code)] // each benchmark uses a different part
 
+pub mod latency;
+
 use std::{
     net::TcpListener,
     os::unix::process::CommandExt,
@@ -195,6 +197,41 @@ pub async fn tree_bench(pg: &cutover::demo::localpg::LocalPg, size: u64) -> toki
         .await
         .expect("backfill");
     client
+}
+
+/// `tree_bench` (see there) with its live state seeded from the rules, by a proxy with a
+/// control database started once; then a copy of it for each of `copies`, each with a live
+/// state of its own (a proxy whose control database is a copy follows that copy's stages).
+pub async fn seeded_tree(pg: &cutover::demo::localpg::LocalPg, size: u64, copies: &[&str]) {
+    let client = tree_bench(pg, size).await;
+    {
+        let control = pg.url("tree_bench");
+        let (_proxy, _) = start_cutover_with(pg.port(), &["--control", &control]);
+        seeded(&client).await;
+    }
+    drop(client);
+    let admin = cutover::net::connect::connect(&pg.config("postgres"))
+        .await
+        .expect("connect");
+    for copy in copies {
+        // PostgreSQL waits a few seconds for the template's last sessions to end.
+        admin
+            .batch_execute(&format!("CREATE DATABASE {copy} TEMPLATE tree_bench"))
+            .await
+            .expect("copy tree_bench");
+    }
+}
+
+/// Sets `affiliate_by_id`'s stage in the live state of `client`'s database (a proxy
+/// following it applies it within a second).
+pub async fn set_stage(client: &tokio_postgres::Client, stage: &str, percent: i16) {
+    client
+        .execute(
+            "UPDATE cutover.query_type_state SET stage = $1, percent = $2 WHERE query_type = 'affiliate_by_id'",
+            &[&stage, &percent],
+        )
+        .await
+        .expect("set the stage");
 }
 
 /// A pgbench script in `dir` running the app's `affiliate_by_id` on a random id of a tree of
