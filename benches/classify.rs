@@ -31,6 +31,17 @@ fn main() {
         t * 1e9
     );
 
+    // The bucket of a key at `cutover N%`: a SHA-256 of the key's text (the CPU's SHA
+    // instructions where it has them; valgrind hides them, so the instructions bench counts
+    // the software path).
+    let keys: Vec<String> = (0..1_000).map(|i| (i * 7919).to_string()).collect();
+    let t = per_call(1_000_000, |i| {
+        black_box(cutover::routing::route::bucket(black_box(
+            keys[i as usize % keys.len()].as_bytes(),
+        )));
+    });
+    println!("bucket of a key (SHA-256): {:.0} ns", t * 1e9);
+
     println!("{:<26} {:>12} {:>14}", "query type", "cached", "uncached");
     let (mut worst_cached, mut worst_uncached) = (0f64, 0f64);
     for qt in &rules.query_types {
