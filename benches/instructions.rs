@@ -10,10 +10,10 @@
 //!
 //! Each row starts its proxy under callgrind with counting off, warms it up with a few seconds
 //! of pgbench (logins, the route check a stage waits for, the caches), then counts only over
-//! one run of 8 clients × N transactions, and divides by the transactions. Both proxies make
-//! the same system calls per transaction (docs/performance.md: two reads and two writes),
-//! so what separates their CPU per transaction is these instructions and the kernel's
-//! scheduling. cutover's are given whole and for its relay's thread alone ("relay"): the
+//! one run of 8 clients (one in the row that says so) × N transactions, and divides by the
+//! transactions. Both proxies make the same system calls per transaction
+//! (docs/performance.md: two reads and two writes), so what separates their CPU per
+//! transaction is these instructions and the kernel's scheduling. cutover's are given whole and for its relay's thread alone ("relay"): the
 //! rest is the shadow's comparisons at the later stages, and timed upkeep (the metrics, the
 //! change feed) that valgrind's slowness inflates per transaction.
 //!
@@ -199,6 +199,22 @@ fn main() {
             vec!["-M", "prepared", "-f", script.as_str()],
         ));
     }
+    // One client, as the latency figures of proxy_throughput have it: each transaction a
+    // wake-up of its own (pgbench takes the last -c and -j given).
+    rows.push((
+        "affiliate_by_id 1 client".to_owned(),
+        Some("legacy"),
+        vec![
+            "-M",
+            "prepared",
+            "-f",
+            script.as_str(),
+            "-c",
+            "1",
+            "-j",
+            "1",
+        ],
+    ));
     rows.retain(|(label, _, _)| only.is_empty() || only.iter().any(|w| label.contains(w)));
     for (label, stage, args) in rows {
         let database = if stage.is_some() {
@@ -264,7 +280,7 @@ fn main() {
     println!("(cutover / pgbouncer: cutover's relay against pgbouncer's whole process)");
 }
 
-/// pgbench with `args` (8 clients) on `port`: 5 s of it now, uncounted; then, from the
+/// pgbench with `args` (8 clients unless they say otherwise) on `port`: 5 s of it now, uncounted; then, from the
 /// closure returned, the counted run of `transactions` per client.
 fn warmed<'a>(
     bindir: &'a Path,

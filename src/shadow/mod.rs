@@ -2,10 +2,11 @@
 //! the proxy's own connections, and their answers compared.
 //!
 //! It must never slow a client down or change what it sees:
-//! - sessions hand a read over with [`Shadow::hand`]: a `try_send` into a bounded queue;
-//!   when the queue is full the comparison is dropped and counted
-//!   (`cutover_shadow_dropped_total`), never waited for, and its parameters are not even
-//!   copied when the queue was already full as it was bound ([`Shadow::prepare`]);
+//! - sessions hand a read over with [`Shadow::hand`] once the client has had its answer (its
+//!   ReadyForQuery relayed), so a comparison never competes with the statement it compares:
+//!   a `try_send` into a bounded queue; when the queue is full the comparison is dropped and
+//!   counted (`cutover_shadow_dropped_total`), never waited for, and its parameters are not
+//!   even copied when the queue was already full as it was bound ([`Shadow::prepare`]);
 //! - the pool's connections are its own (the shadow role, `statement_timeout`,
 //!   `default_transaction_read_only`), so a slow or failing target side costs the shadow,
 //!   not the session; a shadow statement that times out is `skipped`, not a divergence;

@@ -1,6 +1,6 @@
 //! What a session knows of its statements, and where the stages of the data path plug into
 //! the relay: every Query and Parse is classified, every execution routed, counted and, when
-//! sampled, handed to the shadow.
+//! sampled, held for the shadow until the client has its answer ([`super::pending::Flow::defer`]).
 //!
 //! Routing (the stage and the sticky bucket of [`crate::routing::route`]):
 //! - a simple Query served by the target is sent as its target SQL instead;
@@ -200,7 +200,7 @@ struct Portal {
     side: Side,
     /// Served by the target: how legacy describes its columns.
     described: Option<Described>,
-    /// A comparison to hand to the shadow at the portal's first Execute.
+    /// A comparison to hold for the shadow at the portal's first Execute.
     job: Option<shadow::Offer>,
 }
 
