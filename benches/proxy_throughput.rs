@@ -210,31 +210,44 @@ async fn round_trips(pg: &LocalPg, passes: usize, rounds: usize, bouncer: Option
     drop(proxies);
 }
 
-/// CPU time of process `pid`'s threads, in microseconds: those named `cutover-sessions-*`
-/// (the relay) and the rest (the shadow, the control feed, metrics).
-fn thread_cpu_us(pid: u32) -> (f64, f64) {
-    let mut sessions = 0.0;
-    let mut rest = 0.0;
+/// Context switches of a process (`"PID"`: its first thread's) or thread (`"PID/task/TID"`)
+/// so far, voluntary (it waited) and not (it was preempted).
+fn switches(which: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{which}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum()
+}
+
+/// What process `pid`'s threads have used so far: the CPU time, in microseconds, of those
+/// named `cutover-session*` (the relay) and of the rest (the shadow, the control feed,
+/// metrics), and the relay's context switches.
+fn thread_use(pid: u32) -> [f64; 3] {
+    let mut used = [0.0; 3];
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return (0.0, 0.0);
+        return used;
     };
     for task in tasks.flatten() {
         let tid: u32 = task.file_name().to_string_lossy().parse().unwrap_or(0);
-        let comm =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
-        let us = cpu_us(&format!("{pid}/task/{tid}"));
+        let which = format!("{pid}/task/{tid}");
+        let comm = std::fs::read_to_string(format!("/proc/{which}/comm")).unwrap_or_default();
         if comm.starts_with("cutover-session") {
-            sessions += us;
+            used[0] += cpu_us(&which);
+            used[2] += switches(&which);
         } else {
-            rest += us;
+            used[1] += cpu_us(&which);
         }
     }
-    (sessions, rest)
+    used
 }
 
 /// The CPU cost of serving `affiliate_by_id` (prepared) in each stage: with 8 clients, the
 /// proxy's CPU per query, the relay's threads apart from the rest (the shadow's
-/// comparisons). A second proxy with a control database, on `tree_bench` (a migrated and
+/// comparisons), and how often the relay's threads were switched out per query (they wait
+/// more, or are preempted, when the shadow's threads and connections take the CPU between).
+/// A second proxy with a control database, on `tree_bench` (a migrated and
 /// backfilled tree of 100,000 affiliates); then pgbouncer (`bouncer`: its port and pid)
 /// relaying the same query, the bar.
 async fn stage_costs(
@@ -262,20 +275,23 @@ async fn stage_costs(
     };
     // One sample: with 8 clients, the CPU per query `cpu` reads from the proxy (its relay, the
     // rest).
-    let sample = |port: u16, cpu: &dyn Fn() -> (f64, f64)| {
-        let before = cpu();
+    let sample = |port: u16, used: &dyn Fn() -> [f64; 3]| {
+        let before = used();
         let queries = run(port, CLIENTS).transactions;
-        let after = cpu();
-        [
-            (after.0 - before.0) / queries.max(1.0),
-            (after.1 - before.1) / queries.max(1.0),
-        ]
+        let after = used();
+        [0, 1, 2].map(|i| (after[i] - before[i]) / queries.max(1.0))
     };
     println!(
         "\naffiliate_by_id prepared, {TREE} affiliates, every other query type at legacy, sample rate 1.0; {seconds} s each, median of {rounds} rounds, the rows rotated within each"
     );
-    println!("{:<12} {:>12} {:>12}", "stage", "relay CPU", "other CPU");
-    println!("{:<12} {:>12} {:>12}", "", "µs/query", "µs/query");
+    println!(
+        "{:<12} {:>12} {:>12} {:>12}",
+        "stage", "relay CPU", "other CPU", "relay"
+    );
+    println!(
+        "{:<12} {:>12} {:>12} {:>12}",
+        "", "µs/query", "µs/query", "switches/q"
+    );
     // pgbouncer has no stages: it relays the query to legacy; its whole process is its relay
     // (no other CPU: shown as "-").
     enum Row<'a> {
@@ -301,22 +317,25 @@ async fn stage_costs(
                     // is made.
                     tokio::time::sleep(Duration::from_millis(1500)).await;
                     let _ = run(port, "1");
-                    sample(port, &|| thread_cpu_us(pid))
+                    sample(port, &|| thread_use(pid))
                 }
-                Row::Bouncer(port, pid) => sample(port, &|| (cpu_us(&pid.to_string()), f64::NAN)),
+                Row::Bouncer(port, pid) => sample(port, &|| {
+                    let which = pid.to_string();
+                    [cpu_us(&which), f64::NAN, switches(&which)]
+                }),
             };
             samples[i].push(taken);
         }
     }
     for ((label, _), taken) in rows.iter().zip(samples) {
         let column = |c: usize| median(taken.iter().map(|s| s[c]).collect());
-        let (relay, other) = (column(0), column(1));
+        let (relay, other, switched) = (column(0), column(1), column(2));
         let other = if other.is_nan() {
             "-".to_owned()
         } else {
             format!("{other:.1}")
         };
-        println!("{label:<12} {relay:>12.1} {other:>12}");
+        println!("{label:<12} {relay:>12.1} {other:>12} {switched:>12.2}");
     }
 }
 
