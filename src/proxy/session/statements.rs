@@ -837,13 +837,15 @@ impl<'s> Statements<'s> {
             _ => None,
         };
         let wanted = self.side(t, stage, key.as_deref());
-        let replacement = match (wanted, &t.route) {
+        // Routed to the target: the frames in `self.frames`, and how legacy describes the
+        // portal's columns.
+        let described = match (wanted, &t.route) {
             (Side::Target, Rewrite::Target(target)) if !self.flow.routing_broken() => {
                 self.bind_to_target(statement, &source, target, portal, body)
             }
             _ => None,
         };
-        let side = if replacement.is_some() {
+        let side = if described.is_some() {
             Side::Target
         } else {
             Side::Legacy
@@ -854,7 +856,7 @@ impl<'s> Statements<'s> {
             Portal {
                 served,
                 side,
-                described: replacement,
+                described,
                 job,
             },
         );
