@@ -11,8 +11,6 @@
 //! 100,000 affiliates, with the repository's rules; each round prints the median of what a
 //! round trip through it took beyond direct's in the same pass.
 
-use cutover::demo::localpg::{LocalPg, Options};
-
 mod common;
 use common::latency::{Target, interleaved};
 
@@ -33,11 +31,7 @@ fn main() {
         println!("usage: cargo bench --bench builds -- BINARY [BINARY ...] [passes]");
         return;
     }
-    let pg = LocalPg::start_with(Options {
-        settings: vec![("max_connections".into(), "200".into())],
-        ..Options::default()
-    })
-    .expect("start PostgreSQL");
+    let pg = common::local_pg(200);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -53,11 +47,12 @@ fn main() {
     let mut targets = vec![target("direct", pg.port())];
     let mut proxies = Vec::new();
     for build in &builds {
-        // The starter runs `wrap… <this crate's binary> serve …`: the shell drops that
-        // binary and runs the build's instead.
-        let wrap = ["sh", "-c", &format!("shift; exec {build} \"$@\""), "sh"];
-        let (proxy, port) =
-            common::start_cutover_wrapped(pg.port(), &["--control", &control], &wrap);
+        let (proxy, port) = common::start_cutover_binary::<&str>(
+            std::path::Path::new(build.as_str()),
+            pg.port(),
+            &["--control", &control],
+            &[],
+        );
         proxies.push(proxy);
         targets.push(target(build, port));
     }

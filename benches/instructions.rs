@@ -25,7 +25,7 @@ use std::{
     time::Duration,
 };
 
-use cutover::demo::localpg::{LocalPg, Options};
+use cutover::demo::localpg::LocalPg;
 
 mod common;
 use common::{Pgbench, pgbench_on, start_cutover_wrapped, start_pgbouncer};
@@ -148,11 +148,7 @@ fn main() {
         println!("valgrind not found (apt install valgrind): nothing counted");
         return;
     }
-    let pg = LocalPg::start_with(Options {
-        settings: vec![("max_connections".into(), "200".into())],
-        ..Options::default()
-    })
-    .expect("start PostgreSQL");
+    let pg = common::local_pg(200);
     let bindir = pg.bindir().to_owned();
     let init = pgbench_init(&bindir, pg.port());
     assert!(init, "pgbench -i");

@@ -24,7 +24,7 @@ use std::{
     time::Duration,
 };
 
-use cutover::demo::localpg::{LocalPg, Options};
+use cutover::demo::localpg::LocalPg;
 
 mod common;
 use common::{Pgbench, median, pgbench_on, start_cutover};
@@ -386,11 +386,7 @@ fn main() {
         .filter(|a| a.parse::<u64>().is_err() && !a.starts_with('-'))
         .collect();
     let wants = |part: &str| words.is_empty() || words.iter().any(|w| w == part);
-    let pg = LocalPg::start_with(Options {
-        settings: vec![("max_connections".into(), "1200".into())],
-        ..Options::default()
-    })
-    .expect("start PostgreSQL");
+    let pg = common::local_pg(1200);
     let bindir = pg.bindir().to_owned();
     let status = Command::new(bindir.join("pgbench"))
         .args([

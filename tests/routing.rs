@@ -573,22 +573,17 @@ async fn read_answers(
     s: &mut tokio::net::TcpStream,
     until_error: bool,
 ) -> (Vec<u8>, Option<String>) {
-    use tokio::io::AsyncReadExt;
     let (mut tags, mut code) = (Vec::new(), None);
     loop {
-        let mut header = [0u8; 5];
-        s.read_exact(&mut header).await.unwrap();
-        let len = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).await.unwrap();
-        tags.push(header[0]);
-        if header[0] == b'E' && code.is_none() {
+        let (tag, body) = support::next_message(s).await;
+        tags.push(tag);
+        if tag == b'E' && code.is_none() {
             code = Some(cutover::wire::messages::parse_error(&body).code);
             if until_error {
                 return (tags, code);
             }
         }
-        if header[0] == b'Z' {
+        if tag == b'Z' {
             return (tags, code);
         }
     }

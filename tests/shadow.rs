@@ -1110,7 +1110,7 @@ async fn answers_cut_inside_a_tie_group_are_compared_by_validity() {
 #[tokio::test]
 async fn a_read_is_compared_after_its_answer_not_during_it() {
     use cutover::wire::{self, messages};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let s = setup(20, &["affiliate_by_id"], |_| {}).await;
     let compared = |m: &str| {
         ["match", "diverged", "error", "expected", "transient", "skipped"]
@@ -1137,17 +1137,8 @@ async fn a_read_is_compared_after_its_answer_not_during_it() {
             false
         }
     };
-    // Reads a server message; its tag.
-    async fn message(c: &mut tokio::net::TcpStream) -> u8 {
-        let mut header = [0u8; 5];
-        c.read_exact(&mut header).await.unwrap();
-        let len = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
-        let mut body = vec![0u8; len - 4];
-        c.read_exact(&mut body).await.unwrap();
-        header[0]
-    }
     async fn until(c: &mut tokio::net::TcpStream, tag: u8) {
-        while message(c).await != tag {}
+        while support::next_message(c).await.0 != tag {}
     }
     let sql = "SELECT * FROM affiliates WHERE affiliate_id = $1";
     // Bind of the statement `s1` with the text parameter '3', Execute, Flush: its rows and

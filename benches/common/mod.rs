@@ -76,8 +76,22 @@ pub fn start_cutover_wrapped<S: AsRef<std::ffi::OsStr>>(
     extra: &[&str],
     wrap: &[S],
 ) -> (Killed, u16) {
+    start_cutover_binary(
+        Path::new(env!("CARGO_BIN_EXE_cutover")),
+        upstream_port,
+        extra,
+        wrap,
+    )
+}
+
+/// `start_cutover_wrapped` for the build at `exe` (another build of cutover, to compare).
+pub fn start_cutover_binary<S: AsRef<std::ffi::OsStr>>(
+    exe: &Path,
+    upstream_port: u16,
+    extra: &[&str],
+    wrap: &[S],
+) -> (Killed, u16) {
     let port = free_port();
-    let exe = env!("CARGO_BIN_EXE_cutover");
     let mut command = match wrap.split_first() {
         Some((program, args)) => {
             let mut c = Command::new(program);
@@ -105,6 +119,15 @@ pub fn start_cutover_wrapped<S: AsRef<std::ffi::OsStr>>(
         Duration::from_secs(if wrap.is_empty() { 10 } else { 120 }),
     );
     (child, port)
+}
+
+/// A private PostgreSQL for a proxy benchmark, taking `max_connections` clients.
+pub fn local_pg(max_connections: u32) -> cutover::demo::localpg::LocalPg {
+    cutover::demo::localpg::LocalPg::start_with(cutover::demo::localpg::Options {
+        settings: vec![("max_connections".into(), max_connections.to_string())],
+        ..cutover::demo::localpg::Options::default()
+    })
+    .expect("start PostgreSQL")
 }
 
 /// What a pgbench run reported.

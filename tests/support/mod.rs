@@ -430,6 +430,17 @@ pub async fn http_request(
     (status, body)
 }
 
+/// One server message read from a raw protocol connection: its tag and body.
+pub async fn next_message(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; 5];
+    s.read_exact(&mut header).await.unwrap();
+    let len = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len - 4];
+    s.read_exact(&mut body).await.unwrap();
+    (header[0], body)
+}
+
 /// The value of a metric line (exact labels as rendered), or 0.
 pub fn metric(text: &str, series: &str) -> f64 {
     cutover::metrics::scraped(text, series)
