@@ -27,6 +27,7 @@ use metrics::counter;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use super::tally::{Tallied, Tallies};
 use crate::routing::rules::Expected;
 
 /// Divergence samples kept per query type, class and hour.
@@ -269,6 +270,8 @@ pub struct Store {
     /// `cutover_shadow_dropped_total`, registered at the first drop (after the exporter is
     /// installed), counted without a lookup after.
     dropped: std::sync::OnceLock<metrics::Counter>,
+    /// What the relay's threads count, without the locks above (see `tally`).
+    tallies: Tallies,
 }
 
 /// A map on the statements' path (a count per comparison, and per drop on the relay's
@@ -312,6 +315,7 @@ impl Store {
             fingerprints: Mutex::default(),
             handles: Mutex::default(),
             dropped: std::sync::OnceLock::new(),
+            tallies: Tallies::default(),
             replica: format!(
                 "{}:{}",
                 std::env::var("HOSTNAME").unwrap_or_else(|_| "cutover".into()),
@@ -358,6 +362,34 @@ impl Store {
                 .entry(query_type.to_owned())
                 .or_default()
                 .add(outcome, latency),
+        }
+    }
+
+    /// Counts one outcome a relay thread sees (a read dropped, or not determined) for
+    /// `query_type`, labelled `label`, without a lock the shadow's threads take.
+    pub fn tally(&self, query_type: &str, label: &str, tallied: Tallied) {
+        let outcome = match tallied {
+            Tallied::Dropped => Outcome::Dropped,
+            Tallied::Nondeterministic => Outcome::Nondeterministic,
+        };
+        let metrics = || {
+            // Once per query type. Poisoned: another thread panicked mid-insert; the handles
+            // are still handles.
+            let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+            let metrics = handles
+                .entry(label.to_owned())
+                .or_insert_with(|| LabelMetrics::new(label));
+            [Outcome::Dropped, Outcome::Nondeterministic]
+                .map(|o| metrics.outcomes[o.label_index()].clone())
+        };
+        if !self.tallies.add(query_type, tallied, metrics) {
+            self.count(query_type, label, outcome, None);
+            return;
+        }
+        if outcome == Outcome::Dropped {
+            self.dropped
+                .get_or_init(|| counter!("cutover_shadow_dropped_total"))
+                .increment(1);
         }
     }
 
@@ -516,7 +548,16 @@ impl Store {
             }
             samples.remove(0);
         }
-        let counts = std::mem::take(&mut *self.counts.lock().unwrap_or_else(|e| e.into_inner()));
+        let counts = {
+            let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            self.tallies
+                .drain(|query_type, [dropped, nondeterministic]| {
+                    let c = counts.entry(query_type.to_owned()).or_default();
+                    c.dropped += dropped;
+                    c.nondeterministic += nondeterministic;
+                });
+            std::mem::take(&mut *counts)
+        };
         let mut failed: Option<tokio_postgres::Error> = None;
         let mut unwritten = Fast::default();
         for (query_type, c) in counts {

@@ -25,6 +25,7 @@ pub mod compare;
 pub mod divergence;
 mod redact;
 mod run;
+mod tally;
 mod threads;
 
 pub use run::Skip;
@@ -40,7 +41,7 @@ use crate::{
     routing::classify::determinism::Determinism,
     routing::classify::{Classification, Typed},
     routing::rules::RuleSet,
-    shadow::divergence::{Outcome, Store},
+    shadow::{divergence::Store, tally::Tallied},
 };
 
 /// One bound parameter, as the client sent it.
@@ -195,7 +196,7 @@ impl Shadow {
         };
         if let Classification::Typed(typed) = &*classification {
             self.store
-                .count(&typed.query_type, label(typed), Outcome::Dropped, None);
+                .tally(&typed.query_type, label(typed), Tallied::Dropped);
         }
     }
 
@@ -215,12 +216,8 @@ impl Shadow {
             return false;
         };
         if let Determinism::Nondeterministic(_) = plan.determinism {
-            self.store.count(
-                &typed.query_type,
-                label(typed),
-                Outcome::Nondeterministic,
-                None,
-            );
+            self.store
+                .tally(&typed.query_type, label(typed), Tallied::Nondeterministic);
             return false;
         }
         true

@@ -199,8 +199,8 @@ impl ClientToServer<'_> {
         total: usize,
         frames: &[u8],
     ) -> bool {
-        self.out.splice(&mut self.buf, ready, total, frames);
-        self.out.send(upstream, &mut self.buf, 0).await
+        let ready = self.out.splice(&mut self.buf, ready, total, frames);
+        self.out.send(upstream, &mut self.buf, ready).await
     }
 
     async fn run<R, W>(&mut self, client: &mut R, upstream: &mut W) -> End
@@ -299,8 +299,7 @@ impl ClientToServer<'_> {
                             None => ready += header.total,
                             Some(frame) => {
                                 // Sent with the rest of the read.
-                                self.out.splice(&mut self.buf, ready, header.total, &frame);
-                                ready = 0;
+                                ready = self.out.splice(&mut self.buf, ready, header.total, &frame);
                             }
                         }
                     }
@@ -354,8 +353,8 @@ impl ClientToServer<'_> {
                                 if let Some(frames) = self.statements.bind(portal, statement, whole)
                                 {
                                     // Sent with the rest of the read.
-                                    self.out.splice(&mut self.buf, ready, header.total, frames);
-                                    ready = 0;
+                                    ready =
+                                        self.out.splice(&mut self.buf, ready, header.total, frames);
                                     continue;
                                 }
                             }
@@ -496,8 +495,7 @@ impl ServerToClient<'_> {
                             Action::Forward => ready += header.total,
                             Action::Replace(frame) => {
                                 // Sent with the rest of the read.
-                                self.out.splice(&mut self.buf, ready, header.total, &frame);
-                                ready = 0;
+                                ready = self.out.splice(&mut self.buf, ready, header.total, &frame);
                             }
                         }
                     }
