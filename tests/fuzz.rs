@@ -80,6 +80,7 @@ fn parse_everything(tag: u8, body: &[u8]) {
     let _ = messages::parse_text(body);
     let _ = messages::parse_param_types(body);
     let _ = messages::bind_params(body);
+    let _ = messages::bind_param(body, 1);
     let _ = messages::bind_names(body);
     let _ = messages::execute_portal(body);
     let _ = messages::close_target(body);

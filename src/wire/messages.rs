@@ -317,35 +317,75 @@ pub type BoundParam<'a> = (bool, Option<&'a [u8]>);
 
 /// A Bind message's parameters.
 pub fn bind_params(body: &[u8]) -> Option<Vec<BoundParam<'_>>> {
+    bound_params(body)?.collect()
+}
+
+/// A Bind message's parameter `index` (from 0), read without allocating: the parameters
+/// after it are not looked at.
+pub fn bind_param(body: &[u8], index: usize) -> Option<BoundParam<'_>> {
+    bound_params(body)?.nth(index)?
+}
+
+/// A Bind message's parameters one by one: each `None` if the message breaks off there.
+fn bound_params(body: &[u8]) -> Option<BoundParams<'_>> {
     let mut rest = body;
     take_cstr(&mut rest)?;
     take_cstr(&mut rest)?;
-    let formats = take_i16(&mut rest)?;
-    let mut codes = Vec::with_capacity(formats.max(0) as usize);
-    for _ in 0..formats {
-        codes.push(take_i16(&mut rest)?);
-    }
-    let n = take_i16(&mut rest)?;
-    let mut params = Vec::with_capacity(n.max(0) as usize);
-    for i in 0..n.max(0) as usize {
-        let binary = match codes.len() {
-            0 => false,
-            1 => codes[0] == 1,
-            _ => *codes.get(i)? == 1,
+    let formats = take_i16(&mut rest)?.max(0) as usize;
+    let (codes, mut rest) = rest.split_at_checked(2 * formats)?;
+    let count = take_i16(&mut rest)?.max(0) as usize;
+    Some(BoundParams {
+        codes,
+        rest,
+        next: 0,
+        count,
+    })
+}
+
+struct BoundParams<'a> {
+    /// The format codes, two bytes each.
+    codes: &'a [u8],
+    /// The values from the next one on.
+    rest: &'a [u8],
+    next: usize,
+    count: usize,
+}
+
+impl<'a> Iterator for BoundParams<'a> {
+    type Item = Option<BoundParam<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next == self.count {
+            return None;
+        }
+        let i = self.next;
+        self.next += 1;
+        let code = |i: usize| Some(self.codes.get(2 * i..2 * i + 2)? == [0, 1]);
+        let binary = match self.codes.len() / 2 {
+            0 => Some(false),
+            1 => code(0),
+            _ => code(i),
         };
-        let (len, tail) = rest.split_first_chunk::<4>()?;
-        rest = tail;
-        let len = i32::from_be_bytes(*len);
-        let value = if len < 0 {
-            None
-        } else {
-            let (value, tail) = rest.split_at_checked(len as usize)?;
-            rest = tail;
-            Some(value)
-        };
-        params.push((binary, value));
+        let param = (|| {
+            let binary = binary?;
+            let (len, tail) = self.rest.split_first_chunk::<4>()?;
+            let len = i32::from_be_bytes(*len);
+            let value = if len < 0 {
+                self.rest = tail;
+                None
+            } else {
+                let (value, tail) = tail.split_at_checked(len as usize)?;
+                self.rest = tail;
+                Some(value)
+            };
+            Some((binary, value))
+        })();
+        if param.is_none() {
+            // Broken off: nothing after it.
+            self.next = self.count;
+        }
+        Some(param)
     }
-    Some(params)
 }
 
 fn take_i16(rest: &mut &[u8]) -> Option<i16> {
@@ -504,6 +544,22 @@ mod tests {
         assert_eq!(params[1], (true, None));
         // Truncated: refused, not misread.
         assert!(bind_params(&body[..body.len() - 8]).is_none());
+        // One at a time: the same values; past the last, or where it breaks off, none.
+        assert_eq!(bind_param(&body, 0), Some(params[0]));
+        assert_eq!(bind_param(&body, 1), Some(params[1]));
+        assert_eq!(bind_param(&body, 2), None);
+        assert_eq!(bind_param(&body[..body.len() - 8], 1), None);
+        // A format code for each parameter, the first text.
+        let mut two = b"\0s1\0".to_vec();
+        for n in [2i16, 0, 1, 2] {
+            two.extend_from_slice(&n.to_be_bytes());
+        }
+        two.extend_from_slice(&1i32.to_be_bytes());
+        two.push(b'7');
+        two.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(bind_param(&two, 0), Some((false, Some(&b"7"[..]))));
+        assert_eq!(bind_param(&two, 1), Some((true, None)));
+        assert_eq!(bind_params(&two).unwrap().len(), 2);
 
         let mut parse = b"s1\0SELECT $1\0".to_vec();
         parse.extend_from_slice(&1i16.to_be_bytes());

@@ -830,10 +830,9 @@ impl<'s> Statements<'s> {
             _ => None,
         };
         let key = match (&t.bucket_key, stage) {
-            (BucketKey::Param(n), Stage::Cutover(_)) => messages::bind_params(body)
-                .and_then(|params| params.get(n - 1).copied())
+            (BucketKey::Param(n), Stage::Cutover(_)) => messages::bind_param(body, n - 1)
                 .and_then(|(binary, value)| Some(route::key_text(binary, value?))),
-            (BucketKey::Literal(v), _) => Some(std::borrow::Cow::Borrowed(v.as_bytes())),
+            (BucketKey::Literal(v), _) => Some(route::KeyText::Sent(v.as_bytes())),
             _ => None,
         };
         let wanted = self.side(t, stage, key.as_deref());
