@@ -123,8 +123,10 @@ fn copy_of(stage: &str) -> String {
 /// queries go to every target in turn, query by query (`common::latency`): what slows the
 /// machine down for a while slows them all alike. The shadow's comparisons at the later
 /// stages run after their reads, in the background, and so land on whichever targets come
-/// next in the pass, not on the proxy's own round trip: a row's added time is its relay's,
-/// and v2's own time at `target` is the row "direct, v2's SQL".
+/// next in the (shuffled) pass, every target alike. The later stages are measured twice: as
+/// configured (sample rate 1.0) and through a second replica whose rules compare nothing
+/// ("rate 0"), its relay's own path with the shadow's work set apart. v2's own time at
+/// `target` is the row "direct, v2's SQL".
 async fn round_trips(pg: &LocalPg, passes: usize, rounds: usize, bouncer: Option<u16>) {
     use common::latency::{Target, interleaved};
     let legacy_sql = "SELECT * FROM affiliates WHERE affiliate_id = $1";
@@ -149,7 +151,23 @@ async fn round_trips(pg: &LocalPg, passes: usize, rounds: usize, bouncer: Option
             ..direct("pgbouncer", legacy_sql)
         });
     }
+    // The same rules, compared never: the relay's own path at the later stages, with the
+    // shadow's work set apart.
+    let unsampled = tempfile::tempdir().expect("a temporary directory");
+    let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/fature.toml"))
+        .expect("the repository's rules");
+    assert!(
+        rules.contains("\nsample_rate = 1.0\n"),
+        "the rules' default sample rate"
+    );
+    std::fs::write(
+        unsampled.path().join("fature.toml"),
+        rules.replace("\nsample_rate = 1.0\n", "\nsample_rate = 0.0\n"),
+    )
+    .expect("write the unsampled rules");
+    let unsampled_dir = unsampled.path().to_str().expect("a UTF-8 path");
     let mut proxies = Vec::new();
+    let mut compared_never = Vec::new();
     for (label, stage, percent) in STAGES {
         let database = copy_of(label);
         let live = cutover::net::connect::connect(&pg.config(&database))
@@ -162,10 +180,25 @@ async fn round_trips(pg: &LocalPg, passes: usize, rounds: usize, bouncer: Option
         targets.push(Target {
             label: format!("cutover {label}"),
             port,
-            database,
+            database: database.clone(),
             sql: legacy_sql.to_owned(),
         });
+        if stage != "legacy" {
+            // A second replica of the same live state, its rules sampling nothing.
+            let (proxy, port) = common::start_cutover_with(
+                pg.port(),
+                &["--control", &control, "--rules", unsampled_dir],
+            );
+            proxies.push(proxy);
+            compared_never.push(Target {
+                label: format!("{label}, rate 0"),
+                port,
+                database,
+                sql: legacy_sql.to_owned(),
+            });
+        }
     }
+    targets.extend(compared_never);
     // The route check a stage waits for, made by each proxy as it starts.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut by_round = Vec::new();
@@ -173,7 +206,7 @@ async fn round_trips(pg: &LocalPg, passes: usize, rounds: usize, bouncer: Option
         by_round.push(interleaved(&targets, TREE as i64, 500, passes).await);
     }
     println!(
-        "\none client, affiliate_by_id prepared, {TREE} affiliates, sample rate 1.0: round trips interleaved query by query, {passes} passes × {rounds} rounds (medians of the rounds)"
+        "\none client, affiliate_by_id prepared, {TREE} affiliates, sample rate 1.0 (\"rate 0\": none): round trips interleaved query by query, in a shuffled order, {passes} passes × {rounds} rounds (medians of the rounds)"
     );
     println!(
         "{:<20} {:>9} {:>9} {:>10} {:>16}",

@@ -1,7 +1,9 @@
 //! One client's round trips through several targets, interleaved query by query: each pass
-//! sends one query to every target in turn (a rotating order), so that whatever slows the
-//! machine down for a while slows every target alike, and the time a proxy adds is read
-//! against direct's in the same pass.
+//! sends one query to every target in turn, so that whatever slows the machine down for a
+//! while slows every target alike, and the time a proxy adds is read against direct's in the
+//! same pass. Each pass goes in an order of its own (shuffled, the same every run): work a
+//! target leaves behind (the shadow's comparisons after a read) lands on every other target
+//! alike, not always on the one after it.
 
 use std::time::{Duration, Instant};
 
@@ -70,9 +72,12 @@ pub async fn interleaved(targets: &[Target], ids: i64, warm: usize, passes: usiz
         })
         .collect();
     let n = targets.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
     for pass in 0..warm + passes {
         let id = 1 + (pass as i64 * 7919) % ids;
-        for i in (0..n).map(|i| (i + pass) % n) {
+        shuffle(&mut order, &mut seed);
+        for &i in &order {
             let (client, statement) = &clients[i];
             let start = Instant::now();
             client.query(statement, &[&id]).await.expect("query");
@@ -82,4 +87,15 @@ pub async fn interleaved(targets: &[Target], ids: i64, warm: usize, passes: usiz
         }
     }
     trips
+}
+
+/// Shuffles `order` (Fisher–Yates) with a generator in `state` (xorshift64): the same orders
+/// every run.
+fn shuffle(order: &mut [usize], state: &mut u64) {
+    for i in (1..order.len()).rev() {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        order.swap(i, (*state % (i as u64 + 1)) as usize);
+    }
 }

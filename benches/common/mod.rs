@@ -64,7 +64,8 @@ pub fn own_session(command: &mut Command) -> &mut Command {
     }
 }
 
-/// `start_cutover` with more flags (a control database, the shadow's settings).
+/// `start_cutover` with more flags (a control database, the shadow's settings, `--rules`
+/// in place of the repository's).
 pub fn start_cutover_with(upstream_port: u16, extra: &[&str]) -> (Killed, u16) {
     start_cutover_wrapped::<&str>(upstream_port, extra, &[])
 }
@@ -109,7 +110,11 @@ pub fn start_cutover_binary<S: AsRef<std::ffi::OsStr>>(
             &format!("postgres://127.0.0.1:{upstream_port}/postgres"),
         ])
         .args(["--max-client-connections", "2000"])
-        .args(["--rules", concat!(env!("CARGO_MANIFEST_DIR"), "/rules")])
+        .args(if extra.contains(&"--rules") {
+            &[][..]
+        } else {
+            &["--rules", concat!(env!("CARGO_MANIFEST_DIR"), "/rules")][..]
+        })
         .stderr(Stdio::null())
         .spawn()
         .expect("start cutover");
