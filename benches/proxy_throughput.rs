@@ -15,8 +15,9 @@
 //! run moves by ±10%, and the proxies must be compared under the same conditions.
 //!
 //! Then, on a tree of 100,000 affiliates with the app's `affiliate_by_id` at each stage: one
-//! client's round trips through each proxy, interleaved query by query (`latency`), and with
-//! 8 clients the relay's CPU per query apart from the shadow's (`stages`).
+//! client's round trips through each proxy, interleaved query by query in a shuffled order,
+//! the later stages also through a replica that compares nothing (`latency`), and with 8
+//! clients the relay's CPU per query apart from the shadow's (`stages`).
 
 use std::{
     path::Path,
