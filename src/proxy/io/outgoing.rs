@@ -32,7 +32,7 @@ pub struct Outgoing {
 impl Outgoing {
     /// Puts `frames` in place of the `total` bytes of `buf` that follow its first `ready`
     /// ones, and returns how many of `buf`'s first bytes are now decided (the caller's next
-    /// `ready`). When few bytes follow the replaced ones (up to [`IN_PLACE_TAIL`], a
+    /// `ready`). When few bytes follow the replaced ones (up to `IN_PLACE_TAIL`, a
     /// driver's Describe, Execute and Sync after its Bind), the replacement is made in
     /// `buf` itself, those bytes moved by the difference in size. Otherwise the first `ready`
     /// bytes and `frames` become pending, `buf` then starts after the replaced bytes, and
