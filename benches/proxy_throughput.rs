@@ -118,6 +118,25 @@ fn copy_of(stage: &str) -> String {
     format!("tree_bench_{}", stage.replace(' ', "_"))
 }
 
+/// The repository's rules with a sample rate of 0 (a directory of its own): a replica that
+/// compares nothing, the relay's own path at the later stages with the shadow's work set
+/// apart.
+fn unsampled_rules() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/fature.toml"))
+        .expect("the repository's rules");
+    assert!(
+        rules.contains("\nsample_rate = 1.0\n"),
+        "the rules' default sample rate"
+    );
+    std::fs::write(
+        dir.path().join("fature.toml"),
+        rules.replace("\nsample_rate = 1.0\n", "\nsample_rate = 0.0\n"),
+    )
+    .expect("write the unsampled rules");
+    dir
+}
+
 /// The time one client's round trip takes through each proxy beyond direct's, with
 /// `affiliate_by_id` (prepared) at each stage: a proxy per stage, each following a copy of
 /// the tree whose live state holds that stage, and pgbouncer (on `bouncer`). One client's
@@ -152,20 +171,7 @@ async fn round_trips(pg: &LocalPg, passes: usize, rounds: usize, bouncer: Option
             ..direct("pgbouncer", legacy_sql)
         });
     }
-    // The same rules, compared never: the relay's own path at the later stages, with the
-    // shadow's work set apart.
-    let unsampled = tempfile::tempdir().expect("a temporary directory");
-    let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/fature.toml"))
-        .expect("the repository's rules");
-    assert!(
-        rules.contains("\nsample_rate = 1.0\n"),
-        "the rules' default sample rate"
-    );
-    std::fs::write(
-        unsampled.path().join("fature.toml"),
-        rules.replace("\nsample_rate = 1.0\n", "\nsample_rate = 0.0\n"),
-    )
-    .expect("write the unsampled rules");
+    let unsampled = unsampled_rules();
     let unsampled_dir = unsampled.path().to_str().expect("a UTF-8 path");
     let mut proxies = Vec::new();
     let mut compared_never = Vec::new();
@@ -297,6 +303,18 @@ async fn stage_costs(
     let control = pg.url("tree_bench");
     let (proxy, port) = common::start_cutover_with(pg.port(), &["--control", &control]);
     let pid = proxy.0.id();
+    // A replica of the same live state comparing nothing: its relay's own CPU.
+    let unsampled = unsampled_rules();
+    let (quiet, quiet_port) = common::start_cutover_with(
+        pg.port(),
+        &[
+            "--control",
+            &control,
+            "--rules",
+            unsampled.path().to_str().expect("a UTF-8 path"),
+        ],
+    );
+    let quiet_pid = quiet.0.id();
     let dir = tempfile::tempdir().unwrap();
     let script = common::by_id_script(dir.path(), TREE);
     let run = |port: u16, clients: &str| {
@@ -316,7 +334,7 @@ async fn stage_costs(
         [0, 1, 2].map(|i| (after[i] - before[i]) / queries.max(1.0))
     };
     println!(
-        "\naffiliate_by_id prepared, {TREE} affiliates, every other query type at legacy, sample rate 1.0; {seconds} s each, median of {rounds} rounds, the rows rotated within each"
+        "\naffiliate_by_id prepared, {TREE} affiliates, every other query type at legacy, sample rate 1.0 (\"rate 0\": a replica whose rules compare nothing); {seconds} s each, median of {rounds} rounds, the rows rotated within each"
     );
     println!(
         "{:<12} {:>12} {:>12} {:>12}",
@@ -329,23 +347,30 @@ async fn stage_costs(
     // pgbouncer has no stages: it relays the query to legacy; its whole process is its relay
     // (no other CPU: shown as "-").
     enum Row<'a> {
-        /// `affiliate_by_id` at a stage and percent, through cutover.
-        Stage(&'a str, i16),
+        /// `affiliate_by_id` at a stage and percent, through cutover (its port and pid:
+        /// the replica that compares, or the one that does not).
+        Stage(&'a str, i16, u16, u32),
         /// Through pgbouncer (its port and pid).
         Bouncer(u16, u32),
     }
-    let mut rows: Vec<(&str, Row)> = STAGES
+    let mut rows: Vec<(String, Row)> = STAGES
         .iter()
-        .map(|(label, stage, percent)| (*label, Row::Stage(stage, *percent)))
+        .map(|(label, stage, percent)| (label.to_string(), Row::Stage(stage, *percent, port, pid)))
         .collect();
+    rows.extend(STAGES.iter().skip(1).map(|(label, stage, percent)| {
+        (
+            format!("{label}, rate 0"),
+            Row::Stage(stage, *percent, quiet_port, quiet_pid),
+        )
+    }));
     if let Some((port, pid)) = bouncer {
-        rows.push(("pgbouncer", Row::Bouncer(port, pid)));
+        rows.push(("pgbouncer".to_owned(), Row::Bouncer(port, pid)));
     }
     let mut samples = vec![Vec::new(); rows.len()];
     for round in 0..rounds {
         for i in (0..rows.len()).map(|i| (i + round) % rows.len()) {
             let taken = match rows[i].1 {
-                Row::Stage(stage, percent) => {
+                Row::Stage(stage, percent, port, pid) => {
                     common::set_stage(&client, stage, percent).await;
                     // Every replica applies a change within a second; then the route check
                     // is made.
@@ -369,7 +394,7 @@ async fn stage_costs(
         } else {
             format!("{other:.1}")
         };
-        println!("{label:<12} {relay:>12.1} {other:>12} {switched:>12.2}");
+        println!("{label:<18} {relay:>6.1} {other:>12} {switched:>12.2}");
     }
 }
 
