@@ -137,6 +137,23 @@ fn unsampled_rules() -> tempfile::TempDir {
     dir
 }
 
+/// A replica following `control`'s live state with the rules in `unsampled`
+/// ([`unsampled_rules`]), relaying to legacy's server on `upstream`.
+fn start_unsampled(
+    upstream: u16,
+    control: &str,
+    unsampled: &tempfile::TempDir,
+) -> (common::Killed, u16) {
+    let rules = unsampled.path().to_str().expect("a UTF-8 path");
+    common::start_cutover_with(upstream, &["--control", control, "--rules", rules])
+}
+
+/// The stages whose reads are compared: measured again through a replica that compares
+/// nothing.
+fn compared(stage: &str) -> bool {
+    stage != "legacy"
+}
+
 /// The time one client's round trip takes through each proxy beyond direct's, with
 /// `affiliate_by_id` (prepared) at each stage: a proxy per stage, each following a copy of
 /// the tree whose live state holds that stage, and pgbouncer (on `bouncer`). One client's
@@ -172,7 +189,6 @@ async fn round_trips(pg: &LocalPg, passes: usize, rounds: usize, bouncer: Option
         });
     }
     let unsampled = unsampled_rules();
-    let unsampled_dir = unsampled.path().to_str().expect("a UTF-8 path");
     let mut proxies = Vec::new();
     let mut compared_never = Vec::new();
     for (label, stage, percent) in STAGES {
@@ -190,12 +206,9 @@ async fn round_trips(pg: &LocalPg, passes: usize, rounds: usize, bouncer: Option
             database: database.clone(),
             sql: legacy_sql.to_owned(),
         });
-        if stage != "legacy" {
+        if compared(stage) {
             // A second replica of the same live state, its rules sampling nothing.
-            let (proxy, port) = common::start_cutover_with(
-                pg.port(),
-                &["--control", &control, "--rules", unsampled_dir],
-            );
+            let (proxy, port) = start_unsampled(pg.port(), &control, &unsampled);
             proxies.push(proxy);
             compared_never.push(Target {
                 label: format!("{label}, rate 0"),
@@ -305,15 +318,7 @@ async fn stage_costs(
     let pid = proxy.0.id();
     // A replica of the same live state comparing nothing: its relay's own CPU.
     let unsampled = unsampled_rules();
-    let (quiet, quiet_port) = common::start_cutover_with(
-        pg.port(),
-        &[
-            "--control",
-            &control,
-            "--rules",
-            unsampled.path().to_str().expect("a UTF-8 path"),
-        ],
-    );
+    let (quiet, quiet_port) = start_unsampled(pg.port(), &control, &unsampled);
     let quiet_pid = quiet.0.id();
     let dir = tempfile::tempdir().unwrap();
     let script = common::by_id_script(dir.path(), TREE);
@@ -357,12 +362,14 @@ async fn stage_costs(
         .iter()
         .map(|(label, stage, percent)| (label.to_string(), Row::Stage(stage, *percent, port, pid)))
         .collect();
-    rows.extend(STAGES.iter().skip(1).map(|(label, stage, percent)| {
-        (
-            format!("{label}, rate 0"),
-            Row::Stage(stage, *percent, quiet_port, quiet_pid),
-        )
-    }));
+    rows.extend(STAGES.iter().filter(|(_, stage, _)| compared(stage)).map(
+        |(label, stage, percent)| {
+            (
+                format!("{label}, rate 0"),
+                Row::Stage(stage, *percent, quiet_port, quiet_pid),
+            )
+        },
+    ));
     if let Some((port, pid)) = bouncer {
         rows.push(("pgbouncer".to_owned(), Row::Bouncer(port, pid)));
     }

@@ -111,6 +111,15 @@ impl Outcome {
     }
 }
 
+impl From<Tallied> for Outcome {
+    fn from(tallied: Tallied) -> Self {
+        match tallied {
+            Tallied::Dropped => Outcome::Dropped,
+            Tallied::Nondeterministic => Outcome::Nondeterministic,
+        }
+    }
+}
+
 /// Counts of one query type since the last flush.
 #[derive(Debug, Default, Clone)]
 struct Counts {
@@ -333,25 +342,15 @@ impl Store {
         outcome: Outcome,
         latency: Option<(Duration, Duration)>,
     ) {
-        {
-            // Poisoned: another thread panicked mid-insert; the handles are still handles.
-            let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
-            let metrics = match handles.get(label) {
-                Some(metrics) => metrics,
-                None => handles
-                    .entry(label.to_owned())
-                    .or_insert_with(|| LabelMetrics::new(label)),
-            };
+        self.label_metrics(label, |metrics| {
             metrics.outcomes[outcome.label_index()].increment(1);
             if let Some((legacy, target)) = latency {
                 metrics.legacy.record(legacy.as_secs_f64());
                 metrics.target.record(target.as_secs_f64());
             }
-        }
+        });
         if outcome == Outcome::Dropped {
-            self.dropped
-                .get_or_init(|| counter!("cutover_shadow_dropped_total"))
-                .increment(1);
+            self.count_dropped();
         }
         // A poisoned lock only means another thread panicked mid-add: the counts are still
         // numbers; keep counting.
@@ -366,31 +365,40 @@ impl Store {
     }
 
     /// Counts one outcome a relay thread sees (a read dropped, or not determined) for
-    /// `query_type`, labelled `label`, without a lock the shadow's threads take.
+    /// `query_type`, labelled `label`, without a lock the shadow's threads take (but the
+    /// first time for a query type, to find its label's metrics).
     pub fn tally(&self, query_type: &str, label: &str, tallied: Tallied) {
-        let outcome = match tallied {
-            Tallied::Dropped => Outcome::Dropped,
-            Tallied::Nondeterministic => Outcome::Nondeterministic,
-        };
         let metrics = || {
-            // Once per query type. Poisoned: another thread panicked mid-insert; the handles
-            // are still handles.
-            let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
-            let metrics = handles
-                .entry(label.to_owned())
-                .or_insert_with(|| LabelMetrics::new(label));
-            [Outcome::Dropped, Outcome::Nondeterministic]
-                .map(|o| metrics.outcomes[o.label_index()].clone())
+            self.label_metrics(label, |m| {
+                Tallied::ALL.map(|t| m.outcomes[Outcome::from(t).label_index()].clone())
+            })
         };
         if !self.tallies.add(query_type, tallied, metrics) {
-            self.count(query_type, label, outcome, None);
-            return;
+            // Past the tallies' bound: counted under the locks, as the shadow counts.
+            return self.count(query_type, label, tallied.into(), None);
         }
-        if outcome == Outcome::Dropped {
-            self.dropped
-                .get_or_init(|| counter!("cutover_shadow_dropped_total"))
-                .increment(1);
+        if tallied == Tallied::Dropped {
+            self.count_dropped();
         }
+    }
+
+    /// `f` on the metrics of query type label `label`, registered the first time.
+    fn label_metrics<R>(&self, label: &str, f: impl FnOnce(&LabelMetrics) -> R) -> R {
+        // Poisoned: another thread panicked mid-insert; the handles are still handles.
+        let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        let metrics = match handles.get(label) {
+            Some(metrics) => metrics,
+            None => handles
+                .entry(label.to_owned())
+                .or_insert_with(|| LabelMetrics::new(label)),
+        };
+        f(metrics)
+    }
+
+    fn count_dropped(&self) {
+        self.dropped
+            .get_or_init(|| counter!("cutover_shadow_dropped_total"))
+            .increment(1);
     }
 
     /// Whether this replica may still sample a divergence of `query_type` of this class

@@ -5,8 +5,8 @@
 //!
 //! It must never make a session wait for the shadow: the shadow's threads run at a lower
 //! priority (`threads`), and one preempted while it held a lock a session thread wanted
-//! would stall that session. Only the first count of a query type takes a lock, which the
-//! shadow's threads never take.
+//! would stall that session. Only the first count of a query type takes locks: its own,
+//! and the store's metrics handles (which a comparison takes too) to find its label's.
 
 use std::sync::{
     Arc, Mutex,
@@ -26,6 +26,10 @@ pub enum Tallied {
 }
 
 impl Tallied {
+    /// Every kind, in the order a [`Tally`] keeps them.
+    pub const ALL: [Tallied; 2] = [Tallied::Dropped, Tallied::Nondeterministic];
+
+    /// Where it is in [`Self::ALL`].
     fn index(self) -> usize {
         match self {
             Tallied::Dropped => 0,
@@ -35,7 +39,7 @@ impl Tallied {
 }
 
 /// One query type's counts since the last flush, and its label's metrics for each, in the
-/// order of [`Tallied::index`].
+/// order of [`Tallied::ALL`].
 struct Tally {
     pending: [AtomicI64; 2],
     metrics: [Counter; 2],
@@ -55,7 +59,7 @@ pub(super) struct Tallies {
 
 impl Tallies {
     /// Counts one `tallied` for `query_type`, and in its label's metric; `metrics` gives a
-    /// new query type's (in [`Tallied`]'s order). False, counting nothing, when the map is
+    /// new query type's (in the order of [`Tallied::ALL`]). False, counting nothing, when the map is
     /// full.
     pub fn add(
         &self,

@@ -351,6 +351,29 @@ struct BoundParams<'a> {
     count: usize,
 }
 
+impl<'a> BoundParams<'a> {
+    /// Parameter `i`, the next one; `None` if the message breaks off there.
+    fn take(&mut self, i: usize) -> Option<BoundParam<'a>> {
+        // No format code (all text), one for all, or one each.
+        let binary = match self.codes.len() / 2 {
+            0 => false,
+            1 => *self.codes == [0, 1],
+            _ => *self.codes.get(2 * i..2 * i + 2)? == [0, 1],
+        };
+        let (len, rest) = self.rest.split_first_chunk::<4>()?;
+        let (value, rest) = match usize::try_from(i32::from_be_bytes(*len)) {
+            Ok(len) => {
+                let (value, rest) = rest.split_at_checked(len)?;
+                (Some(value), rest)
+            }
+            // Negative: NULL.
+            Err(_) => (None, rest),
+        };
+        self.rest = rest;
+        Some((binary, value))
+    }
+}
+
 impl<'a> Iterator for BoundParams<'a> {
     type Item = Option<BoundParam<'a>>;
 
@@ -358,32 +381,13 @@ impl<'a> Iterator for BoundParams<'a> {
         if self.next == self.count {
             return None;
         }
-        let i = self.next;
-        self.next += 1;
-        let code = |i: usize| Some(self.codes.get(2 * i..2 * i + 2)? == [0, 1]);
-        let binary = match self.codes.len() / 2 {
-            0 => Some(false),
-            1 => code(0),
-            _ => code(i),
+        let param = self.take(self.next);
+        // Broken off: nothing after it.
+        self.next = if param.is_some() {
+            self.next + 1
+        } else {
+            self.count
         };
-        let param = (|| {
-            let binary = binary?;
-            let (len, tail) = self.rest.split_first_chunk::<4>()?;
-            let len = i32::from_be_bytes(*len);
-            let value = if len < 0 {
-                self.rest = tail;
-                None
-            } else {
-                let (value, tail) = tail.split_at_checked(len as usize)?;
-                self.rest = tail;
-                Some(value)
-            };
-            Some((binary, value))
-        })();
-        if param.is_none() {
-            // Broken off: nothing after it.
-            self.next = self.count;
-        }
         Some(param)
     }
 }
