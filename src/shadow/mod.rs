@@ -158,6 +158,7 @@ impl Shadow {
     /// What to hand over when the statement runs: its job, made by `job` only when the
     /// queue has room for it now and its answer can be compared; else nothing is copied and
     /// [`Self::hand`] counts it as an offer would have been counted.
+    #[inline(never)]
     pub fn prepare(
         &self,
         classification: &Arc<Classification>,

@@ -557,6 +557,8 @@ impl Flow {
 
     /// A server message answering the names question: the proxy's, taken out — except what
     /// the server sends unasked (notices, notifications, parameter changes).
+    #[cold]
+    #[inline(never)]
     fn names_reply(&self, answers: &mut Pending, tag: u8, body: &[u8]) -> Answer {
         match tag {
             backend::DATA_ROW => {
@@ -588,6 +590,13 @@ impl Flow {
         }
     }
 
+    /// Whether [`Self::take_parse_outcomes`] has something to give (one atomic load: looked
+    /// at before every client message).
+    #[inline]
+    pub fn parse_outcomes_waiting(&self) -> bool {
+        self.parse_outcomes.load(Relaxed)
+    }
+
     /// The `seq` of every Parse the server did not carry out, and of every Parse of the
     /// proxy's the server confirmed, since the last call.
     pub fn take_parse_outcomes(&self) -> (Vec<u64>, Vec<u64>) {
@@ -610,6 +619,7 @@ impl Flow {
     /// Holds a read for the shadow until the client has had its answer: the comparison's
     /// statements then do not compete with the statement they compare, nor the hand-off
     /// (which may wake a shadow thread) delay it.
+    #[inline(never)]
     pub fn defer(&self, offer: Offer) {
         let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
         if offers.capacity() == 0 {
@@ -618,6 +628,12 @@ impl Flow {
         }
         offers.push(offer);
         self.offers_held.store(true, Relaxed);
+    }
+
+    /// Whether reads are held ([`Self::take_offers`] has some to give).
+    #[inline]
+    pub fn offers_waiting(&self) -> bool {
+        self.offers_held.load(Relaxed)
     }
 
     /// The reads held so far, swapped into `into` (empty): called once a ReadyForQuery has
@@ -662,28 +678,32 @@ impl Flow {
                 self.note_parse_outcomes(&answers);
                 answer
             }
-            backend::ERROR_RESPONSE => {
-                let answer = answers.error();
-                self.note_parse_outcomes(&answers);
-                if answer == Answer::InjectedFailed {
-                    self.routing_broken.store(true, Relaxed);
-                    tracing::warn!(
-                        "a target statement the proxy prepared failed; this session's prepared statements stay on legacy"
-                    );
-                }
-                answer
-            }
+            backend::ERROR_RESPONSE => self.error(&mut answers),
             backend::READY_FOR_QUERY => {
                 answers.ready();
                 self.note_parse_outcomes(&answers);
-                self.idle
-                    .store(messages::ready_status(body) == Some(b'I'), Relaxed);
-                self.writes
-                    .ready(messages::ready_status(body).unwrap_or(b'I'));
+                let status = messages::ready_status(body);
+                self.idle.store(status == Some(b'I'), Relaxed);
+                self.writes.ready(status.unwrap_or(b'I'));
                 Answer::Forward
             }
             _ => Answer::Forward,
         }
+    }
+
+    /// An ErrorResponse arrived (out of line: [`Self::answer`] runs for every answer).
+    #[cold]
+    #[inline(never)]
+    fn error(&self, answers: &mut Pending) -> Answer {
+        let answer = answers.error();
+        self.note_parse_outcomes(answers);
+        if answer == Answer::InjectedFailed {
+            self.routing_broken.store(true, Relaxed);
+            tracing::warn!(
+                "a target statement the proxy prepared failed; this session's prepared statements stay on legacy"
+            );
+        }
+        answer
     }
 }
 

@@ -246,11 +246,21 @@ impl<'s> Statements<'s> {
     /// answer is not known (at its first such statement, and after a statement that may have
     /// changed it — which is recorded here too). Only where something could be routed or
     /// compared.
+    #[inline]
     pub fn names_question(&mut self, tag: u8, body: &[u8]) -> Option<Bytes> {
         self.watched = None;
-        if self.shared.checks.is_none() && self.shadow.is_none() {
+        // Most messages (Execute, Sync, Describe) name no statement text: not a call.
+        if !matches!(tag, frontend::QUERY | frontend::PARSE)
+            || (self.shared.checks.is_none() && self.shadow.is_none())
+        {
             return None;
         }
+        self.names_question_for_text(tag, body)
+    }
+
+    /// [`Self::names_question`] for a Query or a Parse.
+    #[inline(never)]
+    fn names_question_for_text(&mut self, tag: u8, body: &[u8]) -> Option<Bytes> {
         let (sql, watched) = match tag {
             frontend::QUERY => (messages::query_text(body)?, false),
             frontend::PARSE => {
@@ -279,6 +289,10 @@ impl<'s> Statements<'s> {
 
     /// The same before a Bind of prepared statement `statement`.
     pub fn names_question_for_bind(&self, statement: &[u8]) -> Option<Bytes> {
+        // Known already (the usual case): whatever the statement, nothing to ask.
+        if self.flow.names() != Resolution::Unknown {
+            return None;
+        }
         let source = self.statements.get(statement)?.typed.as_ref()?;
         (self.resolution(source.typed()) == Resolution::Unknown && self.flow.ask_names())
             .then(|| self.shared.classifier.load().names().question())
@@ -505,7 +519,15 @@ impl<'s> Statements<'s> {
     /// Forgets what the server did not carry out: a statement whose Parse failed or was
     /// skipped after an error does not exist (a Bind of it is the server's to refuse, with
     /// the client's name), and a target variant whose Parse was skipped is prepared again.
+    #[inline]
     pub fn settle(&mut self) {
+        if self.flow.parse_outcomes_waiting() {
+            self.settle_outcomes();
+        }
+    }
+
+    #[inline(never)]
+    fn settle_outcomes(&mut self) {
         let (lost, confirmed) = self.flow.take_parse_outcomes();
         for seq in lost {
             self.statements.retain(|p| p.parsed != seq);
@@ -585,6 +607,7 @@ impl<'s> Statements<'s> {
 
     /// A simple Query: what to send instead, and (served by the target) how legacy
     /// describes its columns.
+    #[inline(never)]
     fn query(&mut self, body: &[u8]) -> Option<(Bytes, Option<Described>)> {
         let sql = messages::query_text(body)?;
         // The SQL way to drop prepared statements: a dropped one is no longer routed (its
@@ -682,6 +705,7 @@ impl<'s> Statements<'s> {
             .map(|frame| (frame, None))
     }
 
+    #[inline(never)]
     fn parse(&mut self, body: &[u8]) -> Option<Bytes> {
         let (name, sql) = messages::parse_text(body)?;
         let names_quiet = self.watched.take() == Some(true);
