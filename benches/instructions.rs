@@ -13,9 +13,12 @@
 //! one run of 8 clients (one in the row that says so) × N transactions, and divides by the
 //! transactions. Both proxies make the same system calls per transaction
 //! (docs/performance.md: two reads and two writes), so what separates their CPU per
-//! transaction is these instructions and the kernel's scheduling. cutover's are given whole and for its relay's thread alone ("relay"): the
-//! rest is the shadow's comparisons at the later stages, and timed upkeep (the metrics, the
-//! change feed) that valgrind's slowness inflates per transaction.
+//! transaction is these instructions and the kernel's scheduling. cutover's are given whole
+//! and for its relay's thread alone ("relay"): the rest is the shadow's comparisons at the
+//! later stages, and timed upkeep (the metrics, the change feed) that valgrind's slowness
+//! inflates per transaction. Of the relay's, the shadow's hand-off (each compared read
+//! copied and handed to the shadow's queue) is given apart too, and the ratio to pgbouncer
+//! without it.
 //!
 //! Needs `valgrind` (with `callgrind_control`) and pgbouncer: `apt install valgrind pgbouncer`.
 
@@ -50,7 +53,53 @@ struct Count {
     whole: u64,
     /// The threads that ran the relay (cutover's session threads).
     relay: u64,
+    /// Of `relay`, the shadow's hand-off: the copy of each compared read and its hand-over
+    /// to the shadow's queue (what the issue counts apart as "the shadow's work").
+    handoff: u64,
     transactions: f64,
+}
+
+/// The relay's functions that are the shadow's hand-off, counted with what they call (each
+/// kept out of line so that callgrind sees its calls).
+const HANDOFF: [&str; 3] = [
+    "cutover::shadow::Shadow::prepare",
+    "cutover::proxy::session::pending::Flow::defer",
+    "cutover::proxy::session::relay::ServerToClient::hand_held_offers",
+];
+
+/// The inclusive instructions of the calls to `functions` in one callgrind file: each
+/// `calls=` line's next line ends with what that call cost, callee included. Function names
+/// are given once as `fn=(id) name` (or `cfn=`) and by `(id)` after.
+fn called_cost(text: &str, functions: &[&str]) -> u64 {
+    let mut names: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    let mut callee: Option<&str> = None;
+    let mut lines = text.lines();
+    let mut total = 0;
+    while let Some(line) = lines.next() {
+        let named = line
+            .strip_prefix("cfn=")
+            .map(|rest| (true, rest))
+            .or_else(|| line.strip_prefix("fn=").map(|rest| (false, rest)));
+        if let Some((is_callee, rest)) = named {
+            let (id, name) = rest.split_once(' ').unwrap_or((rest, ""));
+            if !name.is_empty() {
+                names.insert(id, name);
+            }
+            if is_callee {
+                callee = names.get(id).copied();
+            }
+        } else if line.starts_with("calls=") {
+            let cost = lines
+                .next()
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|c| c.parse::<u64>().ok())
+                .unwrap_or(0);
+            if callee.is_some_and(|c| functions.iter().any(|f| c.starts_with(f))) {
+                total += cost;
+            }
+        }
+    }
+    total
 }
 
 impl Counted {
@@ -104,7 +153,7 @@ impl Counted {
         }
         let dir = self.out.parent().expect("a file in a directory");
         let name = self.out.file_name().unwrap().to_string_lossy().into_owned();
-        let (mut whole, mut relay) = (0, 0);
+        let (mut whole, mut relay, mut handoff) = (0, 0, 0);
         for entry in std::fs::read_dir(dir).unwrap().flatten() {
             if !entry.file_name().to_string_lossy().starts_with(&name) {
                 continue;
@@ -118,11 +167,13 @@ impl Counted {
             whole += total;
             if text.contains("session::relay::Relay") {
                 relay += total;
+                handoff += called_cost(&text, &HANDOFF);
             }
         }
         Count {
             whole,
             relay,
+            handoff,
             transactions,
         }
     }
@@ -170,12 +221,12 @@ fn main() {
         "instructions per transaction (callgrind), {CLIENTS} clients × {per_client} transactions after a 5 s warm-up"
     );
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>10}",
-        "", "cutover", "cutover", "pgbouncer", "cutover /"
+        "{:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "", "cutover", "cutover", "of it the", "pgbouncer", "cutover /", "less the"
     );
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>10}",
-        "", "process", "relay", "process", "pgbouncer"
+        "{:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "", "process", "relay", "hand-off", "process", "pgbouncer", "hand-off"
     );
     let mut rows: Vec<(String, Option<&str>, Vec<&str>)> = ["simple", "extended", "prepared"]
         .into_iter()
@@ -264,16 +315,24 @@ fn main() {
         let bouncer_column = bouncer
             .as_ref()
             .map_or("-".to_owned(), |b| format!("{:.0}", per(b.whole, b)));
-        let ratio = bouncer.as_ref().map_or("-".to_owned(), |b| {
-            format!("{:.2}", per(cutover.relay, &cutover) / per(b.whole, b))
-        });
+        let ratio = |relay: u64| {
+            bouncer.as_ref().map_or("-".to_owned(), |b| {
+                format!("{:.2}", per(relay, &cutover) / per(b.whole, b))
+            })
+        };
         println!(
-            "{label:<24} {:>10.0} {:>10.0} {bouncer_column:>10} {ratio:>10}",
+            "{label:<24} {:>10.0} {:>10.0} {:>10.0} {bouncer_column:>10} {:>10} {:>10}",
             per(cutover.whole, &cutover),
             per(cutover.relay, &cutover),
+            per(cutover.handoff, &cutover),
+            ratio(cutover.relay),
+            ratio(cutover.relay - cutover.handoff),
         );
     }
-    println!("(cutover / pgbouncer: cutover's relay against pgbouncer's whole process)");
+    println!(
+        "(cutover / pgbouncer: cutover's relay against pgbouncer's whole process; the hand-off is the \
+         shadow's work on the relay's thread: each compared read copied and handed to its queue)"
+    );
 }
 
 /// pgbench with `args` (8 clients unless they say otherwise) on `port`: 5 s of it now, uncounted; then, from the
