@@ -211,6 +211,55 @@ pub fn parse_text(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((name, sql))
 }
 
+/// A Parse message, its strings walked once: the statement name, the SQL text and its
+/// declared parameter types (what [`parse_text`], [`parse_param_types`] and
+/// [`parse_param_types_are`] each read from the start).
+pub struct ParseMessage<'a> {
+    pub name: &'a [u8],
+    pub sql: &'a [u8],
+    /// The declared type OIDs' bytes, four each (none for a negative count); `None` if the
+    /// body is shorter than its count says.
+    declared: Option<&'a [u8]>,
+}
+
+impl<'a> ParseMessage<'a> {
+    /// `None` if the name or the text breaks off.
+    pub fn read(body: &'a [u8]) -> Option<Self> {
+        let mut rest = body;
+        let name = take_cstr(&mut rest)?;
+        let sql = take_cstr(&mut rest)?;
+        let declared =
+            take_i16(&mut rest).and_then(|n| rest.get(..4 * usize::try_from(n).unwrap_or(0)));
+        Some(Self {
+            name,
+            sql,
+            declared,
+        })
+    }
+
+    /// The parameter type OIDs (0: left to the server).
+    pub fn param_types(&self) -> Option<Vec<u32>> {
+        Some(
+            self.declared?
+                .chunks_exact(4)
+                .map(|oid| u32::from_be_bytes([oid[0], oid[1], oid[2], oid[3]]))
+                .collect(),
+        )
+    }
+
+    /// Whether it declares exactly `types` (what [`Self::param_types`] would read), without
+    /// building them.
+    pub fn param_types_are(&self, types: &[u32]) -> bool {
+        self.declared.is_some_and(|oids| {
+            oids.len() == 4 * types.len()
+                && types
+                    .iter()
+                    .zip(oids.chunks_exact(4))
+                    .all(|(&t, oid)| oid == t.to_be_bytes())
+        })
+    }
+}
+
 /// Gives a RowDescription body each field's table OID, attribute number and type modifier
 /// from `fields`, in place (name, type, length and format kept; the size does not change);
 /// false, leaving it untouched, if the counts differ or the body is malformed.
@@ -282,34 +331,13 @@ pub fn close_statement_frame(name: &[u8]) -> Bytes {
 
 /// The parameter type OIDs of a Parse message (0: left to the server).
 pub fn parse_param_types(body: &[u8]) -> Option<Vec<u32>> {
-    let oids = declared_types(body)?;
-    Some(
-        oids.chunks_exact(4)
-            .map(|oid| u32::from_be_bytes([oid[0], oid[1], oid[2], oid[3]]))
-            .collect(),
-    )
+    ParseMessage::read(body)?.param_types()
 }
 
 /// Whether a Parse (whole `body`) declares exactly `types` (what [`parse_param_types`]
 /// would read), without building them.
 pub fn parse_param_types_are(body: &[u8], types: &[u32]) -> bool {
-    declared_types(body).is_some_and(|oids| {
-        oids.len() == 4 * types.len()
-            && types
-                .iter()
-                .zip(oids.chunks_exact(4))
-                .all(|(&t, oid)| oid == t.to_be_bytes())
-    })
-}
-
-/// The bytes of a Parse's declared parameter type OIDs, four each (none for a negative
-/// count); `None` if the body is shorter than its count says.
-fn declared_types(body: &[u8]) -> Option<&[u8]> {
-    let mut rest = body;
-    take_cstr(&mut rest)?;
-    take_cstr(&mut rest)?;
-    let n = usize::try_from(take_i16(&mut rest)?).unwrap_or(0);
-    rest.get(..4 * n)
+    ParseMessage::read(body).is_some_and(|p| p.param_types_are(types))
 }
 
 /// One bound parameter: binary format or not, and the value (`None` for NULL).
@@ -516,12 +544,14 @@ pub fn bind_names(body: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 /// The portal name of an Execute message.
+#[inline]
 pub fn execute_portal(body: &[u8]) -> Option<&[u8]> {
     let mut rest = body;
     take_cstr(&mut rest)
 }
 
 /// What a Close message closes: `S` (statement) or `P` (portal), and its name.
+#[inline]
 pub fn close_target(body: &[u8]) -> Option<(u8, &[u8])> {
     let (&kind, mut rest) = body.split_first()?;
     Some((kind, take_cstr(&mut rest)?))

@@ -8,7 +8,7 @@
 //! TLS streams cannot say they are readable without reading: their sessions keep a buffer.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     io,
     task::{Context, Poll},
 };
@@ -22,18 +22,25 @@ use tokio_util::either::Either;
 
 /// Bytes asked of the socket per read when the buffer runs low.
 pub const READ_CHUNK: usize = 16 * 1024;
-/// Buffers kept for reuse per thread (at most 2 × 16 KiB each: one that grew past
-/// that for a large message goes back to the allocator).
+/// Buffers kept for reuse per thread besides the last one given back (at most 2 × 16 KiB
+/// each: one that grew past that for a large message goes back to the allocator).
 const POOLED: usize = 128;
 
 thread_local! {
+    /// The buffer given back last, apart from the rest: a session's two directions take
+    /// turns (the request is read and sent on, and its reader gives the buffer back just as
+    /// the answer's reader takes one), so most takes find it here, a move in and out of a
+    /// cell instead of a push and a pop through a borrowed vector (~100 instructions a
+    /// transaction less).
+    static LAST: Cell<Option<BytesMut>> = const { Cell::new(None) };
     static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A buffer with room for a read.
 pub fn take() -> BytesMut {
-    let mut buf = FREE
-        .with_borrow_mut(Vec::pop)
+    let mut buf = LAST
+        .take()
+        .or_else(|| FREE.with_borrow_mut(Vec::pop))
         .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK));
     // An emptied buffer whose start was advanced gets its whole allocation back here, once
     // less than half of it is left (reclaiming at every read cost ~80 instructions a
@@ -50,10 +57,13 @@ pub fn give(buf: &mut BytesMut) {
         return;
     }
     let buf = std::mem::take(buf);
-    if buf.capacity() <= 2 * READ_CHUNK {
+    if buf.capacity() > 2 * READ_CHUNK {
+        return;
+    }
+    if let Some(earlier) = LAST.replace(Some(buf)) {
         FREE.with_borrow_mut(|free| {
             if free.len() < POOLED {
-                free.push(buf);
+                free.push(earlier);
             }
         });
     }
@@ -219,5 +229,23 @@ mod tests {
         let mut big = BytesMut::with_capacity(4 * READ_CHUNK);
         give(&mut big);
         assert_eq!(big.capacity(), 0);
+    }
+
+    #[test]
+    fn the_last_buffer_given_back_is_the_first_taken_and_none_is_lost() {
+        // A thread of its own: the pool is per thread.
+        std::thread::spawn(|| {
+            let (mut a, mut b) = (take(), take());
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            give(&mut a);
+            give(&mut b);
+            // Held, so that the allocator cannot hand the same memory out again.
+            let taken = [take(), take(), take()];
+            assert_eq!(taken[0].as_ptr(), pb, "the last given back");
+            assert_eq!(taken[1].as_ptr(), pa, "then the pool's");
+            assert!(![pa, pb].contains(&taken[2].as_ptr()), "then a new one");
+        })
+        .join()
+        .unwrap();
     }
 }

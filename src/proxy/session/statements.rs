@@ -707,9 +707,10 @@ impl<'s> Statements<'s> {
 
     #[inline(never)]
     fn parse(&mut self, body: &[u8]) -> Option<Bytes> {
-        let (name, sql) = messages::parse_text(body)?;
+        let message = messages::ParseMessage::read(body)?;
+        let (name, sql) = (message.name, message.sql);
         let names_quiet = self.watched.take() == Some(true);
-        let (served, typed, stage) = match self.parsed_again(name, sql, body) {
+        let (served, typed, stage) = match self.parsed_again(&message) {
             Some(again) => again,
             None => {
                 let (served, classification) = self.classify(sql);
@@ -720,7 +721,7 @@ impl<'s> Statements<'s> {
                     Some(Arc::new(Source {
                         classification: Arc::clone(c),
                         sql: std::str::from_utf8(sql).ok()?.into(),
-                        param_types: messages::parse_param_types(body)?.into(),
+                        param_types: message.param_types()?.into(),
                         rules: Arc::clone(self.classifier.load().rules_arc()),
                         check_key: std::sync::OnceLock::new(),
                     }))
@@ -760,14 +761,14 @@ impl<'s> Statements<'s> {
         write_tag.and_then(|tag| messages::tagged_parse(body, &tag))
     }
 
-    /// What statement `name` was classified as, when this Parse (`sql`, whole `body`)
-    /// prepares it again as it was, under the same rules: a driver's unnamed statement,
+    /// What the statement `parse` names was classified as, when this Parse prepares it
+    /// again as it was (same text, same declared types), under the same rules: a driver's unnamed statement,
     /// parsed again at each execution (a lookup, a copy of its text and its types, and the
     /// old copy freed, ~2k instructions, otherwise).
-    fn parsed_again(&mut self, name: &[u8], sql: &[u8], body: &[u8]) -> Option<Reparsed> {
-        let prepared = self.as_before(name, sql)?;
+    fn parsed_again(&mut self, parse: &messages::ParseMessage<'_>) -> Option<Reparsed> {
+        let prepared = self.as_before(parse.name, parse.sql)?;
         let source = prepared.typed.as_ref()?;
-        messages::parse_param_types_are(body, &source.param_types).then(|| {
+        parse.param_types_are(&source.param_types).then(|| {
             (
                 prepared.served.clone(),
                 Some(Arc::clone(source)),
