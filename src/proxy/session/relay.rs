@@ -350,11 +350,15 @@ impl ClientToServer<'_> {
                                 let whole = whole.map(|stage| {
                                     (&self.buf[ready + 5..ready + header.total], stage)
                                 });
+                                // The Bind up to its statement's name, what a routed one
+                                // replaces.
+                                let named = 5 + portal.len() + 1 + statement.len() + 1;
                                 if let Some(frames) = self.statements.bind(portal, statement, whole)
                                 {
-                                    // Sent with the rest of the read.
-                                    ready =
-                                        self.out.splice(&mut self.buf, ready, header.total, frames);
+                                    // Sent with the rest of the read, the Bind's values
+                                    // where they were.
+                                    ready = self.out.splice(&mut self.buf, ready, named, frames)
+                                        + (header.total - named);
                                     continue;
                                 }
                             }

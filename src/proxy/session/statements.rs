@@ -41,8 +41,9 @@ use crate::{
 /// stream through, served by legacy and not compared.
 pub const MAX_INSPECTED_BIND: usize = 64 * 1024;
 
-/// The room [`Statements::bind`]'s frames keep from one Bind to the next: a Bind of a few
-/// parameters (the frames of a larger one are let go at the next).
+/// The room [`Statements::bind`]'s frames keep from one Bind to the next: a Bind's start,
+/// and the Close and Parse of a target variant of ordinary length (those of a longer one
+/// are let go at the next).
 const FRAMES_KEPT: usize = 512;
 
 /// How long a statement waits for the answer to the proxy's names question (one round trip,
@@ -809,8 +810,9 @@ impl<'s> Statements<'s> {
 
     /// A Bind: its portal executes what `statement` was parsed as, on the side its key
     /// decides. `whole` is the whole message and the stage when
-    /// [`Self::bind_needs_whole`] said so. Returns what to send instead of the Bind, if
-    /// anything.
+    /// [`Self::bind_needs_whole`] said so. Returns what to send instead of the Bind's
+    /// first bytes, up to and including its statement's name, if anything: the rest of the
+    /// Bind (its formats and values) goes on as sent, after it.
     pub fn bind(
         &mut self,
         portal: &[u8],
@@ -901,9 +903,11 @@ impl<'s> Statements<'s> {
         }
     }
 
-    /// The Bind rewritten to name the statement's target variant, preceded (the first time)
-    /// by the Close and Parse that prepare it, written in `frames`; `None` while the route
-    /// check has not said yes. Returns the columns its portal describes.
+    /// The start of the Bind rewritten to name the statement's target variant (its header,
+    /// portal and the variant's name; its formats and values follow as the client sent
+    /// them), preceded (the first time) by the Close and Parse that prepare it, written in
+    /// `frames`; `None` while the route check has not said yes. Returns the columns its
+    /// portal describes.
     fn bind_to_target(
         &mut self,
         statement: &[u8],
@@ -941,12 +945,13 @@ impl<'s> Statements<'s> {
             param_types,
             described,
         } = prepared.variant.as_ref()?.ready.as_ref()?;
-        // Bind: portal, the variant's name, then the client's formats and values as sent.
-        let rest = &body[portal.len() + 1 + statement.len() + 1..];
-        let bind_len = u32::try_from(4 + portal.len() + 1 + variant.len() + 1 + rest.len()).ok()?;
+        // Bind: portal, the variant's name, then the client's formats and values as sent
+        // (left where they are in the read: only what comes before them is written here).
+        let rest = body.len() - (portal.len() + 1 + statement.len() + 1);
+        let bind_len = u32::try_from(4 + portal.len() + 1 + variant.len() + 1 + rest).ok()?;
         let out = &mut self.frames;
         if out.capacity() > FRAMES_KEPT {
-            // What a Parse of a long target SQL, or a large Bind, left.
+            // What a Parse of a long target SQL left.
             *out = Vec::new();
         }
         out.clear();
@@ -974,14 +979,13 @@ impl<'s> Statements<'s> {
                 seq: self.parses,
             });
         }
-        out.reserve(1 + bind_len as usize);
+        out.reserve(5 + portal.len() + variant.len() + 2);
         out.put_u8(frontend::BIND);
         out.put_u32(bind_len);
         out.put_slice(portal);
         out.put_u8(0);
         out.put_slice(variant);
         out.put_u8(0);
-        out.put_slice(rest);
         Some(Arc::clone(described))
     }
 }
