@@ -157,7 +157,8 @@ impl Shadow {
 
     /// What to hand over when the statement runs: its job, made by `job` only when the
     /// queue has room for it now and its answer can be compared; else nothing is copied and
-    /// [`Self::hand`] counts it as an offer would have been counted.
+    /// [`Self::hand`] counts it as an offer would have been counted. Out of line:
+    /// `benches/instructions.rs` counts the shadow's hand-off by this function's calls.
     #[inline(never)]
     pub fn prepare(
         &self,

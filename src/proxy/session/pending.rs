@@ -618,7 +618,8 @@ impl Flow {
 
     /// Holds a read for the shadow until the client has had its answer: the comparison's
     /// statements then do not compete with the statement they compare, nor the hand-off
-    /// (which may wake a shadow thread) delay it.
+    /// (which may wake a shadow thread) delay it. Out of line: `benches/instructions.rs`
+    /// counts the shadow's hand-off by this function's calls.
     #[inline(never)]
     pub fn defer(&self, offer: Offer) {
         let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
