@@ -311,6 +311,12 @@ fn main() {
                 count
             },
         );
+        if stage.is_some_and(|s| s != "legacy") && cutover.handoff == 0 {
+            // The stage compares every read: its hand-off cannot be nothing.
+            eprintln!(
+                "{label}: no call to {HANDOFF:?} in callgrind's file (renamed, or inlined?): the hand-off column is wrong"
+            );
+        }
         let per = |n: u64, c: &Count| n as f64 / c.transactions.max(1.0);
         let bouncer_column = bouncer
             .as_ref()
