@@ -59,8 +59,8 @@ pub(super) struct Tallies {
 
 impl Tallies {
     /// Counts one `tallied` for `query_type`, and in its label's metric; `metrics` gives a
-    /// new query type's (in the order of [`Tallied::ALL`]). False, counting nothing, when the map is
-    /// full.
+    /// new query type's (in the order of [`Tallied::ALL`]). False, counting nothing, when
+    /// the map is full.
     pub fn add(
         &self,
         query_type: &str,

@@ -205,15 +205,11 @@ pub fn query_text(body: &[u8]) -> Option<&[u8]> {
 
 /// The statement name and SQL text of a Parse message.
 pub fn parse_text(body: &[u8]) -> Option<(&[u8], &[u8])> {
-    let mut rest = body;
-    let name = take_cstr(&mut rest)?;
-    let sql = take_cstr(&mut rest)?;
-    Some((name, sql))
+    ParseMessage::read(body).map(|p| (p.name, p.sql))
 }
 
 /// A Parse message, its strings walked once: the statement name, the SQL text and its
-/// declared parameter types (what [`parse_text`], [`parse_param_types`] and
-/// [`parse_param_types_are`] each read from the start).
+/// declared parameter types.
 pub struct ParseMessage<'a> {
     pub name: &'a [u8],
     pub sql: &'a [u8],
@@ -332,12 +328,6 @@ pub fn close_statement_frame(name: &[u8]) -> Bytes {
 /// The parameter type OIDs of a Parse message (0: left to the server).
 pub fn parse_param_types(body: &[u8]) -> Option<Vec<u32>> {
     ParseMessage::read(body)?.param_types()
-}
-
-/// Whether a Parse (whole `body`) declares exactly `types` (what [`parse_param_types`]
-/// would read), without building them.
-pub fn parse_param_types_are(body: &[u8], types: &[u32]) -> bool {
-    ParseMessage::read(body).is_some_and(|p| p.param_types_are(types))
 }
 
 /// One bound parameter: binary format or not, and the value (`None` for NULL).
@@ -603,11 +593,11 @@ mod tests {
         let mut negative = b"s1\0SELECT 1\0".to_vec();
         negative.extend_from_slice(&(-1i16).to_be_bytes());
         assert_eq!(parse_param_types(&negative), Some(vec![]));
-        assert!(parse_param_types_are(&negative, &[]));
+        assert!(ParseMessage::read(&negative).is_some_and(|p| p.param_types_are(&[])));
     }
 
     proptest::proptest! {
-        /// A Parse declares `types` exactly when `parse_param_types` reads `types` from it,
+        /// A Parse declares `types` exactly when `param_types` reads `types` from it,
         /// truncated Parses included.
         #[test]
         fn param_types_are_what_is_read(
@@ -623,11 +613,11 @@ mod tests {
             let parse = &parse[..parse.len().saturating_sub(cut)];
             let read = parse_param_types(parse);
             proptest::prop_assert_eq!(
-                parse_param_types_are(parse, &asked),
+                ParseMessage::read(parse).is_some_and(|p| p.param_types_are(&asked)),
                 read.as_deref() == Some(&asked[..])
             );
             if let Some(read) = read {
-                proptest::prop_assert!(parse_param_types_are(parse, &read));
+                proptest::prop_assert!(ParseMessage::read(parse).is_some_and(|p| p.param_types_are(&read)));
             }
         }
     }

@@ -763,9 +763,9 @@ impl<'s> Statements<'s> {
     }
 
     /// What the statement `parse` names was classified as, when this Parse prepares it
-    /// again as it was (same text, same declared types), under the same rules: a driver's unnamed statement,
-    /// parsed again at each execution (a lookup, a copy of its text and its types, and the
-    /// old copy freed, ~2k instructions, otherwise).
+    /// again as it was (same text, same declared types), under the same rules: a driver's
+    /// unnamed statement, parsed again at each execution (a lookup, a copy of its text and
+    /// its types, and the old copy freed, ~2k instructions, otherwise).
     fn parsed_again(&mut self, parse: &messages::ParseMessage<'_>) -> Option<Reparsed> {
         let prepared = self.as_before(parse.name, parse.sql)?;
         let source = prepared.typed.as_ref()?;
