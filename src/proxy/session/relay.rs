@@ -341,15 +341,14 @@ impl ClientToServer<'_> {
                                     self.buf.reserve(header.total - available);
                                     break;
                                 }
-                                if whole.is_some()
+                                if whole.is_some_and(|w| w.routed_write)
                                     && let Some(check) =
                                         self.statements.bind_check_to_await(statement)
                                 {
                                     Box::pin(self.statements.await_check(check)).await;
                                 }
-                                let whole = whole.map(|stage| {
-                                    (&self.buf[ready + 5..ready + header.total], stage)
-                                });
+                                let whole = whole
+                                    .map(|w| (&self.buf[ready + 5..ready + header.total], w.stage));
                                 // The Bind up to its statement's name, what a routed one
                                 // replaces.
                                 let named = 5 + portal.len() + 1 + statement.len() + 1;

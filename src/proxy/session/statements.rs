@@ -196,6 +196,16 @@ fn routed_write(t: &Typed) -> Option<&str> {
     }
 }
 
+/// What [`Statements::bind_needs_whole`] found, for a Bind read whole.
+#[derive(Debug, Clone, Copy)]
+pub struct Whole {
+    /// The statement's live stage.
+    pub stage: Stage,
+    /// A write or locking read the target can serve: its route check may have to be awaited
+    /// ([`Statements::bind_check_to_await`]); a read's never is.
+    pub routed_write: bool,
+}
+
 struct Portal {
     served: Served,
     side: Side,
@@ -383,6 +393,7 @@ impl<'s> Statements<'s> {
             && matches!(stage, Stage::Shadow | Stage::Cutover(_) | Stage::Target)
     }
 
+    #[inline]
     fn sampled(t: &Typed) -> bool {
         t.sample_rate >= 1.0 || rand::random::<f64>() < t.sample_rate
     }
@@ -790,9 +801,9 @@ impl<'s> Statements<'s> {
     }
 
     /// Whether a Bind of prepared statement `name` must be read whole: its executions may be
-    /// routed to the target now, or compared.
-    /// The live stage, when it does (so that the Bind does not look it up again).
-    pub fn bind_needs_whole(&mut self, name: &[u8]) -> Option<Stage> {
+    /// routed to the target now, or compared. What the Bind needs to know next, when it
+    /// does (so that it does not look the statement up again).
+    pub fn bind_needs_whole(&mut self, name: &[u8]) -> Option<Whole> {
         let prepared = self.statements.get(name)?;
         let t = prepared.typed.as_ref()?.typed();
         let kept = self.kept_stage(prepared.stage, t);
@@ -800,12 +811,16 @@ impl<'s> Statements<'s> {
         let whole = self.resolution(t) == Resolution::Legacy
             && ((matches!(t.route, Rewrite::Target(_)) && self.routable_now(t, stage))
                 || self.compared(t, stage));
+        let routed_write = routed_write(t).is_some();
         if prepared.stage != Some(kept)
             && let Some(prepared) = self.statements.get_mut(name)
         {
             prepared.stage = Some(kept);
         }
-        whole.then_some(stage)
+        whole.then_some(Whole {
+            stage,
+            routed_write,
+        })
     }
 
     /// A Bind: its portal executes what `statement` was parsed as, on the side its key
