@@ -18,7 +18,10 @@
 //! later stages, and timed upkeep (the metrics, the change feed) that valgrind's slowness
 //! inflates per transaction. Of the relay's, the shadow's hand-off (each compared read
 //! copied and handed to the shadow's queue) is given apart too, and the ratio to pgbouncer
-//! without it.
+//! without it. So is, at `cutover N%`, the SHA-256 block of each bucket's hash: valgrind
+//! has no SHA instructions, so it runs sha2's software block function (thousands of
+//! instructions) where this CPU runs a few hundred SHA-NI ones. The block's native time is
+//! measured here too, in this process, and printed under the table.
 //!
 //! Needs `valgrind` (with `callgrind_control`) and pgbouncer: `apt install valgrind pgbouncer`.
 
@@ -56,6 +59,8 @@ struct Count {
     /// Of `relay`, the shadow's hand-off: the copy of each compared read and its hand-over
     /// to the shadow's queue (what the issue counts apart as "the shadow's work").
     handoff: u64,
+    /// Of `relay`, the buckets' SHA-256 blocks, in valgrind's software path.
+    hash: u64,
     transactions: f64,
 }
 
@@ -66,6 +71,10 @@ const HANDOFF: [&str; 3] = [
     "cutover::proxy::session::pending::Flow::defer",
     "cutover::proxy::session::relay::ServerToClient::hand_held_offers",
 ];
+
+/// The SHA-256 block function of the buckets' hash (`routing::route::bucket`), counted with
+/// what it calls: under valgrind, sha2's software path.
+const HASH_BLOCK: [&str; 1] = ["sha2::sha256::compress256"];
 
 /// The inclusive instructions of the calls to `functions` in one callgrind file: each
 /// `calls=` line's next line ends with what that call cost, callee included. Function names
@@ -153,7 +162,7 @@ impl Counted {
         }
         let dir = self.out.parent().expect("a file in a directory");
         let name = self.out.file_name().unwrap().to_string_lossy().into_owned();
-        let (mut whole, mut relay, mut handoff) = (0, 0, 0);
+        let (mut whole, mut relay, mut handoff, mut hash) = (0, 0, 0, 0);
         for entry in std::fs::read_dir(dir).unwrap().flatten() {
             if !entry.file_name().to_string_lossy().starts_with(&name) {
                 continue;
@@ -168,12 +177,14 @@ impl Counted {
             if text.contains("session::relay::Relay") {
                 relay += total;
                 handoff += called_cost(&text, &HANDOFF);
+                hash += called_cost(&text, &HASH_BLOCK);
             }
         }
         Count {
             whole,
             relay,
             handoff,
+            hash,
             transactions,
         }
     }
@@ -221,12 +232,20 @@ fn main() {
         "instructions per transaction (callgrind), {CLIENTS} clients × {per_client} transactions after a 5 s warm-up"
     );
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "", "cutover", "cutover", "of it the", "pgbouncer", "cutover /", "less the"
+        "{:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "",
+        "cutover",
+        "cutover",
+        "of it the",
+        "of it the",
+        "pgbouncer",
+        "cutover /",
+        "less the",
+        "less both"
     );
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "", "process", "relay", "hand-off", "process", "pgbouncer", "hand-off"
+        "{:<24} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "", "process", "relay", "hand-off", "SHA block", "process", "pgbouncer", "hand-off", ""
     );
     let mut rows: Vec<(String, Option<&str>, Vec<&str>)> = ["simple", "extended", "prepared"]
         .into_iter()
@@ -326,19 +345,67 @@ fn main() {
                 format!("{:.2}", per(relay, &cutover) / per(b.whole, b))
             })
         };
+        if stage.is_some_and(|s| s.starts_with("cutover")) && cutover.hash == 0 {
+            eprintln!(
+                "{label}: no call to {HASH_BLOCK:?} in callgrind's file (renamed, or inlined?): the SHA block column is wrong"
+            );
+        }
         println!(
-            "{label:<24} {:>10.0} {:>10.0} {:>10.0} {bouncer_column:>10} {:>10} {:>10}",
+            "{label:<24} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {bouncer_column:>10} {:>10} {:>10} {:>10}",
             per(cutover.whole, &cutover),
             per(cutover.relay, &cutover),
             per(cutover.handoff, &cutover),
+            per(cutover.hash, &cutover),
             ratio(cutover.relay),
             ratio(cutover.relay - cutover.handoff),
+            ratio(cutover.relay - cutover.handoff - cutover.hash),
         );
     }
     println!(
         "(cutover / pgbouncer: cutover's relay against pgbouncer's whole process; the hand-off is the \
-         shadow's work on the relay's thread: each compared read copied and handed to its queue)"
+         shadow's work on the relay's thread: each compared read copied and handed to its queue; \
+         the SHA block is the buckets' SHA-256 compression in valgrind's software path; \
+         \"less both\" takes out the two)"
     );
+    let (native, bucket) = native_sha256();
+    println!(
+        "natively, in this process: a SHA-256 block {native:.0} ns ({}), a whole bucket {bucket:.0} ns",
+        if std::arch::is_x86_feature_detected!("sha") {
+            "SHA-NI"
+        } else {
+            "no SHA-NI: software"
+        }
+    );
+}
+
+/// Nanoseconds of one SHA-256 block and of one whole bucket (`routing::route::bucket`: the
+/// hash of a key with its padding, and the modulo), run natively (the path sha2 picks on
+/// this CPU), best of five rounds of 200,000.
+fn native_sha256() -> (f64, f64) {
+    const N: u32 = 200_000;
+    let best = |mut each: Box<dyn FnMut(u32)>| {
+        (0..5)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                for i in 0..N {
+                    each(i);
+                }
+                start.elapsed().as_nanos() as f64 / f64::from(N)
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let mut state = [0u32; 8];
+    let block = best(Box::new(move |i| {
+        let mut block = [0u8; 64];
+        block[..4].copy_from_slice(&i.to_le_bytes());
+        sha2::block_api::compress256(&mut state, &[block]);
+        std::hint::black_box(&state);
+    }));
+    let bucket = best(Box::new(|i| {
+        let mut key = itoa::Buffer::new();
+        std::hint::black_box(cutover::routing::route::bucket(key.format(i).as_bytes()));
+    }));
+    (block, bucket)
 }
 
 /// pgbench with `args` (8 clients unless they say otherwise) on `port`: 5 s of it now, uncounted; then, from the
