@@ -31,20 +31,30 @@ use crate::{
 pub type Described = Arc<LegacyColumns>;
 
 /// Legacy's table OID, attribute number and type modifier of each column, written over the
-/// target's RowDescription; the last rewrite is kept, since a statement's executions are
-/// described alike (libpq describes the portal at every execution): the next one is
-/// compared and copied (~100 instructions) instead of walked and rewritten field by field
-/// (~300 a column).
+/// target's RowDescription; from the second rewrite on, the last one is kept, since a
+/// prepared statement's executions are described alike (libpq describes the portal at every
+/// execution): the next one is compared and copied (~100 instructions) instead of walked and
+/// rewritten field by field (~300 a column). The first is not kept: a simple Query's
+/// columns are described afresh for each execution, and keeping its rewrite would copy the
+/// description twice into two allocations that go with it.
 #[derive(Debug)]
 pub struct LegacyColumns {
     fields: Box<[(u32, i16, i32)]>,
-    /// The target's last RowDescription body and what it was rewritten to (bodies of at most
-    /// [`KEPT_DESCRIPTION`] bytes).
-    last: std::sync::Mutex<Option<Rewrite>>,
+    last: std::sync::Mutex<Kept>,
 }
 
-/// A RowDescription body as the target sent it, and as legacy's identities rewrote it.
-type Rewrite = (Box<[u8]>, Box<[u8]>);
+/// What a [`LegacyColumns`] keeps of its rewrites.
+#[derive(Debug, Default)]
+enum Kept {
+    /// Nothing rewritten yet.
+    #[default]
+    Nothing,
+    /// One rewrite made, not kept.
+    Once,
+    /// The target's last RowDescription body and what it was rewritten to (bodies of at most
+    /// [`KEPT_DESCRIPTION`] bytes).
+    Rewrite(Box<[u8]>, Box<[u8]>),
+}
 
 /// The largest RowDescription body whose rewrite is kept (a few dozen columns).
 const KEPT_DESCRIPTION: usize = 2048;
@@ -53,7 +63,7 @@ impl LegacyColumns {
     pub fn new(fields: impl IntoIterator<Item = (u32, i16, i32)>) -> Described {
         Arc::new(Self {
             fields: fields.into_iter().collect(),
-            last: std::sync::Mutex::new(None),
+            last: std::sync::Mutex::new(Kept::Nothing),
         })
     }
 
@@ -62,17 +72,21 @@ impl LegacyColumns {
     pub fn rewrite(&self, body: &mut [u8]) -> bool {
         // A poisoned lock only means a panic mid-copy: the kept pair is checked whole.
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((from, to)) = &*last
+        if let Kept::Rewrite(from, to) = &*last
             && **from == *body
         {
             body.copy_from_slice(to);
             return true;
         }
-        let from: Option<Box<[u8]>> = (body.len() <= KEPT_DESCRIPTION).then(|| body.into());
+        let keep = !matches!(*last, Kept::Nothing) && body.len() <= KEPT_DESCRIPTION;
+        let from: Option<Box<[u8]>> = keep.then(|| body.into());
         if !messages::describe_as(body, &self.fields) {
             return false;
         }
-        *last = from.map(|from| (from, Box::from(&*body)));
+        *last = match from {
+            Some(from) => Kept::Rewrite(from, Box::from(&*body)),
+            None => Kept::Once,
+        };
         true
     }
 }
@@ -329,12 +343,23 @@ mod tests {
             body
         };
         let legacy = LegacyColumns::new([(16384, 1, -1)]);
-        for format in [0, 0, 1, 0] {
+        for (n, format) in [0, 0, 0, 1, 1, 0].into_iter().enumerate() {
             let mut fresh = description(format);
             assert!(messages::describe_as(&mut fresh, &[(16384, 1, -1)]));
             let mut kept = description(format);
             assert!(legacy.rewrite(&mut kept));
             assert_eq!(kept, fresh, "format {format}");
+            // The first rewrite is not kept (a simple Query's columns are described once);
+            // from the second on, the last one is.
+            let last = legacy.last.lock().unwrap();
+            match (n, &*last) {
+                (0, Kept::Once) => {}
+                (1.., Kept::Rewrite(from, to)) => {
+                    assert_eq!(**from, *description(format));
+                    assert_eq!(**to, *fresh);
+                }
+                (n, kept) => panic!("after rewrite {n}: {kept:?}"),
+            }
         }
         // Another statement's columns: refused and untouched, kept rewrite or not.
         let mut two = description(0);
