@@ -78,7 +78,7 @@ fn parse_everything(tag: u8, body: &[u8]) {
     let _ = messages::first_value(body);
     let _ = messages::query_text(body);
     let _ = messages::parse_text(body);
-    let _ = messages::parse_param_types(body);
+    let _ = messages::ParseMessage::read(body).map(|p| (p.param_types(), p.param_types_are(&[20])));
     let _ = messages::bind_params(body);
     let _ = messages::bind_param(body, 1);
     let _ = messages::bind_names(body);
