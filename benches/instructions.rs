@@ -76,14 +76,15 @@ const HANDOFF: [&str; 3] = [
 /// what it calls: under valgrind, sha2's software path.
 const HASH_BLOCK: [&str; 1] = ["sha2::sha256::compress256"];
 
-/// The inclusive instructions of the calls to `functions` in one callgrind file: each
-/// `calls=` line's next line ends with what that call cost, callee included. Function names
-/// are given once as `fn=(id) name` (or `cfn=`) and by `(id)` after.
-fn called_cost(text: &str, functions: &[&str]) -> u64 {
+/// The inclusive instructions of the calls to each group of `functions` in one callgrind
+/// file, read in one pass: each `calls=` line's next line ends with what that call cost,
+/// callee included. Function names are given once as `fn=(id) name` (or `cfn=`) and by
+/// `(id)` after.
+fn called_costs<const N: usize>(text: &str, groups: [&[&str]; N]) -> [u64; N] {
     let mut names: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
     let mut callee: Option<&str> = None;
     let mut lines = text.lines();
-    let mut total = 0;
+    let mut totals = [0; N];
     while let Some(line) = lines.next() {
         let named = line
             .strip_prefix("cfn=")
@@ -103,12 +104,16 @@ fn called_cost(text: &str, functions: &[&str]) -> u64 {
                 .and_then(|l| l.split_whitespace().last())
                 .and_then(|c| c.parse::<u64>().ok())
                 .unwrap_or(0);
-            if callee.is_some_and(|c| functions.iter().any(|f| c.starts_with(f))) {
-                total += cost;
+            if let Some(callee) = callee
+                && let Some(group) = groups
+                    .iter()
+                    .position(|functions| functions.iter().any(|f| callee.starts_with(f)))
+            {
+                totals[group] += cost;
             }
         }
     }
-    total
+    totals
 }
 
 impl Counted {
@@ -176,8 +181,9 @@ impl Counted {
             whole += total;
             if text.contains("session::relay::Relay") {
                 relay += total;
-                handoff += called_cost(&text, &HANDOFF);
-                hash += called_cost(&text, &HASH_BLOCK);
+                let [h, b] = called_costs(&text, [&HANDOFF, &HASH_BLOCK]);
+                handoff += h;
+                hash += b;
             }
         }
         Count {
@@ -382,30 +388,32 @@ fn main() {
 /// hash of a key with its padding, and the modulo), run natively (the path sha2 picks on
 /// this CPU), best of five rounds of 200,000.
 fn native_sha256() -> (f64, f64) {
-    const N: u32 = 200_000;
-    let best = |mut each: Box<dyn FnMut(u32)>| {
-        (0..5)
-            .map(|_| {
-                let start = std::time::Instant::now();
-                for i in 0..N {
-                    each(i);
-                }
-                start.elapsed().as_nanos() as f64 / f64::from(N)
-            })
-            .fold(f64::INFINITY, f64::min)
-    };
     let mut state = [0u32; 8];
-    let block = best(Box::new(move |i| {
+    let block = best_ns(|i| {
         let mut block = [0u8; 64];
         block[..4].copy_from_slice(&i.to_le_bytes());
         sha2::block_api::compress256(&mut state, &[block]);
         std::hint::black_box(&state);
-    }));
-    let bucket = best(Box::new(|i| {
+    });
+    let bucket = best_ns(|i| {
         let mut key = itoa::Buffer::new();
         std::hint::black_box(cutover::routing::route::bucket(key.format(i).as_bytes()));
-    }));
+    });
     (block, bucket)
+}
+
+/// Nanoseconds a call of `each`, the best of five rounds of 200,000.
+fn best_ns(mut each: impl FnMut(u32)) -> f64 {
+    const N: u32 = 200_000;
+    (0..5)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            for i in 0..N {
+                each(i);
+            }
+            start.elapsed().as_nanos() as f64 / f64::from(N)
+        })
+        .fold(f64::INFINITY, f64::min)
 }
 
 /// pgbench with `args` (8 clients unless they say otherwise) on `port`: 5 s of it now, uncounted; then, from the
