@@ -5,21 +5,23 @@
 //! names question due, must it be read whole, where does it go), and an application that
 //! runs one prepared statement in a loop binds the same one each time.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-
-use indexmap::IndexMap;
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicUsize, Ordering::Relaxed},
+};
 
 /// Named entries hashed with foldhash (seeded per process): names come from the client, so
-/// not a fixed hasher; SipHash cost more than the rest of a Bind's handling. An `IndexMap`
-/// keeps its entries in a vector, so that the one found last can be found again by its
-/// position.
-type Map<T> = IndexMap<Box<[u8]>, T, foldhash::fast::RandomState>;
+/// not a fixed hasher; SipHash cost more than the rest of a Bind's handling.
+type Map = HashMap<Box<[u8]>, usize, foldhash::fast::RandomState>;
 
 pub struct ByName<T> {
     unnamed: Option<T>,
-    named: Map<T>,
-    /// The position in `named` of the entry found or inserted last; checked against the
-    /// name asked for before it is used (it may be stale after a removal). An atomic
+    /// The named entries, in no particular order.
+    entries: Vec<(Box<[u8]>, T)>,
+    /// Where each named entry is in `entries`.
+    index: Map,
+    /// The position in `entries` of the named entry found or inserted last; checked against
+    /// the name asked for before it is used (it may be stale after a removal). An atomic
     /// (relaxed: a plain load and store) only so that lookups stay `&self`.
     last: AtomicUsize,
 }
@@ -28,7 +30,8 @@ impl<T> Default for ByName<T> {
     fn default() -> Self {
         Self {
             unnamed: None,
-            named: Map::default(),
+            entries: Vec::new(),
+            index: Map::default(),
             last: AtomicUsize::new(0),
         }
     }
@@ -39,14 +42,10 @@ impl<T> ByName<T> {
     #[inline]
     fn position(&self, name: &[u8]) -> Option<usize> {
         let last = self.last.load(Relaxed);
-        if self
-            .named
-            .get_index(last)
-            .is_some_and(|(n, _)| **n == *name)
-        {
+        if self.entries.get(last).is_some_and(|(n, _)| **n == *name) {
             return Some(last);
         }
-        let at = self.named.get_index_of(name)?;
+        let at = *self.index.get(name)?;
         self.last.store(at, Relaxed);
         Some(at)
     }
@@ -55,7 +54,7 @@ impl<T> ByName<T> {
         if name.is_empty() {
             self.unnamed.as_ref()
         } else {
-            self.position(name).map(|at| &self.named[at])
+            self.position(name).map(|at| &self.entries[at].1)
         }
     }
 
@@ -63,7 +62,7 @@ impl<T> ByName<T> {
         if name.is_empty() {
             self.unnamed.as_mut()
         } else {
-            self.position(name).map(|at| &mut self.named[at])
+            self.position(name).map(|at| &mut self.entries[at].1)
         }
     }
 
@@ -73,9 +72,11 @@ impl<T> ByName<T> {
             return;
         }
         match self.position(name) {
-            Some(at) => self.named[at] = value,
+            Some(at) => self.entries[at].1 = value,
             None => {
-                let (at, _) = self.named.insert_full(name.into(), value);
+                let at = self.entries.len();
+                self.entries.push((name.into(), value));
+                self.index.insert(name.into(), at);
                 self.last.store(at, Relaxed);
             }
         }
@@ -84,15 +85,24 @@ impl<T> ByName<T> {
     pub fn remove(&mut self, name: &[u8]) {
         if name.is_empty() {
             self.unnamed = None;
-        } else if !self.named.is_empty() {
-            // The last entry takes the removed one's place (`last` is checked before use).
-            self.named.swap_remove(name);
+            return;
+        }
+        let Some(at) = self.index.remove(name) else {
+            return;
+        };
+        self.entries.swap_remove(at);
+        // The last entry took the removed one's place.
+        if let Some((moved, _)) = self.entries.get(at)
+            && let Some(position) = self.index.get_mut(moved)
+        {
+            *position = at;
         }
     }
 
     pub fn clear(&mut self) {
         self.unnamed = None;
-        self.named.clear();
+        self.entries.clear();
+        self.index.clear();
     }
 
     /// Keeps the entries `keep` says yes to.
@@ -100,11 +110,20 @@ impl<T> ByName<T> {
         if self.unnamed.as_ref().is_some_and(|v| !keep(v)) {
             self.unnamed = None;
         }
-        self.named.retain(|_, v| keep(v));
+        let before = self.entries.len();
+        self.entries.retain(|(_, v)| keep(v));
+        if self.entries.len() != before {
+            self.index.clear();
+            for (at, (name, _)) in self.entries.iter().enumerate() {
+                self.index.insert(name.clone(), at);
+            }
+        }
     }
 
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        self.unnamed.iter_mut().chain(self.named.values_mut())
+        self.unnamed
+            .iter_mut()
+            .chain(self.entries.iter_mut().map(|(_, v)| v))
     }
 }
 
@@ -112,7 +131,6 @@ impl<T> ByName<T> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::collections::HashMap;
 
     #[test]
     fn the_unnamed_entry_and_named_ones_are_kept_apart() {
